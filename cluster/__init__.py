@@ -1,0 +1,1 @@
+"""cluster/: the Ray Serve ReplicaGroup deployment and the application builder."""

@@ -1,0 +1,5 @@
+"""`python -m shardline` runs the CLI."""
+
+from shardline.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""worker/: one replica group's engine: model, KV cache, scheduler, sampler, tensor-parallel ranks."""

@@ -1,0 +1,77 @@
+"""What one step's attention needs to know about the flat, mixed batch, and the backend interface.
+
+Layout (shared by every backend and the block manager):
+- a step's tokens are flat: sequence i owns rows query_start_loc[i] : query_start_loc[i+1];
+- its new tokens are the last `query_len` of its `seq_len` context tokens, so token r of sequence i
+  sits at position seq_len - query_len + r and attends causally to positions 0 ..= that position;
+- each layer's cache is one tensor `[2, num_blocks, block_size, num_kv_heads, head_dim]`
+  (index 0 keys, 1 values); token t of a sequence lives in block block_table[t // block_size] at
+  offset t % block_size, i.e. flat slot block * block_size + offset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step inputs to attention, built once by the model runner and shared by all layers."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot of each new token (-1: padding, not written)
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32: prefix sums of query lengths
+    seq_lens: torch.Tensor  # [num_seqs] int32: context length after this step (cached + new tokens)
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0
+    max_query_len: int
+    max_seq_len: int
+    query_lens_cpu: list[int]  # host copies, so the reference backend never syncs with the device
+    seq_lens_cpu: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def is_pure_decode(self) -> bool:
+        return self.max_query_len == 1
+
+
+class AttentionBackend(Protocol):
+    """Writes a step's new keys and values into the paged cache and attends over it."""
+
+    name: str
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+        """key, value: [num_tokens, num_kv_heads, head_dim]; stored at meta.slot_mapping."""
+        ...
+
+    def forward(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """query: [num_tokens, num_heads, head_dim] -> output of the same shape (causal, GQA)."""
+        ...
+
+
+def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+    """'torch' (reference, any device), 'triton' (CUDA, or the interpreter), or 'auto'."""
+    if name == "auto":
+        name = "torch"
+        if device.type == "cuda":
+            try:
+                import triton  # noqa: F401
+
+                name = "triton"
+            except ImportError:
+                pass
+    if name == "torch":
+        from shardline.worker.attention.torch_backend import TorchAttentionBackend
+
+        return TorchAttentionBackend()
+    if name == "triton":
+        from shardline.worker.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    raise ValueError(f"attention backend: {name!r} is not one of auto, torch, triton")

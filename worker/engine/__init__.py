@@ -1,0 +1,1 @@
+"""The engine: requests, block manager with prefix cache, scheduler, model runner, sampler."""

@@ -1,0 +1,54 @@
+"""Per-request sampling parameters and the typed error every front end maps to its own status."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class RequestError(ValueError):
+    """A request was rejected. `field` names the offending field; `code` is the canonical kind
+    (invalid_argument, resource_exhausted, unavailable) that gRPC and HTTP map to their status codes."""
+
+    def __init__(self, field: str, message: str, code: str = "invalid_argument") -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.code = code
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token and when to stop. Defaults follow the OpenAI / vLLM conventions:
+    temperature 1, no top-k / top-p / min-p filtering, no penalties, 16 tokens."""
+
+    max_tokens: int | None = 16  # None: until the context (max_model_len) is full
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # top-n logprobs per generated token (0: only the sampled token's)
+    skip_special_tokens: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SamplingParams":
+        """Build from a JSON-like dict, rejecting unknown fields by name."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RequestError(unknown[0], f"unknown sampling field; known fields: {', '.join(sorted(known))}")
+        data = dict(data)
+        if isinstance(data.get("stop"), str):
+            data["stop"] = [data["stop"]]
+        return cls(**data)

@@ -1,0 +1,1 @@
+"""Loading weights: safetensors directories, GGUF files, dummy random weights."""
