@@ -1,0 +1,53 @@
+"""What the engine streams back for each request: deltas while it runs, usage and a finish reason
+at the end. Every front end (offline generate, asyncio stream, gRPC, HTTP) converts from these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Finish reasons, as the gRPC API names them.
+FINISH_STOP = "stop"  # an EOS or stop token id
+FINISH_STOP_STRING = "stop_string"  # a stop string matched
+FINISH_LENGTH = "length"  # max_tokens or the context is full
+FINISH_ABORT = "abort"  # the caller cancelled
+FINISH_ERROR = "error"  # the engine failed while the request was in flight
+
+
+@dataclass
+class TokenLogprob:
+    """The sampled token's log-probability and the top-n alternatives (token id -> logprob)."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class RequestOutput:
+    """One delta of a request: the tokens and text produced since the previous delta."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    error: str | None = None  # set with finish_reason "error"
+
+
+@dataclass
+class CompletionResult:
+    """A finished request as the offline `generate` API returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    logprobs: list[TokenLogprob] | None = None
