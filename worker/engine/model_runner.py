@@ -1,0 +1,117 @@
+"""Executes what the scheduler decided: turns a step's scheduled requests into flat tensors (token
+ids, positions, slot mapping, block tables, context lengths), runs the model over the paged cache
+and returns the logits of the rows that sample. The scheduler decides; this only executes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from shardline.worker.attention.metadata import AttentionMetadata
+from shardline.worker.config import ModelConfig
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's share of a step: compute `token_ids` at positions start .. start+len-1."""
+
+    token_ids: list[int]
+    start: int
+    block_ids: list[int]
+    samples: bool  # True when this slice ends at the sequence's last token, so a token is sampled
+
+
+@dataclass
+class StepInputs:
+    """Everything one forward pass needs, as tensors: rank 0 builds it and, under tensor
+    parallelism, broadcasts exactly these tensors to the other ranks."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64
+    query_start_loc: torch.Tensor  # [S+1] int32
+    seq_lens: torch.Tensor  # [S] int32
+    block_tables: torch.Tensor  # [S, B] int32
+    sample_rows: torch.Tensor  # [N] int64: rows of the flat batch whose logits are sampled
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def metadata(self) -> AttentionMetadata:
+        q_lens = (self.query_start_loc[1:] - self.query_start_loc[:-1]).tolist()
+        s_lens = self.seq_lens.tolist()
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping,
+            query_start_loc=self.query_start_loc,
+            seq_lens=self.seq_lens,
+            block_tables=self.block_tables,
+            max_query_len=max(q_lens, default=0),
+            max_seq_len=max(s_lens, default=0),
+            query_lens_cpu=q_lens,
+            seq_lens_cpu=s_lens,
+        )
+
+
+def build_step_inputs(slices: list[SeqSlice], block_size: int, device: torch.device) -> StepInputs:
+    """Flatten a step's slices (host-side lists, one copy to the device per tensor)."""
+    ids: list[int] = []
+    pos: list[int] = []
+    slots: list[int] = []
+    qsl = [0]
+    seq_lens: list[int] = []
+    sample_rows: list[int] = []
+    width = max((len(s.block_ids) for s in slices), default=1) or 1
+    tables: list[list[int]] = []
+    for s in slices:
+        n = len(s.token_ids)
+        ids.extend(s.token_ids)
+        for p in range(s.start, s.start + n):
+            pos.append(p)
+            slots.append(s.block_ids[p // block_size] * block_size + p % block_size)
+        qsl.append(qsl[-1] + n)
+        seq_lens.append(s.start + n)
+        if s.samples:
+            sample_rows.append(qsl[-1] - 1)
+        tables.append(s.block_ids + [0] * (width - len(s.block_ids)))
+
+    def t(data, dtype):
+        return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
+
+    return StepInputs(
+        input_ids=t(ids, torch.int64),
+        positions=t(pos, torch.int64),
+        slot_mapping=t(slots, torch.int64),
+        query_start_loc=t(qsl, torch.int32),
+        seq_lens=t(seq_lens, torch.int32),
+        block_tables=t(tables, torch.int32),
+        sample_rows=t(sample_rows, torch.int64),
+    )
+
+
+def allocate_kv_caches(cfg: ModelConfig, num_kv_heads: int, num_blocks: int, block_size: int,
+                       dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """One [2, num_blocks, block_size, kv_heads, head_dim] tensor per layer."""
+    shape = (2, num_blocks, block_size, num_kv_heads, cfg.head_dim)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+
+
+def kv_bytes_per_block(cfg: ModelConfig, num_kv_heads: int, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block takes across all layers (keys and values)."""
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * block_size * num_kv_heads * cfg.head_dim * elem
+
+
+class ModelRunner:
+    """Runs the model on a step's inputs and returns the logits of the sampling rows (fp32)."""
+
+    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int, device: torch.device) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+
+    @torch.inference_mode()
+    def execute(self, inputs: StepInputs) -> torch.Tensor:
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata())
+        return self.model.compute_logits(hidden[inputs.sample_rows]).float()

@@ -1,0 +1,133 @@
+"""Megatron-style linear layers. Column-parallel layers split the output features across ranks;
+row-parallel layers split the input features and all-reduce their partial sums. With world size 1
+they are plain linear layers. Each layer pulls only its rank's slice from a LazyWeight."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shardline.worker.loader.weights import LazyWeight
+from shardline.worker.parallel.context import ParallelContext
+
+
+def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"weight {name}: expected shape {tuple(dst.shape)}, checkpoint has {tuple(src.shape)}")
+    dst.copy_(src.to(dst.dtype))
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T (+ b), with W's rows (output features) split evenly across ranks."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, ctx: ParallelContext,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.out_start, self.out_size = ctx.shard(out_features, "output features")
+        self.weight = _param((self.out_size, in_features), dtype, device)
+        self.bias = _param((self.out_size,), dtype, device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def load(self, name: str, w: LazyWeight) -> None:
+        target = self.weight if name.endswith("weight") else self.bias
+        _copy_checked(target, w.read(0, self.out_start, self.out_size), name)
+
+
+class MergedColumnParallelLinear(nn.Module):
+    """Several column-parallel projections of the same input fused into one matmul (gate and up):
+    each rank holds its slice of every part, concatenated."""
+
+    def __init__(self, in_features: int, part_sizes: list[int], bias: bool, ctx: ParallelContext,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.shards = [ctx.shard(p, "output features") for p in part_sizes]
+        local = [size for _, size in self.shards]
+        self.offsets = [sum(local[:i]) for i in range(len(local))]
+        self.weight = _param((sum(local), in_features), dtype, device)
+        self.bias = _param((sum(local),), dtype, device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def load_part(self, part: int, name: str, w: LazyWeight) -> None:
+        start, size = self.shards[part]
+        target = self.weight if name.endswith("weight") else self.bias
+        _copy_checked(target.narrow(0, self.offsets[part], size), w.read(0, start, size), name)
+
+
+class QKVParallelLinear(nn.Module):
+    """The fused query/key/value projection. Query heads split across ranks; key/value heads split
+    too, or replicated when there are fewer KV heads than ranks (each rank keeps the KV head its
+    query heads attend to)."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
+                 ctx: ParallelContext, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        tp = ctx.world_size
+        if num_heads % tp:
+            raise ValueError(f"num_attention_heads {num_heads} is not divisible by tensor_parallel_size {tp}")
+        if num_kv_heads >= tp and num_kv_heads % tp:
+            raise ValueError(f"num_key_value_heads {num_kv_heads} is not divisible by tensor_parallel_size {tp}")
+        if num_kv_heads < tp and tp % num_kv_heads:
+            raise ValueError(
+                f"tensor_parallel_size {tp} is not a multiple of num_key_value_heads {num_kv_heads}, "
+                "so key/value heads cannot be replicated evenly"
+            )
+        self.head_dim = head_dim
+        self.num_heads = num_heads // tp
+        self.num_kv_heads = max(1, num_kv_heads // tp)
+        self.q_head_start = ctx.rank * self.num_heads
+        if num_kv_heads >= tp:
+            self.kv_head_start = ctx.rank * self.num_kv_heads
+        else:  # replicated: ranks r*tp/kv .. share KV head r
+            self.kv_head_start = ctx.rank // (tp // num_kv_heads)
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        total = self.q_size + 2 * self.kv_size
+        self.weight = _param((total, hidden), dtype, device)
+        self.bias = _param((total,), dtype, device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def load_part(self, part: str, name: str, w: LazyWeight) -> None:
+        d = self.head_dim
+        if part == "q":
+            offset, start, size = 0, self.q_head_start * d, self.q_size
+        else:
+            offset = self.q_size if part == "k" else self.q_size + self.kv_size
+            start, size = self.kv_head_start * d, self.kv_size
+        target = self.weight if name.endswith("weight") else self.bias
+        _copy_checked(target.narrow(0, offset, size), w.read(0, start, size), name)
+
+
+class RowParallelLinear(nn.Module):
+    """y = all_reduce(x_local W_local^T) (+ b): W's columns (input features) split across ranks, so
+    each rank consumes the column-parallel output it already has without any gather."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, ctx: ParallelContext,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.in_start, self.in_size = ctx.shard(in_features, "input features")
+        self.weight = _param((out_features, self.in_size), dtype, device)
+        self.bias = _param((out_features,), dtype, device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ctx.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+    def load(self, name: str, w: LazyWeight) -> None:
+        if name.endswith("weight"):
+            _copy_checked(self.weight, w.read(1, self.in_start, self.in_size), name)
+        else:
+            _copy_checked(self.bias, w.read(), name)

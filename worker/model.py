@@ -1,0 +1,181 @@
+"""The Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2) over a paged KV
+cache, tensor-parallel by construction. The differences between the family members are flags of
+ModelConfig: qkv bias (Qwen2), per-head q/k RMSNorm (Qwen3), rope scaling (Llama 3.1+), tied
+embeddings."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shardline.worker.attention.metadata import AttentionBackend, AttentionMetadata
+from shardline.worker.config import ModelConfig
+from shardline.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from shardline.worker.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from shardline.worker.layers.norm import RMSNorm
+from shardline.worker.layers.rotary import RotaryEmbedding
+from shardline.worker.loader.weights import WeightStream
+from shardline.worker.parallel.context import ParallelContext
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, backend: AttentionBackend,
+                 dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.backend = backend
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads,
+                                          cfg.num_key_value_heads, cfg.qkv_bias, ctx, dtype, device)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, False, ctx, dtype, device)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        t = x.shape[0]
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        self.backend.write_kv(k, v, kv_cache, meta)
+        out = self.backend.forward(q, kv_cache, meta, self.scale)
+        return self.o_proj(out.reshape(t, q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        i = cfg.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [i, i], cfg.mlp_bias, ctx, dtype, device)
+        self.down_proj = RowParallelLinear(i, cfg.hidden_size, cfg.mlp_bias, ctx, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(torch.nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, backend: AttentionBackend, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.self_attn = Attention(cfg, ctx, backend, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.mlp = MLP(cfg, ctx, dtype, device)
+
+    def forward(self, positions, x, kv_cache, meta) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward() runs a flat mixed batch through the decoder and returns hidden states; the caller
+    picks the rows it samples from and calls compute_logits() on those alone."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, backend: AttentionBackend,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.ctx = ctx
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx, dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ctx, backend, dtype, device) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ctx, dtype, device)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def num_kv_heads_per_rank(self) -> int:
+        return self.layers[0].self_attn.num_kv_heads
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer, cache in zip(self.layers, kv_caches):
+            x = layer(positions, x, cache, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.logits(hidden)
+
+    def load_weights(self, weights: WeightStream) -> set[str]:
+        """Copy this rank's slices from a stream of Hugging Face-named tensors; returns the names used.
+        Raises ValueError naming any weight the model expects but the stream lacks."""
+        modules = dict(self.named_modules())
+        seen: set[str] = set()
+        for name, w in weights:
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            hf_prefix, _, leaf = name.rpartition(".")
+            mod_name = hf_prefix.removeprefix("model.")
+            for hf, part in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")):
+                if mod_name.endswith("self_attn." + hf):
+                    modules[mod_name.replace(hf, "qkv_proj")].load_part(part, name, w)
+                    break
+            else:
+                for hf, part in (("gate_proj", 0), ("up_proj", 1)):
+                    if mod_name.endswith("mlp." + hf):
+                        modules[mod_name.replace(hf, "gate_up_proj")].load_part(part, name, w)
+                        break
+                else:
+                    module = modules.get(mod_name)
+                    if module is None:
+                        raise ValueError(f"weight {name}: the model has no such parameter")
+                    if hasattr(module, "load"):
+                        module.load(name, w)
+                    else:  # norms
+                        getattr(module, leaf).copy_(w.read().to(getattr(module, leaf).dtype))
+            seen.add(name)
+        self._check_complete(seen)
+        return seen
+
+    def expected_weight_names(self) -> set[str]:
+        cfg = self.config
+        names = {"model.embed_tokens.weight", "model.norm.weight"}
+        if not cfg.tie_word_embeddings:
+            names.add("lm_head.weight")
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                names.add(p + f"self_attn.{proj}.weight")
+            if cfg.qkv_bias:
+                names |= {p + f"self_attn.{x}.bias" for x in ("q_proj", "k_proj", "v_proj")}
+            if cfg.qk_norm:
+                names |= {p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"}
+            names |= {p + f"mlp.{x}.weight" for x in ("gate_proj", "up_proj", "down_proj")}
+            names |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
+        return names
+
+    def _check_complete(self, seen: set[str]) -> None:
+        missing = sorted(self.expected_weight_names() - seen)
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:3])}{more}")
+
+
+@torch.no_grad()
+def initialize_dummy_weights(model: nn.Module, seed: int = 0, low: float = -1e-3, high: float = 1e-3) -> None:
+    """Random weights for benchmarks at real shapes (as vLLM's --load-format dummy): uniform in a
+    small range so activations stay finite; norms get 1."""
+    generators: dict[torch.device, torch.Generator] = {}
+    for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            continue
+        if "norm" in name:
+            p.fill_(1.0)
+            continue
+        gen = generators.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+        p.uniform_(low, high, generator=gen)
