@@ -1,0 +1,265 @@
+"""The engine of one replica group: admits requests, runs scheduler steps on the executor, samples,
+detokenizes, checks stops and emits deltas. Synchronous; async_engine.py drives it from a thread.
+
+It imports neither Ray nor gRPC, so it runs alone (offline `generate`, the CLI, benchmarks)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence, Union
+
+import torch
+
+from shardline.worker.config import ConfigError, EngineConfig, ModelConfig
+from shardline.worker.engine.block_manager import BlockManager
+from shardline.worker.engine.detokenizer import IncrementalDetokenizer
+from shardline.worker.engine.executor import Executor, LocalExecutor, ModelSpec
+from shardline.worker.engine.model_runner import SeqSlice, build_step_inputs
+from shardline.worker.engine.outputs import (
+    FINISH_ABORT,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    FINISH_STOP_STRING,
+    CompletionResult,
+    RequestOutput,
+)
+from shardline.worker.engine.params import RequestError, SamplingParams
+from shardline.worker.engine.request import Request
+from shardline.worker.engine.sampler import Sampler, SamplingBatch, make_generator
+from shardline.worker.engine.scheduler import Scheduler, SchedulerOutput
+from shardline.worker.engine.validation import Limits, validate_request
+
+log = logging.getLogger(__name__)
+
+# A prompt is text, token ids, or chat messages ({"messages": [...]}).
+Prompt = Union[str, Sequence[int], dict]
+
+
+@dataclass
+class _Tracked:
+    """Engine-side state of one request beside the scheduler's Request."""
+
+    request: Request
+    detok: IncrementalDetokenizer | None
+    generator: torch.Generator | None
+    min_tokens_block: list[int]
+    arrival: float
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    pending: list[int] = field(default_factory=list)
+
+
+class LLMEngine:
+    """One replica group's engine. `generate()` for offline use; `add_request()` + `step()` for
+    front ends that stream."""
+
+    def __init__(self, config: EngineConfig, show_progress: bool = True, metrics: Any = None) -> None:
+        from shardline.worker.loader.source import resolve_model
+        from shardline.worker.tokenizer import Tokenizer
+
+        self.config = config
+        self.device = config.resolved_device()
+        self.dtype = config.resolved_dtype()
+        self.metrics = metrics
+        source = resolve_model(config.model)
+        self.model_config = ModelConfig.from_hf_config(source.hf_config())
+        self.tokenizer = Tokenizer.from_source(source)
+        load_format = config.load_format if config.load_format != "auto" else source.kind
+        spec = ModelSpec(self.model_config, str(source.path), source.kind, load_format, self.dtype, self.device,
+                         seed=config.seed, attention_backend=config.extra.get("attention_backend", "auto"))
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        if config.max_model_len and config.max_model_len > self.model_config.max_position_embeddings:
+            raise ConfigError(f"max_model_len: {config.max_model_len} exceeds the model's "
+                              f"max_position_embeddings {self.model_config.max_position_embeddings}")
+        self.executor: Executor = self._make_executor(spec, show_progress)
+        self.block_manager = BlockManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
+        self.sampler = Sampler()
+        self.limits = Limits(max_model_len=self.max_model_len, vocab_size=self.model_config.vocab_size,
+                             max_kv_tokens=self.executor.num_blocks * config.block_size)
+        self.eos_token_ids = sorted(set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids))
+        self._tracked: dict[str, _Tracked] = {}
+        self._ids = itertools.count()
+        self.num_steps = 0
+        self.last_step_time = time.monotonic()
+
+    def _make_executor(self, spec: ModelSpec, show_progress: bool) -> Executor:
+        if self.config.tensor_parallel_size > 1:
+            from shardline.worker.parallel.executor import TensorParallelExecutor
+
+            return TensorParallelExecutor(spec, self.config, show_progress)
+        return LocalExecutor(spec, self.config, show_progress)
+
+    # ---- inputs -------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids of a text prompt, a token-id list, or {"messages": [...]} (chat template)."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "messages" in prompt:
+                return self.tokenizer.apply_chat_template(prompt["messages"])
+            if "prompt_token_ids" in prompt:
+                return list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return self.tokenizer.encode(prompt["prompt"])
+            raise RequestError("prompt", "a dict prompt needs 'messages', 'prompt' or 'prompt_token_ids'")
+        try:
+            return [int(t) for t in prompt]
+        except (TypeError, ValueError):
+            raise RequestError("prompt_token_ids", "must be a list of integers") from None
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    priority: int = 0, cache_salt: str | None = None, arrival_time: float | None = None) -> str:
+        """Validate and queue a request; returns its id. Raises RequestError naming the bad field."""
+        params = params or SamplingParams()
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._tracked:
+            raise RequestError("request_id", f"{request_id!r} is already in flight")
+        token_ids = self.encode_prompt(prompt)
+        max_tokens = validate_request(token_ids, params, self.limits)
+        if self.scheduler.num_waiting >= self.config.max_queue_len:
+            raise RequestError("", f"the engine's queue is full ({self.config.max_queue_len} waiting requests); retry later",
+                               code="resource_exhausted")
+        now = time.monotonic()
+        req = Request(request_id, token_ids, params, arrival_time=arrival_time or now, priority=priority,
+                      cache_salt=cache_salt, max_tokens=max_tokens)
+        block = [] if params.ignore_eos else list(self.eos_token_ids)
+        detok = IncrementalDetokenizer(self.tokenizer, token_ids, params) if self.tokenizer is not None else None
+        self._tracked[request_id] = _Tracked(req, detok, make_generator(params.seed, self.device),
+                                             sorted(set(block) | set(params.stop_token_ids)), now)
+        self.scheduler.add_request(req)
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final (abort) output if it was live."""
+        tracked = self._tracked.pop(request_id, None)
+        self.scheduler.abort_request(request_id)
+        if tracked is None:
+            return None
+        return self._final(tracked, FINISH_ABORT, [], "")
+
+    # ---- the step ---------------------------------------------------------------------------------
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; returns a delta for every request that produced a token or ended."""
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        logits = self.executor.execute(self._inputs(sched))
+        samplers = [s.request for s in sched.scheduled if s.request.num_computed_tokens + s.num_new_tokens == s.request.num_tokens]
+        sampled: dict[str, int] = {}
+        logprobs: dict[str, Any] = {}
+        if samplers:
+            tracked = [self._tracked[r.request_id] for r in samplers]
+            batch = SamplingBatch.build(
+                [r.params for r in samplers], [t.generator for t in tracked],
+                [r.prompt_token_ids for r in samplers], [r.output_token_ids for r in samplers],
+                self.model_config.vocab_size, logits.device,
+                min_tokens_block=[t.min_tokens_block if len(r.output_token_ids) < r.params.min_tokens else [] for r, t in zip(samplers, tracked)],
+            )
+            out = self.sampler(logits, batch)
+            for i, (r, tok) in enumerate(zip(samplers, out.token_ids.tolist())):
+                sampled[r.request_id] = tok
+                if out.logprobs is not None and out.logprobs[i] is not None:
+                    logprobs[r.request_id] = out.logprobs[i]
+        self.num_steps += 1
+        self.last_step_time = time.monotonic()
+        progressed = self.scheduler.update_after_step(sched, sampled)
+        return [o for o in (self._after_token(r, logprobs.get(r.request_id)) for r in progressed) if o is not None]
+
+    def _inputs(self, sched: SchedulerOutput):
+        slices = []
+        for s in sched.scheduled:
+            r = s.request
+            c = r.num_computed_tokens
+            ids = r.all_token_ids[c : c + s.num_new_tokens]
+            slices.append(SeqSlice(ids, c, r.block_ids, c + s.num_new_tokens == r.num_tokens))
+        return build_step_inputs(slices, self.config.block_size, self.device)
+
+    def _after_token(self, req: Request, logprob) -> RequestOutput | None:
+        t = self._tracked.get(req.request_id)
+        if t is None:
+            return None
+        now = time.monotonic()
+        if t.first_token_time is None:
+            t.first_token_time = now
+        t.last_token_time = now
+        token = req.output_token_ids[-1]
+        p = req.params
+        text, stop_str = t.detok.step([token]) if t.detok else ("", None)
+        reason = None
+        if stop_str is not None:
+            reason = FINISH_STOP_STRING
+        elif len(req.output_token_ids) >= p.min_tokens and (
+            (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids
+        ):
+            reason = FINISH_STOP
+        elif len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            reason = FINISH_LENGTH
+        lps = [logprob] if logprob is not None else None
+        if reason is None:
+            return RequestOutput(req.request_id, [token], text, prompt_tokens=req.num_prompt_tokens,
+                                 completion_tokens=len(req.output_token_ids), cached_tokens=req.num_cached_tokens,
+                                 logprobs=lps)
+        if reason != FINISH_STOP_STRING and t.detok is not None:
+            text += t.detok.flush()
+        self._tracked.pop(req.request_id, None)
+        self.scheduler.finish_request(req, reason)
+        out = self._final(t, reason, [token], text)
+        out.logprobs = lps
+        return out
+
+    def _final(self, t: _Tracked, reason: str, new_ids: list[int], text: str) -> RequestOutput:
+        r = t.request
+        return RequestOutput(r.request_id, new_ids, text, finished=True, finish_reason=reason,
+                             prompt_tokens=r.num_prompt_tokens, completion_tokens=len(r.output_token_ids),
+                             cached_tokens=r.num_cached_tokens)
+
+    # ---- offline API ----------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[CompletionResult]:
+        """Run prompts to completion (batched by the scheduler); results in input order."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        prompt_ids = {i: self._tracked[i].request.prompt_token_ids for i in ids}
+        acc: dict[str, dict] = {i: {"ids": [], "text": [], "lps": []} for i in ids}
+        results: dict[str, CompletionResult] = {}
+        while len(results) < len(ids):
+            for out in self.step():
+                a = acc[out.request_id]
+                a["ids"].extend(out.new_token_ids)
+                a["text"].append(out.text_delta)
+                if out.logprobs:
+                    a["lps"].extend(out.logprobs)
+                if out.finished:
+                    results[out.request_id] = CompletionResult(
+                        out.request_id, prompt_ids[out.request_id], a["ids"], "".join(a["text"]), out.finish_reason, out.prompt_tokens,
+                        out.completion_tokens, out.cached_tokens, a["lps"] or None)
+        return [results[i] for i in ids]
+
+    # ---- introspection ----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        bm = self.block_manager
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "num_blocks": bm.num_blocks,
+            "free_blocks": bm.num_free_blocks,
+            "kv_cache_usage": bm.usage,
+            "prefix_cache_queries": bm.prefix_cache_queries,
+            "prefix_cache_hits": bm.prefix_cache_hits,
+            "num_steps": self.num_steps,
+        }
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
