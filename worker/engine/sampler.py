@@ -104,7 +104,7 @@ class SamplingBatch:
             raise ValueError("params, generators, prompt_token_ids and output_token_ids differ in length")
         device = torch.device(device)
 
-        def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        def column(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
         greedy = [p.temperature < _GREEDY_EPS for p in params]
