@@ -4,6 +4,7 @@ decode, never split a character, and stop strings are cut even when they span to
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 
@@ -161,3 +162,37 @@ def test_steps_after_a_stop_emit_nothing(tokenizer):
     assert detok.step(tokenizer.encode(" more")) == ("", None)
     assert detok.flush() == ""
     assert detok.output_text == "a "
+
+
+class CountingTokenizer(HFTokenizer):
+    """Records how many ids each decode call was given."""
+
+    def __init__(self, hf) -> None:
+        super().__init__(hf)
+        self.lengths: list[int] = []
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        self.lengths.append(len(ids))
+        return super().decode(ids, skip_special_tokens)
+
+
+def test_each_step_decodes_a_short_window_not_the_whole_output(tokenizer):
+    counting = CountingTokenizer(tokenizer.hf)
+    ids = tokenizer.encode(" ".join(TEXTS) * 8)
+    assert len(ids) > 300
+    detok = IncrementalDetokenizer(counting, tokenizer.encode("a long prompt " * 50), SamplingParams())
+    out = "".join(detok.step([t])[0] for t in ids) + detok.flush()
+    assert out == tokenizer.decode(ids)
+    assert max(counting.lengths) <= 12  # a few tokens of context plus one multi-token character
+
+
+def test_random_token_sequences_with_broken_utf8_still_add_up(tokenizer):
+    rng = random.Random(0)
+    vocab = len(tokenizer.hf)
+    fragments = [t for text in TEXTS for t in tokenizer.encode(text) if "\ufffd" in tokenizer.decode([t])]
+    for trial in range(100):
+        ids = [rng.choice(fragments) if rng.random() < 0.6 else rng.randrange(vocab) for _ in range(20)]
+        params = SamplingParams(skip_special_tokens=trial % 2 == 0)
+        detok = IncrementalDetokenizer(tokenizer, [rng.randrange(vocab) for _ in range(4)], params)
+        out = "".join(detok.step([t])[0] for t in ids) + detok.flush()
+        assert out == tokenizer.decode(ids, params.skip_special_tokens), ids
