@@ -178,24 +178,22 @@ class Scheduler:
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
 
-        i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
+        for request in list(self.running):
+            if budget <= 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this step to make room
             limit = min(request.num_tokens, self.max_model_len)
             num_new = min(limit - request.num_computed_tokens, budget)
             if num_new <= 0:
-                i += 1  # nothing left to compute; the engine finishes it
-                continue
+                continue  # nothing left to compute; the engine finishes it
             while not self.block_manager.allocate_slots(request, num_new):
                 victim = self._victim()
-                v = self.running.index(victim)
-                if v < i:  # already scheduled this step: give its tokens back
-                    for j, entry in enumerate(scheduled):
-                        if entry.request is victim:
-                            budget += entry.num_new_tokens
-                            del scheduled[j]
-                            break
-                    i -= 1
+                for j, entry in enumerate(scheduled):
+                    if entry.request is victim:  # already scheduled this step: give its tokens back
+                        budget += entry.num_new_tokens
+                        del scheduled[j]
+                        break
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is request:
@@ -203,7 +201,6 @@ class Scheduler:
             else:
                 scheduled.append(ScheduledRequest(request, num_new))
                 budget -= num_new
-                i += 1
 
         if not preempted:
             num_admitted = 0
