@@ -103,7 +103,9 @@ class Scheduler:
         bisect.insort(self._waiting, (self._keys[request.request_id], request), key=lambda item: item[0])
 
     def _dequeue(self, request: Request) -> None:
-        key = self._keys[request.request_id]
+        key = self._keys.get(request.request_id)
+        if key is None:
+            return
         i = bisect.bisect_left(self._waiting, key, key=lambda item: item[0])
         if i < len(self._waiting) and self._waiting[i][1] is request:
             del self._waiting[i]
