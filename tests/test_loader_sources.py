@@ -97,7 +97,10 @@ def test_cache_dir_follows_environment_variable(monkeypatch, tmp_path):
     assert cache_dir() == Path.home() / ".cache" / "shardline"
 
 
-def test_missing_path_error_names_the_path(tmp_path):
+def test_missing_path_error_names_the_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"models/tiny\.gguf.*does not exist"):
+        resolve_model("models/tiny.gguf")  # shaped like a hub id, but clearly a file
     missing = tmp_path / "no-such-model"
     with pytest.raises(ModelLoadError, match="no-such-model"):
         resolve_model(str(missing))

@@ -102,7 +102,8 @@ def resolve_model(spec: str, cache_dir: str | Path | None = None) -> ModelSource
     path = Path(spec).expanduser()
     if path.exists():
         return _local_source(spec, path)
-    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+    looks_like_file = path.suffix.lower() in (".gguf", ".safetensors", ".json")
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")) and not looks_like_file:
         return _hub_source(spec)
     raise ModelLoadError(f"model path {str(path)!r} does not exist; {_ALTERNATIVES}")
 
