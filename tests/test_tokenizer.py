@@ -106,9 +106,8 @@ def test_directory_without_tokenizer_files_raises_naming_it(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> tuple[ModelSource, Tokenizer]:
-    source = resolve_model(DEFAULT_MODEL)
-    return source, Tokenizer.from_source(source)
+def smollm2(smollm2_source, smollm2_tokenizer) -> tuple[ModelSource, Tokenizer]:
+    return smollm2_source, smollm2_tokenizer
 
 
 @pytest.mark.slow

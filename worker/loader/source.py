@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +61,16 @@ class ModelSource:
     spec: str
     kind: str  # "safetensors" | "gguf"
     path: Path
+    # Reading GGUF metadata takes seconds, so the config is read once per source.
+    _config: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def hf_config(self) -> dict[str, Any]:
         """The model's Hugging Face style config dict (config.json, or built from GGUF metadata)."""
+        if not self._config:
+            self._config.update(self._read_config())
+        return dict(self._config)
+
+    def _read_config(self) -> dict[str, Any]:
         if self.kind == "gguf":
             from .gguf_source import gguf_hf_config
 
