@@ -59,6 +59,11 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceil division, for grid sizes."""
+    return -(-a // b)
+
+
 class Kernel:
     """A Triton kernel launched as `kernel[grid](*args)`: compiled for CUDA tensors, interpreted for
     CPU tensors or whenever TRITON_INTERPRET=1."""

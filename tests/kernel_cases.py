@@ -1,10 +1,26 @@
-"""Builders of random paged-KV batches shared by the attention kernel tests."""
+"""Shared by the kernel tests: the interpreter fixture and builders of random paged-KV batches.
+
+Why a fixture and not TRITON_INTERPRET=1 at import: the kernels (worker/kernels/runtime.py `Kernel`)
+build their compiled or interpreted variant at launch, so import order does not matter; setting the
+variable only for the duration of each CPU test keeps it from leaking into other modules of the same
+session (on the GPU machine, CUDA tests must compile, not interpret).
+"""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from shardline.worker.attention.metadata import AttentionMetadata
+from shardline.worker.kernels.runtime import HAS_TRITON
+
+
+@pytest.fixture
+def interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run this test's Triton kernels on CPU through the Triton interpreter."""
+    if not HAS_TRITON:
+        pytest.skip("triton (with its interpreter) is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def make_batch(
