@@ -1,26 +1,40 @@
-"""Shared by the kernel tests: the interpreter fixture and builders of random paged-KV batches.
+"""Shared by the kernel tests: interpreter set-up, its fixture, and builders of random paged-KV batches.
 
-Why a fixture and not TRITON_INTERPRET=1 at import: the kernels (worker/kernels/runtime.py `Kernel`)
-build their compiled or interpreted variant at launch, so import order does not matter; setting the
-variable only for the duration of each CPU test keeps it from leaking into other modules of the same
-session (on the GPU machine, CUDA tests must compile, not interpret).
+Interpreter set-up: Triton builds its own library functions (tl.zeros, tl.sum, ...) for the
+interpreter only if TRITON_INTERPRET=1 is set before `triton` is first imported, and the choice
+holds for the whole process. Importing this module (every tests/test_kernels_*.py does so first)
+sets it when the machine has no CUDA device and triton is not imported yet; there the interpreter is
+the only way Triton can run, so the setting cannot hurt other modules. On a GPU machine it is left
+unset, the CUDA tests compile the kernels, and the interpreter tests skip. If something imported
+triton earlier in compile mode, the `interpreter` fixture skips with that reason; running
+`pytest tests/test_kernels_*.py` alone avoids it.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from shardline.worker.attention.metadata import AttentionMetadata
-from shardline.worker.kernels.runtime import HAS_TRITON
+from shardline.worker.kernels.runtime import HAS_TRITON, interpreter_ready
 
 
 @pytest.fixture
-def interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run this test's Triton kernels on CPU through the Triton interpreter."""
+def interpreter() -> None:
+    """Run this test's Triton kernels on CPU tensors through the Triton interpreter."""
     if not HAS_TRITON:
         pytest.skip("triton (with its interpreter) is not installed")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not interpreter_ready():
+        pytest.skip(
+            "triton was imported in compile mode before TRITON_INTERPRET=1 could be set "
+            "(a CUDA machine, or another module imported it first); run tests/test_kernels_*.py alone"
+        )
 
 
 def make_batch(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from shardline.worker.kernels.runtime import cdiv, kernel, next_pow2, tl, use_triton
+from shardline.worker.kernels.runtime import cdiv, interpreted_bf16_dot, kernel, next_pow2, tl, use_triton
 
 MAX_M = 16
 
@@ -51,6 +51,7 @@ def _matvec_kernel(
     SPLIT: tl.constexpr,
     EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -73,6 +74,8 @@ def _matvec_kernel(
             if not EVEN_K:
                 x_mask = x_mask & (offs_k < k_hi)[None, :]
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+            if UPCAST_DOT:
+                x = x.to(tl.float32)
             acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PRECISION)
         else:
             wf = w.to(tl.float32)
@@ -140,6 +143,7 @@ def matvec(
     split = cdiv(K, k_per_split)
     even_k = K % cfg.block_k == 0
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    upcast = interpreted_bf16_dot(x.dtype)
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out
     _matvec_kernel[(cdiv(N, cfg.block_n), split)](
         x,
@@ -161,7 +165,8 @@ def matvec(
         USE_DOT=use_dot,
         SPLIT=split > 1,
         EVEN_K=even_k,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 or upcast else "tf32",
+        UPCAST_DOT=upcast,
         num_warps=cfg.num_warps,
     )
     if split > 1:

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from shardline.worker.kernels.runtime import kernel, next_pow2, tl
+from shardline.worker.kernels.runtime import interpreted_bf16_dot, kernel, next_pow2, tl
 
 _NEG_BIG = -1.0e30  # finite "minus infinity" for running maxima: rows with no key yet stay NaN-free
 _LOG2E = 1.4426950408889634
@@ -61,6 +61,7 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr,
     SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -99,6 +100,8 @@ def _paged_attention_kernel(
         mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
+    if UPCAST_DOT:  # K, V and P follow q's dtype into the dots
+        q = q.to(tl.float32)
 
     # Keys this tile can see: up to its last query position (causal), cut to this split's partition.
     kv_end = tl.minimum(seq_len, cached_len + (q_block + 1) * BLOCK_Q)
@@ -246,6 +249,7 @@ def paged_attention(
     else:  # unused by the kernel; any tensor of the right kind keeps the signature fixed
         part_o = part_m = part_l = out
     k_cache, v_cache = kv_cache[0], kv_cache[1]
+    upcast = interpreted_bf16_dot(query.dtype)
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
     _paged_attention_kernel[grid](
         query,
@@ -283,7 +287,8 @@ def paged_attention(
         HEAD_D_PAD=head_d_pad,
         BLOCK_SIZE=block_size,
         SPLIT=split,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 or upcast else "tf32",
+        UPCAST_DOT=upcast,
     )
     if split:
         _reduce_splits_kernel[(num_tokens, num_heads)](

@@ -1,11 +1,12 @@
 """How every kernel module picks Triton or torch, and how one Triton kernel runs compiled on CUDA or
 interpreted on CPU.
 
-NOTE: `triton.jit` decides between the compiler and the interpreter once, when the decorated module
-is imported, by reading TRITON_INTERPRET at that moment. That makes the interpreter depend on import
-order (any earlier import of a kernel module fixes the choice for the whole process). `Kernel`
-instead keeps the plain Python function and builds the compiled or the interpreted variant at
-launch, from where the tensors live and what TRITON_INTERPRET says then.
+NOTE: the interpreter works only if TRITON_INTERPRET=1 was set before `triton` was first imported:
+Triton's own library functions (tl.zeros, tl.sum, tl.sigmoid, ...) are `@triton.jit` functions
+built at that import, compiled-mode or interpreted-mode for the life of the process.
+`interpreter_ready()` tells which mode this process got. `Kernel` keeps the plain Python function
+and builds the matching variant at the first launch, so this package's own modules may be
+imported in any order.
 """
 
 from __future__ import annotations
@@ -31,25 +32,42 @@ IMPLS = ("auto", "triton", "torch")
 
 
 def interpreter_enabled() -> bool:
-    """True when TRITON_INTERPRET=1 asks for the Triton interpreter (read at call time)."""
+    """True when TRITON_INTERPRET=1 asks for the Triton interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def interpreter_ready() -> bool:
+    """True when this process's Triton was imported in interpreter mode (see the module note)."""
+    return HAS_TRITON and isinstance(tl.zeros, InterpretedFunction)
+
+
+def interpreted_bf16_dot(dtype: torch.dtype) -> bool:
+    """Whether tl.dot operands of this dtype must be upcast to fp32 first.
+
+    NOTE: the interpreter multiplies bf16 dot operands as their raw 16-bit patterns (numpy has no
+    bf16), so under it kernels do bf16 dots in fp32; compiled kernels keep bf16 tensor-core dots.
+    """
+    return dtype == torch.bfloat16 and interpreter_ready()
 
 
 def use_triton(x: torch.Tensor, impl: str = "auto") -> bool:
     """Whether a kernel call on `x` takes the Triton path.
 
     'auto': Triton for CUDA tensors when Triton is installed, torch otherwise. 'triton': always
-    Triton (on CPU only through the interpreter, so TRITON_INTERPRET=1 must be set). 'torch': never.
+    Triton (for CPU tensors only through the interpreter). 'torch': never.
     """
     if impl == "torch":
         return False
     if impl == "auto":
-        return HAS_TRITON and x.is_cuda
+        return HAS_TRITON and x.is_cuda and not interpreter_ready()
     if impl == "triton":
         if not HAS_TRITON:
             raise RuntimeError("impl='triton' asked for, but triton is not installed")
-        if not x.is_cuda and not interpreter_enabled():
-            raise RuntimeError("impl='triton' on a CPU tensor runs only in the interpreter: set TRITON_INTERPRET=1")
+        if not x.is_cuda and not interpreter_ready():
+            raise RuntimeError(
+                "impl='triton' on a CPU tensor runs only in the Triton interpreter: set TRITON_INTERPRET=1 "
+                "before triton is first imported"
+            )
         return True
     raise ValueError(f"impl: {impl!r} is not one of {', '.join(IMPLS)}")
 
@@ -65,8 +83,8 @@ def cdiv(a: int, b: int) -> int:
 
 
 class Kernel:
-    """A Triton kernel launched as `kernel[grid](*args)`: compiled for CUDA tensors, interpreted for
-    CPU tensors or whenever TRITON_INTERPRET=1."""
+    """A Triton kernel launched as `kernel[grid](*args)`: compiled for CUDA tensors, interpreted when
+    the process runs Triton in interpreter mode."""
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
@@ -83,10 +101,12 @@ class Kernel:
     def _variant(self, on_cuda: bool) -> Any:
         if not HAS_TRITON:
             raise RuntimeError("triton is not installed")
-        if on_cuda and not interpreter_enabled():
+        if on_cuda and not interpreter_ready():
             if self._compiled is None:
                 self._compiled = JITFunction(self.fn)
             return self._compiled
+        if not interpreter_ready():
+            raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
         if self._interpreted is None:
             self._interpreted = InterpretedFunction(self.fn)
         return self._interpreted
