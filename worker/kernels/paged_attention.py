@@ -19,7 +19,6 @@ import torch
 
 from shardline.worker.kernels.runtime import interpreted_bf16_dot, kernel, next_pow2, tl
 
-_NEG_BIG = -1.0e30  # finite "minus infinity" for running maxima: rows with no key yet stay NaN-free
 _LOG2E = 1.4426950408889634
 
 
@@ -111,7 +110,8 @@ def _paged_attention_kernel(
         kv_lo = split * partition_len
         kv_hi = tl.minimum(kv_end, kv_lo + partition_len)
 
-    m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
+    # A finite "minus infinity" for running maxima keeps rows that have seen no key yet NaN-free.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D_PAD], dtype=tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
@@ -176,7 +176,7 @@ def _reduce_splits_kernel(
     offs_s = tl.arange(0, SPLITS_PAD)
     s_ok = offs_s < num_splits
     ml = t64 * stride_mt + head * stride_mh + offs_s
-    m = tl.load(part_m_ptr + ml, mask=s_ok, other=_NEG_BIG)
+    m = tl.load(part_m_ptr + ml, mask=s_ok, other=-1.0e30)
     l = tl.load(part_l_ptr + ml, mask=s_ok, other=0.0)
     # Partials are normalized by their own sums; weight each by its share of the global sum.
     w = tl.exp2(m - tl.max(m, 0)) * l
