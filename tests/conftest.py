@@ -3,7 +3,17 @@ resolver, then used offline) and its tokenizer, loaded once per test session."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
+import torch
+
+# Triton builds its language functions once, at its first import, in either compile or interpreter
+# mode. Without a GPU the interpreter is the only mode that runs, so choose it before any test
+# module imports triton.
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
