@@ -33,7 +33,7 @@ class Tokenizer:
 
         try:
             if source.kind == "gguf":
-                hf = AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+                hf = _gguf_tokenizer(source.path)
             else:
                 hf = AutoTokenizer.from_pretrained(str(source.path))
         except Exception as e:  # transformers raises OSError/ValueError/KeyError depending on what is missing
@@ -107,3 +107,18 @@ def _generation_config_eos(source: ModelSource) -> Any:
             return json.load(f).get("eos_token_id")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _gguf_tokenizer(path):
+    """transformers' tokenizer built from GGUF metadata (seconds), saved once as tokenizer files in
+    the GGUF's derived cache and loaded from there afterwards (a fraction of a second)."""
+    from transformers import AutoTokenizer
+
+    from shardline.worker.loader.gguf_source import derived_dir, write_derived
+
+    saved = derived_dir(path)
+    if (saved / "tokenizer_config.json").exists() and (saved / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(str(saved))
+    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    write_derived(path, lambda d: hf.save_pretrained(str(d)))
+    return hf

@@ -3,7 +3,10 @@ package one tensor at a time, renamed to Hugging Face names and laid out as tran
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .source import ModelLoadError
+from .source import ModelLoadError, cache_dir
 from .weights import LazyWeight, WeightStream
 
 # general.architecture -> (HF architecture, HF model_type)
@@ -107,8 +110,40 @@ def _torch_shape(tensor) -> tuple[int, ...]:
     return tuple(int(n) for n in reversed(tensor.shape.tolist()))
 
 
+def derived_dir(path: Path) -> Path:
+    """Where files derived from a GGUF (its config.json, the converted tokenizer) are cached, keyed
+    by name, size and mtime: parsing GGUF metadata takes seconds, reading these files milliseconds."""
+    st = path.stat()
+    return cache_dir() / "gguf-derived" / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}"
+
+
+def write_derived(path: Path, fill) -> None:
+    """Fill a fresh temporary directory with `fill(tmp_dir)` and move it into place as
+    derived_dir(path); best effort: a read-only cache only costs speed."""
+    target = derived_dir(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+        fill(tmp)
+        for item in tmp.iterdir():
+            target.mkdir(exist_ok=True)
+            os.replace(item, target / item.name)
+        tmp.rmdir()
+    except OSError:
+        pass
+
+
 def gguf_hf_config(path: Path) -> dict[str, Any]:
-    """Build a Hugging Face style config dict from the GGUF file's metadata."""
+    """A Hugging Face style config dict from the GGUF file's metadata (cached beside the tokenizer)."""
+    cached = derived_dir(path) / "config.json" if path.exists() else None
+    if cached is not None and cached.exists():
+        return json.loads(cached.read_text())
+    cfg = _read_gguf_hf_config(path)
+    write_derived(path, lambda d: (d / "config.json").write_text(json.dumps(cfg, indent=1)))
+    return cfg
+
+
+def _read_gguf_hf_config(path: Path) -> dict[str, Any]:
     reader = open_gguf(path)
     arch = _architecture(reader, path)
 
