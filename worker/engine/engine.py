@@ -49,6 +49,7 @@ class _Tracked:
     arrival: float
     first_token_time: float | None = None
     last_token_time: float | None = None
+    scheduled_time: float | None = None  # first time a step scheduled it (queue time ends)
     pending: list[int] = field(default_factory=list)
 
 
@@ -97,6 +98,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_steps = 0
         self.last_step_time = time.monotonic()
+        self._counted = (0, 0, 0)  # prefix queries, prefix hits, preemptions already sent to metrics
 
     def _make_executor(self, spec: ModelSpec, show_progress: bool) -> Executor:
         if self.config.tensor_parallel_size > 1:
@@ -131,13 +133,18 @@ class LLMEngine:
         """Validate and queue a request; returns its id. Raises RequestError naming the bad field."""
         params = params or SamplingParams()
         request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._tracked:
-            raise RequestError("request_id", f"{request_id!r} is already in flight")
-        token_ids = self.encode_prompt(prompt)
-        max_tokens = validate_request(token_ids, params, self.limits)
-        if self.scheduler.num_waiting >= self.config.max_queue_len:
-            raise RequestError("", f"the engine's queue is full ({self.config.max_queue_len} waiting requests); retry later",
-                               code="resource_exhausted")
+        try:
+            if request_id in self._tracked:
+                raise RequestError("request_id", f"{request_id!r} is already in flight")
+            token_ids = self.encode_prompt(prompt)
+            max_tokens = validate_request(token_ids, params, self.limits)
+            if self.scheduler.num_waiting >= self.config.max_queue_len:
+                raise RequestError("", f"the engine's queue is full ({self.config.max_queue_len} waiting requests); "
+                                   "retry later", code="resource_exhausted")
+        except RequestError as e:
+            if self.metrics is not None:
+                self.metrics.on_reject(e.code)
+            raise
         now = time.monotonic()
         req = Request(request_id, token_ids, params, arrival_time=arrival_time or now, priority=priority,
                       cache_salt=cache_salt, max_tokens=max_tokens)
@@ -154,6 +161,7 @@ class LLMEngine:
         self.scheduler.abort_request(request_id)
         if tracked is None:
             return None
+        self._record_step()
         return self._final(tracked, FINISH_ABORT, [], "")
 
     # ---- the step ---------------------------------------------------------------------------------
@@ -165,7 +173,13 @@ class LLMEngine:
         """Run one scheduler step; returns a delta for every request that produced a token or ended."""
         sched = self.scheduler.schedule()
         if not sched.scheduled:
+            self._record_step()
             return []
+        now = time.monotonic()
+        for s in sched.scheduled:
+            t = self._tracked.get(s.request.request_id)
+            if t is not None and t.scheduled_time is None:
+                t.scheduled_time = now
         logits = self.executor.execute(self._inputs(sched))
         samplers = [s.request for s in sched.scheduled if s.request.num_computed_tokens + s.num_new_tokens == s.request.num_tokens]
         sampled: dict[str, int] = {}
@@ -186,7 +200,20 @@ class LLMEngine:
         self.num_steps += 1
         self.last_step_time = time.monotonic()
         progressed = self.scheduler.update_after_step(sched, sampled)
-        return [o for o in (self._after_token(r, logprobs.get(r.request_id)) for r in progressed) if o is not None]
+        outputs = [o for o in (self._after_token(r, logprobs.get(r.request_id)) for r in progressed) if o is not None]
+        self._record_step()
+        return outputs
+
+    def _record_step(self) -> None:
+        """Send the scheduler's state and what the counters gained since last time to the metrics."""
+        if self.metrics is None:
+            return
+        bm = self.block_manager
+        now = (bm.prefix_cache_queries, bm.prefix_cache_hits, self.scheduler.num_preemptions_total)
+        queries, hits, preemptions = (a - b for a, b in zip(now, self._counted))
+        self._counted = now
+        self.metrics.on_step(self.scheduler.num_running, self.scheduler.num_waiting, bm.usage,
+                             prefix_queries_delta=queries, prefix_hits_delta=hits, preemptions_delta=preemptions)
 
     def _inputs(self, sched: SchedulerOutput):
         slices = []
@@ -202,6 +229,12 @@ class LLMEngine:
         if t is None:
             return None
         now = time.monotonic()
+        if self.metrics is not None:
+            if t.first_token_time is None:
+                queued = (t.scheduled_time or now) - t.arrival
+                self.metrics.on_first_token(now - t.arrival, queued)
+            else:
+                self.metrics.on_token(now - (t.last_token_time or now))
         if t.first_token_time is None:
             t.first_token_time = now
         t.last_token_time = now
@@ -232,6 +265,8 @@ class LLMEngine:
 
     def _final(self, t: _Tracked, reason: str, new_ids: list[int], text: str) -> RequestOutput:
         r = t.request
+        if self.metrics is not None:
+            self.metrics.on_finish(reason, r.num_prompt_tokens, len(r.output_token_ids), time.monotonic() - t.arrival)
         return RequestOutput(r.request_id, new_ids, text, finished=True, finish_reason=reason,
                              prompt_tokens=r.num_prompt_tokens, completion_tokens=len(r.output_token_ids),
                              cached_tokens=r.num_cached_tokens)
