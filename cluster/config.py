@@ -1,0 +1,159 @@
+"""The one configuration schema of the serving application: the model, its engine, tensor
+parallelism, replica groups (fixed count or autoscaling), the ingress's admission bound and the
+ports. `shardline serve` flags, the Python API (`build_app`) and the `args` of an application in a
+Serve YAML (deploy/serve.yaml) all become a ClusterConfig through `ClusterConfig.from_dict`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shardline.worker.config import ConfigError, EngineConfig
+
+# EngineConfig fields the cluster sets itself (model and tp live at the top level of the config).
+_ENGINE_TOP_LEVEL = ("model", "tensor_parallel_size")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Everything `build_app` needs. Validated once, here; unknown keys are errors naming the key."""
+
+    model: str = "smollm2-135m"
+    tensor_parallel_size: int = 1
+    engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields except model / tp
+    replicas: int = 1  # fixed number of replica groups (ignored when autoscaling is set)
+    autoscaling: dict[str, Any] | None = None  # Serve autoscaling_config for the ReplicaGroup
+    # Serve deployment options for the ReplicaGroup beyond the ones above (max_ongoing_requests,
+    # max_queued_requests, graceful_shutdown_timeout_s, health_check_period_s, ...).
+    replica_group_options: dict[str, Any] = field(default_factory=dict)
+    use_gpu: bool | None = None  # None: GPUs when the engine's device resolves to cuda
+    cpus_per_rank: float = 1.0  # CPU share of each rank's placement-group bundle
+    max_in_flight: int = 1024  # requests the ingress holds at once; beyond: RESOURCE_EXHAUSTED / 429
+    request_timeout_s: float | None = None  # server-side cap on a request's life (None: no cap)
+    stall_timeout_s: float = 60.0  # check_health fails after this long without progress while busy
+    routing_stats_period_s: float = 1.0  # how often replicas report load and cached blocks
+    summary_blocks: int = 4096  # most recently used block hashes a replica reports (8 bytes each)
+    routing: dict[str, Any] = field(default_factory=dict)  # router.prefix_scoring.ScoringConfig knobs
+    metrics_period_s: float = 1.0  # how often replicas push their metrics snapshot
+    served_model_name: str | None = None  # name in /v1/models and metrics labels (default: model)
+    grpc_port: int = 9000
+    http_port: int = 8000
+    host: str = "127.0.0.1"
+    app_name: str = "shardline"
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size: must be >= 1, got {self.tensor_parallel_size}")
+        if self.replicas < 1:
+            raise ConfigError(f"replicas: must be >= 1, got {self.replicas}")
+        if self.max_in_flight < 1:
+            raise ConfigError(f"max_in_flight: must be >= 1, got {self.max_in_flight}")
+        if self.cpus_per_rank <= 0:
+            raise ConfigError(f"cpus_per_rank: must be > 0 (a placement-group bundle cannot be empty), got {self.cpus_per_rank}")
+        for name in ("grpc_port", "http_port"):
+            if not 0 < getattr(self, name) < 65536:
+                raise ConfigError(f"{name}: must be a TCP port, got {getattr(self, name)}")
+        for key in _ENGINE_TOP_LEVEL:
+            if key in self.engine:
+                raise ConfigError(f"engine.{key}: set `{key}` at the top level of the config, not under engine")
+        self.engine_config()  # validates the engine fields now, not in a replica minutes later
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "ClusterConfig":
+        """Build from a plain dict (Serve application args, a config file, the CLI)."""
+        data = dict(data or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown config key; known keys: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> "ClusterConfig":
+        """Read a YAML/JSON file: either a plain ClusterConfig mapping or a Serve config
+        (deploy/serve.yaml), whose first application's args, ReplicaGroup options and ports are used."""
+        import yaml
+
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        if "applications" in data:
+            data = _from_serve_config(data)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data)
+
+    def engine_config(self) -> EngineConfig:
+        """The EngineConfig every replica group builds its engine from."""
+        known = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(self.engine) - known)
+        if unknown:
+            raise ConfigError(f"engine.{unknown[0]}: unknown engine field; known: {', '.join(sorted(known - set(_ENGINE_TOP_LEVEL)))}")
+        return EngineConfig(model=self.model, tensor_parallel_size=self.tensor_parallel_size, **self.engine)
+
+    @property
+    def model_name(self) -> str:
+        """The name clients see (/v1/models, GetModelInfo) and metrics carry."""
+        return self.served_model_name or self.model
+
+    def wants_gpu(self) -> bool:
+        """Whether rank bundles ask for GPUs."""
+        if self.use_gpu is not None:
+            return self.use_gpu
+        return self.engine_config().resolved_device().type == "cuda"
+
+    def placement_bundles(self) -> list[dict[str, float]]:
+        """One bundle per tensor-parallel rank; the replica actor itself takes bundle 0."""
+        bundle: dict[str, float] = {"CPU": self.cpus_per_rank}
+        if self.wants_gpu():
+            bundle["GPU"] = 1
+        return [dict(bundle) for _ in range(self.tensor_parallel_size)]
+
+    def replica_group_deployment_options(self) -> dict[str, Any]:
+        """Options for `ReplicaGroup.options(...)`: placement group, replicas or autoscaling, and
+        the extra Serve options from the config."""
+        bundles = self.placement_bundles()
+        options: dict[str, Any] = {
+            "placement_group_bundles": bundles,
+            "placement_group_strategy": "STRICT_PACK",
+            # the replica actor (rank 0) must fit in bundle 0
+            "ray_actor_options": {"num_cpus": bundles[0]["CPU"], "num_gpus": bundles[0].get("GPU", 0)},
+        }
+        if self.autoscaling:
+            options["autoscaling_config"] = dict(self.autoscaling)
+        else:
+            options["num_replicas"] = self.replicas
+        options.update(self.replica_group_options)
+        return options
+
+
+def _from_serve_config(serve: dict[str, Any]) -> dict[str, Any]:
+    """A ClusterConfig dict from a Serve config: the first application's args, its ReplicaGroup
+    deployment options, and the proxies' ports."""
+    apps = serve.get("applications") or []
+    if not apps:
+        raise ConfigError("applications: the Serve config has no application")
+    app = apps[0]
+    data = dict(app.get("args") or {})
+    data.setdefault("app_name", app.get("name", "shardline"))
+    for deployment in app.get("deployments") or []:
+        if deployment.get("name") != "ReplicaGroup":
+            continue
+        options = {k: v for k, v in deployment.items() if k != "name"}
+        autoscaling = options.pop("autoscaling_config", None)
+        if "num_replicas" in options and isinstance(options["num_replicas"], int):
+            data.setdefault("replicas", options.pop("num_replicas"))
+        if autoscaling:
+            data.setdefault("autoscaling", autoscaling)
+        data.setdefault("replica_group_options", options)
+    http = serve.get("http_options") or {}
+    grpc = serve.get("grpc_options") or {}
+    if "port" in http:
+        data.setdefault("http_port", http["port"])
+    if "host" in http:
+        data.setdefault("host", http["host"])
+    if "port" in grpc:
+        data.setdefault("grpc_port", grpc["port"])
+    return data

@@ -1,0 +1,453 @@
+"""The Ingress deployment: the gRPC service `shardline.v1.Generation` (through Ray Serve's gRPC
+proxy) and the OpenAI-compatible HTTP API (FastAPI) on one class.
+
+For every request it validates with the engine's own validator and limits, tokenizes (chat
+template included), bounds how many requests it holds at once (overload answers
+RESOURCE_EXHAUSTED / 429 at once), and streams from a ReplicaGroup chosen by the KV-aware router.
+A request ends early (and its engine request is aborted, freeing its KV blocks) when the client
+cancels or disconnects, or when its deadline passes: the ingress enforces the deadline itself
+because Serve's proxy does not always propagate a cancel (docs/ray-serve-notes.md).
+
+Errors map one way everywhere: RequestError codes -> gRPC status / HTTP status (openai_api.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from ray import serve
+
+from shardline.cluster.config import ClusterConfig
+from shardline.metrics import RouterMetrics, merge_expositions
+from shardline.proto import generation_pb2 as pb
+from shardline.router import openai_api
+from shardline.router.request_router import register_decision_sink
+from shardline.worker.engine.params import RequestError, SamplingParams
+from shardline.worker.engine.validation import Limits, validate_request
+
+log = logging.getLogger(__name__)
+
+GRPC_STATUS = {
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "cancelled": grpc.StatusCode.CANCELLED,
+    "internal": grpc.StatusCode.INTERNAL,
+}
+FINISH_ENUM = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
+               "stop_string": pb.FINISH_REASON_STOP_STRING, "abort": pb.FINISH_REASON_ABORT,
+               "error": pb.FINISH_REASON_ERROR}
+# Metadata keys a gRPC client can use to tell the ingress its deadline (the proxy's context does
+# not expose the call's own deadline to the deployment).
+DEADLINE_KEYS = ("grpc-timeout", "timeout-ms", "x-shardline-timeout-ms")
+_GRPC_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+web = FastAPI(title="shardline", description="OpenAI-compatible API of a shardline cluster")
+
+
+def deadline_from_metadata(metadata: list[tuple[str, Any]] | None) -> float | None:
+    """Seconds the client allows, from a `grpc-timeout` ("250m", "5S") or `timeout-ms` header."""
+    for key, value in metadata or []:
+        value = value.decode() if isinstance(value, bytes) else str(value)
+        try:
+            if key == "grpc-timeout" and value and value[-1] in _GRPC_TIMEOUT_UNITS:
+                return float(value[:-1]) * _GRPC_TIMEOUT_UNITS[value[-1]]
+            if key in ("timeout-ms", "x-shardline-timeout-ms"):
+                return float(value) / 1000.0
+        except ValueError:
+            raise RequestError(key, f"not a valid timeout: {value!r}") from None
+    return None
+
+
+def sampling_from_proto(msg: pb.SamplingParams) -> dict[str, Any]:
+    """The set fields of a proto SamplingParams as a SamplingParams dict (same field names)."""
+    out: dict[str, Any] = {}
+    for fd in msg.DESCRIPTOR.fields:
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        if repeated:
+            values = list(getattr(msg, fd.name))
+            if values:
+                out[fd.name] = values
+        elif msg.HasField(fd.name):
+            out[fd.name] = getattr(msg, fd.name)
+    return out
+
+
+def chat_from_proto(chat: pb.Chat) -> dict[str, Any]:
+    return {"messages": [{"role": m.role, "content": m.content} for m in chat.messages]}
+
+
+class GrpcStatusAbort(RuntimeError):
+    """Ends a streaming gRPC method whose status code is already set on its context."""
+
+
+class _Admission:
+    """Counts requests in flight at this ingress and refuses one over the bound at once."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+
+    def __enter__(self) -> "_Admission":
+        if self.in_flight >= self.limit:
+            raise RequestError("", f"the server is at its limit of {self.limit} requests in flight; retry later",
+                               code="resource_exhausted")
+        self.in_flight += 1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.in_flight -= 1
+
+
+def _strip_field(err: dict[str, Any]) -> str:
+    """The message of an error item without its "field: " prefix (RequestError adds it back)."""
+    message, field = err.get("message", ""), err.get("field", "")
+    return message[len(field) + 2:] if field and message.startswith(field + ": ") else message
+
+
+def _set_status(grpc_context, error: RequestError) -> None:
+    if grpc_context is None:
+        return
+    grpc_context.set_code(GRPC_STATUS.get(error.code, grpc.StatusCode.INTERNAL))
+    grpc_context.set_details(str(error))
+
+
+def _to_proto(rid: str, item: dict[str, Any]) -> pb.GenerateResponse:
+    msg = pb.GenerateResponse(request_id=rid, token_ids=item.get("token_ids", []), text=item.get("text", ""))
+    for token_id, logprob, top in item.get("logprobs") or []:
+        msg.logprobs.append(pb.TokenLogprob(token_id=token_id, logprob=logprob,
+                                            top=[pb.TopLogprob(token_id=k, logprob=v) for k, v in top.items()]))
+    reason = item.get("finish_reason")
+    if reason:
+        msg.finish_reason = FINISH_ENUM.get(reason, pb.FINISH_REASON_ERROR)
+        msg.usage.CopyFrom(pb.Usage(prompt_tokens=item.get("prompt_tokens", 0),
+                                    completion_tokens=item.get("completion_tokens", 0),
+                                    cached_prompt_tokens=item.get("cached_tokens", 0)))
+    return msg
+
+
+def _load_tokenizer(source):
+    """The model's tokenizer, or None for a checkpoint without one (token-id input only)."""
+    from shardline.worker.tokenizer import Tokenizer
+
+    if source.kind == "safetensors" and not any(
+        (source.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    ):
+        return None
+    return Tokenizer.from_source(source)
+
+
+# NOTE: last in the file: serve.ingress pickles the routes when the class is decorated, so every
+# module-level helper the methods use must already exist.
+@serve.ingress(web)
+class Ingress:
+    """Front door of the cluster: gRPC methods (Generate, Tokenize, GetModelInfo, Health, and
+    grpc.health.v1 Check) and OpenAI HTTP routes, both on the same validation and streaming path."""
+
+    def __init__(self, replica_group, config: ClusterConfig) -> None:
+        from shardline.cluster.metrics_hub import get_or_create_hub
+        from shardline.worker.config import ModelConfig
+        from shardline.worker.loader.source import resolve_model
+
+        self.config = config
+        self.replicas = replica_group
+        self.model_name = config.model_name
+        source = resolve_model(config.model)
+        self.model_config = ModelConfig.from_hf_config(source.hf_config())
+        self.tokenizer = _load_tokenizer(source)
+        self.metrics = RouterMetrics(self.model_name)
+        register_decision_sink(self.metrics.on_decision)
+        self.admission = _Admission(config.max_in_flight)
+        self.hub = get_or_create_hub(config.app_name)
+        self._info: dict[str, Any] | None = None
+        self._info_lock = asyncio.Lock()
+
+    # ---- shared path ------------------------------------------------------------------------------
+
+    async def model_info(self) -> dict[str, Any]:
+        """Model and limits as a replica reports them (fetched once: every replica runs the same config)."""
+        if self._info is None:
+            async with self._info_lock:
+                if self._info is None:
+                    try:
+                        self._info = await self.replicas.model_info.remote()
+                    except Exception as e:  # noqa: BLE001 - no replica up yet
+                        raise RequestError("", f"no replica group is ready: {e}", code="unavailable") from None
+        return self._info
+
+    def encode(self, prompt: Any, add_special_tokens: bool | None = None) -> list[int]:
+        """Token ids of a text prompt, chat messages ({"messages": [...]}), or a token-id list."""
+        if isinstance(prompt, (list, tuple)):
+            return list(prompt)
+        if self.tokenizer is None:
+            raise RequestError("prompt", "this model has no tokenizer; send token ids")
+        try:
+            if isinstance(prompt, dict):
+                return self.tokenizer.apply_chat_template(prompt["messages"])
+            if add_special_tokens is None:
+                return self.tokenizer.encode(prompt)
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        except RequestError:
+            raise
+        except Exception as e:  # noqa: BLE001 - malformed messages, a template that refuses them
+            field = "messages" if isinstance(prompt, dict) else "prompt"
+            message = str(e)
+            if message.startswith("messages"):
+                field, _, message = message.partition(": ")
+            raise RequestError(field, message) from None
+
+    async def prepare(self, prompt: Any, sampling: dict[str, Any]) -> list[int]:
+        """Tokenize and validate exactly as the engine will (same validator, same limits)."""
+        info = await self.model_info()
+        token_ids = self.encode(prompt)
+        if not isinstance(sampling, dict):
+            raise RequestError("sampling", "must be an object")
+        try:
+            params = SamplingParams.from_dict(sampling)
+        except TypeError as e:
+            raise RequestError("sampling", str(e)) from None
+        validate_request(token_ids, params, Limits(**info["limits"]))
+        return token_ids
+
+    async def stream(self, token_ids: list[int], sampling: dict[str, Any], request_id: str, priority: int,
+                     cache_salt: str | None, timeout_s: float | None) -> AsyncIterator[dict[str, Any]]:
+        """Admit, route and stream one request's items; raises RequestError for errors (codes
+        resource_exhausted, unavailable, deadline_exceeded, ...). Leaving early cancels the replica's
+        stream, which aborts the engine request."""
+        from ray.serve.exceptions import BackPressureError
+
+        caps = [t for t in (timeout_s, self.config.request_timeout_s) if t is not None]
+        deadline = time.monotonic() + min(caps) if caps else None
+        with self.admission:
+            response = self.replicas.options(stream=True).generate.remote(
+                token_ids, sampling, request_id, priority, cache_salt)
+            finished = False
+            try:
+                while True:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise asyncio.TimeoutError
+                    try:
+                        item = await asyncio.wait_for(response.__anext__(), remaining)
+                    except StopAsyncIteration:
+                        finished = True
+                        return
+                    if "error" in item and "finish_reason" not in item:
+                        finished = True
+                        err = item["error"]
+                        raise RequestError(err.get("field", ""), _strip_field(err), code=err.get("code", "internal"))
+                    if "finish_reason" in item:
+                        finished = True
+                    yield item
+                    if finished:
+                        return
+            except asyncio.TimeoutError:
+                raise RequestError("", f"the request's deadline ({min(caps):.3g} s) passed",
+                                   code="deadline_exceeded") from None
+            except BackPressureError as e:
+                raise RequestError("", f"all replica groups are at capacity; retry later ({e})",
+                                   code="resource_exhausted") from None
+            except RequestError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a replica died mid-stream, no replica, ...
+                if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
+                    raise
+                log.warning("stream %s failed: %s", request_id, e)
+                raise RequestError("", f"the replica group serving the request failed: {type(e).__name__}",
+                                   code="unavailable") from None
+            finally:
+                if not finished:
+                    response.cancel()
+
+    def reject(self, error: RequestError) -> None:
+        self.metrics.on_reject(error.code)
+
+    # ---- gRPC: shardline.v1.Generation ---------------------------------------------------------------
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
+        """Server-streaming generation; errors become the call's status with the field named."""
+        rid = request.request_id or f"gen-{uuid.uuid4().hex[:16]}"
+        try:
+            kind = request.WhichOneof("input")
+            if kind is None:
+                raise RequestError("input", "set one of text, chat or token_ids")
+            prompt = {"text": lambda: request.text, "chat": lambda: chat_from_proto(request.chat),
+                      "token_ids": lambda: list(request.token_ids.ids)}[kind]()
+            sampling = sampling_from_proto(request.sampling)
+            timeout_s = deadline_from_metadata(grpc_context.invocation_metadata() if grpc_context else None)
+            token_ids = await self.prepare(prompt, sampling)
+            items = self.stream(token_ids, sampling, rid, request.priority, request.cache_salt or None, timeout_s)
+            async with contextlib.aclosing(items):  # a cancel at our yield still cancels the replica's stream
+                async for item in items:
+                    yield _to_proto(rid, item)
+        except RequestError as e:
+            self.reject(e)
+            _set_status(grpc_context, e)
+            # NOTE: a streaming method's status only reaches the client when the method raises
+            # after setting it (the replica wraps the error in gRPCStatusError with that code),
+            # and the raised error must unpickle in the proxy (RequestError's signature does not).
+            raise GrpcStatusAbort(str(e)) from None
+
+    async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
+        """Token ids of a text or chat prompt, exactly as Generate would compute them."""
+        try:
+            kind = request.WhichOneof("input")
+            if kind is None:
+                raise RequestError("input", "set one of text or chat")
+            if kind == "chat":
+                ids = self.encode(chat_from_proto(request.chat))
+            else:
+                add = request.add_special_tokens if request.HasField("add_special_tokens") else None
+                ids = self.encode(request.text, add)
+            return pb.TokenizeResponse(token_ids=ids, count=len(ids))
+        except RequestError as e:
+            _set_status(grpc_context, e)
+            return pb.TokenizeResponse()
+
+    async def GetModelInfo(self, request: pb.ModelInfoRequest, grpc_context=None) -> pb.ModelInfo:
+        """The model, limits, tensor parallelism and each live replica group's load."""
+        try:
+            info = await self.model_info()
+        except RequestError as e:
+            _set_status(grpc_context, e)
+            return pb.ModelInfo()
+        snapshots = await self._snapshots()
+        replicas = [pb.ReplicaStats(
+            replica_id=s.replica_id, free_blocks=s.stats.get("free_blocks", 0), num_blocks=s.stats.get("num_blocks", 0),
+            running=s.stats.get("num_running", 0), waiting=s.stats.get("num_waiting", 0),
+            prefix_cache_hit_tokens=s.stats.get("prefix_cache_hits", 0),
+            prefix_cache_query_tokens=s.stats.get("prefix_cache_queries", 0)) for s in snapshots]
+        return pb.ModelInfo(model=self.model_name, max_model_len=info["max_model_len"], vocab_size=info["vocab_size"],
+                            tensor_parallel_size=info["tensor_parallel_size"], replica_groups=len(replicas),
+                            block_size=info["block_size"], replicas=replicas)
+
+    async def Health(self, request: pb.HealthRequest, grpc_context=None) -> pb.HealthResponse:
+        """SERVING once a replica group answered and reports itself alive."""
+        serving, detail = await self._ready()
+        status = pb.HealthResponse.SERVING if serving else pb.HealthResponse.NOT_SERVING
+        return pb.HealthResponse(status=status, detail=detail)
+
+    async def Check(self, request, grpc_context=None):
+        """grpc.health.v1.Health/Check (Kubernetes gRPC probes) with the same readiness as Health."""
+        from grpc_health.v1 import health_pb2
+
+        serving, _ = await self._ready()
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def _snapshots(self):
+        try:
+            return await self.hub.snapshots.remote()
+        except Exception:  # noqa: BLE001 - the hub restarting: report no replicas rather than fail
+            return []
+
+    async def _ready(self) -> tuple[bool, str]:
+        try:
+            await asyncio.wait_for(self.model_info(), 10)
+        except (RequestError, asyncio.TimeoutError) as e:
+            return False, f"no replica group is ready: {e}"
+        snapshots = await self._snapshots()
+        return True, f"{len(snapshots)} replica group(s) reporting"
+
+    # ---- HTTP: OpenAI-compatible -----------------------------------------------------------------------
+
+    @web.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._openai(request, chat=False)
+
+    @web.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._openai(request, chat=True)
+
+    @web.get("/v1/models")
+    async def models(self) -> Response:
+        info = self._info or {}
+        return JSONResponse({"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": 0, "owned_by": "shardline",
+            "max_model_len": info.get("max_model_len")}]})
+
+    @web.get("/metrics")
+    async def metrics_endpoint(self) -> Response:
+        snapshots = await self._snapshots()
+        text = merge_expositions([self.metrics.exposition()] + [s.exposition for s in snapshots])
+        return PlainTextResponse(text.decode(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @web.get("/health")
+    async def health(self) -> Response:
+        serving, detail = await self._ready()
+        return JSONResponse({"status": "ok" if serving else "unavailable", "detail": detail},
+                            status_code=200 if serving else 503)
+
+    async def _openai(self, request: Request, chat: bool) -> Response:
+        try:
+            try:
+                body = await request.json()
+            except ValueError:
+                raise RequestError("body", "not valid JSON") from None
+            req = openai_api.parse_chat(body) if chat else openai_api.parse_completion(body)
+            model = body.get("model")
+            if model not in (None, self.model_name, self.config.model):
+                raise RequestError("model", f"the model {model!r} does not exist; this server serves "
+                                   f"{self.model_name!r}", code="not_found")
+            rid = ("chatcmpl-" if chat else "cmpl-") + (req.request_id or uuid.uuid4().hex[:24])
+            token_ids = await self.prepare(req.prompt, req.sampling)
+            items = self.stream(token_ids, req.sampling, rid, req.priority, req.cache_salt, None)
+            first = await items.__anext__()  # errors before any byte is sent become a proper status
+        except RequestError as e:
+            self.reject(e)
+            status, payload = openai_api.error_body(e.code, str(e), e.field)
+            return JSONResponse(payload, status_code=status)
+        except StopAsyncIteration:
+            status, payload = openai_api.error_body("internal", "the replica ended the stream without a result", None)
+            return JSONResponse(payload, status_code=status)
+        if not req.stream:
+            collected = [first]
+            try:
+                if "finish_reason" not in first:
+                    async for item in items:
+                        collected.append(item)
+            except RequestError as e:
+                self.reject(e)
+                status, payload = openai_api.error_body(e.code, str(e), e.field)
+                return JSONResponse(payload, status_code=status)
+            decode = self._decode_token
+            return JSONResponse(openai_api.completion_response(rid, self.model_name, collected, decode, chat))
+        return StreamingResponse(self._sse(rid, first, items, chat, req.include_usage), media_type="text/event-stream")
+
+    async def _sse(self, rid: str, first: dict[str, Any], items: AsyncIterator[dict[str, Any]], chat: bool,
+                   include_usage: bool) -> AsyncIterator[str]:
+        """SSE chunks; a client that disconnects cancels this generator, which cancels the stream."""
+        try:
+            if chat:
+                yield openai_api.stream_chunk(rid, self.model_name, None, chat, first=True)
+            item = first
+            while True:
+                yield openai_api.stream_chunk(rid, self.model_name, item, chat)
+                if "finish_reason" in item:
+                    break
+                item = await items.__anext__()
+            if include_usage:
+                yield openai_api.stream_chunk(rid, self.model_name, None, chat, usage=openai_api.usage_dict(item))
+            yield openai_api.SSE_DONE
+        except RequestError as e:
+            self.reject(e)
+            _, payload = openai_api.error_body(e.code, str(e), e.field)
+            yield f"data: {json.dumps(payload)}\n\n"
+        finally:
+            await items.aclose()
+
+    def _decode_token(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return f"<{token_id}>"
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
