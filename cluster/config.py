@@ -94,6 +94,11 @@ class ClusterConfig:
         return EngineConfig(model=self.model, tensor_parallel_size=self.tensor_parallel_size, **self.engine)
 
     @property
+    def snapshot_ttl_s(self) -> float:
+        """How long a replica's last metrics/stats snapshot counts as live (a dead one's expires)."""
+        return max(5 * self.metrics_period_s, 3.0)
+
+    @property
     def model_name(self) -> str:
         """The name clients see (/v1/models, GetModelInfo) and metrics carry."""
         return self.served_model_name or self.model

@@ -139,7 +139,7 @@ class ReplicaGroup:
         while not self._stop.wait(self.config.metrics_period_s):
             try:
                 if self._hub is None:
-                    self._hub = get_or_create_hub(self.config.app_name)
+                    self._hub = get_or_create_hub(self.config.app_name, self.config.snapshot_ttl_s)
                 self._hub.push.remote(self.replica_id, self.metrics.exposition(), self.stats())
             except Exception:  # noqa: BLE001 - metrics must never take the replica down
                 log.exception("pushing metrics failed")
@@ -160,10 +160,9 @@ def replica_group_deployment(config: ClusterConfig):
     """The ReplicaGroup deployment with the KV-aware router and the config's placement and scaling."""
     from ray.serve.config import RequestRouterConfig
 
-    from shardline.router.request_router import KVAwareRouter
-
     router = RequestRouterConfig(
-        request_router_class=KVAwareRouter,
+        # by import path, so the router and the ingress share the real module (see request_router.py)
+        request_router_class="shardline.router.request_router.KVAwareRouter",
         request_router_kwargs=dict(config.routing),
         request_routing_stats_period_s=config.routing_stats_period_s,
         request_routing_stats_timeout_s=max(5.0, 5 * config.routing_stats_period_s),

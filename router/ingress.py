@@ -11,8 +11,8 @@ because Serve's proxy does not always propagate a cancel (docs/ray-serve-notes.m
 Errors map one way everywhere: RequestError codes -> gRPC status / HTTP status (openai_api.py).
 """
 
-from __future__ import annotations
-
+# NOTE: no `from __future__ import annotations`: FastAPI must resolve `Request` on routes that
+# serve.ingress pickles by value, where string annotations would not resolve.
 import asyncio
 import contextlib
 import json
@@ -30,7 +30,6 @@ from shardline.cluster.config import ClusterConfig
 from shardline.metrics import RouterMetrics, merge_expositions
 from shardline.proto import generation_pb2 as pb
 from shardline.router import openai_api
-from shardline.router.request_router import register_decision_sink
 from shardline.worker.engine.params import RequestError, SamplingParams
 from shardline.worker.engine.validation import Limits, validate_request
 
@@ -157,6 +156,7 @@ class Ingress:
 
     def __init__(self, replica_group, config: ClusterConfig) -> None:
         from shardline.cluster.metrics_hub import get_or_create_hub
+        from shardline.router.request_router import register_decision_sink  # the real module, see there
         from shardline.worker.config import ModelConfig
         from shardline.worker.loader.source import resolve_model
 
@@ -169,7 +169,7 @@ class Ingress:
         self.metrics = RouterMetrics(self.model_name)
         register_decision_sink(self.metrics.on_decision)
         self.admission = _Admission(config.max_in_flight)
-        self.hub = get_or_create_hub(config.app_name)
+        self.hub = get_or_create_hub(config.app_name, config.snapshot_ttl_s)
         self._info: dict[str, Any] | None = None
         self._info_lock = asyncio.Lock()
 
@@ -349,7 +349,8 @@ class Ingress:
     async def _snapshots(self):
         try:
             return await self.hub.snapshots.remote()
-        except Exception:  # noqa: BLE001 - the hub restarting: report no replicas rather than fail
+        except Exception as e:  # noqa: BLE001 - the hub restarting: report no replicas rather than fail
+            log.warning("metrics hub unreachable: %s", e)
             return []
 
     async def _ready(self) -> tuple[bool, str]:

@@ -12,6 +12,7 @@ forever (docs/ray-serve-notes.md), so every failure falls back to power of two c
 
 from __future__ import annotations
 
+import importlib
 import logging
 import random
 from collections.abc import Callable
@@ -25,17 +26,24 @@ log = logging.getLogger(__name__)
 
 # NOTE: Serve builds the router itself, so the ingress cannot hand it a metrics object; the
 # ingress registers its RouterMetrics.on_decision here instead (one per process, the ingress's).
+# Serve ships the router class pickled by value, and a by-value copy of this code has its own
+# globals, so both sides look the list up on the imported module (_sinks), never as a global.
 _decision_sinks: list[Callable[[str], None]] = []
+
+
+def _sinks() -> list[Callable[[str], None]]:
+    return importlib.import_module("shardline.router.request_router")._decision_sinks
 
 
 def register_decision_sink(sink: Callable[[str], None]) -> None:
     """Have every routing decision in this process reported to `sink` ("prefix_hit" / "fallback")."""
-    if sink not in _decision_sinks:
-        _decision_sinks.append(sink)
+    sinks = _sinks()
+    if sink not in sinks:
+        sinks.append(sink)
 
 
 def _report(decision: str) -> None:
-    for sink in list(_decision_sinks):
+    for sink in list(_sinks()):
         try:
             sink(decision)
         except Exception:  # noqa: BLE001 - metrics must never break routing

@@ -195,3 +195,168 @@ def test_grpc_health_v1_check_answers_serving(cluster) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{cluster['grpc_port']}") as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# ---- HTTP: the official openai client --------------------------------------------------------------
+
+
+@pytest.fixture
+def openai_client(cluster):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{cluster['http_port']}/v1", api_key="unused", max_retries=0,
+                         timeout=60)
+
+
+def test_openai_completions_match_grpc_streaming_and_not(openai_client, stub) -> None:
+    prompt = prompts(1, seed=31, min_len=6, max_len=6)[0]
+    expected = generate_ids(stub, prompt, n=6)
+    reply = openai_client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0.0,
+                                             extra_body={"ignore_eos": True})
+    assert reply.choices[0].text == expected["text"] and reply.choices[0].finish_reason == "length"
+    assert reply.usage.prompt_tokens == len(prompt) and reply.usage.completion_tokens == 6
+    chunks = list(openai_client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0.0,
+                                                   stream=True, stream_options={"include_usage": True},
+                                                   extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected["text"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+def test_openai_chat_streaming_and_not(openai_client, stub) -> None:
+    messages = [{"role": "user", "content": "hello world"}]
+    chat = pb.Chat(messages=[pb.ChatMessage(role="user", content="hello world")])
+    expected = collect(stub.Generate(pb.GenerateRequest(chat=chat, sampling=greedy(5)), timeout=60))
+    reply = openai_client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0.0,
+                                                  extra_body={"ignore_eos": True})
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == expected["text"]
+    assert reply.usage.prompt_tokens == expected["usage"].prompt_tokens
+    stream = openai_client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0.0,
+                                                   stream=True, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected["text"]
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert [m.id for m in openai_client.models.list().data] == ["tiny"]
+
+
+def test_http_bad_input_is_400_in_the_openai_error_shape(cluster, openai_client) -> None:
+    import httpx
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as error:
+        openai_client.completions.create(model="tiny", prompt=[5, 6], max_tokens=4, top_p=0.0)
+    body = error.value.body
+    assert body["param"] == "top_p" and body["type"] == "invalid_request_error" and "top_p" in body["message"]
+    raw = httpx.post(f"http://127.0.0.1:{cluster['http_port']}/v1/chat/completions",
+                     json={"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, timeout=30)
+    assert raw.status_code == 400
+    assert set(raw.json()["error"]) == {"message", "type", "param", "code"}
+    assert raw.json()["error"]["param"].startswith("messages[0]")
+    with pytest.raises(openai.NotFoundError):
+        openai_client.completions.create(model="gpt-4", prompt="hello", max_tokens=2)
+
+
+def test_http_overload_is_429(cluster, stub) -> None:
+    import httpx
+
+    long = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6, 7]), sampling=greedy(100))
+    calls = [stub.Generate(long, timeout=120) for _ in range(MAX_IN_FLIGHT)]
+    for call in calls:
+        next(call)
+    reply = httpx.post(f"http://127.0.0.1:{cluster['http_port']}/v1/completions",
+                       json={"model": "tiny", "prompt": [5, 6], "max_tokens": 2}, timeout=30)
+    assert reply.status_code == 429 and reply.json()["error"]["type"] == "rate_limit_error"
+    for call in calls:
+        call.cancel()
+    _wait_all_free(stub, timeout_s=30)
+
+
+def test_a_dropped_sse_stream_frees_its_blocks(cluster, stub) -> None:
+    import httpx
+
+    body = {"model": "tiny", "prompt": list(range(3, 40)), "max_tokens": 400, "temperature": 0.0,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"http://127.0.0.1:{cluster['http_port']}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+    # the connection is closed here, mid-stream
+    _wait_all_free(stub, timeout_s=40)
+
+
+# ---- metrics (issue 6): exact counters for the requests sent ---------------------------------------------
+
+
+def scrape(cluster) -> dict[tuple, float]:
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{cluster['http_port']}/metrics", timeout=30).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def summed(samples: dict[tuple, float], name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items())
+
+
+def test_metrics_count_exactly_the_requests_sent(cluster, stub) -> None:
+    _wait_all_free(stub)
+    time.sleep(1.0)  # the last pushes of every replica reached the hub
+    before = scrape(cluster)
+    sent = prompts(5, seed=4242, min_len=4, max_len=12)
+    for p in sent:
+        generate_ids(stub, p, n=3)
+    with pytest.raises(grpc.RpcError):
+        list(stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5]), sampling=pb.SamplingParams(top_p=2.0)),
+                           timeout=30))
+    expected = {
+        ("shardline:request_success_total", "length"): 5,
+        ("shardline:prompt_tokens_total", None): sum(map(len, sent)),
+        ("shardline:generation_tokens_total", None): 15,
+        ("shardline:time_to_first_token_seconds_count", None): 5,
+        ("shardline:inter_token_latency_seconds_count", None): 10,
+        ("shardline:e2e_request_latency_seconds_count", None): 5,
+    }
+    deadline = time.monotonic() + 20
+    while True:
+        after = scrape(cluster)
+        got = {}
+        for (name, reason) in expected:
+            labels = {"finished_reason": reason} if reason else {}
+            got[(name, reason)] = summed(after, name, **labels) - summed(before, name, **labels)
+        if got == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert got == expected
+    assert summed(after, "shardline:request_rejected_total", reason="invalid_argument") - summed(
+        before, "shardline:request_rejected_total", reason="invalid_argument") == 1
+    assert summed(after, "shardline:router_decisions_total") - summed(before, "shardline:router_decisions_total") >= 5
+    groups = {dict(ls).get("replica_group") for (n, ls) in after if n == "shardline:num_requests_running"}
+    assert len(groups) == 2
+
+
+# ---- failure: a replica group dies -----------------------------------------------------------------------
+
+
+def test_a_killed_replica_group_is_replaced_while_survivors_serve(stub) -> None:
+    from ray import serve  # noqa: F401
+
+    before = {r.replica_id for r in stub.GetModelInfo(pb.ModelInfoRequest(), timeout=30).replicas}
+    assert len(before) == 2
+    victim_id = sorted(before)[0]
+    victim = [a for a in ray.util.list_named_actors(all_namespaces=True)
+              if "ReplicaGroup" in a["name"] and victim_id in a["name"]]
+    assert victim, ray.util.list_named_actors(all_namespaces=True)
+    ray.kill(ray.get_actor(victim[0]["name"], namespace=victim[0]["namespace"]), no_restart=True)
+    started = time.monotonic()
+    served = 0
+    while time.monotonic() - started < 90:
+        out = generate_ids(stub, prompts(1, seed=int(time.monotonic() * 1000) % 10_000)[0], n=2)
+        served += out["finish"] == pb.FINISH_REASON_LENGTH
+        now = {r.replica_id for r in stub.GetModelInfo(pb.ModelInfoRequest(), timeout=30).replicas}
+        if len(now) == 2 and victim_id not in now:
+            break
+        time.sleep(0.5)
+    assert served >= 1
+    assert len(now) == 2 and victim_id not in now, now
