@@ -80,11 +80,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     print(f"shardline: starting a local Ray cluster for {config.model} "
           f"(tp={config.tensor_parallel_size}, replicas={config.autoscaling or config.replicas})", file=sys.stderr)
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM exit
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
                     http_options=HTTPOptions(host=config.host, port=config.http_port))
