@@ -139,10 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from shardline.worker.config import ConfigError
+    from shardline.worker.engine.params import RequestError
+    from shardline.worker.loader.source import ModelLoadError
 
     try:
         return int(args.handler(args) or 0)
-    except ConfigError as e:
+    except (ConfigError, ModelLoadError, RequestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

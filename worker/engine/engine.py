@@ -52,6 +52,16 @@ class _Tracked:
     pending: list[int] = field(default_factory=list)
 
 
+def _load_tokenizer(source, tokenizer_cls):
+    """The model's tokenizer, or None for a safetensors directory that ships none (token ids only)."""
+    if source.kind == "safetensors" and not any(
+        (source.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    ):
+        log.warning("%s has no tokenizer files: the engine takes token ids and returns no text", source.path)
+        return None
+    return tokenizer_cls.from_source(source)
+
+
 class LLMEngine:
     """One replica group's engine. `generate()` for offline use; `add_request()` + `step()` for
     front ends that stream."""
@@ -66,7 +76,7 @@ class LLMEngine:
         self.metrics = metrics
         source = resolve_model(config.model)
         self.model_config = ModelConfig.from_hf_config(source.hf_config())
-        self.tokenizer = Tokenizer.from_source(source)
+        self.tokenizer = _load_tokenizer(source, Tokenizer)
         load_format = config.load_format if config.load_format != "auto" else source.kind
         spec = ModelSpec(self.model_config, str(source.path), source.kind, load_format, self.dtype, self.device,
                          seed=config.seed, attention_backend=config.extra.get("attention_backend", "auto"))
@@ -81,7 +91,8 @@ class LLMEngine:
         self.sampler = Sampler()
         self.limits = Limits(max_model_len=self.max_model_len, vocab_size=self.model_config.vocab_size,
                              max_kv_tokens=self.executor.num_blocks * config.block_size)
-        self.eos_token_ids = sorted(set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids))
+        tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else []
+        self.eos_token_ids = sorted(set(tokenizer_eos) | set(self.model_config.eos_token_ids))
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
         self.num_steps = 0
@@ -98,6 +109,8 @@ class LLMEngine:
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Token ids of a text prompt, a token-id list, or {"messages": [...]} (chat template)."""
+        if self.tokenizer is None and (isinstance(prompt, str) or (isinstance(prompt, dict) and "prompt_token_ids" not in prompt)):
+            raise RequestError("prompt", "this model has no tokenizer; send token ids")
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         if isinstance(prompt, dict):

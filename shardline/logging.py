@@ -1,0 +1,95 @@
+"""Logging set-up for every shardline process: one JSON object per line for log collectors in the
+cluster, or readable text for a terminal, with request fields passed through `extra=`.
+
+Prompts and generated text are user data: they are dropped from every record unless the
+operator turns on `log_prompts`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json as _json
+import logging
+import sys
+from typing import Any, TextIO
+
+# Fields of this name in `extra=` carry user text; they are logged only with log_prompts.
+PROMPT_FIELDS = frozenset({"prompt", "prompt_token_ids", "messages", "text", "completion"})
+
+# The attributes every LogRecord has; anything else on a record came from `extra=`.
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+_HANDLER_MARK = "_shardline_handler"
+
+
+def record_extras(record: logging.LogRecord, log_prompts: bool) -> dict[str, Any]:
+    """The `extra=` fields of a record, without prompt fields unless log_prompts is set."""
+    return {
+        key: value
+        for key, value in vars(record).items()
+        if key not in _RECORD_ATTRS and not key.startswith("_")
+        and (log_prompts or key not in PROMPT_FIELDS)
+    }
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as one JSON object: ts, level, logger, msg, then its `extra=` fields
+    (request_id, replica_group, finish_reason, prompt_tokens, completion_tokens, ...)."""
+
+    def __init__(self, log_prompts: bool = False) -> None:
+        super().__init__()
+        self.log_prompts = log_prompts
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": _dt.datetime.fromtimestamp(record.created, tz=_dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record_extras(record, self.log_prompts).items():
+            entry.setdefault(key, value)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        # default=str: an odd value (a Path, an enum) must never cost the log line.
+        return _json.dumps(entry, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """Formats a record for a terminal: time, level, logger, message, then key=value extras."""
+
+    def __init__(self, log_prompts: bool = False) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.log_prompts = log_prompts
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = record_extras(record, self.log_prompts)
+        if extras:
+            line += " " + " ".join(f"{key}={value}" for key, value in extras.items())
+        return line
+
+
+def configure_logging(json: bool, level: str = "INFO", log_prompts: bool = False,
+                      stream: TextIO | None = None) -> logging.Logger:
+    """Send the `shardline` loggers to `stream` (stderr by default) as JSON lines or text.
+
+    Calling it again replaces the handler it installed before; other handlers (Ray's) are left alone.
+    """
+    numeric = logging.getLevelName(level.upper()) if isinstance(level, str) else None
+    if not isinstance(numeric, int):
+        raise ValueError(f"level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {level!r}")
+    logger = logging.getLogger("shardline")
+    for handler in list(logger.handlers):
+        if getattr(handler, _HANDLER_MARK, False):
+            logger.removeHandler(handler)
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    setattr(handler, _HANDLER_MARK, True)
+    handler.setFormatter(JsonFormatter(log_prompts) if json else TextFormatter(log_prompts))
+    logger.addHandler(handler)
+    logger.setLevel(numeric)
+    # Our handler writes the record; passing it on to the root would print it twice.
+    logger.propagate = False
+    return logger

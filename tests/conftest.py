@@ -1,0 +1,30 @@
+"""Shared fixtures: the default model (fetched once into the cache through the project's own
+resolver, then used offline) and its tokenizer, loaded once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+# Triton builds its language functions once, at its first import, in either compile or interpreter
+# mode. Without a GPU the interpreter is the only mode that runs, so choose it before any test
+# module imports triton.
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def smollm2_source():
+    from shardline.worker.loader.source import DEFAULT_MODEL, resolve_model
+
+    return resolve_model(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_source):
+    from shardline.worker.tokenizer import Tokenizer
+
+    return Tokenizer.from_source(smollm2_source)

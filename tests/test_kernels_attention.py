@@ -1,0 +1,131 @@
+"""The Triton attention backend agrees with the torch reference on paged, mixed batches.
+
+CPU tests run the kernels in the Triton interpreter on small shapes; CUDA tests use real shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_cases import interpreter, make_batch  # noqa: F401  (fixture)
+from shardline.worker.attention.metadata import get_attention_backend
+from shardline.worker.attention.torch_backend import TorchAttentionBackend
+from shardline.worker.attention.triton_backend import TritonAttentionBackend
+from shardline.worker.kernels.paged_attention import split_partition
+
+# (query_len, seq_len) per sequence
+PURE_DECODE = [(1, 1), (1, 17), (1, 70), (1, 33)]
+PURE_PREFILL = [(20, 20), (5, 5), (37, 37)]
+MIXED = [(1, 50), (24, 24), (1, 9), (13, 13)]
+PREFIX_CACHED = [(10, 45), (3, 19), (1, 64), (16, 70)]
+CASES = {"decode": PURE_DECODE, "prefill": PURE_PREFILL, "mixed": MIXED, "prefix_cached": PREFIX_CACHED}
+TOL = {torch.float32: (1e-4, 1e-3), torch.float16: (2e-2, 2e-2), torch.bfloat16: (3e-2, 3e-2)}
+
+
+def run_both(seqs, heads, kv_heads, head_dim, block_size, dtype=torch.float32, backend=None, pad_tokens=0, device="cpu"):
+    """Write the new K/V and attend with the Triton backend and with the reference; return both
+    outputs (real rows only) and both caches."""
+    q, k, v, cache, meta = make_batch(seqs, heads, kv_heads, head_dim, block_size, dtype, device, pad_tokens=pad_tokens)
+    ours, ref = backend or TritonAttentionBackend(block_n=16), TorchAttentionBackend()
+    cache_ours, cache_ref = cache.clone(), cache.clone()
+    ours.write_kv(k, v, cache_ours, meta)
+    ref.write_kv(k, v, cache_ref, meta)
+    n = sum(meta.query_lens_cpu)
+    scale = head_dim**-0.5
+    return ours.forward(q, cache_ours, meta, scale)[:n], ref.forward(q, cache_ref, meta, scale)[:n], cache_ours, cache_ref
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(4, 4, 64, 16), (4, 2, 128, 8), (8, 2, 64, 8)])
+def test_attention_matches_reference_for_batch_kind_and_gqa_ratio(interpreter, case, heads, kv_heads, head_dim, block_size):
+    out, ref, _, _ = run_both(CASES[case], heads, kv_heads, head_dim, block_size)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (8, 2)])
+def test_split_k_attention_matches_reference(interpreter, case, heads, kv_heads):
+    backend = TritonAttentionBackend(num_splits=3, block_n=16)
+    out, ref, _, _ = run_both(CASES[case], heads, kv_heads, 64, 16, backend=backend)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3)
+
+
+def test_gqa_group_that_is_not_a_power_of_two_is_padded_correctly(interpreter):
+    out, ref, _, _ = run_both(MIXED, 6, 2, 64, 16, backend=TritonAttentionBackend(num_splits=2, block_n=16))
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3)
+
+
+def test_head_dim_that_is_not_a_power_of_two_is_masked(interpreter):
+    out, ref, _, _ = run_both(PREFIX_CACHED, 4, 2, 80, 16)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_attention_accumulates_in_fp32(interpreter, dtype):
+    out, ref, _, _ = run_both(MIXED + [(1, 66)], 8, 2, 64, 16, dtype=dtype)
+    assert out.dtype == dtype
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+
+
+def test_write_kv_stores_rows_at_slots_and_skips_padding(interpreter):
+    out, ref, cache_ours, cache_ref = run_both(PREFIX_CACHED, 4, 2, 64, 8, pad_tokens=3)
+    assert torch.equal(cache_ours, cache_ref)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3)
+
+
+def test_write_kv_casts_to_the_cache_dtype(interpreter):
+    q, k, v, cache, meta = make_batch(MIXED, 4, 2, 64, 16, torch.float32)
+    cache16 = cache.half()
+    expected = cache16.clone()
+    TorchAttentionBackend().write_kv(k, v, expected, meta)
+    TritonAttentionBackend().write_kv(k, v, cache16, meta)
+    assert torch.equal(cache16, expected)
+
+
+def test_padding_rows_past_the_last_sequence_do_not_disturb_real_rows(interpreter):
+    backend = TritonAttentionBackend(num_splits=2, block_n=16)
+    out, ref, _, _ = run_both(PURE_DECODE, 4, 2, 64, 16, backend=backend, pad_tokens=5)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3)
+
+
+def test_split_partitions_are_whole_tiles_and_never_more_than_the_context_needs():
+    assert split_partition(70, 3, 16) == (32, 3)
+    assert split_partition(20, 8, 16) == (16, 2)
+    assert split_partition(4096, 1, 64) == (4096, 1)
+
+
+def test_backend_registry_builds_the_triton_backend():
+    assert get_attention_backend("triton", torch.device("cpu")).name == "triton"
+
+
+def test_interpreted_kernels_run_on_cpu_tensors_without_cuda(interpreter):
+    q, k, v, cache, meta = make_batch(PURE_DECODE, 4, 2, 64, 16)
+    out = TritonAttentionBackend().forward(q, cache, meta, 0.125)
+    assert out.device.type == "cpu" and torch.isfinite(out).all()
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("batch,context", [(1, 4096), (8, 1024), (32, 1000)])
+def test_llama3_8b_decode_shapes_match_reference_on_gpu(batch, context):
+    seqs = [(1, context - 7 * i) for i in range(batch)]
+    out, ref, _, _ = run_both(seqs, 32, 8, 128, 16, torch.bfloat16, backend=TritonAttentionBackend(), device="cuda")
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@cuda
+def test_llama3_8b_mixed_prefix_cached_batch_matches_reference_on_gpu():
+    seqs = [(512, 512), (1, 3000), (200, 1700), (1, 17), (64, 64)]
+    out, ref, _, _ = run_both(seqs, 32, 8, 128, 16, torch.bfloat16, backend=TritonAttentionBackend(), device="cuda")
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@cuda
+def test_forced_split_k_matches_reference_on_gpu():
+    seqs = [(1, 4000), (1, 1500), (40, 900)]
+    backend = TritonAttentionBackend(num_splits=7)
+    out, ref, _, _ = run_both(seqs, 32, 8, 128, 16, torch.float16, backend=backend, device="cuda")
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)

@@ -1,0 +1,96 @@
+"""One generation request as the engine tracks it: its tokens, how many of them have KV in the cache,
+its block table, and where it is in its life (waiting, running, preempted, finished)."""
+
+from __future__ import annotations
+
+import enum
+import sys
+import time
+
+from shardline.worker.engine.params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    """Where a request is in its life. PREEMPTED requests wait again and recompute their KV."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+class Request:
+    """A prompt and the tokens generated for it so far, plus the bookkeeping the scheduler and the
+    block manager share: computed-token count, block table and the chained hashes of full blocks.
+
+    `max_tokens` is the resolved output limit (the engine computes it from the sampling params and
+    max_model_len); when omitted it is `params.max_tokens`, or unbounded if that is None too (the
+    scheduler then clamps it to the context)."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        max_tokens: int | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids: list[int] = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.params = params
+        self.priority = priority
+        self.cache_salt = cache_salt
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        if max_tokens is None:
+            max_tokens = params.max_tokens if params.max_tokens is not None else sys.maxsize
+        self.max_tokens: int = max_tokens
+        self.status = RequestStatus.WAITING
+        self.finish_reason: str | None = None
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.num_preemptions = 0
+        self.block_ids: list[int] = []
+        self.block_hashes: list[bytes] = []
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens: the length the KV cache must eventually cover."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """Prompt followed by the generated tokens (a new list)."""
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without building the whole sequence."""
+        num_prompt = len(self.prompt_token_ids)
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
+
+    def append_output_token(self, token_id: int) -> None:
+        """Record one sampled token; its KV is computed in a later step."""
+        self.output_token_ids.append(token_id)
+
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, status={self.status.name}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)})"
+        )

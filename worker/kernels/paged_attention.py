@@ -1,0 +1,313 @@
+"""Attention over the paged KV cache for a mixed batch (prefill chunks and decodes in one launch).
+
+One program owns a tile of BLOCK_Q consecutive query tokens of one sequence times the GROUP query
+heads that share one KV head, so each K/V tile is loaded once for the whole GQA group. Tiles are
+numbered per sequence: sequence i's tiles start at query_start_loc[i] // BLOCK_Q + i, which bounds
+the grid by num_tokens // BLOCK_Q + num_seqs without reading query lengths on the host; a program
+finds its sequence by binary search over query_start_loc.
+
+Split-K (flash-decoding): with num_splits > 1 the context is cut into partitions of partition_len
+tokens, one program per (tile, KV head, partition) writes its normalized partial output with its
+running max and sum, and a reduce kernel rescales and combines them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from shardline.worker.kernels.runtime import interpreted_bf16_dot, kernel, next_pow2, tl
+
+_LOG2E = 1.4426950408889634
+
+
+@kernel
+def _paged_attention_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    part_o_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    num_seqs,
+    scale_log2,
+    partition_len,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cb,
+    stride_co,
+    stride_ch,
+    stride_bt,
+    stride_pt,
+    stride_ph,
+    stride_ps,
+    stride_mt,
+    stride_mh,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    HEAD_D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # Which sequence owns tile `pid`: the last i with query_start_loc[i] // BLOCK_Q + i <= pid.
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first_tile <= pid:
+            lo = mid + 1
+        else:
+            hi = mid
+    seq = lo - 1
+    q_begin = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
+    q_block = pid - (q_begin // BLOCK_Q + seq)
+    if q_block * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    cached_len = seq_len - q_len
+
+    # Row m of the tile is query token q_block * BLOCK_Q + m // GROUP_PAD, head kv_head * GROUP + m % GROUP_PAD.
+    offs_m = tl.arange(0, BLOCK_M)
+    q_local = q_block * BLOCK_Q + offs_m // GROUP_PAD
+    head = kv_head * GROUP + offs_m % GROUP_PAD
+    row_ok = (q_local < q_len) & (offs_m % GROUP_PAD < GROUP)
+    q_pos = cached_len + q_local
+    token = (q_begin + q_local).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_D_PAD)
+    d_ok = offs_d < HEAD_D
+    q = tl.load(
+        q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    if UPCAST_DOT:  # K, V and P follow q's dtype into the dots
+        q = q.to(tl.float32)
+
+    # Keys this tile can see: up to its last query position (causal), cut to this split's partition.
+    kv_end = tl.minimum(seq_len, cached_len + (q_block + 1) * BLOCK_Q)
+    kv_lo = 0
+    kv_hi = kv_end
+    if SPLIT:
+        kv_lo = split * partition_len
+        kv_hi = tl.minimum(kv_end, kv_lo + partition_len)
+
+    # A finite "minus infinity" for running maxima keeps rows that have seen no key yet NaN-free.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_D_PAD], dtype=tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    head_off = kv_head.to(tl.int64) * stride_ch
+    for start in range(kv_lo, kv_hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < kv_hi
+        blk = tl.load(table_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        slot_off = blk * stride_cb + (offs_n % BLOCK_SIZE) * stride_co + head_off
+        k = tl.load(k_cache_ptr + slot_off[None, :] + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
+        allowed = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + slot_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = v.to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    mask_o = row_ok[:, None] & d_ok[None, :]
+    if SPLIT:
+        part = token * stride_pt + head.to(tl.int64) * stride_ph + split * stride_ps
+        tl.store(part_o_ptr + part[:, None] + offs_d[None, :], o, mask=mask_o)
+        ml = token * stride_mt + head.to(tl.int64) * stride_mh + split
+        tl.store(part_m_ptr + ml, m_i, mask=row_ok)
+        tl.store(part_l_ptr + ml, l_i, mask=row_ok)
+    else:
+        dst = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=mask_o)
+
+
+@kernel
+def _reduce_splits_kernel(
+    out_ptr,
+    part_o_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    query_start_loc_ptr,
+    num_seqs,
+    num_splits,
+    stride_ot,
+    stride_oh,
+    stride_pt,
+    stride_ph,
+    stride_ps,
+    stride_mt,
+    stride_mh,
+    HEAD_D: tl.constexpr,
+    HEAD_D_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    if token >= tl.load(query_start_loc_ptr + num_seqs):  # padding rows past the last sequence
+        return
+    t64 = token.to(tl.int64)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    s_ok = offs_s < num_splits
+    ml = t64 * stride_mt + head * stride_mh + offs_s
+    m = tl.load(part_m_ptr + ml, mask=s_ok, other=-1.0e30)
+    l = tl.load(part_l_ptr + ml, mask=s_ok, other=0.0)
+    # Partials are normalized by their own sums; weight each by its share of the global sum.
+    w = tl.exp2(m - tl.max(m, 0)) * l
+    w = w / tl.sum(w, 0)
+    offs_d = tl.arange(0, HEAD_D_PAD)
+    d_ok = offs_d < HEAD_D
+    o = tl.load(
+        part_o_ptr + t64 * stride_pt + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+        mask=s_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    res = tl.sum(o * w[:, None], 0)
+    tl.store(out_ptr + t64 * stride_ot + head * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def tile_shape(num_heads: int, num_kv_heads: int, max_query_len: int) -> tuple[int, int, int]:
+    """(GROUP_PAD, BLOCK_Q, BLOCK_M): rows per tile are BLOCK_Q tokens times the padded GQA group;
+    at least 16 rows (tl.dot's minimum), 64 when prefill chunks are in the batch."""
+    group_pad = next_pow2(num_heads // num_kv_heads)
+    block_m = max(16 if max_query_len <= 1 else 64, group_pad)
+    return group_pad, block_m // group_pad, block_m
+
+
+def split_partition(max_seq_len: int, num_splits: int, block_n: int) -> tuple[int, int]:
+    """(partition_len, num_splits): partitions are whole KV tiles; asking for more splits than the
+    context has tiles gives fewer."""
+    part = math.ceil(max(1, max_seq_len) / max(1, num_splits))
+    part = math.ceil(part / block_n) * block_n
+    return part, math.ceil(max(1, max_seq_len) / part)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+    num_splits: int = 1,
+    block_n: int = 64,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal GQA attention of query [num_tokens, heads, dim] over kv_cache [2, blocks, block_size,
+    kv_heads, dim]; sequence i's queries are rows query_start_loc[i]:query_start_loc[i+1] and sit at
+    the last positions of its seq_lens[i] tokens. Host ints size the grid only."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"paged_attention: {num_heads} query heads do not split into {num_kv_heads} KV heads")
+    if kv_cache.stride(-1) != 1:
+        raise ValueError("paged_attention: the KV cache's last dimension must be contiguous")
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if out is None:
+        out = torch.empty_like(query)
+    num_seqs = seq_lens.shape[0]
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    group = num_heads // num_kv_heads
+    group_pad, block_q, block_m = tile_shape(num_heads, num_kv_heads, max_query_len)
+    head_d_pad = next_pow2(head_dim)
+    partition_len, num_splits = split_partition(max_seq_len, num_splits, block_n)
+    split = num_splits > 1
+    if split:
+        part_o = torch.empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
+        part_m = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=query.device)
+        part_l = torch.empty_like(part_m)
+    else:  # unused by the kernel; any tensor of the right kind keeps the signature fixed
+        part_o = part_m = part_l = out
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    upcast = interpreted_bf16_dot(query.dtype)
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
+    _paged_attention_kernel[grid](
+        query,
+        k_cache,
+        v_cache,
+        out,
+        part_o,
+        part_m,
+        part_l,
+        query_start_loc,
+        seq_lens,
+        block_tables,
+        num_seqs,
+        scale * _LOG2E,
+        partition_len,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        part_o.stride(0) if split else 0,
+        part_o.stride(1) if split else 0,
+        part_o.stride(2) if split else 0,
+        part_m.stride(0) if split else 0,
+        part_m.stride(1) if split else 0,
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        BLOCK_Q=block_q,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HEAD_D=head_dim,
+        HEAD_D_PAD=head_d_pad,
+        BLOCK_SIZE=block_size,
+        SPLIT=split,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 or upcast else "tf32",
+        UPCAST_DOT=upcast,
+    )
+    if split:
+        _reduce_splits_kernel[(num_tokens, num_heads)](
+            out,
+            part_o,
+            part_m,
+            part_l,
+            query_start_loc,
+            num_seqs,
+            num_splits,
+            out.stride(0),
+            out.stride(1),
+            part_o.stride(0),
+            part_o.stride(1),
+            part_o.stride(2),
+            part_m.stride(0),
+            part_m.stride(1),
+            HEAD_D=head_dim,
+            HEAD_D_PAD=head_d_pad,
+            SPLITS_PAD=next_pow2(num_splits),
+        )
+    return out

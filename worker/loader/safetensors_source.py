@@ -1,0 +1,97 @@
+"""Weights from a Hugging Face safetensors directory (one model.safetensors, or shards listed in
+model.safetensors.index.json). Tensors stay memory-mapped: a LazyWeight reads only the slice a
+tensor-parallel rank asks for."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from .source import ModelLoadError
+from .weights import LazyWeight, WeightStream
+
+INDEX_FILE = "model.safetensors.index.json"
+# Below this many bytes a load is instant and a progress bar is noise.
+_PROGRESS_MIN_BYTES = 50 * 1024 * 1024
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The checkpoint files of `directory`: the shards named by the index, else every *.safetensors."""
+    index_path = directory / INDEX_FILE
+    if not index_path.is_file():
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"{directory}: no *.safetensors files")
+        return files
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        shard_names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ModelLoadError(f"{index_path}: not a valid safetensors index (needs a 'weight_map' object): {e}") from None
+    files = [directory / name for name in shard_names]
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise ModelLoadError(
+            f"{index_path} lists shard(s) that do not exist: {', '.join(missing)}; re-download the checkpoint"
+        )
+    return files
+
+
+def iter_safetensors_weights(directory: Path, show_progress: bool = True) -> WeightStream:
+    """Yield (name, LazyWeight) for every tensor of every file; raises ModelLoadError naming a bad file."""
+    files = safetensors_files(Path(directory))
+    handles = [(path, _open(path)) for path in files]
+    total = sum(len(handle.keys()) for _, handle in handles)
+    total_bytes = sum(path.stat().st_size for path in files)
+    # Files are opened (and validated) now, so a bad checkpoint fails at the call, not mid-load.
+    return _stream(handles, total, show_progress and total_bytes >= _PROGRESS_MIN_BYTES)
+
+
+def _stream(handles: list, total: int, show_progress: bool) -> WeightStream:
+    with tqdm(
+        total=total,
+        desc="Loading safetensors",
+        unit="tensor",
+        disable=not show_progress,
+    ) as bar:
+        for path, handle in handles:
+            for name in handle.keys():
+                yield name, _lazy(path, handle, name)
+                bar.update(1)
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: not a readable safetensors file ({e}); the file may be truncated or corrupt") from None
+
+
+def _lazy(path: Path, handle, name: str) -> LazyWeight:
+    try:
+        shape = tuple(handle.get_slice(name).get_shape())
+    except SafetensorError as e:
+        raise ModelLoadError(f"{path}: tensor {name!r} cannot be read ({e})") from None
+
+    def reader(dim: int | None, start: int, length: int | None) -> torch.Tensor:
+        try:
+            if dim is None:
+                return handle.get_tensor(name)
+            if not -len(shape) <= dim < len(shape):
+                raise ValueError(f"{name}: dim {dim} out of range for shape {shape}")
+            dim = dim % len(shape)
+            stop = shape[dim] if length is None else start + length
+            if start < 0 or stop > shape[dim] or stop < start:
+                raise ValueError(f"{name}: slice [{start}, {stop}) out of range for dim {dim} of shape {shape}")
+            # Only the requested slice is copied out of the memory map.
+            index = (slice(None),) * dim + (slice(start, stop),)
+            return handle.get_slice(name)[index]
+        except SafetensorError as e:
+            raise ModelLoadError(f"{path}: tensor {name!r} cannot be read ({e})") from None
+
+    return LazyWeight(shape, reader)

@@ -1,0 +1,124 @@
+"""The model's tokenizer and chat template, from a Hugging Face tokenizer directory or GGUF metadata.
+
+A thin layer over a transformers tokenizer: it fixes the set of end-of-sequence ids (config and
+tokenizer together), validates chat messages before rendering, and always renders a chat template to
+text first and encodes it without adding special tokens (the template already places them)."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from .loader.source import ModelLoadError, ModelSource
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+class Tokenizer:
+    """Text <-> token ids for one model, plus its chat template."""
+
+    def __init__(self, hf: "PreTrainedTokenizerBase", eos_token_ids: list[int], bos_token_id: int | None) -> None:
+        self.hf = hf
+        self.eos_token_ids = eos_token_ids
+        self.bos_token_id = bos_token_id
+        self.vocab_size = len(hf)
+
+    @classmethod
+    def from_source(cls, source: ModelSource) -> "Tokenizer":
+        """Load the tokenizer that belongs to `source`; raises ModelLoadError when there is none."""
+        from transformers import AutoTokenizer
+
+        try:
+            if source.kind == "gguf":
+                hf = _gguf_tokenizer(source.path)
+            else:
+                hf = AutoTokenizer.from_pretrained(str(source.path))
+        except Exception as e:  # transformers raises OSError/ValueError/KeyError depending on what is missing
+            raise ModelLoadError(
+                f"{source.path}: cannot load a tokenizer ({type(e).__name__}: {e}); a safetensors directory needs "
+                "tokenizer.json (or the files of a slow tokenizer) and tokenizer_config.json"
+            ) from None
+        cfg = source.hf_config()
+        eos: list[int] = []
+        for value in (cfg.get("eos_token_id"), _generation_config_eos(source), hf.eos_token_id):
+            for token_id in value if isinstance(value, (list, tuple)) else [value]:
+                if token_id is not None and int(token_id) not in eos:
+                    eos.append(int(token_id))
+        bos = hf.bos_token_id if hf.bos_token_id is not None else cfg.get("bos_token_id")
+        return cls(hf, eos, bos)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text` (with the tokenizer's BOS etc. when add_special_tokens)."""
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`."""
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the model ships a chat template (instruct models do; base models often not)."""
+        return bool(getattr(self.hf, "chat_template", None))
+
+    def chat_prompt_text(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render chat messages with the model's template; raises ValueError for bad messages."""
+        _validate_messages(messages)
+        if not self.has_chat_template:
+            raise ModelLoadError(
+                "this model has no chat template; send a plain text prompt (completions) instead of chat messages"
+            )
+        from jinja2 import TemplateError
+
+        try:
+            text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        except TemplateError as e:  # templates raise for e.g. roles that do not alternate
+            raise ValueError(f"messages: rejected by the model's chat template: {e}") from None
+        return text if isinstance(text, str) else text[0]
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the rendered chat prompt; the template places special tokens, none are added."""
+        return self.encode(self.chat_prompt_text(messages, add_generation_prompt), add_special_tokens=False)
+
+
+def _validate_messages(messages: Any) -> None:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages: must be a non-empty list of {'role': ..., 'content': ...} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages[{i}]: must be an object with 'role' and 'content', got {type(message).__name__}")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise ValueError(f"messages[{i}].role: {role!r} is not one of {', '.join(CHAT_ROLES)}")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content: must be a string, got {type(content).__name__}")
+
+
+def _generation_config_eos(source: ModelSource) -> Any:
+    """eos_token_id of generation_config.json (Llama 3 lists several stop ids there), if any."""
+    if source.kind != "safetensors":
+        return None
+    path = source.path / "generation_config.json"
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _gguf_tokenizer(path):
+    """transformers' tokenizer built from GGUF metadata (seconds), saved once as tokenizer files in
+    the GGUF's derived cache and loaded from there afterwards (a fraction of a second)."""
+    from transformers import AutoTokenizer
+
+    from shardline.worker.loader.gguf_source import derived_dir, write_derived
+
+    saved = derived_dir(path)
+    if (saved / "tokenizer_config.json").exists() and (saved / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(str(saved))
+    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    write_derived(path, lambda d: hf.save_pretrained(str(d)))
+    return hf
