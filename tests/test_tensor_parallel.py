@@ -271,3 +271,104 @@ def test_a_shut_down_group_leaves_the_process_free_to_start_another(tiny_llama):
         second.execute(_Steps(spec.model_config.vocab_size).inputs())
     finally:
         second.shutdown()
+
+
+# ---- through the engine -----------------------------------------------------------------------
+
+
+def _engine(directory: Path, tp: int, **kw):
+    from shardline.worker.engine.engine import LLMEngine
+
+    cfg = dict(model=str(directory), device="cpu", dtype="float32", tensor_parallel_size=tp, num_kv_blocks=256,
+               block_size=BLOCK, max_num_batched_tokens=256, max_num_seqs=16)
+    cfg.update(kw)
+    return LLMEngine(EngineConfig(**cfg), show_progress=False)
+
+
+def _greedy(n: int = 10):
+    from shardline.worker.engine.params import SamplingParams
+
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def _workload() -> list[list[int]]:
+    base = prompts(1, seed=14, min_len=37, max_len=37)[0]
+    batch = prompts(8, seed=12, max_len=40)
+    return batch + [base, list(base), base[:21] + batch[0][:9], base[:24]]  # repeated and shared prefixes
+
+
+def _run(engine, batch) -> list[list[int]]:
+    try:
+        engine.generate(batch[-4:-3], _greedy())  # cache the base prompt first
+        return [r.token_ids for r in engine.generate(batch, _greedy())]
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_engine_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tp-engine")
+    write_tiny_checkpoint("llama", d, seed=7)
+    batch = _workload()
+    return d, batch, _run(_engine(d, 1, num_kv_blocks=14), batch)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_engine_greedy_tokens_with_prefix_hits_and_preemption_equal_one_rank(tiny_engine_model, tp):
+    d, batch, want = tiny_engine_model
+    engine = _engine(d, tp, num_kv_blocks=14)  # 112 token slots for 12 requests of up to 50 tokens
+    pids = engine.executor.rank_pids
+    try:
+        got = _run(engine, batch)
+        assert engine.scheduler.num_preemptions_total > 0
+        assert engine.block_manager.prefix_cache_hits > 0
+    finally:
+        engine.shutdown()
+    assert got == want
+    _assert_all_gone(pids)
+
+
+def test_rank_failure_ends_every_stream_in_flight_with_an_error(tiny_engine_model):
+    import asyncio
+
+    from shardline.worker.engine.async_engine import AsyncEngine, EngineDeadError
+
+    d, batch, _ = tiny_engine_model
+    aeng = AsyncEngine(_engine(d, 2, extra={"fault_injection": {"rank": 1, "step": 3}}))
+    pids = aeng.engine.executor.rank_pids
+
+    async def run():
+        async def last(p):
+            out = None
+            async for out in aeng.generate(p, _greedy(50)):
+                pass
+            return out
+
+        return await asyncio.wait_for(asyncio.gather(*(last(p) for p in batch[:4])), timeout=20)
+
+    try:
+        finals = asyncio.run(run())
+        assert [o.finish_reason for o in finals] == ["error"] * 4
+        assert all("rank 1 failed: InjectedFault" in o.error for o in finals)
+        with pytest.raises(EngineDeadError, match="rank 1"):
+            aeng.check_health()
+    finally:
+        aeng.shutdown()
+    _assert_all_gone(pids)
+
+
+@pytest.mark.slow
+def test_default_model_at_tp3_answers_like_one_rank():
+    chat = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    results = []
+    for tp in (1, 3):
+        from shardline.worker.engine.engine import LLMEngine
+
+        engine = LLMEngine(EngineConfig(model="smollm2-135m", device="cpu", tensor_parallel_size=tp, num_kv_blocks=64),
+                           show_progress=False)
+        try:
+            results.append(engine.generate([chat], _greedy(24))[0])
+        finally:
+            engine.shutdown()
+    assert results[1].token_ids == results[0].token_ids
+    assert "Paris" in results[0].text
