@@ -67,8 +67,6 @@ def test_llama3_8b_config_directory_resolves_for_dummy_weights():
         resolve_model(str(REPO / "benchmarks/configs/llama-3-8b"))
 
 
-@pytest.mark.xfail(raises=ModelLoadError, strict=True,
-                   reason="LLMEngine must call resolve_model(..., weights_required=load_format != 'dummy')")
 def test_bench_runs_on_a_config_only_directory_with_dummy_weights(capsys, checkpoint, tmp_path):
     (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
     result = run_bench(capsys, "latency", tmp_path)
