@@ -22,7 +22,7 @@ choice falls back to power of two choices: the less loaded of two random eligibl
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 SUMMARY_HASH_BYTES = 8
@@ -52,24 +52,12 @@ def unpack_summary(packed: bytes) -> frozenset[int]:
     )
 
 
-def prompt_block_hashes(
-    token_ids: Sequence[int],
-    block_size: int,
-    extra_key: str | None = None,
-    hash_block: Callable[[bytes | None, Sequence[int], str | None], bytes] | None = None,
-) -> list[bytes]:
-    """The chained hashes of the prompt's full blocks, computed exactly as the engine keys its cache
-    (worker/engine/block_manager.py's hash_block, imported lazily so this module needs no engine)."""
-    if hash_block is None:
-        from shardline.worker.engine.block_manager import hash_block as engine_hash_block
+def prompt_block_hashes(token_ids: Sequence[int], block_size: int, extra_key: str | None = None) -> list[bytes]:
+    """The chained hashes of the prompt's full blocks, exactly as the engine keys its cache (the
+    engine's own function, imported lazily so that importing this module loads no torch)."""
+    from shardline.worker.engine.block_manager import hash_prompt_blocks
 
-        hash_block = engine_hash_block
-    hashes: list[bytes] = []
-    parent: bytes | None = None
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[start : start + block_size], extra_key)
-        hashes.append(parent)
-    return hashes
+    return hash_prompt_blocks(token_ids, block_size, extra_key)
 
 
 def matched_blocks(prompt_hashes: Sequence[bytes], summary: frozenset[int]) -> int:

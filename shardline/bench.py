@@ -98,7 +98,7 @@ def hf_generate_throughput(engine, prompts: list[list[int]], output_len: int, mo
     from shardline.worker.loader.source import resolve_model
 
     device, dtype = engine.device, engine.dtype
-    source = resolve_model(model_spec)
+    source = resolve_model(model_spec, weights_required=load_format != "dummy")
     if load_format == "dummy":
         from transformers import AutoConfig
 
@@ -164,8 +164,8 @@ def mode_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def _stream_one(engine, prompt: list[int], output_len: int) -> tuple[float, list[float]]:
-    """Run one request alone; returns (TTFT, times of each later token)."""
+def _stream_one(engine, prompt: list[int], output_len: int) -> tuple[float, list[float], float]:
+    """Run one request alone; returns (TTFT, times of each later token, elapsed seconds)."""
     rid = engine.add_request(prompt, _params(output_len))
     t0 = time.perf_counter()
     ttft, stamps = None, []
@@ -180,7 +180,7 @@ def _stream_one(engine, prompt: list[int], output_len: int) -> tuple[float, list
             else:
                 stamps.append(now)
             done = out.finished
-    return ttft or 0.0, stamps
+    return ttft or 0.0, stamps, time.perf_counter() - t0
 
 
 def mode_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -189,10 +189,12 @@ def mode_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     prompt = random_prompts(1, args.input_len, engine.model_config.vocab_size, args.seed)[0]
     rows = []
     for i in range(args.iters):
-        ttft, stamps = _stream_one(engine, prompt, args.output_len)
-        per_tok = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else float("nan")
+        ttft, stamps, elapsed = _stream_one(engine, prompt, args.output_len)
+        # Decode rate between the second and the last token (the first is the prefill's).
+        per_tok = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else elapsed / max(1, args.output_len)
         rows.append({"iter": i, "input_len": args.input_len, "output_len": args.output_len, "ttft_ms": ttft * 1e3,
-                     "ms_per_output_token": per_tok * 1e3, "output_tokens_per_s": 1.0 / per_tok})
+                     "ms_per_output_token": per_tok * 1e3, "output_tokens_per_s": 1.0 / per_tok,
+                     "requests_per_s": 1.0 / elapsed, "total_tokens_per_s": (len(prompt) + args.output_len) / elapsed})
     engine.shutdown()
     return rows
 
@@ -204,6 +206,8 @@ def mode_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for b in args.batch_sizes:
         prompts = random_prompts(b, args.input_len, vocab, args.seed + b)
+        _sync(engine.device)
+        t_start = time.perf_counter()
         ids = [engine.add_request(p, _params(args.decode_steps + 1)) for p in prompts]
         # prefill until every request has its first token
         seen: set[str] = set()
@@ -216,9 +220,12 @@ def mode_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
         while engine.has_unfinished_requests():
             tokens += sum(len(o.new_token_ids) for o in engine.step())
         _sync(engine.device)
-        dt = time.perf_counter() - t0
+        t_end = time.perf_counter()
+        dt = t_end - t0
+        total = t_end - t_start  # prefill included
         rows.append({"batch": b, "context": args.input_len, "ms_per_step": dt / args.decode_steps * 1e3,
-                     "output_tokens_per_s": tokens / dt})
+                     "output_tokens_per_s": tokens / dt, "requests_per_s": b / total,
+                     "total_tokens_per_s": (b * (args.input_len + 1) + tokens) / total})
     engine.shutdown()
     return rows
 
@@ -234,11 +241,12 @@ def mode_prefill(args: argparse.Namespace) -> list[dict[str, Any]]:
         prompt = random_prompts(1, n, cfg.vocab_size, args.seed + n)[0]
         times = []
         for _ in range(args.iters):
-            ttft, _ = _stream_one(engine, prompt, 1)
+            ttft, _, _ = _stream_one(engine, prompt, 1)
             times.append(ttft)
         ttft = statistics.median(times)
         flops = 2 * cfg.num_params * n + 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * n * n / 2
-        rows.append({"prompt_len": n, "ttft_ms": ttft * 1e3, "prefill_tokens_per_s": n / ttft, "tflops": flops / ttft / 1e12})
+        rows.append({"prompt_len": n, "ttft_ms": ttft * 1e3, "prefill_tokens_per_s": n / ttft, "tflops": flops / ttft / 1e12,
+                     "requests_per_s": 1.0 / ttft, "output_tokens_per_s": 1.0 / ttft, "total_tokens_per_s": (n + 1) / ttft})
     engine.shutdown()
     return rows
 
@@ -301,6 +309,7 @@ async def _serve_run(aeng, prompts, output_len: int, rate: float, seed: int) -> 
         if n > 1 and first is not None and last is not None:
             tpots.append((last - first) / (n - 1))
 
+    in_tokens = sum(len(p) for p in prompts)
     t_start = time.perf_counter()
     tasks = []
     for p in prompts:
@@ -315,8 +324,8 @@ async def _serve_run(aeng, prompts, output_len: int, rate: float, seed: int) -> 
         return {f"mean_{name}_ms": statistics.fmean(xs) * 1e3, f"median_{name}_ms": statistics.median(xs) * 1e3,
                 f"p99_{name}_ms": xs[min(len(xs) - 1, int(0.99 * len(xs)))] * 1e3}
 
-    return {"request_rate": rate, "num_prompts": len(prompts), "requests_per_s": len(prompts) / dt,
-            "output_tokens_per_s": out_tokens / dt, **stats(ttfts, "ttft"), **stats(tpots, "tpot"), **stats(itls, "itl")}
+    return {"request_rate": rate if rate != float("inf") else "inf", "num_prompts": len(prompts), "requests_per_s": len(prompts) / dt,
+            "output_tokens_per_s": out_tokens / dt, "total_tokens_per_s": (in_tokens + out_tokens) / dt, **stats(ttfts, "ttft"), **stats(tpots, "tpot"), **stats(itls, "itl")}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -411,7 +420,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
         roof = measure_roofline(device)
         result["roofline"] = roof
-        cfg = ModelConfig.from_hf_config(resolve_model(args.model).hf_config())
+        cfg = ModelConfig.from_hf_config(resolve_model(args.model, weights_required=args.load_format != "dummy").hf_config())
         dtype_bytes = 2 if device.type == "cuda" else 4
         for r in rows:
             batch = r.get("batch", 1 if args.mode == "latency" else None)

@@ -3,7 +3,6 @@ falls back to power of two choices, overloaded replicas are avoided, all determi
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Sequence
 
@@ -23,16 +22,8 @@ BLOCK = 4
 CONFIG = ScoringConfig(block_size=BLOCK, tokens_per_load=8.0, waiting_weight=2.0, max_waiting=10)
 
 
-def fake_hash_block(parent: bytes | None, token_ids: Sequence[int], extra_key: str | None) -> bytes:
-    """Same contract as the engine's hash_block (chained, salted, collision resistant)."""
-    h = hashlib.sha256(parent or b"root")
-    h.update(",".join(map(str, token_ids)).encode())
-    h.update((extra_key or "").encode())
-    return h.digest()
-
-
 def hashes_of(tokens: Sequence[int], salt: str | None = None) -> list[bytes]:
-    return prompt_block_hashes(tokens, BLOCK, salt, hash_block=fake_hash_block)
+    return prompt_block_hashes(tokens, BLOCK, salt)
 
 
 def summary_of(hashes: list[bytes]) -> frozenset[int]:

@@ -10,6 +10,8 @@ from torch import nn
 
 from shardline.worker.attention.metadata import AttentionBackend, AttentionMetadata
 from shardline.worker.config import ModelConfig
+from shardline.worker.kernels.activation import silu_and_mul
+from shardline.worker.kernels.runtime import IMPLS
 from shardline.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardline.worker.layers.linear import (
     MergedColumnParallelLinear,
@@ -23,6 +25,8 @@ from shardline.worker.parallel.context import ParallelContext
 
 
 class Attention(nn.Module):
+    """Self-attention over the paged cache: one QKV matmul, optional q/k norms, RoPE, cache write, attend."""
+
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, backend: AttentionBackend,
                  dtype: torch.dtype, device) -> None:
         super().__init__()
@@ -55,15 +59,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The gated MLP: one gate/up matmul, SiLU-and-multiply (one kernel on the Triton path), down."""
+
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device) -> None:
         super().__init__()
         i = cfg.intermediate_size
+        self.impl = "auto"
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [i, i], cfg.mlp_bias, ctx, dtype, device)
         self.down_proj = RowParallelLinear(i, cfg.hidden_size, cfg.mlp_bias, ctx, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(torch.nn.functional.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), impl=self.impl))
 
 
 class DecoderLayer(nn.Module):
@@ -74,9 +80,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = MLP(cfg, ctx, dtype, device)
 
-    def forward(self, positions, x, kv_cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(layer output before its residual add, running residual): the add happens in the next
+        norm, fused with it. `residual` is None for the first layer, whose input is the residual."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(positions, h, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -94,6 +109,31 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ctx, dtype, device)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.fused_kernels = "auto"
+        if torch.device(device or "cpu").type == "cuda":
+            self._share_rope_cache()
+
+    def set_fused_kernels(self, mode: str) -> None:
+        """'auto' (Triton kernels on CUDA, plain torch elsewhere), 'triton' (always; CPU tensors run
+        through the Triton interpreter, for tests) or 'torch' (never). Attention is chosen apart,
+        by the attention backend."""
+        if mode not in IMPLS:
+            raise ValueError(f"fused_kernels: {mode!r} is not one of {', '.join(IMPLS)}")
+        if mode != "torch":
+            self._share_rope_cache()
+        for module in self.modules():
+            if hasattr(module, "impl"):
+                module.impl = mode
+        self.fused_kernels = mode
+
+    def _share_rope_cache(self) -> None:
+        """One cos/sin table for every layer (they share head_dim, theta and scaling)."""
+        rotaries = [layer.self_attn.rotary for layer in self.layers]
+        if not rotaries or rotaries[0].cos_sin_cache is not None:
+            return
+        cache = rotaries[0].build_cache(self.config.max_position_embeddings)
+        for rotary in rotaries:
+            rotary.cos_sin_cache = cache
 
     @property
     def num_kv_heads_per_rank(self) -> int:
@@ -101,10 +141,14 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        h = self.embed_tokens(input_ids)
+        residual = None
         for layer, cache in zip(self.layers, kv_caches):
-            x = layer(positions, x, cache, meta)
-        return self.norm(x)
+            h, residual = layer(positions, h, residual, cache, meta)
+        if residual is None:  # no layers
+            return self.norm(h)
+        h, _ = self.norm(h, residual)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.logits(hidden)

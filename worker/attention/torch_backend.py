@@ -11,14 +11,13 @@ from shardline.worker.attention.metadata import AttentionMetadata
 
 def gather_context(kv_cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of each sequence's first `max_len` context tokens: two [num_seqs, max_len, kv_heads, dim]."""
-    num_blocks_needed = (max_len + kv_cache.shape[2] - 1) // kv_cache.shape[2]
-    tables = block_tables[:, :num_blocks_needed].long()
-    k = kv_cache[0][tables]  # [S, nb, bs, kvh, d]
-    v = kv_cache[1][tables]
-    s = tables.shape[0]
-    k = k.reshape(s, -1, k.shape[-2], k.shape[-1])[:, :max_len]
-    v = v.reshape(s, -1, v.shape[-2], v.shape[-1])[:, :max_len]
-    return k, v
+    block_size = kv_cache.shape[2]
+    tables = block_tables[:, : (max_len + block_size - 1) // block_size].long()
+    s, nb = tables.shape
+    # index_select over the flattened table is several times faster than advanced indexing on CPU
+    kv = kv_cache.index_select(1, tables.reshape(-1))  # [2, s * nb, bs, kvh, d]
+    kv = kv.view(2, s, nb * block_size, kv.shape[-2], kv.shape[-1])[:, :, :max_len]
+    return kv[0], kv[1]
 
 
 class TorchAttentionBackend:
@@ -51,13 +50,19 @@ class TorchAttentionBackend:
         return out
 
     @staticmethod
-    def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-        # q: [B, H, Lq, d]; k, v: [B, kvh, Lk, d]; mask: [B, 1, Lq, Lk] bool (True = attend)
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
+    def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """q: [B, H, Lq, d]; k, v: [B, kvh, Lk, d]; mask: [B, 1, Lq, Lk] bool (True = attend) or None
+        for plain causal. Key/value heads are never copied per query head."""
+        b, h, lq, d = q.shape
+        kvh = k.shape[1]
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        if h != kvh and lq == 1:
+            # Decode: fold each KV head's query heads into its query axis, so one pass over that
+            # head's keys serves the whole group (a copy per query head costs ~15x on CPU).
+            out = F.scaled_dot_product_attention(q.reshape(b, kvh, h // kvh, d), k, v, attn_mask=mask, scale=scale)
+            return out.reshape(b, h, 1, d)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                              enable_gqa=h != kvh)
 
     def _decode(self, query, kv_cache, meta, scale, idx, starts, out) -> None:
         rows = torch.tensor([starts[i] for i in idx], device=query.device)
@@ -73,8 +78,10 @@ class TorchAttentionBackend:
     def _prefill(self, query, kv_cache, meta, scale, i, start, qlen, slen, out) -> None:
         k, v = gather_context(kv_cache, meta.block_tables[i : i + 1], slen)
         q = query[start : start + qlen].transpose(0, 1).unsqueeze(0)  # [1, H, q, d]
-        pos_q = torch.arange(slen - qlen, slen, device=query.device)
-        pos_k = torch.arange(slen, device=query.device)
-        mask = (pos_k[None, :] <= pos_q[:, None])[None, None]
+        mask = None  # the whole context is new: plain causal
+        if slen != qlen:  # a chunk after a cached prefix: row r sees positions <= slen - qlen + r
+            pos_q = torch.arange(slen - qlen, slen, device=query.device)
+            pos_k = torch.arange(slen, device=query.device)
+            mask = (pos_k[None, :] <= pos_q[:, None])[None, None]
         o = self._sdpa(q, k.transpose(1, 2), v.transpose(1, 2), mask, scale)  # [1, H, q, d]
         out[start : start + qlen] = o[0].transpose(0, 1)

@@ -75,7 +75,7 @@ class LLMEngine:
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype()
         self.metrics = metrics
-        source = resolve_model(config.model)
+        source = resolve_model(config.model, weights_required=config.load_format != "dummy")
         self.model_config = ModelConfig.from_hf_config(source.hf_config())
         self.tokenizer = _load_tokenizer(source, Tokenizer)
         load_format = config.load_format if config.load_format != "auto" else source.kind

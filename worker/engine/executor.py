@@ -66,18 +66,28 @@ def build_model(spec: ModelSpec, ctx: ParallelContext = SINGLE, show_progress: b
     return model.eval()
 
 
+@dataclass(frozen=True)
+class MemoryProfile:
+    """What the GPU holds before the KV pool: the two terms subtracted from its budget."""
+
+    in_use_bytes: int  # device memory in use after loading weights: weights, CUDA context, other processes
+    peak_activation_bytes: int  # the largest step's activations above that (profiling pass)
+
+
 def num_blocks_for(config: EngineConfig, model_config: ModelConfig, num_kv_heads: int, dtype: torch.dtype,
-                   device: torch.device, model: torch.nn.Module | None = None) -> int:
+                   device: torch.device, model: torch.nn.Module | None = None,
+                   profile: MemoryProfile | None = None) -> int:
     """Size the KV pool: an explicit block count, an explicit CPU budget, a fraction of free host
-    memory on CPU, or gpu_memory_utilization of the GPU after the weights (and a profiling pass)."""
+    memory on CPU, or on CUDA total * gpu_memory_utilization - (memory in use after loading the
+    weights + the profiling pass's peak activations). Without `profile` the two terms are read now
+    (after profile_peak_memory has run and released its activations)."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     per_block = kv_bytes_per_block(model_config, num_kv_heads, config.block_size, dtype)
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        used_by_others = total - free  # weights, activations of the profiling pass, other processes
-        peak = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
-        budget = total * config.gpu_memory_utilization - used_by_others - peak
+        _, total = torch.cuda.mem_get_info(device)
+        profile = profile or current_memory_profile(device)
+        budget = total * config.gpu_memory_utilization - profile.in_use_bytes - profile.peak_activation_bytes
     elif config.kv_cache_memory_gb is not None:
         budget = config.kv_cache_memory_gb * 2**30
     else:
@@ -89,6 +99,20 @@ def num_blocks_for(config: EngineConfig, model_config: ModelConfig, num_kv_heads
             f"{per_block / 2**20:.2f} MiB; raise gpu_memory_utilization / kv_cache_memory_gb or set num_kv_blocks"
         )
     return blocks
+
+
+def current_memory_profile(device: torch.device) -> MemoryProfile:
+    """The device's in-use memory and this process's peak above its live tensors, read now.
+
+    NOTE: total - free includes memory torch's allocator keeps cached but unused (left over from the
+    profiling pass's activations unless empty_cache ran). The KV pool and later activations reuse
+    it, and the peak term already accounts for the activations, so it is not counted as in use.
+    """
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    cached_unused = torch.cuda.memory_reserved(device) - allocated
+    peak = torch.cuda.max_memory_allocated(device) - allocated
+    return MemoryProfile(in_use_bytes=total - free - cached_unused, peak_activation_bytes=max(0, peak))
 
 
 def _available_host_memory() -> int:
@@ -103,34 +127,64 @@ def _available_host_memory() -> int:
 
 
 def profile_peak_memory(model: LlamaForCausalLM, config: EngineConfig, num_kv_heads: int, dtype: torch.dtype,
-                        device: torch.device) -> None:
-    """One forward at the largest step the scheduler may build, so the allocator's peak includes
-    the activations before the KV pool takes the rest of the GPU."""
+                        device: torch.device) -> MemoryProfile | None:
+    """One forward at the largest step the scheduler may build (max_num_batched_tokens tokens, and
+    logits for max_num_seqs rows), so the budget leaves room for its activations before the KV pool
+    takes the rest of the GPU. Returns the measured profile (None off CUDA)."""
     if device.type != "cuda":
-        return
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    in_use = total - free  # weights, CUDA context, other processes
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
     n = config.max_num_batched_tokens
     bs = config.block_size
-    blocks = -(-n // bs) + 1
-    caches = allocate_kv_caches(model.config, num_kv_heads, blocks, bs, dtype, device)
+    # Sequences no longer than the model's positions (the RoPE table ends there), each on its own blocks.
+    longest = model.config.max_position_embeddings
+    lengths = [min(longest, n - start) for start in range(0, n, longest)]
+    slices, next_block = [], 1
+    for length in lengths:
+        used = -(-length // bs)
+        slices.append(SeqSlice([0] * length, 0, list(range(next_block, next_block + used)), True))
+        next_block += used
+    caches = allocate_kv_caches(model.config, num_kv_heads, next_block, bs, dtype, device)
+    cache_bytes = sum(c.numel() * c.element_size() for c in caches)
     runner = ModelRunner(model, caches, bs, device)
-    runner.execute(build_step_inputs([SeqSlice([0] * n, 0, list(range(1, blocks)), True)], bs, device))
+    inputs = build_step_inputs(slices, bs, device)
+    rows = min(n, config.max_num_seqs)
+    inputs.sample_rows = torch.arange(n - rows, n, device=device)  # a full batch of logits
+    runner.execute(inputs)
     torch.cuda.synchronize(device)
-    del caches, runner
+    peak = torch.cuda.max_memory_allocated(device) - base - cache_bytes
+    del caches, runner, inputs
     torch.cuda.empty_cache()
+    return MemoryProfile(in_use_bytes=in_use, peak_activation_bytes=max(0, peak))
 
 
 class LocalExecutor:
-    """The whole model in this process (tensor_parallel_size 1)."""
+    """The whole model in this process (tensor_parallel_size 1).
+
+    Startup order on CUDA: weights, profiling pass, KV pool, then (unless enforce_eager) the decode
+    CUDA graphs, whose warm-up also measures the small-batch linear choices.
+    config.extra["fused_kernels"]: 'auto' (default) | 'triton' | 'torch', see LlamaForCausalLM.set_fused_kernels.
+    """
 
     def __init__(self, spec: ModelSpec, config: EngineConfig, show_progress: bool = True) -> None:
         self.model = build_model(spec, SINGLE, show_progress)
+        self.model.set_fused_kernels(str(config.extra.get("fused_kernels", "auto")))
         kv_heads = self.model.num_kv_heads_per_rank
-        if spec.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(spec.device)
-            profile_peak_memory(self.model, config, kv_heads, spec.dtype, spec.device)
-        self.num_blocks = num_blocks_for(config, spec.model_config, kv_heads, spec.dtype, spec.device)
+        profile = profile_peak_memory(self.model, config, kv_heads, spec.dtype, spec.device)
+        self.num_blocks = num_blocks_for(config, spec.model_config, kv_heads, spec.dtype, spec.device, profile=profile)
         caches = allocate_kv_caches(spec.model_config, kv_heads, self.num_blocks, config.block_size, spec.dtype, spec.device)
         self.runner = ModelRunner(self.model, caches, config.block_size, spec.device)
+        self.cuda_graphs = False
+        if spec.device.type == "cuda" and not config.enforce_eager:
+            mpe = spec.model_config.max_position_embeddings
+            max_model_len = min(config.max_model_len or mpe, mpe)
+            max_batch = min(config.max_num_seqs, config.max_num_batched_tokens)
+            self.cuda_graphs = self.runner.enable_cuda_graphs(max_batch, max_model_len)
 
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         return self.runner.execute(inputs)

@@ -4,12 +4,17 @@ and returns the logits of the rows that sample. The scheduler decides; this only
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import logging
+from dataclasses import dataclass
 
 import torch
 
 from shardline.worker.attention.metadata import AttentionMetadata
 from shardline.worker.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+_TENSOR_FIELDS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables", "sample_rows")
 
 
 @dataclass
@@ -34,13 +39,33 @@ class StepInputs:
     seq_lens: torch.Tensor  # [S] int32
     block_tables: torch.Tensor  # [S, B] int32
     sample_rows: torch.Tensor  # [N] int64: rows of the flat batch whose logits are sampled
+    # Host copies of the query and context lengths, when the builder had them (not broadcast under
+    # tensor parallelism): metadata() then needs no device-to-host copy, i.e. no sync.
+    query_lens_cpu: list[int] | None = None
+    seq_lens_cpu: list[int] | None = None
 
     def tensors(self) -> list[torch.Tensor]:
-        return [getattr(self, f.name) for f in fields(self)]
+        """The tensor fields in declaration order (what tensor parallelism broadcasts)."""
+        return [getattr(self, name) for name in _TENSOR_FIELDS]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def is_pure_decode(self) -> bool:
+        """One new token per sequence (known from the shapes alone, without reading the device)."""
+        return 0 < self.num_tokens == self.num_seqs
 
     def metadata(self) -> AttentionMetadata:
-        q_lens = (self.query_start_loc[1:] - self.query_start_loc[:-1]).tolist()
-        s_lens = self.seq_lens.tolist()
+        q_lens = self.query_lens_cpu
+        if q_lens is None:
+            q_lens = (self.query_start_loc[1:] - self.query_start_loc[:-1]).tolist()
+        s_lens = self.seq_lens_cpu if self.seq_lens_cpu is not None else self.seq_lens.tolist()
         return AttentionMetadata(
             slot_mapping=self.slot_mapping,
             query_start_loc=self.query_start_loc,
@@ -86,6 +111,8 @@ def build_step_inputs(slices: list[SeqSlice], block_size: int, device: torch.dev
         seq_lens=t(seq_lens, torch.int32),
         block_tables=t(tables, torch.int32),
         sample_rows=t(sample_rows, torch.int64),
+        query_lens_cpu=[qsl[i + 1] - qsl[i] for i in range(len(slices))],
+        seq_lens_cpu=seq_lens,
     )
 
 
@@ -103,15 +130,35 @@ def kv_bytes_per_block(cfg: ModelConfig, num_kv_heads: int, block_size: int, dty
 
 
 class ModelRunner:
-    """Runs the model on a step's inputs and returns the logits of the sampling rows (fp32)."""
+    """Runs the model on a step's inputs and returns the logits of the sampling rows (fp32).
+    Pure-decode steps go through captured CUDA graphs once `enable_cuda_graphs` has run."""
 
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int, device: torch.device) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
+        self.graphs = None  # a cuda_graphs.DecodeGraphRunner once enabled
+
+    def enable_cuda_graphs(self, max_batch: int, max_model_len: int, use_graphs: bool = True) -> bool:
+        """Capture decode graphs for batch sizes up to max_batch; returns False (and stays eager)
+        when the attention backend cannot run inside a graph (only the Triton one can: the torch
+        reference reads lengths on the host). use_graphs=False: the padded path, eagerly (tests)."""
+        from shardline.worker.engine.cuda_graphs import DecodeGraphRunner, capture_batch_sizes
+
+        backend = self.model.layers[0].self_attn.backend if len(self.model.layers) else None
+        if use_graphs and getattr(backend, "name", None) != "triton":
+            log.info("CUDA graphs off: attention backend %r cannot be captured", getattr(backend, "name", None))
+            return False
+        runner = DecodeGraphRunner(self.model, self.kv_caches, self.block_size, max_model_len,
+                                   capture_batch_sizes(max_batch), self.device, use_graphs=use_graphs)
+        runner.capture()
+        self.graphs = runner
+        return True
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.can_run(inputs):
+            return self.graphs.run(inputs)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata())
         return self.model.compute_logits(hidden[inputs.sample_rows]).float()

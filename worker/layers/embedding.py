@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardline.worker.layers.linear import linear
 from shardline.worker.loader.weights import LazyWeight
 from shardline.worker.parallel.context import ParallelContext
 
@@ -45,9 +46,12 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     """The output projection to vocabulary logits; each rank computes its slice and the slices are
-    gathered so that the caller (rank 0's sampler) sees the full vocabulary."""
+    gathered so that the caller (rank 0's sampler) sees the full vocabulary. `impl` picks the
+    matmul as in layers.linear.linear (at batch 1 the LM head is one of the largest weight reads)."""
+
+    impl = "auto"
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        local = F.linear(hidden, self.weight)
+        local = linear(hidden, self.weight, None, self.impl)
         full = self.ctx.all_gather_last_dim(local)
         return full[..., : self.vocab_size]

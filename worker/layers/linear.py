@@ -8,8 +8,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardline.worker.kernels.linear_choice import pick_linear_impl
+from shardline.worker.kernels.matvec import MAX_M, matvec
+from shardline.worker.kernels.runtime import use_triton
 from shardline.worker.loader.weights import LazyWeight
 from shardline.worker.parallel.context import ParallelContext
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
+    """x @ weight.T (+ bias). Small batches (1..16 rows, i.e. decode) on CUDA go to whichever of
+    cuBLAS and the Triton matvec measured faster for this shape; 'triton' forces the matvec kernel
+    (CPU tensors through the interpreter), 'torch' forces F.linear."""
+    if impl != "torch" and x.dim() == 2 and 1 <= x.shape[0] <= MAX_M:
+        if impl == "triton":
+            y = matvec(x, weight, impl="triton")
+            return y if bias is None else y + bias
+        if use_triton(x, impl):
+            y = pick_linear_impl(x.shape[0], weight.shape[0], weight.shape[1], x.dtype, x.device)(x, weight)
+            return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None) -> nn.Parameter:
@@ -32,9 +49,10 @@ class ColumnParallelLinear(nn.Module):
         self.out_start, self.out_size = ctx.shard(out_features, "output features")
         self.weight = _param((self.out_size, in_features), dtype, device)
         self.bias = _param((self.out_size,), dtype, device) if bias else None
+        self.impl = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.impl)
 
     def load(self, name: str, w: LazyWeight) -> None:
         target = self.weight if name.endswith("weight") else self.bias
@@ -54,9 +72,10 @@ class MergedColumnParallelLinear(nn.Module):
         self.offsets = [sum(local[:i]) for i in range(len(local))]
         self.weight = _param((sum(local), in_features), dtype, device)
         self.bias = _param((sum(local),), dtype, device) if bias else None
+        self.impl = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.impl)
 
     def load_part(self, part: int, name: str, w: LazyWeight) -> None:
         start, size = self.shards[part]
@@ -95,9 +114,10 @@ class QKVParallelLinear(nn.Module):
         total = self.q_size + 2 * self.kv_size
         self.weight = _param((total, hidden), dtype, device)
         self.bias = _param((total,), dtype, device) if bias else None
+        self.impl = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.impl)
 
     def load_part(self, part: str, name: str, w: LazyWeight) -> None:
         d = self.head_dim
@@ -121,9 +141,10 @@ class RowParallelLinear(nn.Module):
         self.in_start, self.in_size = ctx.shard(in_features, "input features")
         self.weight = _param((out_features, self.in_size), dtype, device)
         self.bias = _param((out_features,), dtype, device) if bias else None
+        self.impl = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ctx.all_reduce(F.linear(x, self.weight))
+        y = self.ctx.all_reduce(linear(x, self.weight, None, self.impl))
         return y if self.bias is None else y + self.bias
 
     def load(self, name: str, w: LazyWeight) -> None:

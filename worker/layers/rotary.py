@@ -8,6 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from shardline.worker.kernels.rope import apply_rope, cos_sin_cache
+from shardline.worker.kernels.runtime import use_triton
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """Inverse frequencies per rotated pair, after the configured scaling (float32)."""
@@ -31,13 +34,24 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to query and key heads at given absolute positions."""
+    """Applies RoPE to query and key heads at given absolute positions.
+
+    The torch path computes cos/sin per step (HF's arithmetic, for parity); the Triton path rotates
+    q and k in place from a [max_position, head_dim] cos/sin cache, which the model builds once and
+    shares between layers (`cos_sin_cache`, None until then). `impl` is 'auto' | 'triton' | 'torch'.
+    """
 
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         self.head_dim = head_dim
+        self.impl = "auto"
+        self.cos_sin_cache: torch.Tensor | None = None
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling).to(device), persistent=False)
+
+    def build_cache(self, max_position: int) -> torch.Tensor:
+        """The fp32 cos/sin table for positions 0 .. max_position-1 on inv_freq's device."""
+        return cos_sin_cache(self.inv_freq, max_position, self.inv_freq.device)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
@@ -50,6 +64,9 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, d], k: [T, KVH, d] -> rotated copies."""
+        """q: [T, H, d], k: [T, KVH, d] -> rotated q and k (in place on the Triton path)."""
+        if self.cos_sin_cache is not None and use_triton(q, self.impl):
+            apply_rope(q, k, positions, self.cos_sin_cache, impl="triton")
+            return q, k
         cos, sin = self.cos_sin(positions, q.dtype)
         return q * cos + self._rotate_half(q) * sin, k * cos + self._rotate_half(k) * sin

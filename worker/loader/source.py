@@ -98,8 +98,9 @@ class ModelSource:
         return iter_safetensors_weights(self.path, show_progress=show_progress)
 
 
-def resolve_model(spec: str, cache_dir: str | Path | None = None) -> ModelSource:
-    """Find (fetching once if needed) the model named by `spec`; raises ModelLoadError saying what to pass."""
+def resolve_model(spec: str, cache_dir: str | Path | None = None, weights_required: bool = True) -> ModelSource:
+    """Find (fetching once if needed) the model named by `spec`; raises ModelLoadError saying what to pass.
+    weights_required=False (for --load-format dummy) accepts a directory holding only config.json."""
     spec = str(spec).strip()
     if not spec:
         raise ModelLoadError(f"model: empty name; {_ALTERNATIVES}")
@@ -108,14 +109,14 @@ def resolve_model(spec: str, cache_dir: str | Path | None = None) -> ModelSource
         return ModelSource(spec, "gguf", _fetch_smollm2(cache))
     path = Path(spec).expanduser()
     if path.exists():
-        return _local_source(spec, path)
+        return _local_source(spec, path, weights_required)
     looks_like_file = path.suffix.lower() in (".gguf", ".safetensors", ".json")
     if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")) and not looks_like_file:
         return _hub_source(spec)
     raise ModelLoadError(f"model path {str(path)!r} does not exist; {_ALTERNATIVES}")
 
 
-def _local_source(spec: str, path: Path) -> ModelSource:
+def _local_source(spec: str, path: Path, weights_required: bool = True) -> ModelSource:
     path = path.resolve()
     if path.is_file():
         if path.suffix.lower() == ".gguf":
@@ -136,6 +137,8 @@ def _local_source(spec: str, path: Path) -> ModelSource:
         raise ModelLoadError(f"{path}: holds several .gguf files ({names}); pass the one to load")
     if not has_config:
         raise ModelLoadError(f"{path}: no config.json; a safetensors model directory needs config.json + *.safetensors")
+    if not weights_required:  # config only: shapes for random weights
+        return ModelSource(spec, "safetensors", path)
     raise ModelLoadError(
         f"{path}: config.json found but no *.safetensors weights (.bin/.pt checkpoints are not read); "
         "convert them to safetensors, or use `--load-format dummy` for random weights"

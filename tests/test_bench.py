@@ -1,0 +1,73 @@
+"""Every `shardline bench` mode runs end to end on CPU with a tiny checkpoint and random weights,
+and reports positive throughput figures in its --json output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from shardline.cli import build_parser
+from shardline.worker.config import ModelConfig
+from shardline.worker.loader.source import ModelLoadError, resolve_model
+from tiny_models import write_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+THROUGHPUT_KEYS = ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s")
+TINY_ARGS = ["--load-format", "dummy", "--json", "--num-kv-blocks", "128", "--input-len", "16", "--output-len", "4",
+             "--num-prompts", "3", "--iters", "1", "--batch-sizes", "1", "2", "--decode-steps", "3",
+             "--prompt-lens", "8", "16", "--shared-fractions", "0", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench-tiny")
+    write_tiny_checkpoint("llama", d, seed=1)
+    return d
+
+
+def run_bench(capsys, mode: str, model: Path, *extra: str) -> dict:
+    args = build_parser().parse_args(["bench", mode, "--model", str(model), *TINY_ARGS, *extra])
+    capsys.readouterr()
+    assert args.handler(args) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mode", ["offline", "latency", "sweep", "prefill", "prefix", "serve"])
+def test_every_bench_mode_reports_positive_throughput(capsys, checkpoint, mode):
+    result = run_bench(capsys, mode, checkpoint)
+    assert result["mode"] == mode and result["rows"]
+    for row in result["rows"]:
+        for key in THROUGHPUT_KEYS:
+            assert row[key] > 0, (key, row)
+
+
+def test_offline_compare_hf_reports_transformers_rate_and_speedup(capsys, checkpoint):
+    result = run_bench(capsys, "offline", checkpoint, "--compare-hf")
+    [row] = result["rows"]
+    assert row["hf_output_tokens_per_s"] > 0 and row["speedup_vs_hf"] > 0
+    assert row["speedup_vs_hf"] == pytest.approx(row["output_tokens_per_s"] / row["hf_output_tokens_per_s"])
+
+
+def test_roofline_adds_the_floor_and_the_share_of_it(capsys, checkpoint):
+    result = run_bench(capsys, "latency", checkpoint, "--roofline")
+    assert result["roofline"]["copy_bandwidth_gb_s"] > 0
+    assert result["rows"][0]["floor_tokens_per_s"] > 0 and result["rows"][0]["pct_of_floor"] > 0
+
+
+def test_llama3_8b_config_directory_resolves_for_dummy_weights():
+    source = resolve_model(str(REPO / "benchmarks/configs/llama-3-8b"), weights_required=False)
+    cfg = ModelConfig.from_hf_config(source.hf_config())
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (128256, 4096, 14336, 32)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (32, 8, 128)
+    assert (cfg.rope_theta, cfg.max_position_embeddings) == (500000.0, 8192)
+    assert 8.0e9 < cfg.num_params < 8.1e9
+    with pytest.raises(ModelLoadError, match="load-format dummy"):
+        resolve_model(str(REPO / "benchmarks/configs/llama-3-8b"))
+
+
+def test_bench_runs_on_a_config_only_directory_with_dummy_weights(capsys, checkpoint, tmp_path):
+    (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
+    result = run_bench(capsys, "latency", tmp_path)
+    assert result["rows"][0]["output_tokens_per_s"] > 0

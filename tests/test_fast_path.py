@@ -1,0 +1,201 @@
+"""The GPU fast path, checked wherever it can run: the fused Triton model path against transformers
+(on CPU through the Triton interpreter), the padded decode path of the CUDA graph runner (eagerly on
+CPU), and graph replay against eager execution (on a GPU only)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from kernel_cases import interpreter  # noqa: F401  (fixture; sets up the interpreter first)
+from shardline.worker.attention.metadata import get_attention_backend
+from shardline.worker.config import EngineConfig, ModelConfig
+from shardline.worker.engine.cuda_graphs import DecodeGraphRunner, capture_batch_sizes
+from shardline.worker.engine.engine import LLMEngine
+from shardline.worker.engine.model_runner import ModelRunner, SeqSlice, allocate_kv_caches, build_step_inputs
+from shardline.worker.engine.params import SamplingParams
+from shardline.worker.loader.weights import LazyWeight
+from shardline.worker.model import LlamaForCausalLM
+from shardline.worker.parallel.context import SINGLE
+from tiny_models import hf_greedy, prompts, write_tiny_checkpoint
+
+BLOCK = 8
+BLOCKS_PER_SEQ = 8
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-fast")
+    hf = write_tiny_checkpoint("llama", d, seed=3)
+    return d, hf
+
+
+def load(directory, backend: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    cfg = ModelConfig.from_hf_config(json.loads((directory / "config.json").read_text()))
+    model = LlamaForCausalLM(cfg, SINGLE, get_attention_backend(backend, torch.device(device)), dtype, device)
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        model.load_weights((n, LazyWeight.from_tensor(f.get_tensor(n))) for n in f.keys())
+    return model.eval()
+
+
+def runner_for(model, num_seqs: int, device: str = "cpu") -> ModelRunner:
+    caches = allocate_kv_caches(model.config, model.num_kv_heads_per_rank, 1 + num_seqs * BLOCKS_PER_SEQ, BLOCK,
+                                model.embed_tokens.weight.dtype, torch.device(device))
+    return ModelRunner(model, caches, BLOCK, torch.device(device))
+
+
+def table(i: int) -> list[int]:
+    """Sequence i's blocks: its own run, after block 0 (which padding rows may read)."""
+    return list(range(1 + i * BLOCKS_PER_SEQ, 1 + (i + 1) * BLOCKS_PER_SEQ))
+
+
+def prefill(runner: ModelRunner, batch: list[list[int]], device: str = "cpu") -> list[list[int]]:
+    """Prefill every prompt and append its greedy token; returns the grown sequences."""
+    slices = [SeqSlice(p, 0, table(i), True) for i, p in enumerate(batch)]
+    logits = runner.execute(build_step_inputs(slices, BLOCK, torch.device(device)))
+    return [p + [t] for p, t in zip(batch, logits.argmax(-1).tolist())]
+
+
+def decode_inputs(seqs: list[list[int]], device: str = "cpu"):
+    """A pure-decode step: each sequence's last token at its last position."""
+    slices = [SeqSlice(s[-1:], len(s) - 1, table(i), True) for i, s in enumerate(seqs)]
+    return build_step_inputs(slices, BLOCK, torch.device(device))
+
+
+# ---- the fused Triton path, end to end against transformers (CPU, interpreter) -------------------
+
+
+def test_fused_triton_model_logits_match_transformers_within_1e3(tiny, interpreter):
+    d, hf = tiny
+    model = load(d, "triton")
+    model.set_fused_kernels("triton")
+    batch = prompts(2, seed=5, min_len=5, max_len=7)  # <= 16 tokens: the linears take the matvec kernel
+    runner = runner_for(model, len(batch))
+    slices = [SeqSlice(p, 0, table(i), True) for i, p in enumerate(batch)]
+    inputs = build_step_inputs(slices, BLOCK, torch.device("cpu"))
+    inputs.sample_rows = torch.arange(inputs.input_ids.shape[0])  # every position
+    logits = runner.execute(inputs)
+    row = 0
+    for p in batch:
+        with torch.no_grad():
+            ref = hf(torch.tensor([p])).logits[0]
+        assert (logits[row : row + len(p)] - ref).abs().max().item() <= 1e-3
+        row += len(p)
+
+
+def test_fused_triton_engine_greedy_tokens_equal_transformers(tiny, interpreter):
+    d, hf = tiny
+    engine = LLMEngine(EngineConfig(model=str(d), num_kv_blocks=64, block_size=BLOCK, max_num_batched_tokens=64,
+                                    extra={"fused_kernels": "triton", "attention_backend": "triton"}),
+                       show_progress=False)
+    assert engine.executor.model.layers[0].mlp.impl == "triton"
+    batch = prompts(2, seed=9, min_len=4, max_len=12)
+    results = engine.generate(batch, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+    assert [r.token_ids for r in results] == [hf_greedy(hf, p, 5) for p in batch]
+
+
+def test_auto_kernels_on_cpu_take_the_torch_path_bit_for_bit(tiny):
+    d, _ = tiny
+    batch = prompts(3, seed=2)
+    out = {}
+    for mode in ("auto", "torch"):
+        model = load(d, "torch")
+        model.set_fused_kernels(mode)
+        out[mode] = runner_for(model, len(batch)).execute(
+            build_step_inputs([SeqSlice(p, 0, table(i), True) for i, p in enumerate(batch)], BLOCK, torch.device("cpu")))
+    assert torch.equal(out["auto"], out["torch"])
+
+
+def test_unknown_fused_kernels_mode_is_rejected(tiny):
+    model = load(tiny[0], "torch")
+    with pytest.raises(ValueError, match="fused_kernels"):
+        model.set_fused_kernels("cuda")
+
+
+def test_step_inputs_carry_host_lengths_so_metadata_reads_no_device_tensor():
+    inputs = build_step_inputs([SeqSlice([5, 6, 7], 0, [1], True), SeqSlice([8], 4, [2, 3], True)], 4, torch.device("cpu"))
+    meta = inputs.metadata()
+    assert (meta.query_lens_cpu, meta.seq_lens_cpu, meta.max_query_len, meta.max_seq_len) == ([3, 1], [3, 5], 3, 5)
+    assert len(inputs.tensors()) == 7 and not inputs.is_pure_decode
+    assert decode_inputs([[1, 2], [3, 4, 5]]).is_pure_decode
+
+
+# ---- the CUDA graph runner's padded path (eager, CPU) ---------------------------------------------
+
+
+def test_capture_sizes_are_powers_of_two_to_eight_then_steps_of_sixteen():
+    assert capture_batch_sizes(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert capture_batch_sizes(5) == [1, 2, 4, 5]
+    assert capture_batch_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_padded_decode_matches_eager_and_padding_rows_write_nothing(tiny, backend, request):
+    if backend == "triton":
+        request.getfixturevalue("interpreter")
+    model = load(tiny[0], backend)
+    batch = prompts(3, seed=4, min_len=3, max_len=20)
+    runner = runner_for(model, len(batch))
+    seqs = prefill(runner, batch)
+    inputs = decode_inputs(seqs)
+    graphs = DecodeGraphRunner(model, runner.kv_caches, BLOCK, 64, [1, 2, 4, 8], torch.device("cpu"), use_graphs=False)
+    assert graphs.can_run(inputs) and graphs.padded_size(3) == 4
+    before = [c.clone() for c in runner.kv_caches]
+    padded = graphs.run(inputs)
+    written = {int(s) for s in inputs.slot_mapping}
+    for old, new in zip(before, runner.kv_caches):
+        changed = (old != new).reshape(2, -1, old.shape[3] * old.shape[4]).any(-1).any(0).nonzero().flatten().tolist()
+        assert set(changed) <= written  # padding rows (slot -1) stored nothing
+    eager = runner.execute(inputs)  # writes the same K/V at the same slots again
+    assert padded.shape == eager.shape == (3, model.config.vocab_size)
+    assert (padded - eager).abs().max().item() <= 1e-4
+
+
+def test_runner_with_graph_path_enabled_generates_like_eager(tiny):
+    d, hf = tiny
+    model = load(d, "torch")
+    batch = prompts(3, seed=6, min_len=3, max_len=10)
+    runner = runner_for(model, len(batch))
+    assert runner.enable_cuda_graphs(max_batch=4, max_model_len=64, use_graphs=False)
+    seqs = prefill(runner, batch)
+    for _ in range(4):
+        logits = runner.execute(decode_inputs(seqs))
+        seqs = [s + [t] for s, t in zip(seqs, logits.argmax(-1).tolist())]
+    assert [s[len(p):] for s, p in zip(seqs, batch)] == [hf_greedy(hf, p, 5) for p in batch]
+
+
+# ---- graphs on a GPU --------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_graph_replay_logits_match_eager_on_gpu(tiny, n):
+    model = load(tiny[0], "triton", device="cuda")
+    runner = runner_for(model, 8, device="cuda")
+    assert runner.enable_cuda_graphs(max_batch=8, max_model_len=BLOCK * BLOCKS_PER_SEQ)
+    batch = prompts(n, seed=10 + n, min_len=3, max_len=40)
+    seqs = prefill(runner, batch, device="cuda")
+    inputs = decode_inputs(seqs, device="cuda")
+    assert runner.graphs.can_run(inputs)
+    replayed = runner.execute(inputs).clone()
+    graphs, runner.graphs = runner.graphs, None
+    eager = runner.execute(inputs)
+    runner.graphs = graphs
+    assert (replayed - eager).abs().max().item() <= 1e-3
+    assert replayed.argmax(-1).tolist() == eager.argmax(-1).tolist()
+
+
+@cuda
+def test_engine_on_gpu_uses_graphs_and_matches_transformers(tiny):
+    d, hf = tiny
+    engine = LLMEngine(EngineConfig(model=str(d), dtype="float32", num_kv_blocks=64, block_size=BLOCK,
+                                    max_num_seqs=8, max_num_batched_tokens=64), show_progress=False)
+    assert engine.executor.cuda_graphs
+    batch = prompts(3, seed=12)
+    results = engine.generate(batch, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    assert [r.token_ids for r in results] == [hf_greedy(hf, p, 6) for p in batch]
