@@ -58,7 +58,13 @@ class ReplicaGroup:
         except Exception:  # noqa: BLE001 - outside Serve (tests of the class itself)
             self.replica_id = "local"
         self.metrics = EngineMetrics(config.model_name, replica_group=self.replica_id)
-        engine = LLMEngine(config.engine_config(), show_progress=False, metrics=self.metrics)
+        launcher = None
+        if config.tensor_parallel_size > 1:
+            from shardline.cluster.rank_launcher import RayRankLauncher
+
+            launcher = RayRankLauncher(config.cpus_per_rank, 1.0 if config.wants_gpu() else 0.0,
+                                       name_prefix=f"shardline-{config.app_name}-{self.replica_id}")
+        engine = LLMEngine(config.engine_config(), show_progress=False, metrics=self.metrics, launcher=launcher)
         self.engine = AsyncEngine(engine, stall_timeout_s=config.stall_timeout_s)
         self._last_stats: dict[str, Any] = {}
         self._stop = threading.Event()

@@ -67,7 +67,8 @@ class LLMEngine:
     """One replica group's engine. `generate()` for offline use; `add_request()` + `step()` for
     front ends that stream."""
 
-    def __init__(self, config: EngineConfig, show_progress: bool = True, metrics: Any = None) -> None:
+    def __init__(self, config: EngineConfig, show_progress: bool = True, metrics: Any = None,
+                 launcher: Any = None) -> None:
         from shardline.worker.loader.source import resolve_model
         from shardline.worker.tokenizer import Tokenizer
 
@@ -75,6 +76,7 @@ class LLMEngine:
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype()
         self.metrics = metrics
+        self._launcher = launcher  # where tp ranks 1.. run (worker/parallel/launcher.py); None: local processes
         source = resolve_model(config.model, weights_required=config.load_format != "dummy")
         self.model_config = ModelConfig.from_hf_config(source.hf_config())
         self.tokenizer = _load_tokenizer(source, Tokenizer)
@@ -104,7 +106,7 @@ class LLMEngine:
         if self.config.tensor_parallel_size > 1:
             from shardline.worker.parallel.executor import TensorParallelExecutor
 
-            return TensorParallelExecutor(spec, self.config, show_progress)
+            return TensorParallelExecutor(spec, self.config, show_progress, launcher=self._launcher)
         return LocalExecutor(spec, self.config, show_progress)
 
     # ---- inputs -------------------------------------------------------------------------------
