@@ -246,7 +246,9 @@ class Ingress:
                     if "error" in item and "finish_reason" not in item:
                         finished = True
                         err = item["error"]
-                        raise RequestError(err.get("field", ""), _strip_field(err), code=err.get("code", "internal"))
+                        error = RequestError(err.get("field", ""), _strip_field(err), code=err.get("code", "internal"))
+                        error.counted = True  # the engine counted its own rejection already
+                        raise error
                     if "finish_reason" in item:
                         finished = True
                     yield item
@@ -270,14 +272,17 @@ class Ingress:
                 if not finished:
                     response.cancel()
 
-    def reject(self, error: RequestError) -> None:
-        self.metrics.on_reject(error.code)
+    def reject(self, error: RequestError, started: bool = False) -> None:
+        """Count a request refused before it ran (not a failure mid-stream, not one the engine counted)."""
+        if not started and not getattr(error, "counted", False):
+            self.metrics.on_reject(error.code)
 
     # ---- gRPC: shardline.v1.Generation ---------------------------------------------------------------
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
         """Server-streaming generation; errors become the call's status with the field named."""
         rid = request.request_id or f"gen-{uuid.uuid4().hex[:16]}"
+        started = False
         try:
             kind = request.WhichOneof("input")
             if kind is None:
@@ -290,9 +295,10 @@ class Ingress:
             items = self.stream(token_ids, sampling, rid, request.priority, request.cache_salt or None, timeout_s)
             async with contextlib.aclosing(items):  # a cancel at our yield still cancels the replica's stream
                 async for item in items:
+                    started = True
                     yield _to_proto(rid, item)
         except RequestError as e:
-            self.reject(e)
+            self.reject(e, started)
             _set_status(grpc_context, e)
             # NOTE: a streaming method's status only reaches the client when the method raises
             # after setting it (the replica wraps the error in gRPCStatusError with that code),
@@ -359,6 +365,8 @@ class Ingress:
         except (RequestError, asyncio.TimeoutError) as e:
             return False, f"no replica group is ready: {e}"
         snapshots = await self._snapshots()
+        if not snapshots:
+            return False, "no replica group has reported its state yet"
         return True, f"{len(snapshots)} replica group(s) reporting"
 
     # ---- HTTP: OpenAI-compatible -----------------------------------------------------------------------
@@ -373,7 +381,10 @@ class Ingress:
 
     @web.get("/v1/models")
     async def models(self) -> Response:
-        info = self._info or {}
+        try:
+            info = await self.model_info()
+        except RequestError:
+            info = {}
         return JSONResponse({"object": "list", "data": [{
             "id": self.model_name, "object": "model", "created": 0, "owned_by": "shardline",
             "max_model_len": info.get("max_model_len")}]})
@@ -419,7 +430,7 @@ class Ingress:
                     async for item in items:
                         collected.append(item)
             except RequestError as e:
-                self.reject(e)
+                self.reject(e, started=True)
                 status, payload = openai_api.error_body(e.code, str(e), e.field)
                 return JSONResponse(payload, status_code=status)
             decode = self._decode_token
@@ -442,7 +453,7 @@ class Ingress:
                 yield openai_api.stream_chunk(rid, self.model_name, None, chat, usage=openai_api.usage_dict(item))
             yield openai_api.SSE_DONE
         except RequestError as e:
-            self.reject(e)
+            self.reject(e, started=True)
             _, payload = openai_api.error_body(e.code, str(e), e.field)
             yield f"data: {json.dumps(payload)}\n\n"
         finally:

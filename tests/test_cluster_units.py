@@ -1,0 +1,152 @@
+"""The cluster's pure parts, without Ray running: config to Serve options, the router's reading of
+requests and stats (and that it never raises), the OpenAI request/response mapping, the gRPC
+deadline and sampling conversions."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import pytest
+
+pytest.importorskip("ray")
+
+from shardline.cluster.config import ClusterConfig  # noqa: E402
+from shardline.proto import generation_pb2 as pb  # noqa: E402
+from shardline.router import openai_api  # noqa: E402
+from shardline.router.ingress import deadline_from_metadata, sampling_from_proto  # noqa: E402
+from shardline.router.prefix_scoring import pack_summary  # noqa: E402
+from shardline.router.request_router import KVAwareRouter, load_from_stats, prompt_of  # noqa: E402
+from shardline.worker.config import ConfigError  # noqa: E402
+from shardline.worker.engine.block_manager import hash_prompt_blocks  # noqa: E402
+from shardline.worker.engine.params import RequestError, SamplingParams  # noqa: E402
+
+
+def test_tp_bundles_are_one_per_rank_with_gpus_only_when_asked() -> None:
+    gpu = ClusterConfig(tensor_parallel_size=4, use_gpu=True).replica_group_deployment_options()
+    assert gpu["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 1}] * 4
+    assert gpu["placement_group_strategy"] == "STRICT_PACK"
+    assert gpu["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1}
+    cpu = ClusterConfig(tensor_parallel_size=2, use_gpu=False, cpus_per_rank=0.5, replicas=3)
+    options = cpu.replica_group_deployment_options()
+    assert options["placement_group_bundles"] == [{"CPU": 0.5}] * 2 and options["num_replicas"] == 3
+
+
+def test_autoscaling_replaces_a_fixed_replica_count() -> None:
+    options = ClusterConfig(use_gpu=False, autoscaling={"min_replicas": 1, "max_replicas": 3}).replica_group_deployment_options()
+    assert "num_replicas" not in options and options["autoscaling_config"]["max_replicas"] == 3
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"tensor_parallel_size": 0}, "tensor_parallel_size"),
+    ({"engine": {"model": "x"}}, "engine.model"),
+    ({"engine": {"block_size": 3}}, "block_size"),
+    ({"grpc_port": 70000}, "grpc_port"),
+])
+def test_bad_config_values_are_named(data, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ClusterConfig.from_dict(data)
+
+
+@dataclass
+class _Pending:
+    args: list
+    kwargs: dict = field(default_factory=dict)
+
+
+def test_router_reads_token_ids_and_salt_of_generate_calls_only() -> None:
+    assert prompt_of(_Pending([[5, 6, 7], {}, "r", 0, "tenant"])) == ([5, 6, 7], "tenant")
+    assert prompt_of(_Pending([[5, 6, 7], {}])) == ([5, 6, 7], None)
+    assert prompt_of(_Pending([], {"token_ids": [9]})) == ([9], None)
+    assert prompt_of(_Pending([])) is None and prompt_of(_Pending(["text"])) is None and prompt_of(None) is None
+
+
+def test_routing_stats_unpack_into_the_engines_hashes() -> None:
+    hashes = hash_prompt_blocks(list(range(32)), 8, None)
+    load = load_from_stats({"free_blocks": 3, "num_blocks": 10, "running": 1, "waiting": 0,
+                            "summary": pack_summary(hashes, 100)})
+    assert load is not None and len(load.summary) == 4
+    assert load_from_stats({}) is None
+
+
+@dataclass
+class _ReplicaId:
+    unique_id: str
+
+
+@dataclass
+class _Replica:
+    replica_id: _ReplicaId
+    routing_stats: dict
+
+
+def _router() -> KVAwareRouter:
+    router = KVAwareRouter.__new__(KVAwareRouter)  # Serve's constructor needs a running deployment
+    router.initialize_state()
+    return router
+
+
+def test_router_prefers_the_replica_holding_the_prefix() -> None:
+    prompt = list(range(40))
+    holder = _Replica(_ReplicaId("b"), {"free_blocks": 50, "num_blocks": 64, "running": 0, "waiting": 0,
+                                        "block_size": 8, "summary": pack_summary(hash_prompt_blocks(prompt, 8), 10)})
+    other = _Replica(_ReplicaId("a"), {"free_blocks": 64, "num_blocks": 64, "running": 0, "waiting": 0,
+                                       "block_size": 8, "summary": b""})
+    ranks = asyncio.run(_router().choose_replicas([other, holder], _Pending([prompt + [1, 2]])))
+    assert ranks == [[holder], [other]]
+
+
+def test_router_falls_back_instead_of_raising_on_broken_stats() -> None:
+    broken = [_Replica(_ReplicaId("a"), {"free_blocks": "x", "num_blocks": 1, "running": 0, "waiting": 0}),
+              _Replica(_ReplicaId("b"), {"free_blocks": 1, "summary": b"123"})]
+    ranks = asyncio.run(_router().choose_replicas(broken, _Pending([[1, 2, 3]])))
+    assert len(ranks) == 1 and set(map(id, ranks[0])) <= set(map(id, broken)) and ranks[0]
+
+
+def test_openai_completion_body_maps_onto_sampling_params() -> None:
+    req = openai_api.parse_completion({"model": "m", "prompt": "hi", "max_tokens": 5, "temperature": 0.5,
+                                       "stop": "x", "top_k": 3, "stream": True,
+                                       "stream_options": {"include_usage": True}, "cache_salt": "t"})
+    assert req.prompt == "hi" and req.stream and req.include_usage and req.cache_salt == "t"
+    assert SamplingParams.from_dict(req.sampling) == SamplingParams(max_tokens=5, temperature=0.5, stop=["x"], top_k=3)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "hi", "n": 2}, "n"),
+    ({"prompt": {"a": 1}}, "prompt"),
+    ({"prompt": "hi", "frobnicate": 1}, "frobnicate"),
+])
+def test_unsupported_openai_fields_are_named(body, param) -> None:
+    with pytest.raises(RequestError) as error:
+        openai_api.parse_completion(body)
+    assert error.value.field == param
+
+
+def test_chat_content_parts_are_joined_and_other_parts_refused() -> None:
+    req = openai_api.parse_chat({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                          {"type": "text", "text": "b"}]}]})
+    assert req.prompt == {"messages": [{"role": "user", "content": "ab"}]}
+    with pytest.raises(RequestError, match=r"messages\[0\]\.content"):
+        openai_api.parse_chat({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
+
+
+def test_error_bodies_have_the_openai_shape_and_status() -> None:
+    assert openai_api.error_body("invalid_argument", "top_p: bad", "top_p") == (
+        400, {"error": {"message": "top_p: bad", "type": "invalid_request_error", "param": "top_p",
+                        "code": "invalid_argument"}})
+    assert openai_api.error_body("resource_exhausted", "full", "")[0] == 429
+    assert openai_api.error_body("unavailable", "down", "")[0] == 503
+
+
+def test_grpc_deadline_metadata_is_read_in_seconds() -> None:
+    assert deadline_from_metadata([("grpc-timeout", "250m")]) == pytest.approx(0.25)
+    assert deadline_from_metadata([("timeout-ms", "1500")]) == pytest.approx(1.5)
+    assert deadline_from_metadata([("other", "1")]) is None and deadline_from_metadata(None) is None
+    with pytest.raises(RequestError, match="timeout-ms"):
+        deadline_from_metadata([("timeout-ms", "soon")])
+
+
+def test_only_set_proto_sampling_fields_are_sent() -> None:
+    msg = pb.SamplingParams(max_tokens=4, temperature=0.0, stop=["a"])
+    assert sampling_from_proto(msg) == {"max_tokens": 4, "temperature": 0.0, "stop": ["a"]}
+    assert sampling_from_proto(pb.SamplingParams()) == {}
