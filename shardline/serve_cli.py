@@ -43,7 +43,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                       help="send the prompt as a user chat message (default)")
     mode.add_argument("--text", dest="chat", action="store_false", help="send the prompt as plain text")
     ask.add_argument("--max-tokens", type=int, default=256)
-    ask.add_argument("--temperature", type=float, default=None)
+    ask.add_argument("--temperature", type=float, default=0.0,
+                     help="sampling temperature (default 0: greedy, the same answer every time)")
     ask.add_argument("--application", default=None, help="Serve application name (needed with several)")
     ask.add_argument("--timeout", type=float, default=120.0, help="seconds before the call is abandoned")
     ask.set_defaults(handler=cmd_ask)

@@ -86,7 +86,7 @@ def served(tmp_path_factory, smollm2_source):
 def test_shardline_ask_streams_an_answer_with_paris(served) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "shardline", "ask", QUESTION, "--target", f"127.0.0.1:{served['grpc_port']}",
-         "--max-tokens", "40", "--temperature", "0"], capture_output=True, text=True, timeout=120)
+         "--max-tokens", "40"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
 
