@@ -32,6 +32,7 @@ from shardline.proto import generation_pb2 as pb
 from shardline.router import openai_api
 from shardline.worker.engine.params import RequestError, SamplingParams
 from shardline.worker.engine.validation import Limits, validate_request
+from shardline.worker.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -136,17 +137,6 @@ def _to_proto(rid: str, item: dict[str, Any]) -> pb.GenerateResponse:
     return msg
 
 
-def _load_tokenizer(source):
-    """The model's tokenizer, or None for a checkpoint without one (token-id input only)."""
-    from shardline.worker.tokenizer import Tokenizer
-
-    if source.kind == "safetensors" and not any(
-        (source.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    ):
-        return None
-    return Tokenizer.from_source(source)
-
-
 # NOTE: last in the file: serve.ingress pickles the routes when the class is decorated, so every
 # module-level helper the methods use must already exist.
 @serve.ingress(web)
@@ -165,7 +155,7 @@ class Ingress:
         self.model_name = config.model_name
         source = resolve_model(config.model)
         self.model_config = ModelConfig.from_hf_config(source.hf_config())
-        self.tokenizer = _load_tokenizer(source)
+        self.tokenizer = load_tokenizer(source)
         self.metrics = RouterMetrics(self.model_name)
         register_decision_sink(self.metrics.on_decision)
         self.admission = _Admission(config.max_in_flight)

@@ -7,6 +7,7 @@ text first and encodes it without adding special tokens (the template already pl
 from __future__ import annotations
 
 import json
+import logging
 from typing import TYPE_CHECKING, Any
 
 from .loader.source import ModelLoadError, ModelSource
@@ -15,6 +16,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+log = logging.getLogger(__name__)
 
 
 class Tokenizer:
@@ -122,3 +126,15 @@ def _gguf_tokenizer(path):
     hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     write_derived(path, lambda d: hf.save_pretrained(str(d)))
     return hf
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def load_tokenizer(source: ModelSource) -> Tokenizer | None:
+    """The model's tokenizer, or None for a safetensors directory that ships none: such a model
+    (random test checkpoints, benchmark configs) takes token ids and returns no text."""
+    if source.kind == "safetensors" and not any((source.path / f).exists() for f in TOKENIZER_FILES):
+        log.warning("%s has no tokenizer files: token ids in, token ids out, no text", source.path)
+        return None
+    return Tokenizer.from_source(source)

@@ -53,16 +53,6 @@ class _Tracked:
     pending: list[int] = field(default_factory=list)
 
 
-def _load_tokenizer(source, tokenizer_cls):
-    """The model's tokenizer, or None for a safetensors directory that ships none (token ids only)."""
-    if source.kind == "safetensors" and not any(
-        (source.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    ):
-        log.warning("%s has no tokenizer files: the engine takes token ids and returns no text", source.path)
-        return None
-    return tokenizer_cls.from_source(source)
-
-
 class LLMEngine:
     """One replica group's engine. `generate()` for offline use; `add_request()` + `step()` for
     front ends that stream."""
@@ -70,7 +60,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, show_progress: bool = True, metrics: Any = None,
                  launcher: Any = None) -> None:
         from shardline.worker.loader.source import resolve_model
-        from shardline.worker.tokenizer import Tokenizer
+        from shardline.worker.tokenizer import load_tokenizer
 
         self.config = config
         self.device = config.resolved_device()
@@ -79,7 +69,7 @@ class LLMEngine:
         self._launcher = launcher  # where tp ranks 1.. run (worker/parallel/launcher.py); None: local processes
         source = resolve_model(config.model, weights_required=config.load_format != "dummy")
         self.model_config = ModelConfig.from_hf_config(source.hf_config())
-        self.tokenizer = _load_tokenizer(source, Tokenizer)
+        self.tokenizer = load_tokenizer(source)
         load_format = config.load_format if config.load_format != "auto" else source.kind
         spec = ModelSpec(self.model_config, str(source.path), source.kind, load_format, self.dtype, self.device,
                          seed=config.seed, attention_backend=config.extra.get("attention_backend", "auto"))

@@ -13,6 +13,10 @@ class RequestError(ValueError):
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.code = code
+        self.detail = message
+
+    def __reduce__(self):  # survives pickling across Ray processes with its field and code
+        return (type(self), (self.field, self.detail, self.code))
 
 
 @dataclass
