@@ -42,6 +42,9 @@ class ClusterConfig:
     http_port: int = 8000
     host: str = "127.0.0.1"
     app_name: str = "shardline"
+    log_json: bool = False  # one JSON object per log line (request id, replica group, finish reason, tokens)
+    log_level: str = "INFO"
+    log_prompts: bool = False  # prompts and completions are user data: never logged unless asked
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:

@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator
 from ray import serve
 
 from shardline.cluster.config import ClusterConfig
+from shardline.logging import configure_logging
 from shardline.metrics import EngineMetrics
 from shardline.router.prefix_scoring import pack_summary
 from shardline.worker.engine.async_engine import AsyncEngine, EngineDeadError
@@ -57,6 +58,8 @@ class ReplicaGroup:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside Serve (tests of the class itself)
             self.replica_id = "local"
+        configure_logging(config.log_json, config.log_level, config.log_prompts,
+                          static_fields={"replica_group": self.replica_id, "model_name": config.model_name})
         self.metrics = EngineMetrics(config.model_name, replica_group=self.replica_id)
         launcher = None
         if config.tensor_parallel_size > 1:

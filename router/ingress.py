@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from ray import serve
 
 from shardline.cluster.config import ClusterConfig
+from shardline.logging import configure_logging
 from shardline.metrics import RouterMetrics, merge_expositions
 from shardline.proto import generation_pb2 as pb
 from shardline.router import openai_api
@@ -151,9 +152,11 @@ class Ingress:
         from shardline.worker.loader.source import resolve_model
 
         self.config = config
+        configure_logging(config.log_json, config.log_level, config.log_prompts,
+                          static_fields={"replica_group": "ingress", "model_name": config.model_name})
         self.replicas = replica_group
         self.model_name = config.model_name
-        source = resolve_model(config.model)
+        source = resolve_model(config.model, weights_required=config.engine_config().load_format != "dummy")
         self.model_config = ModelConfig.from_hf_config(source.hf_config())
         self.tokenizer = load_tokenizer(source)
         self.metrics = RouterMetrics(self.model_name)

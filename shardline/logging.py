@@ -72,9 +72,24 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class _StaticFields(logging.Filter):
+    """Stamps fields that hold for the whole process (e.g. replica_group) on every record."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        super().__init__()
+        self.fields = fields
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in self.fields.items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
+
+
 def configure_logging(json: bool, level: str = "INFO", log_prompts: bool = False,
-                      stream: TextIO | None = None) -> logging.Logger:
-    """Send the `shardline` loggers to `stream` (stderr by default) as JSON lines or text.
+                      stream: TextIO | None = None, static_fields: dict[str, Any] | None = None) -> logging.Logger:
+    """Send the `shardline` loggers to `stream` (stderr by default) as JSON lines or text;
+    `static_fields` (e.g. {"replica_group": ...}) are added to every record.
 
     Calling it again replaces the handler it installed before; other handlers (Ray's) are left alone.
     """
@@ -88,6 +103,8 @@ def configure_logging(json: bool, level: str = "INFO", log_prompts: bool = False
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     setattr(handler, _HANDLER_MARK, True)
     handler.setFormatter(JsonFormatter(log_prompts) if json else TextFormatter(log_prompts))
+    if static_fields:
+        handler.addFilter(_StaticFields(dict(static_fields)))
     logger.addHandler(handler)
     logger.setLevel(numeric)
     # Our handler writes the record; passing it on to the root would print it twice.

@@ -24,6 +24,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--http-port", type=int, default=None, help="HTTP port (default 8000)")
     serve.add_argument("--host", default=None, help="address the proxies listen on (default 127.0.0.1)")
     serve.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
+    serve.add_argument("--log-json", action="store_true", default=None,
+                       help="replicas and ingress log one JSON object per line (request id, replica group, finish reason, tokens)")
+    serve.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ERROR")
+    serve.add_argument("--log-prompts", action="store_true", default=None,
+                       help="also log prompts and completions (user data: off by default)")
     engine = serve.add_argument_group("engine (override the config's engine section)")
     engine.add_argument("--device", default=None, help="auto, cpu or cuda")
     engine.add_argument("--dtype", default=None)
@@ -55,7 +60,8 @@ def config_from_args(args: argparse.Namespace):
     from shardline.cluster.config import ClusterConfig
 
     top = {"model": args.model, "tensor_parallel_size": args.tensor_parallel_size, "replicas": args.replicas,
-           "grpc_port": args.grpc_port, "http_port": args.http_port, "host": args.host}
+           "grpc_port": args.grpc_port, "http_port": args.http_port, "host": args.host,
+           "log_json": args.log_json, "log_level": args.log_level, "log_prompts": args.log_prompts}
     top = {k: v for k, v in top.items() if v is not None}
     engine = {k: getattr(args, k) for k in ("device", "dtype", "load_format", "num_kv_blocks", "max_model_len",
                                              "max_num_seqs", "max_num_batched_tokens") if getattr(args, k) is not None}

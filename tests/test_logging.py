@@ -86,3 +86,28 @@ def test_exceptions_and_odd_values_still_give_one_json_line(restore_shardline_lo
 def test_unknown_level_is_refused() -> None:
     with pytest.raises(ValueError, match="level"):
         configure_logging(json=True, level="LOUD")
+
+
+def test_engine_logs_one_json_line_per_finished_request(tmp_path):
+    import io
+
+    from shardline.worker.config import EngineConfig
+    from shardline.worker.engine.engine import LLMEngine
+    from shardline.worker.engine.params import SamplingParams
+    from tiny_models import write_tiny_checkpoint
+
+    write_tiny_checkpoint("llama", tmp_path)
+    stream = io.StringIO()
+    configure_logging(json=True, stream=stream, static_fields={"replica_group": "g1"})
+    try:
+        engine = LLMEngine(EngineConfig(model=str(tmp_path), num_kv_blocks=64), show_progress=False)
+        engine.generate([[5, 6, 7], [8, 9]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    finally:
+        configure_logging(json=False)
+    finished = [json.loads(line) for line in stream.getvalue().splitlines() if '"request finished"' in line]
+    assert len(finished) == 2
+    for entry in finished:
+        assert entry["replica_group"] == "g1" and entry["finish_reason"] == "length"
+        assert entry["completion_tokens"] == 3 and entry["prompt_tokens"] in (2, 3)
+        assert entry["request_id"].startswith("req-")
+        assert not {"prompt", "prompt_token_ids", "text"} & set(entry)

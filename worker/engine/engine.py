@@ -257,8 +257,13 @@ class LLMEngine:
 
     def _final(self, t: _Tracked, reason: str, new_ids: list[int], text: str) -> RequestOutput:
         r = t.request
+        e2e = time.monotonic() - t.arrival
         if self.metrics is not None:
-            self.metrics.on_finish(reason, r.num_prompt_tokens, len(r.output_token_ids), time.monotonic() - t.arrival)
+            self.metrics.on_finish(reason, r.num_prompt_tokens, len(r.output_token_ids), e2e)
+        log.info("request finished", extra={
+            "request_id": r.request_id, "finish_reason": reason, "prompt_tokens": r.num_prompt_tokens,
+            "completion_tokens": len(r.output_token_ids), "cached_tokens": r.num_cached_tokens,
+            "e2e_s": round(e2e, 4)})
         return RequestOutput(r.request_id, new_ids, text, finished=True, finish_reason=reason,
                              prompt_tokens=r.num_prompt_tokens, completion_tokens=len(r.output_token_ids),
                              cached_tokens=r.num_cached_tokens)
