@@ -236,7 +236,7 @@ class Ingress:
                     except StopAsyncIteration:
                         finished = True
                         return
-                    if "error" in item and "finish_reason" not in item:
+                    if "error" in item:  # a rejection, or the engine failing mid-stream (finish_reason "error")
                         finished = True
                         err = item["error"]
                         error = RequestError(err.get("field", ""), _strip_field(err), code=err.get("code", "internal"))
@@ -256,8 +256,6 @@ class Ingress:
             except RequestError:
                 raise
             except Exception as e:  # noqa: BLE001 - a replica died mid-stream, no replica, ...
-                if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
-                    raise
                 log.warning("stream %s failed: %s", request_id, e)
                 raise RequestError("", f"the replica group serving the request failed: {type(e).__name__}",
                                    code="unavailable") from None
@@ -426,6 +424,8 @@ class Ingress:
                 self.reject(e, started=True)
                 status, payload = openai_api.error_body(e.code, str(e), e.field)
                 return JSONResponse(payload, status_code=status)
+            finally:
+                await items.aclose()  # releases the admission slot now, not at garbage collection
             decode = self._decode_token
             return JSONResponse(openai_api.completion_response(rid, self.model_name, collected, decode, chat))
         return StreamingResponse(self._sse(rid, first, items, chat, req.include_usage), media_type="text/event-stream")

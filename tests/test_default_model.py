@@ -95,3 +95,11 @@ def test_cli_reports_bad_input_clearly(argv, needle):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert needle in out.stderr and "Traceback" not in out.stderr
+
+
+def test_stop_strings_wait_for_min_tokens(engine):
+    prompt = {"messages": CHATS[0]}
+    [free] = engine.generate([prompt], SamplingParams(max_tokens=64, temperature=0.0, stop=["capital"]))
+    [held] = engine.generate([prompt], SamplingParams(max_tokens=64, temperature=0.0, stop=["capital"], min_tokens=8))
+    assert free.finish_reason == "stop_string" and free.completion_tokens < 8
+    assert held.completion_tokens >= 8 and "capital" in held.text

@@ -240,3 +240,91 @@ def test_triton_attention_backend_matches_transformers(arch, tmp_path):
     batch = prompts(4, seed=1, max_len=30)
     results = engine.generate(batch, greedy(6))
     assert [r.token_ids for r in results] == reference(hf, batch, 6)
+
+
+def test_cancel_during_admission_still_frees_the_request(tiny):
+    import threading
+
+    d, _ = tiny
+    aeng = AsyncEngine(make_engine(d))
+    gate = threading.Event()
+    real_add = aeng.engine.add_request
+
+    def add_after_the_caller_gave_up(*args, **kwargs):  # the engine thread admits late
+        gate.wait(10)
+        return real_add(*args, **kwargs)
+
+    aeng.engine.add_request = add_after_the_caller_gave_up
+
+    async def run():
+        task = asyncio.create_task(aeng.generate(prompts(1, seed=31)[0], greedy(450)).__anext__())
+        await asyncio.sleep(0.1)  # queued; the engine thread is inside add_request, waiting
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        steps = aeng.engine.num_steps
+        gate.set()
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if aeng.engine.num_steps > steps and not aeng.engine.has_unfinished_requests():
+                break
+        return aeng.engine.num_steps - steps
+
+    try:
+        assert asyncio.run(run()) < 50  # aborted right after admission, not run to 450 tokens
+        assert_all_blocks_free(aeng.engine)
+    finally:
+        aeng.shutdown()
+
+
+def test_shutdown_ends_open_streams_and_refuses_new_ones(tiny):
+    from shardline.worker.engine.async_engine import EngineDeadError
+
+    d, _ = tiny
+    aeng = AsyncEngine(make_engine(d))
+
+    async def run():
+        outs = []
+
+        async def consume():
+            async for out in aeng.generate(prompts(1, seed=32)[0], greedy(400)):
+                outs.append(out)
+
+        task = asyncio.create_task(consume())
+        while not outs:
+            await asyncio.sleep(0.01)
+        await asyncio.get_running_loop().run_in_executor(None, aeng.shutdown)
+        await asyncio.wait_for(task, 10)
+        with pytest.raises(EngineDeadError):
+            async for _ in aeng.generate([5, 6], greedy(2)):
+                pass
+        return outs[-1]
+
+    last = asyncio.run(run())
+    assert last.finished and last.finish_reason == "error" and "shut down" in last.error
+
+
+async def _drain(agen):
+    async for _ in agen:
+        pass
+
+
+def test_every_sampling_option_runs_through_the_engine(tiny):
+    """The sampler's paths on the runner's real (inference-mode) logits, mixed in one batch."""
+    d, _ = tiny
+    engine = make_engine(d)
+    options = [
+        SamplingParams(max_tokens=6, temperature=0.7, top_k=5, seed=1),
+        SamplingParams(max_tokens=6, temperature=1.0, top_p=0.8, min_p=0.05, seed=2),
+        SamplingParams(max_tokens=6, temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5,
+                       frequency_penalty=0.5),
+        SamplingParams(max_tokens=6, temperature=0.0, min_tokens=6, stop_token_ids=[3, 4, 5]),
+        SamplingParams(max_tokens=6, temperature=0.0, logprobs=3, ignore_eos=True),
+    ]
+    results = engine.generate(prompts(5, seed=40), options)
+    assert all(r.completion_tokens == 6 for r in results[3:])
+    assert not set(results[3].token_ids[:5]) & {3, 4, 5}  # stop ids are masked until min_tokens
+    lps = results[4].logprobs
+    assert lps is not None and len(lps) == 6 and all(len(lp.top) == 3 for lp in lps)
+    assert all(lp.token_id == t for lp, t in zip(lps, results[4].token_ids))
+    assert_all_blocks_free(engine)

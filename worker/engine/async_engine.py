@@ -49,13 +49,20 @@ class AsyncEngine:
                        priority: int = 0, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its deltas; the last one has finished=True. Leaving the
         iteration early (cancel, disconnect) aborts the request and frees its blocks."""
-        self._raise_if_dead()
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         admitted: asyncio.Future = loop.create_future()
-        self._commands.put(("add", (prompt, params, request_id, priority, cache_salt, loop, q, admitted)))
+        with self._lock:  # against _fail_all: a command is either queued before the drain or refused
+            self._raise_if_dead()
+            self._commands.put(("add", (prompt, params, request_id, priority, cache_salt, loop, q, admitted)))
         self._wake.set()
-        rid = await admitted  # raises the RequestError of a rejected request
+        try:
+            # shield: a cancel here must not cancel `admitted`, or the admitted request would be lost
+            rid = await asyncio.shield(admitted)  # raises the RequestError of a rejected request
+        except asyncio.CancelledError:
+            # Cancelled while the engine thread admits it: abort it as soon as it has an id.
+            admitted.add_done_callback(lambda f: None if f.exception() else self.abort(f.result()))
+            raise
         finished = False
         try:
             while True:
@@ -83,9 +90,12 @@ class AsyncEngine:
         return self.engine.stats()
 
     def shutdown(self) -> None:
+        """Stop the loop; every stream still open ends with an error and new calls are refused."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=30)
+        if self.error is None:
+            self._fail_all(EngineDeadError("engine shut down"))
         self.engine.shutdown()
 
     def _raise_if_dead(self) -> None:
@@ -145,7 +155,8 @@ class AsyncEngine:
                 self._deliver(out)
 
     def _fail_all(self, error: BaseException) -> None:
-        self.error = error
+        with self._lock:
+            self.error = error
         for rid in list(self._streams):
             self._deliver(RequestOutput(rid, [], "", finished=True, finish_reason=FINISH_ERROR, error=str(error)))
         # answer anyone still waiting for admission

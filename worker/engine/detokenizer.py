@@ -42,17 +42,17 @@ class IncrementalDetokenizer:
         """All text emitted so far."""
         return self.text[: self.emitted]
 
-    def step(self, new_token_ids: list[int]) -> tuple[str, str | None]:
+    def step(self, new_token_ids: list[int], check_stop: bool = True) -> tuple[str, str | None]:
         """Add a step's tokens; return (text to emit now, the stop string that matched or None).
         After a match the text is cut at the stop string (kept only with include_stop_str_in_output)
-        and later calls emit nothing."""
+        and later calls emit nothing. check_stop=False (before min_tokens) never matches."""
         if self.stopped is not None:
             return "", None
         self.token_ids.extend(new_token_ids)
         start = max(len(self.text) - self.hold_back, 0)  # a match may begin in the held-back tail
         self.text += self._decode_new()
 
-        match = self._find_stop(start)
+        match = self._find_stop(start) if check_stop else None
         if match is not None:
             index, stop = match
             self.stopped = stop

@@ -142,9 +142,10 @@ class LLMEngine:
                       cache_salt=cache_salt, max_tokens=max_tokens)
         block = [] if params.ignore_eos else list(self.eos_token_ids)
         detok = IncrementalDetokenizer(self.tokenizer, token_ids, params) if self.tokenizer is not None else None
-        self._tracked[request_id] = _Tracked(req, detok, make_generator(params.seed, self.device),
-                                             sorted(set(block) | set(params.stop_token_ids)), now)
-        self.scheduler.add_request(req)
+        tracked = _Tracked(req, detok, make_generator(params.seed, self.device),
+                           sorted(set(block) | set(params.stop_token_ids)), now)
+        self.scheduler.add_request(req)  # first: if it refuses, nothing is left registered
+        self._tracked[request_id] = tracked
         return request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -173,7 +174,7 @@ class LLMEngine:
             if t is not None and t.scheduled_time is None:
                 t.scheduled_time = now
         logits = self.executor.execute(self._inputs(sched))
-        samplers = [s.request for s in sched.scheduled if s.request.num_computed_tokens + s.num_new_tokens == s.request.num_tokens]
+        samplers = [s.request for s in sched.scheduled if s.samples]
         sampled: dict[str, int] = {}
         logprobs: dict[str, Any] = {}
         if samplers:
@@ -213,7 +214,7 @@ class LLMEngine:
             r = s.request
             c = r.num_computed_tokens
             ids = r.all_token_ids[c : c + s.num_new_tokens]
-            slices.append(SeqSlice(ids, c, r.block_ids, c + s.num_new_tokens == r.num_tokens))
+            slices.append(SeqSlice(ids, c, r.block_ids, s.samples))
         return build_step_inputs(slices, self.config.block_size, self.device)
 
     def _after_token(self, req: Request, logprob) -> RequestOutput | None:
@@ -232,13 +233,12 @@ class LLMEngine:
         t.last_token_time = now
         token = req.output_token_ids[-1]
         p = req.params
-        text, stop_str = t.detok.step([token]) if t.detok else ("", None)
+        may_stop = len(req.output_token_ids) >= p.min_tokens
+        text, stop_str = t.detok.step([token], check_stop=may_stop) if t.detok else ("", None)
         reason = None
         if stop_str is not None:
             reason = FINISH_STOP_STRING
-        elif len(req.output_token_ids) >= p.min_tokens and (
-            (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids
-        ):
+        elif may_stop and ((not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids):
             reason = FINISH_STOP
         elif len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
             reason = FINISH_LENGTH

@@ -186,6 +186,7 @@ class Sampler:
     def __init__(self, generator: torch.Generator | None = None) -> None:
         self.generator = generator
 
+    @torch.inference_mode()  # the logits are inference tensors; masking them in place needs this mode
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         logits = logits[:, : batch.vocab_size].to(torch.float32)
         logits = apply_penalties(logits, batch)
