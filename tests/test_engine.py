@@ -235,7 +235,7 @@ def test_triton_attention_backend_matches_transformers(arch, tmp_path):
     if not torch.cuda.is_available() and not interpreter_ready():
         pytest.skip("triton imported in compile mode without a GPU; run the kernel tests alone")
     hf = write_tiny_checkpoint(arch, tmp_path, seed=3)
-    engine = make_engine(tmp_path, max_num_batched_tokens=32, extra={"attention_backend": "triton"})
+    engine = make_engine(tmp_path, max_num_batched_tokens=32, attention_backend="triton")
     assert engine.executor.model.layers[0].self_attn.backend.name == "triton"
     batch = prompts(4, seed=1, max_len=30)
     results = engine.generate(batch, greedy(6))

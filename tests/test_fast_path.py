@@ -89,7 +89,7 @@ def test_fused_triton_model_logits_match_transformers_within_1e3(tiny, interpret
 def test_fused_triton_engine_greedy_tokens_equal_transformers(tiny, interpreter):
     d, hf = tiny
     engine = LLMEngine(EngineConfig(model=str(d), num_kv_blocks=64, block_size=BLOCK, max_num_batched_tokens=64,
-                                    extra={"fused_kernels": "triton", "attention_backend": "triton"}),
+                                    attention_backend="triton", extra={"fused_kernels": "triton"}),
                        show_progress=False)
     assert engine.executor.model.layers[0].mlp.impl == "triton"
     batch = prompts(2, seed=9, min_len=4, max_len=12)

@@ -158,6 +158,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False
+    attention_backend: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | torch | triton
     seed: int = 0
     max_queue_len: int = 1024  # waiting requests beyond this are rejected as overload
     extra: dict[str, Any] = field(default_factory=dict)
@@ -183,6 +184,8 @@ class EngineConfig:
             raise ConfigError(f"load_format: {self.load_format!r} is not one of auto, safetensors, gguf, dummy")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ConfigError(f"attention_backend: {self.attention_backend!r} is not one of auto, torch, triton")
         if self.dtype != "auto":
             parse_dtype(self.dtype)
 
@@ -197,6 +200,13 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
         return parse_dtype(self.dtype)
+
+    def resolved_max_model_len(self, model: ModelConfig) -> int:
+        """The context limit: max_model_len when set (never past the model's positions), else the model's."""
+        limit = model.max_position_embeddings
+        if self.max_model_len is not None and self.max_model_len > limit:
+            raise ConfigError(f"max_model_len: {self.max_model_len} exceeds the model's max_position_embeddings {limit}")
+        return self.max_model_len or limit
 
     def replace(self, **changes: Any) -> "EngineConfig":
         return dataclasses.replace(self, **changes)

@@ -13,7 +13,7 @@ from typing import Any, Sequence, Union
 
 import torch
 
-from shardline.worker.config import ConfigError, EngineConfig, ModelConfig
+from shardline.worker.config import EngineConfig, ModelConfig
 from shardline.worker.engine.block_manager import BlockManager
 from shardline.worker.engine.detokenizer import IncrementalDetokenizer
 from shardline.worker.engine.executor import Executor, LocalExecutor, ModelSpec
@@ -72,12 +72,8 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(source)
         load_format = config.load_format if config.load_format != "auto" else source.kind
         spec = ModelSpec(self.model_config, str(source.path), source.kind, load_format, self.dtype, self.device,
-                         seed=config.seed, attention_backend=config.extra.get("attention_backend", "auto"))
-        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
-                                 self.model_config.max_position_embeddings)
-        if config.max_model_len and config.max_model_len > self.model_config.max_position_embeddings:
-            raise ConfigError(f"max_model_len: {config.max_model_len} exceeds the model's "
-                              f"max_position_embeddings {self.model_config.max_position_embeddings}")
+                         seed=config.seed, attention_backend=config.attention_backend)
+        self.max_model_len = config.resolved_max_model_len(self.model_config)
         self.executor: Executor = self._make_executor(spec, show_progress)
         self.block_manager = BlockManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)

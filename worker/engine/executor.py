@@ -181,10 +181,8 @@ class LocalExecutor:
         self.runner = ModelRunner(self.model, caches, config.block_size, spec.device)
         self.cuda_graphs = False
         if spec.device.type == "cuda" and not config.enforce_eager:
-            mpe = spec.model_config.max_position_embeddings
-            max_model_len = min(config.max_model_len or mpe, mpe)
             max_batch = min(config.max_num_seqs, config.max_num_batched_tokens)
-            self.cuda_graphs = self.runner.enable_cuda_graphs(max_batch, max_model_len)
+            self.cuda_graphs = self.runner.enable_cuda_graphs(max_batch, config.resolved_max_model_len(spec.model_config))
 
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         return self.runner.execute(inputs)
