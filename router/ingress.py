@@ -33,7 +33,7 @@ from shardline.proto import generation_pb2 as pb
 from shardline.router import openai_api
 from shardline.worker.engine.params import RequestError, SamplingParams
 from shardline.worker.engine.validation import Limits, validate_request
-from shardline.worker.tokenizer import load_tokenizer
+from shardline.worker.tokenizer import encode_prompt, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -181,24 +181,7 @@ class Ingress:
 
     def encode(self, prompt: Any, add_special_tokens: bool | None = None) -> list[int]:
         """Token ids of a text prompt, chat messages ({"messages": [...]}), or a token-id list."""
-        if isinstance(prompt, (list, tuple)):
-            return list(prompt)
-        if self.tokenizer is None:
-            raise RequestError("prompt", "this model has no tokenizer; send token ids")
-        try:
-            if isinstance(prompt, dict):
-                return self.tokenizer.apply_chat_template(prompt["messages"])
-            if add_special_tokens is None:
-                return self.tokenizer.encode(prompt)
-            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        except RequestError:
-            raise
-        except Exception as e:  # noqa: BLE001 - malformed messages, a template that refuses them
-            field = "messages" if isinstance(prompt, dict) else "prompt"
-            message = str(e)
-            if message.startswith("messages"):
-                field, _, message = message.partition(": ")
-            raise RequestError(field, message) from None
+        return encode_prompt(self.tokenizer, prompt, add_special_tokens)
 
     async def prepare(self, prompt: Any, sampling: dict[str, Any]) -> list[int]:
         """Tokenize and validate exactly as the engine will (same validator, same limits)."""

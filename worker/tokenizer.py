@@ -138,3 +138,41 @@ def load_tokenizer(source: ModelSource) -> Tokenizer | None:
         log.warning("%s has no tokenizer files: token ids in, token ids out, no text", source.path)
         return None
     return Tokenizer.from_source(source)
+
+
+def encode_prompt(tokenizer: Tokenizer | None, prompt: Any, add_special_tokens: bool | None = None) -> list[int]:
+    """Token ids of any prompt form every front end accepts: text, a token-id list, or a dict with
+    "messages" (rendered with the chat template), "prompt" or "prompt_token_ids". Raises
+    RequestError naming the field, so that bad input is the caller's error, never a crash."""
+    from shardline.worker.engine.params import RequestError
+
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            prompt = prompt["prompt_token_ids"]
+        elif "prompt" in prompt:
+            prompt = prompt["prompt"]
+        elif "messages" not in prompt:
+            raise RequestError("prompt", "a dict prompt needs 'messages', 'prompt' or 'prompt_token_ids'")
+    if isinstance(prompt, (list, tuple)):
+        try:
+            return [int(t) for t in prompt]
+        except (TypeError, ValueError):
+            raise RequestError("prompt_token_ids", "must be a list of integers") from None
+    if not isinstance(prompt, (str, dict)):
+        raise RequestError("prompt", f"must be text, token ids or chat messages, got {type(prompt).__name__}")
+    if tokenizer is None:
+        raise RequestError("prompt", "this model has no tokenizer; send token ids")
+    try:
+        if isinstance(prompt, dict):
+            return tokenizer.apply_chat_template(prompt["messages"])
+        if add_special_tokens is None:
+            return tokenizer.encode(prompt)
+        return tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+    except RequestError:
+        raise
+    except Exception as e:  # noqa: BLE001 - malformed messages, a template that refuses them
+        field = "messages" if isinstance(prompt, dict) else "prompt"
+        message = str(e)
+        if message.startswith("messages"):
+            field, _, message = message.partition(": ")
+        raise RequestError(field, message) from None

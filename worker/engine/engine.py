@@ -31,6 +31,7 @@ from shardline.worker.engine.request import Request
 from shardline.worker.engine.sampler import Sampler, SamplingBatch, make_generator
 from shardline.worker.engine.scheduler import Scheduler, SchedulerOutput
 from shardline.worker.engine.validation import Limits, validate_request
+from shardline.worker.tokenizer import encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -99,22 +100,7 @@ class LLMEngine:
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Token ids of a text prompt, a token-id list, or {"messages": [...]} (chat template)."""
-        if self.tokenizer is None and (isinstance(prompt, str) or (isinstance(prompt, dict) and "prompt_token_ids" not in prompt)):
-            raise RequestError("prompt", "this model has no tokenizer; send token ids")
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict):
-            if "messages" in prompt:
-                return self.tokenizer.apply_chat_template(prompt["messages"])
-            if "prompt_token_ids" in prompt:
-                return list(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                return self.tokenizer.encode(prompt["prompt"])
-            raise RequestError("prompt", "a dict prompt needs 'messages', 'prompt' or 'prompt_token_ids'")
-        try:
-            return [int(t) for t in prompt]
-        except (TypeError, ValueError):
-            raise RequestError("prompt_token_ids", "must be a list of integers") from None
+        return encode_prompt(self.tokenizer, prompt)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     priority: int = 0, cache_salt: str | None = None, arrival_time: float | None = None) -> str:
