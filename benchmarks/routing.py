@@ -12,6 +12,9 @@ Phases (the same prompts, in the same order, for every router):
                  the groups' cached prefixes: a router's memory of where it *sent* text is now
                  partly wrong, the replicas' block-hash reports are not.
   revisit        the same groups again with new questions.
+  tenants        one system prompt shared by T tenants, each with its own cache_salt (the
+                 engine keeps a separate cache per salt): the same text is T different prefixes
+                 to the engine but one to a router that only remembers text.
 
 Usage:  .venv/bin/python benchmarks/routing.py [--groups 8 --per-group 6 --concurrency 4] [--json]
 """
@@ -33,6 +36,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny model + tokenizer fixture the cluster tests use
 
 ROUTERS = ("kv_aware", "prefix_affinity", "pow2")
+# A run is a router name, optionally with knobs for its request_router_kwargs:
+# "kv_aware:tokens_per_load=16" is the KV-aware router with cached prefix weighed more than load.
+DEFAULT_RUNS = ("kv_aware", "kv_aware:tokens_per_load=16", "prefix_affinity", "pow2")
+
+
+def parse_run(spec: str) -> tuple[str, dict[str, float]]:
+    """'name[:k=v,...]' -> (router, knobs)."""
+    name, _, rest = spec.partition(":")
+    if name not in ROUTERS:
+        raise argparse.ArgumentTypeError(f"{spec}: the router must be one of {', '.join(ROUTERS)}")
+    knobs = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        knobs[key] = float(value)
+    return name, knobs
 BLOCK = 8
 
 
@@ -52,8 +70,11 @@ class PhaseResult:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
+Prompt = tuple[str, "str | None"]  # text, cache_salt
+
+
 def make_workload(groups: int, per_group: int, prefix_words: int, question_words: int, flood: int,
-                  seed: int) -> dict[str, list[str]]:
+                  tenants: int, seed: int) -> dict[str, list[Prompt]]:
     """The prompts of every phase, as text over the tiny tokenizer's words (one token per word)."""
     from cluster_fixtures import WORDS
 
@@ -65,14 +86,17 @@ def make_workload(groups: int, per_group: int, prefix_words: int, question_words
 
     systems = [f"system {text(prefix_words)}" for _ in range(groups)]
 
-    def round_of_questions() -> list[str]:
+    def round_of_questions() -> list[Prompt]:
         # interleaved: question i of every group before question i+1 of any
-        return [f"{systems[g]} user {text(question_words)}" for _ in range(per_group) for g in range(groups)]
+        return [(f"{systems[g]} user {text(question_words)}", None) for _ in range(per_group) for g in range(groups)]
 
+    shared = f"system {text(prefix_words)}"
     return {
         "shared_prefix": round_of_questions(),
-        "flood": [text(prefix_words + question_words) for _ in range(flood)],
+        "flood": [(text(prefix_words + question_words), None) for _ in range(flood)],
         "revisit": round_of_questions(),
+        "tenants": [(f"{shared} user {text(question_words)}", f"tenant-{t}")
+                    for _ in range(per_group) for t in range(tenants)],
     }
 
 
@@ -84,14 +108,15 @@ def replica_query_tokens(stub) -> dict[str, int]:
     return {r.replica_id: r.prefix_cache_query_tokens for r in info.replicas}
 
 
-def run_phase(stub, prompts: list[str], concurrency: int, max_tokens: int, settle_s: float) -> PhaseResult:
+def run_phase(stub, prompts: list[Prompt], concurrency: int, max_tokens: int, settle_s: float) -> PhaseResult:
     """Send the prompts C at a time (in order) and add up usage."""
     import grpc
 
     from shardline.proto import generation_pb2 as pb
 
-    def one(prompt: str) -> tuple[int, int]:
-        request = pb.GenerateRequest(text=prompt, sampling=pb.SamplingParams(
+    def one(prompt: Prompt) -> tuple[int, int]:
+        text, salt = prompt
+        request = pb.GenerateRequest(text=text, cache_salt=salt or "", sampling=pb.SamplingParams(
             max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
         last = None
         for last in stub.Generate(request, timeout=120):
@@ -119,9 +144,9 @@ def run_phase(stub, prompts: list[str], concurrency: int, max_tokens: int, settl
     return result
 
 
-def run_router(router: str, model_dir: Path, workload: dict[str, list[str]], args: argparse.Namespace,
+def run_router(spec: str, model_dir: Path, workload: dict[str, list[Prompt]], args: argparse.Namespace,
                grpc_port: int, http_port: int) -> dict[str, PhaseResult]:
-    """Deploy the application with `router`, run every phase, tear the application down."""
+    """Deploy the application with the run's router, run every phase, tear the application down."""
     import grpc
     from ray import serve
 
@@ -129,11 +154,14 @@ def run_router(router: str, model_dir: Path, workload: dict[str, list[str]], arg
     from shardline.cluster.app import build_app
     from shardline.proto import generation_pb2_grpc as pb_grpc
 
+    router, knobs = parse_run(spec)
+    if router == "kv_aware":
+        knobs.setdefault("seed", args.seed)
     app_args = dict(model=str(model_dir), router=router, replicas=2, cpus_per_rank=0.5,
                     engine=dict(num_kv_blocks=args.kv_blocks, block_size=BLOCK, max_num_seqs=8,
                                 max_num_batched_tokens=512, device="cpu"),
                     routing_stats_period_s=0.2, metrics_period_s=0.2, served_model_name="tiny",
-                    routing={"seed": args.seed} if router == "kv_aware" else {})
+                    routing=knobs)
     serve.run(build_app(app_args), name="shardline", route_prefix="/", blocking=False)
     wait_serving(grpc_port)
     results: dict[str, PhaseResult] = {}
@@ -151,18 +179,25 @@ def run_router(router: str, model_dir: Path, workload: dict[str, list[str]], arg
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the comparison; print a table (and JSON with --json); return the results."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--routers", nargs="+", default=list(ROUTERS), choices=ROUTERS)
+    parser.add_argument("--routers", nargs="+", default=list(DEFAULT_RUNS),
+                        help="runs: a router name, optionally with knobs (kv_aware:tokens_per_load=16)")
     parser.add_argument("--groups", type=int, default=8)
     parser.add_argument("--per-group", type=int, default=6)
     parser.add_argument("--prefix-words", type=int, default=128, help="system prompt length (tokens)")
     parser.add_argument("--question-words", type=int, default=16)
-    parser.add_argument("--flood", type=int, default=12, help="unique prompts in the flood phase")
+    parser.add_argument("--flood", type=int, default=6, help="unique prompts in the flood phase")
+    parser.add_argument("--tenants", type=int, default=8, help="cache salts sharing one system prompt")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=4)
-    parser.add_argument("--kv-blocks", type=int, default=96, help="KV pool per replica group (blocks of 8)")
+    parser.add_argument("--kv-blocks", type=int, default=128, help="KV pool per replica group (blocks of 8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     args = parser.parse_args(argv)
+    for spec in args.routers:
+        try:
+            parse_run(spec)
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            parser.error(str(e))
 
     import ray
     from ray import serve
@@ -172,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from shardline.cluster.app import GRPC_SERVICER_FUNCTIONS
 
     workload = make_workload(args.groups, args.per_group, args.prefix_words, args.question_words,
-                             args.flood, args.seed)
+                             args.flood, args.tenants, args.seed)
     out: dict[str, Any] = {"args": vars(args), "routers": {}}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "tiny"
@@ -200,14 +235,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def print_table(out: dict[str, Any]) -> None:
     """One row per router and phase: cached fraction, per-replica prompt-token split, wall time."""
-    print(f"{'router':<16} {'phase':<14} {'reqs':>5} {'prompt tok':>10} {'cached tok':>10} {'cached %':>8} "
+    print(f"{'router':<30} {'phase':<14} {'reqs':>5} {'prompt tok':>10} {'cached tok':>10} {'cached %':>8} "
           f"{'split (prompt tok per replica)':>30} {'wall s':>7} {'err':>4}")
     for router, phases in out["routers"].items():
         for phase, r in phases.items():
             if not isinstance(r, dict):
                 continue
             split = "/".join(str(x) for x in r["per_replica_prompt_tokens"])
-            print(f"{router:<16} {phase:<14} {r['requests']:>5} {r['prompt_tokens']:>10} {r['cached_tokens']:>10} "
+            print(f"{router:<30} {phase:<14} {r['requests']:>5} {r['prompt_tokens']:>10} {r['cached_tokens']:>10} "
                   f"{100 * r['cached_fraction']:>7.1f}% {split:>30} {r['wall_s']:>7.2f} {r['errors']:>4}")
 
 
