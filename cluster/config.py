@@ -15,6 +15,15 @@ from shardline.worker.config import ConfigError, EngineConfig
 # EngineConfig fields the cluster sets itself (model and tp live at the top level of the config).
 _ENGINE_TOP_LEVEL = ("model", "tensor_parallel_size")
 
+# The `router` choices and the import path of the Serve RequestRouter class each one names.
+ROUTERS = {
+    "kv_aware": "shardline.router.request_router.KVAwareRouter",
+    # NOTE: the public alias ray.serve.llm.request_router imports ray.serve.llm, which needs pyarrow
+    # (not installed); the class itself does not.
+    "prefix_affinity": "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router:PrefixCacheAffinityRouter",
+    "pow2": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
+}
+
 
 @dataclass(frozen=True)
 class ClusterConfig:
@@ -35,7 +44,11 @@ class ClusterConfig:
     stall_timeout_s: float = 60.0  # check_health fails after this long without progress while busy
     routing_stats_period_s: float = 1.0  # how often replicas report load and cached blocks
     summary_blocks: int = 4096  # most recently used block hashes a replica reports (8 bytes each)
-    routing: dict[str, Any] = field(default_factory=dict)  # router.prefix_scoring.ScoringConfig knobs
+    routing: dict[str, Any] = field(default_factory=dict)  # the router's knobs (request_router_kwargs)
+    # Which Serve request router the ReplicaGroup uses: "kv_aware" (ours, router/request_router.py),
+    # "prefix_affinity" (Ray's PrefixCacheAffinityRouter) or "pow2" (Ray's default power of two
+    # choices). The other two exist to compare against (benchmarks/routing.py, docs/routing.md).
+    router: str = "kv_aware"
     metrics_period_s: float = 1.0  # how often replicas push their metrics snapshot
     served_model_name: str | None = None  # name in /v1/models and metrics labels (default: model)
     grpc_port: int = 9000
@@ -58,6 +71,8 @@ class ClusterConfig:
         for name in ("grpc_port", "http_port"):
             if not 0 < getattr(self, name) < 65536:
                 raise ConfigError(f"{name}: must be a TCP port, got {getattr(self, name)}")
+        if self.router not in ROUTERS:
+            raise ConfigError(f"router: must be one of {', '.join(ROUTERS)}, got {self.router!r}")
         for key in _ENGINE_TOP_LEVEL:
             if key in self.engine:
                 raise ConfigError(f"engine.{key}: set `{key}` at the top level of the config, not under engine")
@@ -87,6 +102,11 @@ class ClusterConfig:
             data = _from_serve_config(data)
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data)
+
+    @property
+    def router_needs_text(self) -> bool:
+        """Whether the router reads the prompt as text (a RoutingHint must go with each generate call)."""
+        return self.router == "prefix_affinity"
 
     def engine_config(self) -> EngineConfig:
         """The EngineConfig every replica group builds its engine from."""

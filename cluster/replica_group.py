@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
-from shardline.cluster.config import ClusterConfig
+from shardline.cluster.config import ROUTERS, ClusterConfig
 from shardline.logging import configure_logging
 from shardline.metrics import EngineMetrics
 from shardline.router.prefix_scoring import pack_summary
@@ -78,9 +78,11 @@ class ReplicaGroup:
     # ---- serving ------------------------------------------------------------------------------
 
     async def generate(self, token_ids: list[int], params: dict[str, Any], request_id: str | None = None,
-                       priority: int = 0, cache_salt: str | None = None) -> AsyncIterator[dict[str, Any]]:
+                       priority: int = 0, cache_salt: str | None = None,
+                       hint: Any = None) -> AsyncIterator[dict[str, Any]]:
         """Stream one request's deltas as dicts; the last has finish_reason and usage, or `error`.
-        Leaving the iteration (the caller cancelled) aborts the request and frees its blocks."""
+        Leaving the iteration (the caller cancelled) aborts the request and frees its blocks.
+        `hint` (a router.routing_hint.RoutingHint, positional) is for text-based routers only."""
         try:
             sampling = SamplingParams.from_dict(params)
             async for out in self.engine.generate(list(token_ids), sampling, request_id, priority, cache_salt):
@@ -166,12 +168,13 @@ class ReplicaGroup:
 
 
 def replica_group_deployment(config: ClusterConfig):
-    """The ReplicaGroup deployment with the KV-aware router and the config's placement and scaling."""
+    """The ReplicaGroup deployment with the config's request router (KV-aware by default),
+    placement and scaling."""
     from ray.serve.config import RequestRouterConfig
 
     router = RequestRouterConfig(
         # by import path, so the router and the ingress share the real module (see request_router.py)
-        request_router_class="shardline.router.request_router.KVAwareRouter",
+        request_router_class=ROUTERS[config.router],
         request_router_kwargs=dict(config.routing),
         request_routing_stats_period_s=config.routing_stats_period_s,
         request_routing_stats_timeout_s=max(5.0, 5 * config.routing_stats_period_s),

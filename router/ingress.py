@@ -31,6 +31,7 @@ from shardline.logging import configure_logging
 from shardline.metrics import RouterMetrics, merge_expositions
 from shardline.proto import generation_pb2 as pb
 from shardline.router import openai_api
+from shardline.router.routing_hint import RoutingHint
 from shardline.worker.engine.params import RequestError, SamplingParams
 from shardline.worker.engine.validation import Limits, validate_request
 from shardline.worker.tokenizer import encode_prompt, load_tokenizer
@@ -206,8 +207,10 @@ class Ingress:
         caps = [t for t in (timeout_s, self.config.request_timeout_s) if t is not None]
         deadline = time.monotonic() + min(caps) if caps else None
         with self.admission:
-            response = self.replicas.options(stream=True).generate.remote(
-                token_ids, sampling, request_id, priority, cache_salt)
+            args = [token_ids, sampling, request_id, priority, cache_salt]
+            if self.config.router_needs_text:  # positional: Ray's text router only scans args
+                args.append(self.routing_hint(token_ids))
+            response = self.replicas.options(stream=True).generate.remote(*args)
             finished = False
             try:
                 while True:
@@ -245,6 +248,13 @@ class Ingress:
             finally:
                 if not finished:
                     response.cancel()
+
+    def routing_hint(self, token_ids: list[int]) -> RoutingHint:
+        """The prompt as text for a text-prefix router: decoded from the token ids, so text, chat
+        (template applied) and token-id input all give the text the engine will see."""
+        if self.tokenizer is None:
+            return RoutingHint(" ".join(map(str, token_ids)))
+        return RoutingHint(self.tokenizer.decode(token_ids, skip_special_tokens=False))
 
     def reject(self, error: RequestError, started: bool = False) -> None:
         """Count a request refused before it ran (not a failure mid-stream, not one the engine counted)."""

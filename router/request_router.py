@@ -1,7 +1,7 @@
 """The KV-aware Ray Serve RequestRouter of the ReplicaGroup deployment.
 
 Every DeploymentHandle to ReplicaGroup (the ingress holds one) runs an instance in its own
-process. For a `generate(token_ids, params, request_id, priority, cache_salt)` call it hashes the
+process. For a `generate(token_ids, params, request_id, priority, cache_salt[, hint])` call it hashes the
 prompt's full blocks exactly as the engine keys its prefix cache (same block size, same salt),
 matches them against the block-hash summary each replica reported through
 `record_routing_stats`, and ranks replicas with `router.prefix_scoring.choose_replica`.
