@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tiny model + tokenizer fixture th
 
 ROUTERS = ("kv_aware", "prefix_affinity", "pow2")
 # A run is a router name, optionally with knobs for its request_router_kwargs:
-# "kv_aware:tokens_per_load=16" is the KV-aware router with cached prefix weighed more than load.
-DEFAULT_RUNS = ("kv_aware", "kv_aware:tokens_per_load=16", "prefix_affinity", "pow2")
+# A run may carry scoring knobs, e.g. "kv_aware:tokens_per_load=256" (the first, load-heavy default).
+DEFAULT_RUNS = ("kv_aware", "prefix_affinity", "pow2")
 
 
 def parse_run(spec: str) -> tuple[str, dict[str, float]]:

@@ -17,6 +17,9 @@ prefix loses to a less loaded replica once the extra load outweighs the prefill 
 Overloaded replicas (waiting > max_waiting, or free blocks below min_free_fraction of the pool)
 are skipped unless every replica is. When no replica matches at least min_match_tokens, the
 choice falls back to power of two choices: the less loaded of two random eligible replicas.
+
+The router adds what it knows and the reports do not yet show (router/request_router.py): the
+blocks of prompts it sent to a replica in the last moments count as held there.
 """
 
 from __future__ import annotations
@@ -84,7 +87,9 @@ class ScoringConfig:
     """Knobs of the score (see the module docstring); defaults suit prompts of a few hundred tokens."""
 
     block_size: int = 16
-    tokens_per_load: float = 256.0  # cached prompt tokens worth one more request in the batch
+    # cached prompt tokens worth one more request in the batch. Measured (docs/routing.md): at 256 a
+    # busy holder of a 128-token prefix lost to an idle replica and both ended up caching it.
+    tokens_per_load: float = 16.0
     waiting_weight: float = 2.0  # a waiting request costs more than a running one (no KV yet)
     min_match_tokens: int = 1  # below this best match, use power of two choices
     max_waiting: int = 64  # more waiting requests than this: overloaded
@@ -146,5 +151,7 @@ def choose_replica(
         return RoutingDecision(best, matched[best], "prefix")
 
     candidates = rng.sample(eligible, k=min(2, len(eligible)))
-    chosen = min(candidates, key=lambda rid: (load_of(replicas[rid], config), rid))
+    # equal loads (common: reports lag behind a burst) are broken at random, never by id, or every
+    # new prefix of a burst would land on the same replica
+    chosen = min(candidates, key=lambda rid: (load_of(replicas[rid], config), rng.random()))
     return RoutingDecision(chosen, matched[chosen], "power_of_two")

@@ -12,15 +12,24 @@ forever (docs/ray-serve-notes.md), so every failure falls back to power of two c
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
-from shardline.router.prefix_scoring import ReplicaLoad, ScoringConfig, choose_replica, prompt_block_hashes, unpack_summary
+from shardline.router.prefix_scoring import (
+    ReplicaLoad,
+    ScoringConfig,
+    choose_replica,
+    prompt_block_hashes,
+    truncate_hash,
+    unpack_summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +84,33 @@ def load_from_stats(stats: dict[str, Any]) -> ReplicaLoad | None:
     )
 
 
+class _ReportedOrRouted:
+    """A replica's reported block hashes plus those of prompts this router sent it since: a burst
+    of requests sharing a new prefix must follow the first one before any report shows it."""
+
+    __slots__ = ("reported", "routed")
+
+    def __init__(self, reported: frozenset[int], routed: dict[int, float]) -> None:
+        self.reported = reported
+        self.routed = routed
+
+    def __contains__(self, block_hash: int) -> bool:
+        return block_hash in self.reported or block_hash in self.routed
+
+
 class KVAwareRouter(FIFOMixin, RequestRouter):
     """Routes a prompt to the replica group whose prefix cache holds the most of it, weighed
-    against load; power of two choices when no replica holds a useful prefix."""
+    against load; power of two choices when no replica holds a useful prefix. It remembers what
+    it routed until the replicas' reports catch up (`routed_ttl_s`)."""
 
     def initialize_state(self, **kwargs: Any) -> None:
         """Scoring knobs come from request_router_kwargs (the ClusterConfig's `routing`)."""
         knobs = {k: v for k, v in kwargs.items() if k in ScoringConfig.__dataclass_fields__ and k != "block_size"}
         self._knobs = knobs
         self._rng = random.Random(kwargs.get("seed"))
+        self._routed_ttl_s = float(kwargs.get("routed_ttl_s", 3.0))
         self._summaries: dict[str, tuple[bytes, frozenset[int]]] = {}  # replica -> (packed, unpacked) cache
+        self._routed: dict[str, dict[int, float]] = {}  # replica -> {truncated block hash: expiry}
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -105,6 +131,7 @@ class KVAwareRouter(FIFOMixin, RequestRouter):
         prompt = prompt_of(pending_request)
         if prompt is None:  # not a generate call (model info, health): any replica will do
             return [candidates]
+        now = time.monotonic()
         loads: dict[str, ReplicaLoad] = {}
         by_id: dict[str, RunningReplica] = {}
         block_size = None
@@ -114,7 +141,11 @@ class KVAwareRouter(FIFOMixin, RequestRouter):
             load = self._load(rid, stats)
             if load is None:
                 continue
-            loads[rid], by_id[rid] = load, replica
+            routed = self._routed.setdefault(rid, {})
+            for h in [h for h, expiry in routed.items() if expiry < now]:
+                del routed[h]
+            loads[rid] = dataclasses.replace(load, summary=_ReportedOrRouted(load.summary, routed))
+            by_id[rid] = replica
             block_size = block_size or int(stats.get("block_size", 16))
         if not loads:  # nobody has reported yet
             return None
@@ -122,14 +153,12 @@ class KVAwareRouter(FIFOMixin, RequestRouter):
         token_ids, salt = prompt
         hashes = prompt_block_hashes(token_ids, config.block_size, salt)
         decision = choose_replica(hashes, loads, config, self._rng)
-        if decision.reason != "prefix":
-            # no useful cached prefix: two random candidates in one rank, and Serve takes the one
-            # with the shorter live queue (fresher than the load in the last routing stats)
-            return None
-        _report("prefix_hit")
-        first = [by_id[decision.replica_id]]
-        rest = [r for r in candidates if r.replica_id.unique_id != decision.replica_id]
-        return [first, rest] if rest else [first]
+        _report("prefix_hit" if decision.reason == "prefix" else "fallback")
+        chosen = decision.replica_id
+        expiry = now + self._routed_ttl_s
+        self._routed[chosen].update((truncate_hash(h), expiry) for h in hashes)
+        rest = [r for r in candidates if r.replica_id.unique_id != chosen]
+        return [[by_id[chosen]], rest] if rest else [[by_id[chosen]]]
 
     def _load(self, rid: str, stats: dict[str, Any]) -> ReplicaLoad | None:
         packed = stats.get("summary", b"") if stats else b""
@@ -144,5 +173,7 @@ class KVAwareRouter(FIFOMixin, RequestRouter):
                            int(stats["waiting"]), cached[1])
 
     def on_replica_actor_died(self, replica_id) -> None:
-        self._summaries.pop(getattr(replica_id, "unique_id", replica_id), None)
+        rid = getattr(replica_id, "unique_id", replica_id)
+        self._summaries.pop(rid, None)
+        self._routed.pop(rid, None)
         super().on_replica_actor_died(replica_id)
