@@ -3,6 +3,7 @@ chat template, free ports, a real local Ray + Serve start, and small gRPC/HTTP h
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from pathlib import Path
@@ -97,3 +98,24 @@ def collect(responses) -> dict[str, Any]:
         text.append(r.text)
         last = r
     return {"ids": ids, "text": "".join(text), "finish": last.finish_reason, "usage": last.usage}
+
+
+@contextlib.contextmanager
+def running_cluster(app_args: dict[str, Any], grpc_port: int, http_port: int):
+    """The application running for the duration of the block (a module fixture's body)."""
+    start_cluster(app_args, grpc_port, http_port)
+    try:
+        yield
+    finally:
+        stop_cluster()
+
+
+@contextlib.contextmanager
+def generation_stub(grpc_port: int):
+    """A grpcio client of the Generation service on this machine's gRPC port."""
+    import grpc
+
+    from shardline.proto import generation_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        yield pb_grpc.GenerationStub(channel)

@@ -17,8 +17,14 @@ grpc = pytest.importorskip("grpc")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from cluster_fixtures import collect, free_port, start_cluster, stop_cluster, write_tiny_model_with_tokenizer  # noqa: E402
-from shardline.proto import generation_pb2 as pb, generation_pb2_grpc as pb_grpc  # noqa: E402
+from cluster_fixtures import (  # noqa: E402
+    collect,
+    free_port,
+    generation_stub,
+    running_cluster,
+    write_tiny_model_with_tokenizer,
+)
+from shardline.proto import generation_pb2 as pb  # noqa: E402
 from tiny_models import hf_greedy, prompts  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -37,17 +43,14 @@ def cluster(tmp_path_factory):
                 routing_stats_period_s=0.2, metrics_period_s=0.2, served_model_name="tiny",
                 replica_group_options={"health_check_period_s": 1, "health_check_timeout_s": 10,
                                        "graceful_shutdown_timeout_s": 5})
-    start_cluster(args, grpc_port, http_port)
-    try:
+    with running_cluster(args, grpc_port, http_port):
         yield {"grpc_port": grpc_port, "http_port": http_port, "hf": hf, "model_dir": model_dir}
-    finally:
-        stop_cluster()
 
 
 @pytest.fixture
 def stub(cluster):
-    with grpc.insecure_channel(f"127.0.0.1:{cluster['grpc_port']}") as channel:
-        yield pb_grpc.GenerationStub(channel)
+    with generation_stub(cluster["grpc_port"]) as stub:
+        yield stub
 
 
 def greedy(n: int, **kw) -> pb.SamplingParams:
