@@ -96,6 +96,28 @@ def test_router_prefers_the_replica_holding_the_prefix() -> None:
     assert ranks == [[holder], [other]]
 
 
+def _idle(name: str) -> _Replica:
+    return _Replica(_ReplicaId(name), {"free_blocks": 64, "num_blocks": 64, "running": 0, "waiting": 0,
+                                       "block_size": 8, "summary": b""})
+
+
+def test_router_sends_a_burst_of_one_new_prefix_after_its_first_request() -> None:
+    # No report shows the prefix yet: the first request goes to either replica, and the router's
+    # own memory of what it routed sends the rest of the burst after it.
+    router, replicas = _router(), [_idle("a"), _idle("b")]
+    prefix = list(range(100, 140))
+    chosen = [asyncio.run(router.choose_replicas(replicas, _Pending([prefix + [i]])))[0][0] for i in range(6)]
+    assert all(c is chosen[0] for c in chosen)
+
+
+def test_router_memory_expires_so_reports_stay_the_truth() -> None:
+    router, replicas = _router(), [_idle("a"), _idle("b")]
+    router._routed_ttl_s = 0.0  # nothing is remembered past its own decision
+    prefixes = [list(range(1000 * g, 1000 * g + 40)) for g in range(40)]
+    chosen = {asyncio.run(router.choose_replicas(replicas, _Pending([p])))[0][0].replica_id.unique_id for p in prefixes}
+    assert chosen == {"a", "b"}  # equal loads are broken at random, never always the same replica
+
+
 def test_router_falls_back_instead_of_raising_on_broken_stats() -> None:
     broken = [_Replica(_ReplicaId("a"), {"free_blocks": "x", "num_blocks": 1, "running": 0, "waiting": 0}),
               _Replica(_ReplicaId("b"), {"free_blocks": 1, "summary": b"123"})]
