@@ -19,7 +19,7 @@ from shardline.worker.parallel.channel import Command
 from shardline.worker.parallel.launcher import ProcessLauncher, RankArgs, RankError, RankHandle, RankLauncher
 from shardline.worker.parallel.rank import (
     RankRuntime,
-    collective_timeout,
+    startup_timeout,
     joined_key,
     validate_tensor_parallel,
 )
@@ -52,7 +52,7 @@ class TensorParallelExecutor:
         self._step_lock = threading.Lock()  # one step (or command) on the channel at a time
         self._state_lock = threading.Lock()  # failure bookkeeping, shared with the monitor
         self._stop_event = threading.Event()
-        timeout = collective_timeout(config)
+        timeout = startup_timeout(config)
         store = dist.TCPStore(master_addr, 0, self.world_size, True, timeout=timeout, wait_for_workers=False)
         self.master_port = store.port
         try:

@@ -44,6 +44,14 @@ def collective_timeout(config: EngineConfig) -> datetime.timedelta:
     return datetime.timedelta(seconds=float(config.extra.get("tp_timeout_s", DEFAULT_TIMEOUT_S)))
 
 
+def startup_timeout(config: EngineConfig) -> datetime.timedelta:
+    """Deadline of joining the group and building the shards (spawning, importing torch and
+    loading weights take far longer than a step): config.extra["tp_startup_timeout_s"], default
+    300 s, never shorter than the collective timeout."""
+    seconds = float(config.extra.get("tp_startup_timeout_s", 300.0))
+    return max(datetime.timedelta(seconds=seconds), collective_timeout(config))
+
+
 def validate_tensor_parallel(cfg: ModelConfig, tp: int, device: torch.device) -> None:
     """Raise ConfigError, before any process starts, when the model cannot be split tp ways."""
     if tp < 1:
@@ -107,10 +115,11 @@ class RankRuntime:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self._closed = False
-        timeout = collective_timeout(config)
+        timeout = startup_timeout(config)
         dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         try:
             self._setup(spec, config, timeout, show_progress)
+            self.data_group.set_timeout(collective_timeout(config))  # from now on a step's deadline
         except BaseException:
             dist.destroy_process_group()  # leave no half-built group behind in this process
             raise
@@ -187,7 +196,7 @@ def rank_main(rank: int, world_size: int, master_addr: str, master_port: int, sp
     Returns 0 after a clean shutdown; on any error reports it to `error_queue` and returns 1, and
     the caller must then end the process (its group's sockets closing is what tells the others)."""
     try:
-        timeout = collective_timeout(config)
+        timeout = startup_timeout(config)
         store = dist.TCPStore(master_addr, master_port, world_size, False, timeout=timeout)
         store.set(joined_key(rank), str(os.getpid()))
         runtime = RankRuntime(rank, world_size, store, spec, config)
