@@ -23,7 +23,7 @@ import hashlib
 import heapq
 import struct
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from shardline.worker.engine.request import Request
 
@@ -45,14 +45,17 @@ def hash_block(parent: bytes | None, token_ids: Sequence[int], extra_key: str | 
     return h.digest()
 
 
+def chain_block_hashes(parent: bytes | None, blocks: Iterable[Sequence[int]], extra_key: str | None) -> Iterator[bytes]:
+    """The chained key of each block in turn, starting below `parent` (None: the first block)."""
+    for block in blocks:
+        parent = hash_block(parent, block, extra_key)
+        yield parent
+
+
 def hash_prompt_blocks(token_ids: Sequence[int], block_size: int, extra_key: str | None = None) -> list[bytes]:
     """Chained keys of every full block of a token sequence, as the engine computes them."""
-    hashes: list[bytes] = []
-    parent: bytes | None = None
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[start : start + block_size], extra_key)
-        hashes.append(parent)
-    return hashes
+    starts = range(0, len(token_ids) - block_size + 1, block_size)
+    return list(chain_block_hashes(None, (token_ids[s : s + block_size] for s in starts), extra_key))
 
 
 class BlockManager:
@@ -109,10 +112,8 @@ class BlockManager:
         """Extend request.block_hashes to cover its first `num_full_blocks` full blocks."""
         hashes = request.block_hashes
         bs = self.block_size
-        while len(hashes) < num_full_blocks:
-            i = len(hashes)
-            parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, request.token_ids(i * bs, (i + 1) * bs), request.cache_salt))
+        blocks = (request.token_ids(i * bs, (i + 1) * bs) for i in range(len(hashes), num_full_blocks))
+        hashes.extend(chain_block_hashes(hashes[-1] if hashes else None, blocks, request.cache_salt))
 
     def get_computed_blocks(self, request: Request, record_stats: bool = True) -> tuple[list[int], int]:
         """The longest run of cached full blocks prefixing the request's tokens and the tokens they
