@@ -86,7 +86,6 @@ class LLMEngine:
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
         self.num_steps = 0
-        self.last_step_time = time.monotonic()
         self._counted = (0, 0, 0)  # prefix queries, prefix hits, preemptions already sent to metrics
 
     def _make_executor(self, spec: ModelSpec, show_progress: bool) -> Executor:
@@ -173,7 +172,6 @@ class LLMEngine:
                 if out.logprobs is not None and out.logprobs[i] is not None:
                     logprobs[r.request_id] = out.logprobs[i]
         self.num_steps += 1
-        self.last_step_time = time.monotonic()
         progressed = self.scheduler.update_after_step(sched, sampled)
         outputs = [o for o in (self._after_token(r, logprobs.get(r.request_id)) for r in progressed) if o is not None]
         self._record_step()
