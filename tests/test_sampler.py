@@ -236,3 +236,17 @@ def test_seeded_sampling_works_on_cuda():
 
     assert once(params).token_ids[0].item() == once(params[:1]).token_ids[0].item()
     assert once(params).token_ids[1].item() == logits[1].argmax().item()
+
+
+def test_a_pending_token_counts_in_the_penalties_like_a_read_one():
+    """Overlapped scheduling passes the in-flight token on the device; the penalties must see it
+    exactly as if it were already in the row's output list."""
+    from shardline.worker.engine.sampler import apply_penalties
+
+    params = [SamplingParams(repetition_penalty=1.5, frequency_penalty=0.4, presence_penalty=0.2),
+              SamplingParams(repetition_penalty=1.5, frequency_penalty=0.4, presence_penalty=0.2)]
+    logits = torch.tensor([[1.0, -1.0, 2.0, 0.5, -0.5, 1.5], [0.3, 1.0, -2.0, 0.0, 2.5, 1.0]])
+    read = SamplingBatch.build(params, [None, None], [[0], [1]], [[2, 3], [4]], 6, CPU)
+    pending = SamplingBatch.build(params, [None, None], [[0], [1]], [[2], [4]], 6, CPU,
+                                  pending_token_ids=torch.tensor([3, -1]))
+    assert torch.equal(apply_penalties(logits, pending), apply_penalties(logits, read))

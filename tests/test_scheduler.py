@@ -370,3 +370,89 @@ def test_any_workload_finishes_with_the_tokens_of_an_unconstrained_run(
         else:
             assert r.output_token_ids == ref.output_token_ids
     assert engine.bm.num_free_blocks == engine.bm.num_blocks
+
+
+# ---- overlapped scheduling (advance now, resolve one step later) -------------------------------
+
+
+class OverlappedFakeEngine(FakeEngine):
+    """Schedules step N+1 before step N's tokens are resolved, as the engine does with
+    async_scheduling: the pending token's id reaches the fake KV cache from the launched step
+    (as the real engine copies it on the device), never from the request's host lists."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.inflight: tuple[list[Request], list[int]] | None = None
+
+    def _pending_id(self, req: Request) -> int:
+        assert self.inflight is not None, f"{req.request_id} has a pending token but nothing is in flight"
+        samplers, tokens = self.inflight
+        return tokens[[id(r) for r in samplers].index(id(req))]
+
+    def _run(self, out: SchedulerOutput) -> dict[str, int]:
+        sampled: dict[str, int] = {}
+        for entry in out.scheduled:
+            req, start = entry.request, entry.request.num_computed_tokens
+            assert req.num_pending_tokens <= 1
+            tokens = req.all_token_ids + ([self._pending_id(req)] if req.num_pending_tokens else [])
+            for pos in range(start, start + entry.num_new_tokens):
+                self.kv[req.block_ids[pos // BS] * BS + pos % BS] = tokens[pos]
+            if entry.samples:
+                context = [self.kv[req.block_ids[p // BS] * BS + p % BS] for p in range(req.num_tokens)]
+                assert context == tokens, f"{req.request_id}: the KV cache does not hold its tokens"
+                sampled[req.request_id] = sum((i + 1) * t for i, t in enumerate(context)) % 1009
+        return sampled
+
+    def step(self) -> list[Request]:
+        out = self.scheduler.schedule()
+        sampled = self._run(out)
+        samplers = self.scheduler.advance(out)
+        launched = (samplers, [sampled[r.request_id] for r in samplers])
+        finished = []
+        if self.inflight is not None:
+            for req in self.scheduler.resolve(*self.inflight):
+                if req.num_output_tokens >= req.max_tokens:
+                    self.scheduler.finish_request(req, FINISH_LENGTH)
+                    finished.append(req)
+        self.inflight = launched if samplers else None
+        return finished
+
+    def run_until_done(self, max_steps: int = 2000) -> None:
+        for _ in range(max_steps):
+            if not self.scheduler.has_unfinished and self.inflight is None:
+                return
+            self.step()
+        raise AssertionError("scheduler did not finish its work")
+
+
+@pytest.mark.parametrize("num_blocks, budget", [(64, 64), (12, 64), (64, 8), (10, 8)])
+def test_overlapped_scheduling_gives_the_synchronous_tokens(num_blocks, budget):
+    """Same outputs with pending tokens, under preemption (a preempted request keeps the token
+    that arrives after it left) and chunked prefill; every block free at the end."""
+    def run(cls):
+        engine = cls(num_blocks=num_blocks, max_num_batched_tokens=budget)
+        reqs = [engine.add(f"r{i}", prompt(5 + 3 * i, i), max_tokens=6 + 2 * i) for i in range(5)]
+        engine.run_until_done()
+        return outputs_of(engine, reqs), engine
+
+    expected, _ = run(FakeEngine)
+    got, engine = run(OverlappedFakeEngine)
+    assert got == expected
+    assert engine.bm.num_free_blocks == num_blocks
+    if num_blocks < 20:
+        assert engine.scheduler.num_preemptions_total > 0
+
+
+def test_a_request_whose_last_token_is_pending_is_not_scheduled_again():
+    engine = OverlappedFakeEngine()
+    a = engine.add("a", prompt(6), max_tokens=1)
+    engine.step()  # prefill; its one token is pending
+    assert a.num_pending_tokens == 1
+    assert engine.scheduler.schedule().scheduled == []
+
+
+def test_resolve_rejects_a_token_that_was_not_pending():
+    engine = FakeEngine()
+    a = engine.add("a", prompt(6))
+    with pytest.raises(ValueError, match="none was pending"):
+        engine.scheduler.resolve([a], [5])

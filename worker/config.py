@@ -159,6 +159,9 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False
     attention_backend: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | torch | triton
+    # Schedule step N+1 while step N runs on the device (its sampled tokens feed N+1 on the device).
+    # None: on for CUDA, off on CPU, where torch runs each op before returning and nothing overlaps.
+    async_scheduling: bool | None = None
     seed: int = 0
     max_queue_len: int = 1024  # waiting requests beyond this are rejected as overload
     extra: dict[str, Any] = field(default_factory=dict)
@@ -194,6 +197,12 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def resolved_async_scheduling(self) -> bool:
+        """Whether the engine overlaps scheduling with the device's step (default: on CUDA)."""
+        if self.async_scheduling is None:
+            return self.resolved_device().type == "cuda"
+        return bool(self.async_scheduling)
 
     def resolved_dtype(self) -> torch.dtype:
         """float32 on CPU and bfloat16 on CUDA unless set."""

@@ -122,7 +122,7 @@ class BlockManager:
         `record_stats` is False (the scheduler records them itself once the request is admitted)."""
         if not self.enable_prefix_caching:
             return [], 0
-        max_blocks = (request.num_tokens - 1) // self.block_size
+        max_blocks = (request.num_known_tokens - 1) // self.block_size
         self._ensure_block_hashes(request, max_blocks)
         blocks: list[int] = []
         for block_hash in request.block_hashes[:max_blocks]:
@@ -143,10 +143,11 @@ class BlockManager:
     def cache_full_blocks(self, request: Request, num_computed_tokens: int) -> None:
         """Register the request's blocks that became full within its first `num_computed_tokens`
         tokens (prompt and generated alike). Idempotent. A block whose key another block already
-        holds stays unregistered: the first holder serves future hits."""
+        holds stays unregistered: the first holder serves future hits. Only tokens whose ids are
+        known count (a pending token's block is registered once its id arrives)."""
         if not self.enable_prefix_caching:
             return
-        num_full = min(num_computed_tokens, request.num_tokens, len(request.block_ids) * self.block_size)
+        num_full = min(num_computed_tokens, request.num_known_tokens, len(request.block_ids) * self.block_size)
         num_full //= self.block_size
         start = self._num_registered.get(request.request_id, 0)
         if num_full <= start:

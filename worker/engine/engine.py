@@ -1,6 +1,17 @@
 """The engine of one replica group: admits requests, runs scheduler steps on the executor, samples,
 detokenizes, checks stops and emits deltas. Synchronous; async_engine.py drives it from a thread.
 
+Overlapped scheduling (config.async_scheduling, on by default on CUDA): a step is *launched*
+(inputs built, forward and sampling queued on the device, the sampled tokens' copy to the host
+started) and *finished* (tokens read, stop checks, deltas) separately. Each call of step()
+schedules and launches step N+1 before it finishes step N, so the host's scheduling, input
+building, detokenizing and stop checks run while the device computes. Step N+1 is scheduled with
+one pending token per decoding request (Request.num_pending_tokens): its input id is copied on the
+device from step N's sampled tokens, never read by the host. A request that step N finishes (EOS,
+stop string) has already been launched in N+1: that token is dropped, its blocks are freed at once
+(device work is stream-ordered, so a block reused later is written after N+1 is done with it).
+Penalties count the pending token on the device too (SamplingBatch's pending_token_ids).
+
 It imports neither Ray nor gRPC, so it runs alone (offline `generate`, the CLI, benchmarks)."""
 
 from __future__ import annotations
@@ -54,6 +65,18 @@ class _Tracked:
     pending: list[int] = field(default_factory=list)
 
 
+@dataclass
+class _LaunchedStep:
+    """A step whose forward and sampling are queued on the device; _finish_step reads its tokens."""
+
+    samplers: list[Request]  # requests that sample, in the order of token_ids' rows
+    token_ids: torch.Tensor  # [N] int64 on the device: the source of the next step's pending inputs
+    host_token_ids: torch.Tensor  # [N] on the host, filled by a non-blocking copy
+    ready: Any  # torch.cuda.Event recorded after that copy (None on CPU)
+    logprobs: list | None  # per sampler row, when any asked
+    row_of: dict[int, int] = field(default_factory=dict)  # id(request) -> row of token_ids
+
+
 class LLMEngine:
     """One replica group's engine. `generate()` for offline use; `add_request()` + `step()` for
     front ends that stream."""
@@ -86,6 +109,9 @@ class LLMEngine:
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
         self.num_steps = 0
+        self.async_scheduling = config.resolved_async_scheduling()
+        self._inflight: _LaunchedStep | None = None  # launched, not yet finished (overlap only)
+        self.num_overlapped_steps = 0  # steps finished while the next one was already launched
         self._counted = (0, 0, 0)  # prefix queries, prefix hits, preemptions already sent to metrics
 
     def _make_executor(self, spec: ModelSpec, show_progress: bool) -> Executor:
@@ -141,40 +167,98 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------------------
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or self._inflight is not None
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; returns a delta for every request that produced a token or ended."""
+        """Run one scheduler step; returns a delta for every request that produced a token or ended.
+        With overlapped scheduling the deltas are those of the previous step, finished while this
+        one runs on the device."""
+        outputs: list[RequestOutput] = []
         sched = self.scheduler.schedule()
-        if not sched.scheduled:
-            self._record_step()
-            return []
+        launched = self._launch(sched) if sched.scheduled else None
+        if self._inflight is not None:
+            self.num_overlapped_steps += launched is not None
+            outputs += self._finish_step(self._take_inflight())
+        if launched is not None:
+            if self.async_scheduling and launched.samplers:
+                self._inflight = launched
+            else:
+                outputs += self._finish_step(launched)
+        self._record_step()
+        return outputs
+
+    def _take_inflight(self) -> _LaunchedStep:
+        step, self._inflight = self._inflight, None
+        assert step is not None
+        return step
+
+    def _launch(self, sched: SchedulerOutput) -> _LaunchedStep:
+        """Build the step's inputs, queue its forward and sampling, advance the scheduler's counts
+        and start copying the sampled tokens to the host. Reads nothing back from the device."""
         now = time.monotonic()
         for s in sched.scheduled:
             t = self._tracked.get(s.request.request_id)
             if t is not None and t.scheduled_time is None:
                 t.scheduled_time = now
-        logits = self.executor.execute(self._inputs(sched))
         samplers = [s.request for s in sched.scheduled if s.samples]
-        sampled: dict[str, int] = {}
-        logprobs: dict[str, Any] = {}
+        logits = self.executor.execute(self._inputs(sched))
+        token_ids = torch.empty(0, dtype=torch.int64, device=logits.device)
+        logprobs = None
         if samplers:
             tracked = [self._tracked[r.request_id] for r in samplers]
+            # The token sampled now is output number len(outputs) + pending (the pending ones are in flight).
+            block = [t.min_tokens_block if r.num_output_tokens + r.num_pending_tokens < r.params.min_tokens else []
+                     for r, t in zip(samplers, tracked)]
             batch = SamplingBatch.build(
                 [r.params for r in samplers], [t.generator for t in tracked],
                 [r.prompt_token_ids for r in samplers], [r.output_token_ids for r in samplers],
-                self.model_config.vocab_size, logits.device,
-                min_tokens_block=[t.min_tokens_block if len(r.output_token_ids) < r.params.min_tokens else [] for r, t in zip(samplers, tracked)],
+                self.model_config.vocab_size, logits.device, min_tokens_block=block,
+                pending_token_ids=self._pending_token_ids(samplers, logits.device),
             )
             out = self.sampler(logits, batch)
-            for i, (r, tok) in enumerate(zip(samplers, out.token_ids.tolist())):
-                sampled[r.request_id] = tok
-                if out.logprobs is not None and out.logprobs[i] is not None:
-                    logprobs[r.request_id] = out.logprobs[i]
+            token_ids, logprobs = out.token_ids, out.logprobs
         self.num_steps += 1
-        progressed = self.scheduler.update_after_step(sched, sampled)
-        outputs = [o for o in (self._after_token(r, logprobs.get(r.request_id)) for r in progressed) if o is not None]
-        self._record_step()
+        advanced = self.scheduler.advance(sched)
+        if [id(r) for r in advanced] != [id(r) for r in samplers]:
+            raise RuntimeError("scheduler.advance disagrees with the step's sampling rows")
+        if token_ids.device.type == "cuda":
+            host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            host.copy_(token_ids, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host, ready = token_ids, None
+        return _LaunchedStep(samplers, token_ids, host, ready, logprobs, {id(r): i for i, r in enumerate(samplers)})
+
+    def _pending_token_ids(self, samplers: list[Request], device: torch.device) -> torch.Tensor | None:
+        """Per sampler row, its token still in flight (-1: none), gathered on the device; None when
+        no row has one or no row uses a penalty (the only sampling stage that reads past outputs)."""
+        inflight = self._inflight
+        if inflight is None or not any(
+                p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+                for p in (r.params for r in samplers)):
+            return None
+        src = [inflight.row_of.get(id(r), -1) if r.num_pending_tokens else -1 for r in samplers]
+        if all(i < 0 for i in src):
+            return None
+        idx = torch.tensor(src, dtype=torch.int64).to(device, non_blocking=True)
+        tokens = inflight.token_ids.to(device).index_select(0, idx.clamp(min=0))
+        return torch.where(idx >= 0, tokens, torch.full_like(tokens, -1))
+
+    def _finish_step(self, step: _LaunchedStep) -> list[RequestOutput]:
+        """Wait for the step's tokens, hand them to the scheduler, detokenize, check stops."""
+        if not step.samplers:
+            return []
+        if step.ready is not None:
+            step.ready.synchronize()
+        tokens = step.host_token_ids.tolist()
+        progressed = self.scheduler.resolve(step.samplers, tokens)
+        lps = step.logprobs
+        outputs = []
+        for r in progressed:
+            out = self._after_token(r, lps[step.row_of[id(r)]] if lps is not None else None)
+            if out is not None:
+                outputs.append(out)
         return outputs
 
     def _record_step(self) -> None:
@@ -189,13 +273,34 @@ class LLMEngine:
                              prefix_queries_delta=queries, prefix_hits_delta=hits, preemptions_delta=preemptions)
 
     def _inputs(self, sched: SchedulerOutput):
+        """The step's StepInputs. A token still pending (sampled by the in-flight step, id not on
+        the host) gets a placeholder id, then its sampled id is copied in on the device."""
         slices = []
+        pending_rows: list[int] = []  # rows of the flat batch that take a pending token
+        pending_src: list[int] = []  # their rows in the in-flight step's token_ids
+        row = 0
         for s in sched.scheduled:
             r = s.request
             c = r.num_computed_tokens
-            ids = r.all_token_ids[c : c + s.num_new_tokens]
+            ids = r.token_ids(c, c + s.num_new_tokens)
+            missing = s.num_new_tokens - len(ids)
+            if missing:
+                inflight = self._inflight
+                if missing != 1 or inflight is None or id(r) not in inflight.row_of:
+                    raise RuntimeError(f"request {r.request_id}: {missing} input tokens are pending "
+                                       "but no launched step holds them")
+                pending_rows.append(row + len(ids))
+                pending_src.append(inflight.row_of[id(r)])
+                ids = ids + [0]
             slices.append(SeqSlice(ids, c, r.block_ids, s.samples))
-        return build_step_inputs(slices, self.config.block_size, self.device)
+            row += s.num_new_tokens
+        inputs = build_step_inputs(slices, self.config.block_size, self.device)
+        if pending_rows:
+            src = self._inflight.token_ids  # type: ignore[union-attr]
+            dst = torch.tensor(pending_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+            idx = torch.tensor(pending_src, dtype=torch.int64).to(src.device, non_blocking=True)
+            inputs.input_ids.index_copy_(0, dst, src.index_select(0, idx).to(inputs.input_ids.device))
+        return inputs
 
     def _after_token(self, req: Request, logprob) -> RequestOutput | None:
         t = self._tracked.get(req.request_id)
@@ -220,7 +325,7 @@ class LLMEngine:
             reason = FINISH_STOP_STRING
         elif may_stop and ((not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids):
             reason = FINISH_STOP
-        elif len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
+        elif len(req.output_token_ids) >= req.max_tokens or req.num_known_tokens >= self.max_model_len:
             reason = FINISH_LENGTH
         lps = [logprob] if logprob is not None else None
         if reason is None:
@@ -284,6 +389,7 @@ class LLMEngine:
             "prefix_cache_queries": bm.prefix_cache_queries,
             "prefix_cache_hits": bm.prefix_cache_hits,
             "num_steps": self.num_steps,
+            "num_overlapped_steps": self.num_overlapped_steps,
         }
 
     def shutdown(self) -> None:

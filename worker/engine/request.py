@@ -50,6 +50,9 @@ class Request:
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
         self.num_computed_tokens = 0
+        # Tokens sampled by a step whose result the host has not read yet (overlapped scheduling):
+        # they count towards num_tokens (their KV slots are scheduled) but are not in output_token_ids.
+        self.num_pending_tokens = 0
         self.num_cached_tokens = 0
         self.num_preemptions = 0
         self.block_ids: list[int] = []
@@ -65,7 +68,12 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        """Prompt plus generated tokens: the length the KV cache must eventually cover."""
+        """Prompt plus generated tokens, pending ones included: the length the KV cache must cover."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt plus generated tokens whose ids the host holds (num_tokens less the pending ones)."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
@@ -84,6 +92,17 @@ class Request:
 
     def append_output_token(self, token_id: int) -> None:
         """Record one sampled token; its KV is computed in a later step."""
+        self.output_token_ids.append(token_id)
+
+    def add_pending_token(self) -> None:
+        """A step that samples for this request was launched; its token is not read yet."""
+        self.num_pending_tokens += 1
+
+    def resolve_pending_token(self, token_id: int) -> None:
+        """The oldest pending token's id has arrived: it becomes an output token."""
+        if self.num_pending_tokens <= 0:
+            raise ValueError(f"request {self.request_id}: a token arrived but none was pending")
+        self.num_pending_tokens -= 1
         self.output_token_ids.append(token_id)
 
     def is_finished(self) -> bool:

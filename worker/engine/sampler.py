@@ -96,9 +96,13 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device,
         min_tokens_block: list[list[int]] | None = None,
+        pending_token_ids: torch.Tensor | None = None,
     ) -> "SamplingBatch":
         """Gather the rows' parameters into tensors on `device`. `min_tokens_block[i]` are the token
-        ids (EOS and stop ids) row i may not produce while it has fewer than min_tokens outputs."""
+        ids (EOS and stop ids) row i may not produce while it has fewer than min_tokens outputs.
+        `pending_token_ids` ([N] int64 on `device`, -1 for none) is an output token per row that a
+        launched step sampled but the host has not read (overlapped scheduling): the penalties
+        count it without a device-to-host copy."""
         n = len(params)
         if not (len(generators) == len(prompt_token_ids) == len(output_token_ids) == n):
             raise ValueError("params, generators, prompt_token_ids and output_token_ids differ in length")
@@ -126,6 +130,10 @@ class SamplingBatch:
         use_additive = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
         if use_repetition or use_additive:
             counts = _token_counts(output_token_ids, vocab_size, device)
+            if pending_token_ids is not None:
+                has = (pending_token_ids >= 0) & (pending_token_ids < vocab_size)
+                ids = torch.where(has, pending_token_ids, torch.zeros_like(pending_token_ids)).unsqueeze(1)
+                counts.scatter_add_(1, ids, has.to(torch.float32).unsqueeze(1))
         if use_repetition:
             repetition = column([float(p.repetition_penalty) for p in params]).unsqueeze(1)
             seen = (_token_counts(prompt_token_ids, vocab_size, device) > 0) | (counts > 0)

@@ -185,6 +185,8 @@ class Scheduler:
                 break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this step to make room
+            if request.num_output_tokens + request.num_pending_tokens >= request.max_tokens:
+                continue  # its last token is in flight; the engine finishes it when that arrives
             limit = min(request.num_tokens, self.max_model_len)
             num_new = min(limit - request.num_computed_tokens, budget)
             if num_new <= 0:
@@ -235,18 +237,45 @@ class Scheduler:
     def update_after_step(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance computed-token counts by what the step computed, register newly full blocks in
         the prefix cache, and append the sampled token of every request whose prefill completed.
-        Returns those requests, in batch order; stop checks and finishing are the engine's."""
-        sampled_requests: list[Request] = []
+        Returns those requests, in batch order; stop checks and finishing are the engine's.
+        (advance + resolve in one call, for a step whose tokens are already on the host.)"""
+        samplers = self.advance(output)
+        for request in samplers:
+            if request.status != RequestStatus.FINISHED and request.request_id not in sampled:
+                raise ValueError(f"request {request.request_id}: its prefill completed but no token was sampled")
+        return self.resolve(samplers, [sampled.get(r.request_id, -1) for r in samplers])
+
+    def advance(self, output: SchedulerOutput) -> list[Request]:
+        """The step was launched: advance computed-token counts and give every request whose
+        prefill it completes one pending token. Returns those requests in batch order (the rows
+        of the step's sampled tokens). Call before the next schedule(), which may then schedule
+        the pending token's own step before its id is known (overlapped scheduling)."""
+        samplers: list[Request] = []
         for entry in output.scheduled:
             request = entry.request
             if request.status != RequestStatus.RUNNING:
-                continue  # aborted or finished while the step ran
+                continue  # aborted or finished after it was scheduled
             completes = entry.samples
             request.num_computed_tokens += entry.num_new_tokens
             self.block_manager.cache_full_blocks(request, request.num_computed_tokens)
             if completes:
-                if request.request_id not in sampled:
-                    raise ValueError(f"request {request.request_id}: its prefill completed but no token was sampled")
-                request.append_output_token(sampled[request.request_id])
-                sampled_requests.append(request)
-        return sampled_requests
+                request.add_pending_token()
+                samplers.append(request)
+        return samplers
+
+    def resolve(self, samplers: list[Request], token_ids: list[int]) -> list[Request]:
+        """The step's sampled tokens arrived: each request in `samplers` (advance's list) turns its
+        oldest pending token into an output token and registers the blocks that made full.
+        Requests finished meanwhile are skipped; a request preempted meanwhile still keeps its
+        token (it recomputes it on readmission). Returns the requests that got a token."""
+        if len(samplers) != len(token_ids):
+            raise ValueError(f"{len(samplers)} sampling requests but {len(token_ids)} tokens")
+        progressed: list[Request] = []
+        for request, token_id in zip(samplers, token_ids):
+            if request.status == RequestStatus.FINISHED:
+                continue
+            request.resolve_pending_token(token_id)
+            if request.status == RequestStatus.RUNNING:
+                self.block_manager.cache_full_blocks(request, request.num_computed_tokens)
+            progressed.append(request)
+        return progressed
