@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import random
 import statistics
@@ -90,20 +91,31 @@ def run_offline_once(engine, prompts: list[list[int]], output_lens: list[int]) -
     }
 
 
-def hf_generate_throughput(engine, prompts: list[list[int]], output_len: int, model_spec: str,
-                           load_format: str, max_batch: int | None = None) -> dict[str, float]:
-    """transformers' generate on the same workload, in the largest padded batch that fits."""
+def _release_engine(engine) -> None:
+    """Shut the engine down and give its weights, KV pool and graph pools back to the device, so
+    transformers' copy of the model fits beside nothing (the pool alone takes most of a GPU)."""
+    engine.shutdown()
+    engine.executor = None
+    gc.collect()
+    if engine.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def hf_generate_throughput(device: torch.device, dtype: torch.dtype, prompts: list[list[int]], output_len: int,
+                           model_spec: str, load_format: str, max_batch: int | None = None) -> dict[str, float]:
+    """transformers' generate on the same workload, in the largest padded batch that fits. Run it
+    after _release_engine: on a GPU the engine's KV pool leaves no room for a second model."""
     from transformers import AutoModelForCausalLM
 
     from shardline.worker.loader.source import resolve_model
 
-    device, dtype = engine.device, engine.dtype
     source = resolve_model(model_spec, weights_required=load_format != "dummy")
     if load_format == "dummy":
         from transformers import AutoConfig
 
         cfg = AutoConfig.from_pretrained(str(source.path))
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        with torch.device(device):  # random init on the device: seconds for 8B, not minutes on the CPU
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     elif source.kind == "gguf":
         model = AutoModelForCausalLM.from_pretrained(str(source.path.parent), gguf_file=source.path.name, dtype=dtype)
     else:
@@ -142,6 +154,7 @@ def mode_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
     vocab = engine.model_config.vocab_size
     rows = []
     grid = _parse_grid(args.grid) if args.grid else [(args.input_len, args.output_len)]
+    workloads: list[tuple[list[list[int]], int]] = []
     _warmup(engine)
     for input_len, output_len in grid:
         if args.random_range:
@@ -156,11 +169,16 @@ def mode_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
             label = f"{input_len}/{output_len}" + (f" prefix {args.prefix_len}" if args.prefix_len else "")
         row: dict[str, Any] = {"workload": label, "num_prompts": len(prompts)}
         row.update(run_offline_once(engine, prompts, outs))
-        if args.compare_hf:
-            row.update(hf_generate_throughput(engine, prompts, output_len, args.model, args.load_format, args.hf_max_batch))
-            row["speedup_vs_hf"] = row["output_tokens_per_s"] / row["hf_output_tokens_per_s"]
         rows.append(row)
-    engine.shutdown()
+        workloads.append((prompts, output_len))
+    device, dtype = engine.device, engine.dtype
+    _release_engine(engine)
+    del engine
+    if args.compare_hf:
+        for row, (prompts, output_len) in zip(rows, workloads):
+            row.update(hf_generate_throughput(device, dtype, prompts, output_len, args.model, args.load_format,
+                                              args.hf_max_batch))
+            row["speedup_vs_hf"] = row["output_tokens_per_s"] / row["hf_output_tokens_per_s"]
     return rows
 
 

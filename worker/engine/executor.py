@@ -191,4 +191,6 @@ class LocalExecutor:
         return None
 
     def shutdown(self) -> None:
+        """Drop the model, the KV pool and the graphs, so their device memory can be reused."""
         self.runner = None  # type: ignore[assignment]
+        self.model = None  # type: ignore[assignment]
