@@ -280,7 +280,8 @@ def mode_prefix(args: argparse.Namespace) -> list[dict[str, Any]]:
             prompts = random_prompts(args.num_prompts, args.input_len, vocab, args.seed + int(frac * 100), prefix_len)
             r = run_offline_once(engine, prompts, [args.output_len] * len(prompts))
             rows.append({"shared_prefix": f"{int(frac * 100)}%", "prefix_cache": "on" if cache_on else "off", **r})
-        engine.shutdown()
+        _release_engine(engine)  # the next engine sizes its KV pool from the memory this one frees
+        del engine
     off = {row["shared_prefix"]: row["total_tokens_per_s"] for row in rows if row["prefix_cache"] == "off"}
     for row in rows:
         row["speedup_vs_cache_off"] = row["total_tokens_per_s"] / off[row["shared_prefix"]]
