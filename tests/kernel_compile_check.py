@@ -15,7 +15,10 @@ It prints one line per compiled variant and exits non-zero if any failed.
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import traceback
 from typing import Any, Callable
 
@@ -31,6 +34,8 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 from shardline.worker.kernels import activation, kv_write, matvec, paged_attention, rmsnorm, rope, runtime
 
 TARGET = GPUTarget("cuda", 90, 32)
+MAX_SHARED = 232448  # bytes of shared memory one H100 block may use (227 KiB)
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 BACKEND = make_backend(TARGET)
 _JIT: dict[int, JITFunction] = {}
 _SEEN: set[str] = set()
@@ -48,13 +53,34 @@ def _compile_launch(k: runtime.Kernel, args: tuple[Any, ...], kwargs: dict[str, 
     if key in _SEEN:
         return
     _SEEN.add(key)
-    label = f"{k.fn.__name__} " + " ".join(f"{n}={v}" for (i,), v in constexprs.items() for n in [jit.arg_names[i]])
+    ptrs = sorted({v for v in signature.values() if v.startswith("*")})
+    label = f"{k.fn.__name__} {','.join(ptrs)} " + " ".join(
+        f"{jit.arg_names[i]}={v}" for (i,), v in constexprs.items()
+    )
     try:
         compiled = triton_compile(ASTSource(jit, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
-        print(f"ok   {label}  (regs {compiled.n_regs if hasattr(compiled, 'n_regs') else '?'}, smem {compiled.metadata.shared})")
     except Exception:
         FAILURES.append(label)
         print(f"FAIL {label}\n{traceback.format_exc()}")
+        return
+    usage = _resource_usage(compiled.asm["cubin"])
+    shared = compiled.metadata.shared
+    problems = []
+    if shared > MAX_SHARED:
+        problems.append(f"needs {shared} B of shared memory, more than an H100 block has")
+    if usage.get("LOCAL", 0) > 0:
+        problems.append(f"spills {usage['LOCAL']} B of registers to local memory")
+    status = "WARN" if problems else "ok  "
+    print(f"{status} {label}  (regs {usage.get('REG', '?')}, smem {shared}) {'; '.join(problems)}")
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    """REG / STACK / LOCAL / SHARED of the kernel in a cubin, as cuobjdump reports them."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+    return {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", text)}
 
 
 def _patch() -> None:
@@ -83,7 +109,7 @@ def _batch(seqs: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: int
 
 
 def check_attention(quick: bool) -> None:
-    shapes = [(32, 8, 128, 16)] if quick else [(32, 8, 128, 16), (32, 32, 128, 16), (28, 4, 128, 16), (16, 2, 80, 16),
+    shapes = [(32, 8, 128, 16)] if quick else [(4, 2, 8, 8), (4, 2, 16, 8), (32, 8, 128, 16), (32, 32, 128, 16), (28, 4, 128, 16), (16, 2, 80, 16),
                                                (12, 12, 96, 32), (64, 8, 64, 16), (8, 1, 256, 16)]
     dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
     batches = [[(1, 300)], [(1, 1000)] * 3, [(20, 40), (1, 70)], [(100, 100)]]
@@ -100,23 +126,26 @@ def check_attention(quick: bool) -> None:
 
 def check_elementwise(quick: bool) -> None:
     dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
+    hiddens = [(4096, 14336)] if quick else [(64, 128), (4096, 14336), (8192, 28672)]
+    heads = [(32, 8, 128, 128)] if quick else [(4, 2, 16, 16), (32, 8, 128, 128), (16, 2, 80, 80), (32, 8, 128, 64)]
     for dtype in dtypes:
         for rows in (1, 7):
-            x = torch.zeros(rows, 4096, dtype=dtype)
-            w = torch.ones(4096, dtype=dtype)
-            rmsnorm.rms_norm(x, w, 1e-5, impl="triton")
-            rmsnorm.rms_norm(x, w, 1e-5, residual=x.clone(), impl="triton")
-            activation.silu_and_mul(torch.zeros(rows, 2 * 14336, dtype=dtype), impl="triton")
-            for hd, rot in ((128, 128), (80, 80), (128, 64)):
-                qq = torch.zeros(rows, 32, hd, dtype=dtype)
-                kk = torch.zeros(rows, 8, hd, dtype=dtype)
+            for hidden, inter in hiddens:
+                x = torch.zeros(rows, hidden, dtype=dtype)
+                w = torch.ones(hidden, dtype=dtype)
+                rmsnorm.rms_norm(x, w, 1e-5, impl="triton")
+                rmsnorm.rms_norm(x, w, 1e-5, residual=x.clone(), impl="triton")
+                activation.silu_and_mul(torch.zeros(rows, 2 * inter, dtype=dtype), impl="triton")
+            for nq, nk, hd, rot in heads:
+                qq = torch.zeros(rows, nq, hd, dtype=dtype)
+                kk = torch.zeros(rows, nk, hd, dtype=dtype)
                 cache = torch.zeros(64, rot, dtype=torch.float32)
                 rope.apply_rope(qq, kk, torch.zeros(rows, dtype=torch.int64), cache, impl="triton")
 
 
 def check_matvec(quick: bool) -> None:
     dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
-    shapes = [(4096, 6144), (14336, 4096)] if quick else [(4096, 6144), (4096, 28672), (14336, 4096), (4096, 128256), (4000, 96)]
+    shapes = [(4096, 6144), (14336, 4096)] if quick else [(64, 384), (128, 64), (4096, 6144), (4096, 28672), (14336, 4096), (4096, 128256), (4000, 96)]
     for dtype in dtypes:
         for M in (1, 3, 5, 16):
             for K, N in shapes:
