@@ -43,7 +43,9 @@ FAILURES: list[str] = []
 
 
 def _compile_launch(k: runtime.Kernel, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    jit = _JIT.setdefault(id(k), JITFunction(k.fn))
+    if id(k) not in _JIT:  # the launcher's own JITFunction, with its do_not_specialize list
+        _JIT[id(k)] = k.jit_function() if hasattr(k, "jit_function") else JITFunction(k.fn)
+    jit = _JIT[id(k)]
     kwargs = dict(kwargs)
     kwargs.setdefault("debug", False)
     binder = create_function_from_signature(jit.signature, jit.params, BACKEND)
@@ -157,10 +159,28 @@ def check_matvec(quick: bool) -> None:
                         matvec.matvec(x, w, cfg, impl="triton")
 
 
+def check_steps_reuse_one_variant(quick: bool) -> None:
+    """Decode steps of different batch sizes and block-table widths, and matvec batches of 5..16
+    rows, must reuse one compiled variant each: a new variant is a compile stall mid-serving."""
+    before = len(_SEEN)
+    for batch, context in ((1, 40), (2, 17), (3, 9), (16, 300), (17, 33), (33, 1000)):
+        q, cache, qsl, sl, bt, mq, ms = _batch([(1, context)] * batch, 32, 8, 128, 16, torch.bfloat16)
+        paged_attention.paged_attention(q, cache, qsl, sl, bt, mq, ms, 0.1, num_splits=1)
+    for M in range(5, 17):
+        matvec.matvec(torch.zeros(M, 4096, dtype=torch.bfloat16), torch.zeros(4096, 4096, dtype=torch.bfloat16),
+                      matvec.MatvecConfig(64, 128, 1), impl="triton")
+    new = len(_SEEN) - before
+    if new > 2:
+        FAILURES.append(f"steps of different sizes compiled {new} variants (expected at most 2)")
+        print(f"FAIL {FAILURES[-1]}")
+    else:
+        print(f"ok   decode steps of 1..33 sequences and matvec M 5..16: {new} new variant(s)")
+
+
 def main() -> int:
     quick = "--quick" in sys.argv
     _patch()
-    for check in (check_elementwise, check_attention, check_matvec):
+    for check in (check_steps_reuse_one_variant, check_elementwise, check_attention, check_matvec):
         check(quick)
     print(f"{len(_SEEN)} variants compiled for sm_90 with triton {triton.__version__}; {len(FAILURES)} failed")
     return 1 if FAILURES else 0
