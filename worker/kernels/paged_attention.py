@@ -121,6 +121,10 @@ def _paged_attention_kernel(
     for start in range(kv_lo, kv_hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < kv_hi
+        # int64 before the stride product: block * stride_cb spans one layer's K (or V) cache,
+        # num_blocks * block_size * kv_heads * head_dim elements -- ~470M for Llama-3-8B on 80 GB
+        # (32 layers), past 2**31 once one layer's K half exceeds 4 GiB of bf16 (fewer layers, more
+        # memory). Compiled Triton would wrap an int32 product; the interpreter computes in int64.
         blk = tl.load(table_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
         slot_off = blk * stride_cb + (offs_n % BLOCK_SIZE) * stride_co + head_off
         k = tl.load(k_cache_ptr + slot_off[None, :] + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
