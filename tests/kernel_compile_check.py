@@ -70,8 +70,9 @@ def _compile_launch(k: runtime.Kernel, args: tuple[Any, ...], kwargs: dict[str, 
     problems = []
     if shared > MAX_SHARED:
         problems.append(f"needs {shared} B of shared memory, more than an H100 block has")
-    if usage.get("LOCAL", 0) > 0:
-        problems.append(f"spills {usage['LOCAL']} B of registers to local memory")
+    spill = usage.get("STACK", 0) + usage.get("LOCAL", 0)
+    if spill > 0:  # cuobjdump reports register spills as stack frame bytes
+        problems.append(f"spills registers ({spill} B of stack per thread): correct but slow")
     status = "WARN" if problems else "ok  "
     print(f"{status} {label}  (regs {usage.get('REG', '?')}, smem {shared}) {'; '.join(problems)}")
 
