@@ -60,6 +60,42 @@ def test_head_dim_that_is_not_a_power_of_two_is_masked(interpreter):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3)
 
 
+def test_head_dim_below_16_is_padded_to_a_tensor_core_dot_width(interpreter):
+    # Compiled tl.dot rejects dimensions under 16; the launcher pads head_dim 8 to 16 and masks.
+    out, ref, _, _ = run_both(MIXED, 4, 2, 8, 8)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3)
+
+
+def test_gqa_group_of_eight_decode_with_partitions_past_short_sequences(interpreter):
+    # Group 8 fills half a 16-row decode tile; with 4 splits over 90 tokens the 2- and 17-token
+    # sequences have partitions that start past their end and must contribute nothing (no NaN).
+    backend = TritonAttentionBackend(num_splits=4, block_n=16)
+    out, ref, _, _ = run_both([(1, 2), (1, 90), (1, 17)], 16, 2, 32, 16, backend=backend)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_nan_in_cache_slots_past_each_sequence_never_reaches_the_output(interpreter, num_splits):
+    # A fresh cache is torch.empty: slots past a sequence's length (the tail of its last block,
+    # other blocks) may hold NaN. Masked loads must replace them (0 * NaN is NaN in P @ V).
+    seqs = PREFIX_CACHED
+    backend = TritonAttentionBackend(num_splits=num_splits, block_n=16)
+    q, k, v, cache, meta = make_batch(seqs, 4, 2, 16, 8)
+    backend.write_kv(k, v, cache, meta)
+    scale = 16**-0.5
+    clean = backend.forward(q, cache, meta, scale)
+    used = torch.zeros(cache.shape[1] * cache.shape[2], dtype=torch.bool)
+    for i, seq_len in enumerate(meta.seq_lens_cpu):
+        for t in range(seq_len):
+            used[int(meta.block_tables[i, t // 8]) * 8 + t % 8] = True
+    poisoned = cache.clone()
+    poisoned.view(2, -1, 2, 16)[:, ~used] = float("nan")
+    out = backend.forward(q, poisoned, meta, scale)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, clean, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_attention_accumulates_in_fp32(interpreter, dtype):
     out, ref, _, _ = run_both(MIXED + [(1, 66)], 8, 2, 64, 16, dtype=dtype)

@@ -28,7 +28,7 @@ def _write_kv_kernel(
     BLOCK_SIZE: tl.constexpr,
 ):
     t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)  # int64: blk * stride_cb may pass 2**31 (see paged_attention)
     if slot < 0:  # padding token: nothing to store
         return
     blk = slot // BLOCK_SIZE

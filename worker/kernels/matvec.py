@@ -29,7 +29,7 @@ class MatvecConfig:
     num_warps: int = 4
 
 
-@kernel
+@kernel(do_not_specialize=("M",))  # the batch size: 1..16 from step to step
 def _matvec_kernel(
     x_ptr,
     w_ptr,

@@ -22,7 +22,9 @@ from shardline.worker.kernels.runtime import interpreted_bf16_dot, kernel, next_
 _LOG2E = 1.4426950408889634
 
 
-@kernel
+# Step-varying ints (sequence count, block-table width, the split count in the m/l strides) are
+# not specialized: each new value would otherwise compile another variant (see runtime.Kernel).
+@kernel(do_not_specialize=("num_seqs", "stride_bt", "stride_mt", "stride_mh"))
 def _paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
@@ -119,6 +121,10 @@ def _paged_attention_kernel(
     for start in range(kv_lo, kv_hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < kv_hi
+        # int64 before the stride product: block * stride_cb spans one layer's K (or V) cache,
+        # num_blocks * block_size * kv_heads * head_dim elements -- ~470M for Llama-3-8B on 80 GB
+        # (32 layers), past 2**31 once one layer's K half exceeds 4 GiB of bf16 (fewer layers, more
+        # memory). Compiled Triton would wrap an int32 product; the interpreter computes in int64.
         blk = tl.load(table_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
         slot_off = blk * stride_cb + (offs_n % BLOCK_SIZE) * stride_co + head_off
         k = tl.load(k_cache_ptr + slot_off[None, :] + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
@@ -148,7 +154,7 @@ def _paged_attention_kernel(
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=mask_o)
 
 
-@kernel
+@kernel(do_not_specialize=("num_seqs", "num_splits", "stride_mt", "stride_mh"))
 def _reduce_splits_kernel(
     out_ptr,
     part_o_ptr,
@@ -237,9 +243,12 @@ def paged_attention(
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"paged_attention: block_n must be a power of two >= 16 (tl.dot), got {block_n}")
     group = num_heads // num_kv_heads
     group_pad, block_q, block_m = tile_shape(num_heads, num_kv_heads, max_query_len)
-    head_d_pad = next_pow2(head_dim)
+    # Compiled tl.dot needs every dimension >= 16: head_dim is the QK^T reduction and the PV width.
+    head_d_pad = max(16, next_pow2(head_dim))
     partition_len, num_splits = split_partition(max_seq_len, num_splits, block_n)
     split = num_splits > 1
     if split:

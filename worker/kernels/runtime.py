@@ -84,10 +84,22 @@ def cdiv(a: int, b: int) -> int:
 
 class Kernel:
     """A Triton kernel launched as `kernel[grid](*args)`: compiled for CUDA tensors, interpreted when
-    the process runs Triton in interpreter mode."""
+    the process runs Triton in interpreter mode.
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    do_not_specialize names runtime int arguments that change from step to step (batch sizes,
+    sequence counts, table widths). Compiled Triton otherwise specializes every int argument on
+    `== 1` and `% 16 == 0`, so such an argument would compile up to three variants of the kernel,
+    each a multi-second stall the first time a step hits it (and a compile inside CUDA-graph
+    capture if warm-up did not see that value).
+    """
+
+    def __init__(self, fn: Callable[..., Any], do_not_specialize: tuple[str, ...] = ()) -> None:
+        names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
+        unknown = [n for n in do_not_specialize if n not in names]
+        if unknown:
+            raise ValueError(f"do_not_specialize: {fn.__name__} has no argument(s) {', '.join(unknown)}")
         self.fn = fn
+        self.do_not_specialize = tuple(do_not_specialize)
         self._compiled: Any = None
         self._interpreted: Any = None
 
@@ -98,13 +110,17 @@ class Kernel:
 
         return launch
 
+    def jit_function(self) -> Any:
+        """The compiled-mode JITFunction (built once; building it compiles nothing)."""
+        if self._compiled is None:
+            self._compiled = JITFunction(self.fn, do_not_specialize=list(self.do_not_specialize))
+        return self._compiled
+
     def _variant(self, on_cuda: bool) -> Any:
         if not HAS_TRITON:
             raise RuntimeError("triton is not installed")
         if on_cuda and not interpreter_ready():
-            if self._compiled is None:
-                self._compiled = JITFunction(self.fn)
-            return self._compiled
+            return self.jit_function()
         if not interpreter_ready():
             raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
         if self._interpreted is None:
@@ -112,6 +128,11 @@ class Kernel:
         return self._interpreted
 
 
-def kernel(fn: Callable[..., Any]) -> Kernel:
-    """Decorator standing in for `triton.jit` on this package's kernels (see the module note)."""
-    return Kernel(fn)
+def kernel(
+    fn: Callable[..., Any] | None = None, *, do_not_specialize: tuple[str, ...] = ()
+) -> Kernel | Callable[[Callable[..., Any]], Kernel]:
+    """Decorator standing in for `triton.jit` on this package's kernels (see the module note):
+    `@kernel`, or `@kernel(do_not_specialize=("num_seqs",))` for step-varying int arguments."""
+    if fn is None:
+        return lambda f: Kernel(f, do_not_specialize)
+    return Kernel(fn, do_not_specialize)
