@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import random
 import statistics
@@ -90,20 +91,29 @@ def run_offline_once(engine, prompts: list[list[int]], output_lens: list[int]) -
     }
 
 
-def hf_generate_throughput(engine, prompts: list[list[int]], output_len: int, model_spec: str,
-                           load_format: str, max_batch: int | None = None) -> dict[str, float]:
-    """transformers' generate on the same workload, in the largest padded batch that fits."""
+def release_device_memory(device: torch.device) -> None:
+    """Collect dropped engines (reference cycles included) and return their cached CUDA blocks, so
+    that what runs next (transformers, the roofline) finds the memory the KV pool held."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def hf_generate_throughput(device: torch.device, dtype: torch.dtype, prompts: list[list[int]], output_len: int,
+                           model_spec: str, load_format: str, max_batch: int | None = None) -> dict[str, float]:
+    """transformers' generate on the same workload, in the largest padded batch that fits. Run it
+    after the engine is shut down: the engine's KV pool takes most of the GPU."""
     from transformers import AutoModelForCausalLM
 
     from shardline.worker.loader.source import resolve_model
 
-    device, dtype = engine.device, engine.dtype
     source = resolve_model(model_spec, weights_required=load_format != "dummy")
     if load_format == "dummy":
         from transformers import AutoConfig
 
         cfg = AutoConfig.from_pretrained(str(source.path))
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        with device:  # random init on the device itself: 8B parameters take minutes on the host
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     elif source.kind == "gguf":
         model = AutoModelForCausalLM.from_pretrained(str(source.path.parent), gguf_file=source.path.name, dtype=dtype)
     else:
@@ -139,8 +149,10 @@ def hf_generate_throughput(engine, prompts: list[list[int]], output_len: int, mo
 
 def mode_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
     engine = _make_engine(args)
+    device, dtype = engine.device, engine.dtype
     vocab = engine.model_config.vocab_size
     rows = []
+    hf_pending: list[tuple[dict[str, Any], list[list[int]], int]] = []
     grid = _parse_grid(args.grid) if args.grid else [(args.input_len, args.output_len)]
     _warmup(engine)
     for input_len, output_len in grid:
@@ -157,10 +169,14 @@ def mode_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"workload": label, "num_prompts": len(prompts)}
         row.update(run_offline_once(engine, prompts, outs))
         if args.compare_hf:
-            row.update(hf_generate_throughput(engine, prompts, output_len, args.model, args.load_format, args.hf_max_batch))
-            row["speedup_vs_hf"] = row["output_tokens_per_s"] / row["hf_output_tokens_per_s"]
+            hf_pending.append((row, prompts, output_len))
         rows.append(row)
     engine.shutdown()
+    del engine
+    release_device_memory(device)
+    for row, prompts, output_len in hf_pending:
+        row.update(hf_generate_throughput(device, dtype, prompts, output_len, args.model, args.load_format, args.hf_max_batch))
+        row["speedup_vs_hf"] = row["output_tokens_per_s"] / row["hf_output_tokens_per_s"]
     return rows
 
 
@@ -262,7 +278,10 @@ def mode_prefix(args: argparse.Namespace) -> list[dict[str, Any]]:
             prompts = random_prompts(args.num_prompts, args.input_len, vocab, args.seed + int(frac * 100), prefix_len)
             r = run_offline_once(engine, prompts, [args.output_len] * len(prompts))
             rows.append({"shared_prefix": f"{int(frac * 100)}%", "prefix_cache": "on" if cache_on else "off", **r})
+        device = engine.device
         engine.shutdown()
+        del engine  # the next engine sizes its KV pool from free memory: this one's weights must be gone
+        release_device_memory(device)
     off = {row["shared_prefix"]: row["total_tokens_per_s"] for row in rows if row["prefix_cache"] == "off"}
     for row in rows:
         row["speedup_vs_cache_off"] = row["total_tokens_per_s"] / off[row["shared_prefix"]]
@@ -418,6 +437,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from shardline.worker.loader.source import resolve_model
 
         device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+        release_device_memory(device)
         roof = measure_roofline(device)
         result["roofline"] = roof
         cfg = ModelConfig.from_hf_config(resolve_model(args.model, weights_required=args.load_format != "dummy").hf_config())
