@@ -126,11 +126,14 @@ if ! "$PYTHON" -c 'import shardline.worker, shardline.bench' >/dev/null 2>&1; th
   "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e "$ROOT" \
     || echo "pip could not install shardline; falling back to PYTHONPATH links" >&2
   if ! "$PYTHON" -c 'import shardline.worker, shardline.bench' >/dev/null 2>&1; then
-    # The package maps shardline.<x> onto top-level folders: mirror that with links.
-    shim=$(mktemp -d)/shim
+    # The package maps shardline.<x> onto top-level folders: mirror that with links. `python -m`
+    # puts the working directory (whose shardline/ lacks worker/) first on sys.path, so a
+    # sitecustomize imports shardline from the links at start-up, before that happens.
+    shim=$(mktemp -d)
     mkdir -p "$shim/shardline"
     ln -s "$ROOT"/shardline/* "$shim/shardline/"
     for sub in worker cluster router proto; do ln -s "$ROOT/$sub" "$shim/shardline/$sub"; done
+    echo "import shardline  # from $shim (run_gpu_suite.sh), ahead of the working directory" > "$shim/sitecustomize.py"
     export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
   fi
   "$PYTHON" -c 'import shardline.worker, shardline.bench' || { echo "cannot import shardline" >&2; exit 2; }
