@@ -129,3 +129,17 @@ def test_suite_quick_steps_run_on_cpu_with_the_tiny_config(tmp_path):
         assert result["mode"] == mode and result["rows"] and "roofline" in result
     environment = (tmp_path / "environment.txt").read_text()
     assert "torch " in environment and "steps latency_b1_128_512 prefill_ttft" in environment
+
+
+def test_the_gpu_box_commands_in_the_performance_doc_run_every_step_once():
+    doc = (REPO / "docs" / "performance.md").read_text()
+    commands = [line.strip() for line in doc.splitlines()
+                if line.startswith("    ONLY=") and "run_gpu_suite.sh" in line]
+    assert len(commands) == 4
+    steps: list[str] = []
+    for command in commands:
+        only = shlex.split(command)[0].removeprefix("ONLY=")
+        plan = suite_plan(ONLY=only)
+        assert list(plan) == only.split(), "ONLY lists its steps in the suite's order"
+        steps += plan
+    assert sorted(steps) == sorted(suite_plan())
