@@ -112,7 +112,7 @@ def hf_generate_throughput(device: torch.device, dtype: torch.dtype, prompts: li
         from transformers import AutoConfig
 
         cfg = AutoConfig.from_pretrained(str(source.path))
-        with device:  # random init on the device itself: 8B parameters take minutes on the host
+        with device:  # random init on the device itself, not 8B parameters on the host then a copy
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     elif source.kind == "gguf":
         model = AutoModelForCausalLM.from_pretrained(str(source.path.parent), gguf_file=source.path.name, dtype=dtype)
