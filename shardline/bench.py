@@ -91,20 +91,18 @@ def run_offline_once(engine, prompts: list[list[int]], output_lens: list[int]) -
     }
 
 
-def _release_engine(engine) -> None:
-    """Shut the engine down and give its weights, KV pool and graph pools back to the device, so
-    transformers' copy of the model fits beside nothing (the pool alone takes most of a GPU)."""
-    engine.shutdown()
-    engine.executor = None
+def release_device_memory(device: torch.device) -> None:
+    """Collect dropped engines (reference cycles included) and return their cached CUDA blocks, so
+    that what runs next (transformers, the roofline) finds the memory the KV pool held."""
     gc.collect()
-    if engine.device.type == "cuda":
+    if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
 def hf_generate_throughput(device: torch.device, dtype: torch.dtype, prompts: list[list[int]], output_len: int,
                            model_spec: str, load_format: str, max_batch: int | None = None) -> dict[str, float]:
     """transformers' generate on the same workload, in the largest padded batch that fits. Run it
-    after _release_engine: on a GPU the engine's KV pool leaves no room for a second model."""
+    after the engine is shut down: the engine's KV pool takes most of the GPU."""
     from transformers import AutoModelForCausalLM
 
     from shardline.worker.loader.source import resolve_model
@@ -114,7 +112,7 @@ def hf_generate_throughput(device: torch.device, dtype: torch.dtype, prompts: li
         from transformers import AutoConfig
 
         cfg = AutoConfig.from_pretrained(str(source.path))
-        with torch.device(device):  # random init on the device: seconds for 8B, not minutes on the CPU
+        with device:  # random init on the device itself, not 8B parameters on the host then a copy
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     elif source.kind == "gguf":
         model = AutoModelForCausalLM.from_pretrained(str(source.path.parent), gguf_file=source.path.name, dtype=dtype)
@@ -151,10 +149,11 @@ def hf_generate_throughput(device: torch.device, dtype: torch.dtype, prompts: li
 
 def mode_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
     engine = _make_engine(args)
+    device, dtype = engine.device, engine.dtype
     vocab = engine.model_config.vocab_size
     rows = []
+    hf_pending: list[tuple[dict[str, Any], list[list[int]], int]] = []
     grid = _parse_grid(args.grid) if args.grid else [(args.input_len, args.output_len)]
-    workloads: list[tuple[list[list[int]], int]] = []
     _warmup(engine)
     for input_len, output_len in grid:
         if args.random_range:
@@ -169,16 +168,15 @@ def mode_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
             label = f"{input_len}/{output_len}" + (f" prefix {args.prefix_len}" if args.prefix_len else "")
         row: dict[str, Any] = {"workload": label, "num_prompts": len(prompts)}
         row.update(run_offline_once(engine, prompts, outs))
+        if args.compare_hf:
+            hf_pending.append((row, prompts, output_len))
         rows.append(row)
-        workloads.append((prompts, output_len))
-    device, dtype = engine.device, engine.dtype
-    _release_engine(engine)
+    engine.shutdown()
     del engine
-    if args.compare_hf:
-        for row, (prompts, output_len) in zip(rows, workloads):
-            row.update(hf_generate_throughput(device, dtype, prompts, output_len, args.model, args.load_format,
-                                              args.hf_max_batch))
-            row["speedup_vs_hf"] = row["output_tokens_per_s"] / row["hf_output_tokens_per_s"]
+    release_device_memory(device)
+    for row, prompts, output_len in hf_pending:
+        row.update(hf_generate_throughput(device, dtype, prompts, output_len, args.model, args.load_format, args.hf_max_batch))
+        row["speedup_vs_hf"] = row["output_tokens_per_s"] / row["hf_output_tokens_per_s"]
     return rows
 
 
@@ -280,8 +278,10 @@ def mode_prefix(args: argparse.Namespace) -> list[dict[str, Any]]:
             prompts = random_prompts(args.num_prompts, args.input_len, vocab, args.seed + int(frac * 100), prefix_len)
             r = run_offline_once(engine, prompts, [args.output_len] * len(prompts))
             rows.append({"shared_prefix": f"{int(frac * 100)}%", "prefix_cache": "on" if cache_on else "off", **r})
-        _release_engine(engine)  # the next engine sizes its KV pool from the memory this one frees
-        del engine
+        device = engine.device
+        engine.shutdown()
+        del engine  # the next engine sizes its KV pool from free memory: this one's weights must be gone
+        release_device_memory(device)
     off = {row["shared_prefix"]: row["total_tokens_per_s"] for row in rows if row["prefix_cache"] == "off"}
     for row in rows:
         row["speedup_vs_cache_off"] = row["total_tokens_per_s"] / off[row["shared_prefix"]]
@@ -437,6 +437,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from shardline.worker.loader.source import resolve_model
 
         device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+        release_device_memory(device)
         roof = measure_roofline(device)
         result["roofline"] = roof
         cfg = ModelConfig.from_hf_config(resolve_model(args.model, weights_required=args.load_format != "dummy").hf_config())
