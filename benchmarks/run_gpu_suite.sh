@@ -89,6 +89,8 @@ suite() {
   # Targets (docs/performance.md): batch-1 decode, 500 x 200/180 at once, 10x transformers at
   # batch 128, 75 % shared prefix vs cache off, TTFT of a 2048-token prompt.
   run latency_b1_128_512 latency --input-len 128 --output-len $((N ? 512 : 64)) --iters 3
+  # The same with overlapped scheduling off: what the overlap buys at batch 1.
+  run latency_b1_128_512_sync latency --input-len 128 --output-len $((N ? 512 : 64)) --iters 3 --no-async-scheduling
   run offline_500x200_180 offline --num-prompts $((N ? 500 : 50)) --input-len 200 --output-len 180 --max-num-seqs 256
   run offline_b128_vs_hf offline --num-prompts 128 --input-len 128 --output-len $((N ? 256 : 32)) --max-num-seqs 128 \
     --compare-hf --hf-max-batch 128
