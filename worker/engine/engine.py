@@ -39,7 +39,7 @@ from shardline.worker.engine.outputs import (
 )
 from shardline.worker.engine.params import RequestError, SamplingParams
 from shardline.worker.engine.request import Request
-from shardline.worker.engine.sampler import Sampler, SamplingBatch, make_generator
+from shardline.worker.engine.sampler import LogprobTensors, Sampler, SamplingBatch, host_copy, make_generator
 from shardline.worker.engine.scheduler import Scheduler, SchedulerOutput
 from shardline.worker.engine.validation import Limits, validate_request
 from shardline.worker.tokenizer import encode_prompt
@@ -73,7 +73,7 @@ class _LaunchedStep:
     token_ids: torch.Tensor  # [N] int64 on the device: the source of the next step's pending inputs
     host_token_ids: torch.Tensor  # [N] on the host, filled by a non-blocking copy
     ready: Any  # torch.cuda.Event recorded after that copy (None on CPU)
-    logprobs: list | None  # per sampler row, when any asked
+    logprobs: LogprobTensors | None  # per sampler row, when any asked; on the host once `ready`
     row_of: dict[int, int] = field(default_factory=dict)  # id(request) -> row of token_ids
 
 
@@ -216,18 +216,19 @@ class LLMEngine:
                 pending_token_ids=self._pending_token_ids(samplers, logits.device),
             )
             out = self.sampler(logits, batch)
-            token_ids, logprobs = out.token_ids, out.logprobs
+            token_ids, logprobs = out.token_ids, out.logprob_tensors
         self.num_steps += 1
         advanced = self.scheduler.advance(sched)
         if [id(r) for r in advanced] != [id(r) for r in samplers]:
             raise RuntimeError("scheduler.advance disagrees with the step's sampling rows")
+        host, ready = host_copy(token_ids), None
+        if logprobs is not None:
+            logprobs = logprobs.to_host()  # read in _finish_step: a read here would wait for this step
         if token_ids.device.type == "cuda":
-            host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
-            host.copy_(token_ids, non_blocking=True)
+            # On the tokens' own device: the thread's current device (cuda:0 in a fresh thread such
+            # as AsyncEngine's) may be another GPU, whose stream says nothing about these copies.
             ready = torch.cuda.Event()
-            ready.record()
-        else:
-            host, ready = token_ids, None
+            ready.record(torch.cuda.current_stream(token_ids.device))
         return _LaunchedStep(samplers, token_ids, host, ready, logprobs, {id(r): i for i, r in enumerate(samplers)})
 
     def _pending_token_ids(self, samplers: list[Request], device: torch.device) -> torch.Tensor | None:
@@ -253,7 +254,7 @@ class LLMEngine:
             step.ready.synchronize()
         tokens = step.host_token_ids.tolist()
         progressed = self.scheduler.resolve(step.samplers, tokens)
-        lps = step.logprobs
+        lps = step.logprobs.tolist() if step.logprobs is not None else None
         outputs = []
         for r in progressed:
             out = self._after_token(r, lps[step.row_of[id(r)]] if lps is not None else None)

@@ -52,7 +52,7 @@ def _pad(rows: list[list[int]], fill: int) -> torch.Tensor:
 
 def _token_counts(rows: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
     """[N, vocab_size] float32 counts of each token id per row (ids outside the vocab ignored)."""
-    ids = _pad(rows, vocab_size).to(device)
+    ids = _pad(rows, vocab_size).to(device, non_blocking=True)  # blocking would wait for the queued forward
     ids = torch.where((ids >= 0) & (ids < vocab_size), ids, torch.full_like(ids, vocab_size))
     counts = torch.zeros((len(rows), vocab_size + 1), dtype=torch.float32, device=device)
     counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
@@ -178,13 +178,64 @@ class SamplingBatch:
         )
 
 
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """`t` on the host without waiting for the device: a pinned buffer filled by a copy queued on
+    t's stream (read it only after that stream reached an event recorded behind the copy).
+    Host tensors are returned as they are."""
+    if t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+@dataclass
+class LogprobTensors:
+    """A step's logprobs as tensors, so that sampling reads nothing back from the device (under
+    overlapped scheduling a read would wait for the step just queued). `tolist()` builds the
+    per-row TokenLogprob list once the values are on the host (`to_host()`, then the step's event)."""
+
+    token_ids: torch.Tensor  # [N] int64: the sampled tokens
+    sampled: torch.Tensor  # [N] float32: their logprobs
+    top_values: torch.Tensor | None  # [N, n] float32, n the largest top-n asked (None when n is 0)
+    top_ids: torch.Tensor | None  # [N, n] int64
+    num_logprobs: list[int | None]  # per row: its top-n, None when the row did not ask
+
+    def to_host(self) -> "LogprobTensors":
+        """The same tensors copied to pinned host memory without blocking (see host_copy)."""
+        top = (host_copy(self.top_values), host_copy(self.top_ids)) if self.top_values is not None else (None, None)
+        return LogprobTensors(host_copy(self.token_ids), host_copy(self.sampled), top[0], top[1], self.num_logprobs)
+
+    def tolist(self) -> list[TokenLogprob | None]:
+        """Per row, its TokenLogprob (None for rows that did not ask). Reads the tensors."""
+        ids = self.token_ids.tolist()
+        sampled = self.sampled.tolist()
+        top_values: list[list[float]] = [[] for _ in ids]
+        top_ids: list[list[int]] = [[] for _ in ids]
+        if self.top_values is not None and self.top_ids is not None:
+            top_values, top_ids = self.top_values.tolist(), self.top_ids.tolist()
+        out: list[TokenLogprob | None] = []
+        for i, n in enumerate(self.num_logprobs):
+            if n is None:
+                out.append(None)
+                continue
+            top = dict(zip(top_ids[i][:n], top_values[i][:n]))
+            out.append(TokenLogprob(token_id=ids[i], logprob=sampled[i], top=top))
+        return out
+
+
 @dataclass
 class SamplerOutput:
-    """One sampled token per row, and per row its logprobs (None for rows that did not ask;
-    the whole list is None when no row asked)."""
+    """One sampled token per row and, when any row asked, the step's logprobs still as tensors
+    (`logprobs` reads them: per row a TokenLogprob, None for rows that did not ask)."""
 
     token_ids: torch.Tensor  # [N] int64
-    logprobs: list[TokenLogprob | None] | None
+    logprob_tensors: LogprobTensors | None = None
+
+    @property
+    def logprobs(self) -> list[TokenLogprob | None] | None:
+        """Per row its logprobs (None when no row asked). Waits for the device."""
+        return self.logprob_tensors.tolist() if self.logprob_tensors is not None else None
 
 
 class Sampler:
@@ -213,7 +264,7 @@ class Sampler:
             sampled_ids = (probs / self._exponential_noise(probs, batch)).argmax(dim=-1)
             token_ids = torch.where(batch.greedy, greedy_ids, sampled_ids)
 
-        return SamplerOutput(token_ids=token_ids, logprobs=_gather_logprobs(logprobs, token_ids, batch))
+        return SamplerOutput(token_ids=token_ids, logprob_tensors=_gather_logprobs(logprobs, token_ids, batch))
 
     def _exponential_noise(self, probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """q ~ Exp(1) per row: seeded rows from their own generator, the rest from the shared one.
@@ -228,7 +279,9 @@ class Sampler:
             if len(shared_rows) == n:
                 q = noise
             else:
-                q[torch.tensor(shared_rows, device=probs.device)] = noise
+                # Built on the host, then copied without blocking: torch.tensor(..., device=cuda)
+                # would synchronize the stream and so wait for the forward queued before it.
+                q[torch.tensor(shared_rows).to(probs.device, non_blocking=True)] = noise
         for i, generator in enumerate(batch.generators):
             if generator is not None and not greedy[i]:
                 # A fresh [V] tensor per row: its values depend only on this generator's state.
@@ -273,24 +326,13 @@ def filtered_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return probs
 
 
-def _gather_logprobs(
-    logprobs: torch.Tensor | None, token_ids: torch.Tensor, batch: SamplingBatch
-) -> list[TokenLogprob | None] | None:
-    """The sampled token's logprob and the top-n per asking row, copied to the host in one go."""
+def _gather_logprobs(logprobs: torch.Tensor | None, token_ids: torch.Tensor, batch: SamplingBatch) -> LogprobTensors | None:
+    """The sampled token's logprob and the top-n per row, gathered on the device (nothing is read
+    back here: LogprobTensors.tolist does that when the step's results are read)."""
     if logprobs is None or batch.max_num_logprobs is None:
         return None
-    sampled = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
-    ids = token_ids.tolist()
-    top_values: list[list[float]] = [[] for _ in ids]
-    top_ids: list[list[int]] = [[] for _ in ids]
+    sampled = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    top_values = top_ids = None
     if batch.max_num_logprobs > 0:
-        values, indices = logprobs.topk(min(batch.max_num_logprobs, logprobs.shape[-1]), dim=-1)
-        top_values, top_ids = values.tolist(), indices.tolist()
-    out: list[TokenLogprob | None] = []
-    for i, n in enumerate(batch.num_logprobs):
-        if n is None:
-            out.append(None)
-            continue
-        top = dict(zip(top_ids[i][:n], top_values[i][:n]))
-        out.append(TokenLogprob(token_id=ids[i], logprob=sampled[i], top=top))
-    return out
+        top_values, top_ids = logprobs.topk(min(batch.max_num_logprobs, logprobs.shape[-1]), dim=-1)
+    return LogprobTensors(token_ids, sampled, top_values, top_ids, list(batch.num_logprobs))

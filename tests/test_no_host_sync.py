@@ -1,0 +1,97 @@
+"""Overlapped scheduling only overlaps if launching a step reads nothing back from the device: one
+.tolist(), .item() or blocking host-to-device copy (torch.tensor(..., device=cuda) is one) makes
+the host wait for the forward just queued, silently serializing every step. These tests run the
+launch path on the "meta" device, which stands in for an accelerator here: any read of a value
+raises, and the modes below record every blocking copy onto it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from shardline.worker.engine.params import SamplingParams
+from shardline.worker.engine.sampler import Sampler, SamplingBatch
+
+META = torch.device("meta")
+VOCAB = 64
+
+
+class BlockingCopies(TorchDispatchMode):
+    """Records host-to-device copies queued without non_blocking (they synchronize the stream)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and kwargs.get("device") is not None:
+            src, dst = args[0].device, torch.device(kwargs["device"])
+            if src.type == "cpu" and dst.type != "cpu" and not kwargs.get("non_blocking", False):
+                self.seen.append(f"{func}: {src} -> {dst}")
+        if func is torch.ops.aten.copy_.default and args[1].device.type == "cpu" and args[0].device.type != "cpu":
+            if not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False)):
+                self.seen.append(f"{func}: cpu -> {args[0].device}")
+        return func(*args, **kwargs)
+
+
+class TensorsBuiltOnDevice(TorchFunctionMode):
+    """Records torch.tensor(data, device=<not cpu>): built on the host, then copied blocking."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.tensor and kwargs.get("device") is not None and torch.device(kwargs["device"]).type != "cpu":
+            self.seen.append(f"torch.tensor(..., device={kwargs['device']})")
+        return func(*args, **kwargs)
+
+
+def launch_sampling(params: list[SamplingParams]):
+    """Build the batch and sample on the meta device under both recorders (what _launch does)."""
+    n = len(params)
+    copies, built = BlockingCopies(), TensorsBuiltOnDevice()
+    with built, copies:
+        batch = SamplingBatch.build(
+            params, [None] * n, [[1, 2, 3]] * n, [[4, 5]] + [[]] * (n - 1), VOCAB, META,
+            min_tokens_block=[[0, 7]] * n, pending_token_ids=torch.full((n,), 9, dtype=torch.int64, device=META))
+        out = Sampler()(torch.empty(n, VOCAB, device=META), batch)
+    return out, copies.seen + built.seen
+
+
+def test_sampling_a_mixed_batch_with_penalties_and_logprobs_reads_nothing_from_the_device():
+    """Greedy beside temperature rows, penalties (with a pending token), min_tokens and logprobs:
+    the serving mix. Sampling only queues device work; the logprobs stay tensors until the step's
+    results are read."""
+    params = [
+        SamplingParams(temperature=0.0, logprobs=3),
+        SamplingParams(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05, repetition_penalty=1.3,
+                       frequency_penalty=0.2, presence_penalty=0.1, min_tokens=4),
+        SamplingParams(temperature=1.0, logprobs=0),
+    ]
+    out, blocking = launch_sampling(params)
+    assert blocking == []
+    assert out.token_ids.device == META and out.token_ids.shape == (3,)
+    lp = out.logprob_tensors
+    assert lp is not None and lp.sampled.device == META and lp.top_ids.shape == (3, 3)
+    assert lp.num_logprobs == [3, None, 0]
+
+
+def test_logprob_tensors_become_the_same_token_logprobs_on_the_host():
+    """The deferred read gives what the sampler used to return at once (CPU, values checked)."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, VOCAB)
+    params = [SamplingParams(temperature=0.0, logprobs=2), SamplingParams(temperature=0.0)]
+    batch = SamplingBatch.build(params, [None, None], [[1], [2]], [[], []], VOCAB, torch.device("cpu"))
+    out = Sampler()(logits, batch)
+    host = out.logprob_tensors.to_host().tolist()
+    assert host == out.logprobs
+    ref = torch.log_softmax(logits[0], -1)
+    assert host[0].token_id == int(ref.argmax())
+    assert host[0].logprob == pytest.approx(float(ref.max()), abs=1e-6)
+    assert list(host[0].top) == ref.topk(2).indices.tolist()
+    assert host[1] is None
