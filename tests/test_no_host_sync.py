@@ -95,3 +95,70 @@ def test_logprob_tensors_become_the_same_token_logprobs_on_the_host():
     assert host[0].logprob == pytest.approx(float(ref.max()), abs=1e-6)
     assert list(host[0].top) == ref.topk(2).indices.tolist()
     assert host[1] is None
+
+
+# ---- on a GPU: the engine's whole launch path, and a GPU that is not the thread's current one ----
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tiny_models import write_tiny_checkpoint
+
+    d = tmp_path_factory.mktemp("tiny-llama-nosync")
+    return d, write_tiny_checkpoint("llama", d, seed=7)
+
+
+def _overlapped_engine(directory, device: str, **kw):
+    from shardline.worker.config import EngineConfig
+    from shardline.worker.engine.engine import LLMEngine
+
+    cfg = dict(model=str(directory), device=device, num_kv_blocks=128, block_size=8, max_num_batched_tokens=256,
+               max_num_seqs=8, async_scheduling=True)
+    cfg.update(kw)
+    return LLMEngine(EngineConfig(**cfg), show_progress=False)
+
+
+@cuda
+def test_launching_a_step_on_cuda_never_synchronizes(tiny_dir, monkeypatch):
+    """torch's sync debug mode turns every synchronizing call inside _launch into an error."""
+    from tiny_models import prompts
+
+    # No prefix caching: the second run then has the warm-up's step shapes (nothing left to measure).
+    engine = _overlapped_engine(tiny_dir[0], "cuda", enable_prefix_caching=False)
+    batch = prompts(6, seed=3, max_len=30)
+    params = [SamplingParams(max_tokens=8, temperature=0.0 if i % 2 else 0.8, seed=i, logprobs=2 if i % 3 == 0 else None,
+                             repetition_penalty=1.2 if i % 2 else 1.0, ignore_eos=True) for i in range(len(batch))]
+    expected = engine.generate(batch, params)  # warm-up: kernels compiled, linear choices measured
+    launch = engine._launch
+
+    def strict_launch(sched):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(sched)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(engine, "_launch", strict_launch)
+    got = engine.generate(batch, params)
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert engine.num_overlapped_steps > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_overlap_on_a_second_gpu_driven_from_a_fresh_thread_reads_the_right_tokens(tiny_dir):
+    """The step thread's current device is cuda:0; the tokens' ready event must still follow cuda:1."""
+    import threading
+
+    from tiny_models import hf_greedy, prompts
+
+    d, hf = tiny_dir
+    engine = _overlapped_engine(d, "cuda:1", enforce_eager=True, dtype="float32")
+    batch = prompts(4, seed=5, max_len=30)
+    box: dict = {}
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    thread = threading.Thread(target=lambda: box.update(r=engine.generate(batch, params)))
+    thread.start()
+    thread.join()
+    assert [r.token_ids for r in box["r"]] == [hf_greedy(hf, p, 10) for p in batch]
