@@ -116,6 +116,19 @@ def test_stops_found_while_the_next_step_runs_end_the_request_at_the_same_token(
     assert any(r.finish_reason == "stop" for r in got)
 
 
+def test_an_engine_whose_requests_all_stopped_while_the_next_step_ran_is_idle(tiny):
+    """Every request stops (a stop id) while a step holding all of them is already launched: that
+    step has nothing left to deliver, so the engine must not report unfinished work afterwards."""
+    d, _ = tiny
+    batch = prompts(3, seed=35, max_len=30)
+    probe = make_engine(d, False).generate(batch, greedy(8))
+    params = [SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[r.token_ids[2]]) for r in probe]
+    expected, got, _, over = run_both(d, batch, params)
+    assert summary(got) == summary(expected)
+    assert all(r.finish_reason == "stop" and r.completion_tokens <= 3 for r in got)
+    assert over._inflight is None
+
+
 def test_seeded_sampling_logprobs_and_penalties_equal_the_synchronous_engine(tiny):
     d, _ = tiny
     options = [

@@ -38,7 +38,7 @@ from shardline.worker.engine.outputs import (
     RequestOutput,
 )
 from shardline.worker.engine.params import RequestError, SamplingParams
-from shardline.worker.engine.request import Request
+from shardline.worker.engine.request import Request, RequestStatus
 from shardline.worker.engine.sampler import LogprobTensors, Sampler, SamplingBatch, host_copy, make_generator
 from shardline.worker.engine.scheduler import Scheduler, SchedulerOutput
 from shardline.worker.engine.validation import Limits, validate_request
@@ -180,10 +180,12 @@ class LLMEngine:
             self.num_overlapped_steps += launched is not None
             outputs += self._finish_step(self._take_inflight())
         if launched is not None:
-            if self.async_scheduling and launched.samplers:
-                self._inflight = launched
-            else:
+            if not self.async_scheduling:
                 outputs += self._finish_step(launched)
+            elif any(r.status != RequestStatus.FINISHED for r in launched.samplers):
+                self._inflight = launched
+            # else: no row samples, or every row stopped when the previous step was finished just
+            # now: nothing will read its tokens, and keeping it would report the engine busy.
         self._record_step()
         return outputs
 
