@@ -172,6 +172,9 @@ class LocalExecutor:
     """
 
     def __init__(self, spec: ModelSpec, config: EngineConfig, show_progress: bool = True) -> None:
+        if spec.device.type == "cuda" and spec.device.index is not None:
+            # Graph capture, the memory profile and Triton launches use the current device.
+            torch.cuda.set_device(spec.device)
         self.model = build_model(spec, SINGLE, show_progress)
         self.model.set_fused_kernels(str(config.extra.get("fused_kernels", "auto")))
         kv_heads = self.model.num_kv_heads_per_rank
