@@ -162,3 +162,18 @@ def test_overlap_on_a_second_gpu_driven_from_a_fresh_thread_reads_the_right_toke
     thread.start()
     thread.join()
     assert [r.token_ids for r in box["r"]] == [hf_greedy(hf, p, 10) for p in batch]
+
+
+def test_host_data_reaches_the_device_through_pinned_memory_and_back():
+    """to_device / host_copy: the same values either way; on the host no copy at all."""
+    from shardline.worker.engine.transfer import host_copy, to_device
+
+    on_host = to_device([3, 1, 2], torch.int32, torch.device("cpu"))
+    assert on_host.dtype == torch.int32 and on_host.tolist() == [3, 1, 2]
+    t = torch.arange(5)
+    assert host_copy(t) is t
+    if torch.cuda.is_available():
+        dev = to_device([3, 1, 2], torch.int64, torch.device("cuda"))
+        back = host_copy(dev)
+        torch.cuda.synchronize()
+        assert back.is_pinned() and back.tolist() == [3, 1, 2]

@@ -39,7 +39,8 @@ from shardline.worker.engine.outputs import (
 )
 from shardline.worker.engine.params import RequestError, SamplingParams
 from shardline.worker.engine.request import Request, RequestStatus
-from shardline.worker.engine.sampler import LogprobTensors, Sampler, SamplingBatch, host_copy, make_generator
+from shardline.worker.engine.sampler import LogprobTensors, Sampler, SamplingBatch, make_generator
+from shardline.worker.engine.transfer import host_copy, to_device
 from shardline.worker.engine.scheduler import Scheduler, SchedulerOutput
 from shardline.worker.engine.validation import Limits, validate_request
 from shardline.worker.tokenizer import encode_prompt
@@ -244,7 +245,7 @@ class LLMEngine:
         src = [inflight.row_of.get(id(r), -1) if r.num_pending_tokens else -1 for r in samplers]
         if all(i < 0 for i in src):
             return None
-        idx = torch.tensor(src, dtype=torch.int64).to(device, non_blocking=True)
+        idx = to_device(src, torch.int64, device)
         tokens = inflight.token_ids.to(device).index_select(0, idx.clamp(min=0))
         return torch.where(idx >= 0, tokens, torch.full_like(tokens, -1))
 
@@ -300,8 +301,8 @@ class LLMEngine:
         inputs = build_step_inputs(slices, self.config.block_size, self.device)
         if pending_rows:
             src = self._inflight.token_ids  # type: ignore[union-attr]
-            dst = torch.tensor(pending_rows, dtype=torch.int64).to(self.device, non_blocking=True)
-            idx = torch.tensor(pending_src, dtype=torch.int64).to(src.device, non_blocking=True)
+            dst = to_device(pending_rows, torch.int64, self.device)
+            idx = to_device(pending_src, torch.int64, src.device)
             inputs.input_ids.index_copy_(0, dst, src.index_select(0, idx).to(inputs.input_ids.device))
         return inputs
 

@@ -11,6 +11,7 @@ import torch
 
 from shardline.worker.attention.metadata import AttentionMetadata
 from shardline.worker.config import ModelConfig
+from shardline.worker.engine.transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def build_step_inputs(slices: list[SeqSlice], block_size: int, device: torch.dev
         tables.append(s.block_ids + [0] * (width - len(s.block_ids)))
 
     def t(data, dtype):
-        return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
+        return to_device(data, dtype, device)
 
     return StepInputs(
         input_ids=t(ids, torch.int64),

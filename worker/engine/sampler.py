@@ -25,6 +25,7 @@ import torch
 
 from .outputs import TokenLogprob
 from .params import SamplingParams
+from .transfer import host_copy, to_device
 
 # Temperatures below this are greedy: dividing by them would only overflow.
 _GREEDY_EPS = 1e-5
@@ -52,7 +53,7 @@ def _pad(rows: list[list[int]], fill: int) -> torch.Tensor:
 
 def _token_counts(rows: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
     """[N, vocab_size] float32 counts of each token id per row (ids outside the vocab ignored)."""
-    ids = _pad(rows, vocab_size).to(device, non_blocking=True)  # blocking would wait for the queued forward
+    ids = to_device(_pad(rows, vocab_size), torch.int64, device)  # a blocking copy would wait for the queued forward
     ids = torch.where((ids >= 0) & (ids < vocab_size), ids, torch.full_like(ids, vocab_size))
     counts = torch.zeros((len(rows), vocab_size + 1), dtype=torch.float32, device=device)
     counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
@@ -109,7 +110,7 @@ class SamplingBatch:
         device = torch.device(device)
 
         def column(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+            return to_device(values, dtype, device)
 
         greedy = [p.temperature < _GREEDY_EPS for p in params]
         temperature = column([1.0 if g else float(p.temperature) for p, g in zip(params, greedy)])
@@ -176,17 +177,6 @@ class SamplingBatch:
             num_logprobs=asked,
             max_num_logprobs=max_asked,
         )
-
-
-def host_copy(t: torch.Tensor) -> torch.Tensor:
-    """`t` on the host without waiting for the device: a pinned buffer filled by a copy queued on
-    t's stream (read it only after that stream reached an event recorded behind the copy).
-    Host tensors are returned as they are."""
-    if t.device.type == "cpu":
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    return host
 
 
 @dataclass
@@ -281,7 +271,7 @@ class Sampler:
             else:
                 # Built on the host, then copied without blocking: torch.tensor(..., device=cuda)
                 # would synchronize the stream and so wait for the forward queued before it.
-                q[torch.tensor(shared_rows).to(probs.device, non_blocking=True)] = noise
+                q[to_device(shared_rows, torch.int64, probs.device)] = noise
         for i, generator in enumerate(batch.generators):
             if generator is not None and not greedy[i]:
                 # A fresh [V] tensor per row: its values depend only on this generator's state.

@@ -1,0 +1,42 @@
+"""Copies between the host and the device that never make the host wait for the device's queue.
+
+Under overlapped scheduling the host builds step N+1 while step N runs, so a copy that waits for
+the stream to drain silently serializes every step. Two rules follow from CUDA's documented
+synchronization behaviour: a host-to-device copy from pageable memory may synchronize with the
+stream (the driver stages it through pinned memory), and a device-to-host copy into pageable memory
+returns only once it is done. So both directions go through pinned memory from torch's caching
+host allocator, which keeps a buffer alive until the copy queued on it has run.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def to_device(data: Sequence | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host data (a list or a CPU tensor) as a `dtype` tensor on `device`, queued without waiting for
+    work already on the device's stream. On the host it is just the tensor."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return data.to(dtype) if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
+    if device.type == "cuda":
+        if isinstance(data, torch.Tensor):
+            host = data.to(dtype).pin_memory()
+        else:
+            host = torch.tensor(data, dtype=dtype, pin_memory=True)
+    else:  # other accelerators (and the meta device the tests stand in with): no pinning
+        host = data.to(dtype) if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
+    return host.to(device, non_blocking=True)
+
+
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """`t` on the host without waiting for the device: a pinned buffer filled by a copy queued on
+    t's stream (read it only after that stream reached an event recorded behind the copy).
+    Host tensors are returned as they are."""
+    if t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+    host.copy_(t, non_blocking=True)
+    return host
