@@ -155,35 +155,6 @@ def test_prefix_hits_under_overlap_give_the_same_tokens(tiny):
     assert_all_blocks_free(engine)
 
 
-def test_aborts_while_a_step_is_in_flight_leave_survivors_exact(tiny):
-    d, hf = tiny
-    engine = make_engine(d, True, num_kv_blocks=40)
-    batch = prompts(12, seed=17, max_len=40)
-    ids = [engine.add_request(p, greedy()) for p in batch]
-    doomed = set(ids[::3])
-    tokens: dict[str, list[int]] = {i: [] for i in ids}
-    finished: dict[str, str] = {}
-    steps = 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            tokens[out.request_id].extend(out.new_token_ids)
-            if out.finished:
-                finished[out.request_id] = out.finish_reason
-        steps += 1
-        if steps == 4:
-            assert engine._inflight is not None  # the aborted requests are in the launched step
-            for rid in doomed:
-                out = engine.abort_request(rid)
-                if out is not None:
-                    finished[rid] = out.finish_reason
-    for rid, p in zip(ids, batch):
-        if rid in doomed:
-            assert finished[rid] == "abort"
-        else:
-            assert tokens[rid] == hf_greedy(hf, p, N_NEW) and finished[rid] == "length"
-    assert_all_blocks_free(engine)
-
-
 def test_requests_reaching_max_model_len_stop_without_an_extra_step(tiny):
     d, _ = tiny
     batch = prompts(4, seed=33, min_len=20, max_len=30)

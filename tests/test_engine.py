@@ -103,9 +103,11 @@ def test_generated_tokens_become_cacheable(tiny):
     assert second.token_ids == hf_greedy(hf, follow_up, N_NEW)
 
 
-def test_aborts_mid_stream_leave_survivors_exact(tiny):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlapped"])
+def test_aborts_mid_stream_leave_survivors_exact(tiny, overlap):
+    """Overlapped: the aborted requests are in the step already launched when they are aborted."""
     d, hf = tiny
-    engine = make_engine(d, num_kv_blocks=40)
+    engine = make_engine(d, num_kv_blocks=40, async_scheduling=overlap)
     batch = prompts(16, seed=17, max_len=40)
     ids = [engine.add_request(p, greedy()) for p in batch]
     doomed = set(ids[::3])
@@ -119,6 +121,7 @@ def test_aborts_mid_stream_leave_survivors_exact(tiny):
                 finished[out.request_id] = out.finish_reason
         steps += 1
         if steps == 4:
+            assert (engine._inflight is not None) == overlap
             for rid in doomed:
                 out = engine.abort_request(rid)
                 if out is not None:

@@ -35,11 +35,15 @@ class FakeEngine:
         self.scheduler.add_request(req)
         return req
 
+    def _tokens(self, req: Request) -> list[int]:
+        """The request's whole sequence as the model sees it this step."""
+        return req.all_token_ids
+
     def _run(self, out: SchedulerOutput) -> dict[str, int]:
         sampled: dict[str, int] = {}
         for entry in out.scheduled:
             req, start = entry.request, entry.request.num_computed_tokens
-            tokens = req.all_token_ids
+            tokens = self._tokens(req)
             assert len(req.block_ids) * BS >= start + entry.num_new_tokens
             for pos in range(start, start + entry.num_new_tokens):
                 self.kv[req.block_ids[pos // BS] * BS + pos % BS] = tokens[pos]
@@ -389,19 +393,9 @@ class OverlappedFakeEngine(FakeEngine):
         samplers, tokens = self.inflight
         return tokens[[id(r) for r in samplers].index(id(req))]
 
-    def _run(self, out: SchedulerOutput) -> dict[str, int]:
-        sampled: dict[str, int] = {}
-        for entry in out.scheduled:
-            req, start = entry.request, entry.request.num_computed_tokens
-            assert req.num_pending_tokens <= 1
-            tokens = req.all_token_ids + ([self._pending_id(req)] if req.num_pending_tokens else [])
-            for pos in range(start, start + entry.num_new_tokens):
-                self.kv[req.block_ids[pos // BS] * BS + pos % BS] = tokens[pos]
-            if entry.samples:
-                context = [self.kv[req.block_ids[p // BS] * BS + p % BS] for p in range(req.num_tokens)]
-                assert context == tokens, f"{req.request_id}: the KV cache does not hold its tokens"
-                sampled[req.request_id] = sum((i + 1) * t for i, t in enumerate(context)) % 1009
-        return sampled
+    def _tokens(self, req: Request) -> list[int]:
+        assert req.num_pending_tokens <= 1
+        return req.all_token_ids + ([self._pending_id(req)] if req.num_pending_tokens else [])
 
     def step(self) -> list[Request]:
         out = self.scheduler.schedule()
