@@ -52,7 +52,7 @@ with_timeout() {  # with_timeout CMD...: CMD under RUN_TIMEOUT seconds when it i
 
 gpu_tests() {  # correctness first, at real shapes on the GPU: the kernels and the graph/fused paths
   local cmd=("$PYTHON" -m pytest -q tests/test_kernels_attention.py tests/test_kernels_elementwise.py
-             tests/test_kernels_matvec.py tests/test_fast_path.py)
+             tests/test_kernels_matvec.py tests/test_fast_path.py tests/test_no_host_sync.py)
   case $MODE in
     list) NAMES+=(gpu_tests); return ;;
     plan) step_selected gpu_tests && plan_line gpu_tests "${cmd[@]}"; return ;;

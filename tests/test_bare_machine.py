@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 SUITE = REPO / "benchmarks" / "run_gpu_suite.sh"
 TINY_CONFIG = REPO / "benchmarks" / "configs" / "tiny-llama"
 GPU_TEST_FILES = ["tests/test_kernels_attention.py", "tests/test_kernels_elementwise.py",
-                  "tests/test_kernels_matvec.py", "tests/test_fast_path.py"]
+                  "tests/test_kernels_matvec.py", "tests/test_fast_path.py", "tests/test_no_host_sync.py"]
 # Installed here, absent on the GPU machine. A None entry in sys.modules makes `import x` raise
 # ModuleNotFoundError and importlib.util.find_spec("x") return None, exactly as when x is missing.
 ABSENT = ("ray", "gguf", "jsonschema", "openai", "grpc_tools", "accelerate", "fastapi", "httpx")

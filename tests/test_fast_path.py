@@ -191,11 +191,16 @@ def test_graph_replay_logits_match_eager_on_gpu(tiny, n):
 
 
 @cuda
-def test_engine_on_gpu_uses_graphs_and_matches_transformers(tiny):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlapped"])
+def test_engine_on_gpu_uses_graphs_and_matches_transformers(tiny, overlap):
+    """Graphs, pinned copies, the tokens' event and the device-side pending ids, on a real GPU."""
     d, hf = tiny
     engine = LLMEngine(EngineConfig(model=str(d), dtype="float32", num_kv_blocks=64, block_size=BLOCK,
-                                    max_num_seqs=8, max_num_batched_tokens=64), show_progress=False)
+                                    max_num_seqs=8, max_num_batched_tokens=64, async_scheduling=overlap),
+                       show_progress=False)
     assert engine.executor.cuda_graphs
     batch = prompts(3, seed=12)
     results = engine.generate(batch, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
     assert [r.token_ids for r in results] == [hf_greedy(hf, p, 6) for p in batch]
+    assert (engine.num_overlapped_steps > 0) == overlap
+    assert not engine.has_unfinished_requests()
