@@ -14,6 +14,7 @@ import torch
 from shardline.worker.config import ConfigError, ModelConfig
 from shardline.worker.loader import source as source_mod
 from shardline.worker.loader.source import DEFAULT_MODEL, ModelLoadError, ModelSource, cache_dir, resolve_model
+from tiny_models import llama_cpp_permute
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -47,11 +48,6 @@ def sharded_dir(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
 
 def _stream_dict(source: ModelSource) -> dict[str, torch.Tensor]:
     return {name: weight.read() for name, weight in source.iter_weights(show_progress=False)}
-
-
-def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """What llama.cpp's HF->GGUF converter does to q_proj/k_proj rows (interleave the rope halves)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _write_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]],
@@ -257,8 +253,8 @@ def test_gguf_llama_q_and_k_rows_are_restored_to_hugging_face_order(tmp_path):
     q_hf, k_hf, v_hf = _rand(64, 64, seed=1), _rand(32, 64, seed=2), _rand(32, 64, seed=3)
     F32 = gguf.GGMLQuantizationType.F32
     path = _write_gguf(tmp_path / "llama.gguf", "llama", {
-        "blk.0.attn_q.weight": (_llama_cpp_permute(q_hf, 4), F32),
-        "blk.0.attn_k.weight": (_llama_cpp_permute(k_hf, 2), F32),
+        "blk.0.attn_q.weight": (llama_cpp_permute(q_hf, 4), F32),
+        "blk.0.attn_k.weight": (llama_cpp_permute(k_hf, 2), F32),
         "blk.0.attn_v.weight": (v_hf, F32),
     })
     weights = dict(resolve_model(str(path)).iter_weights(show_progress=False))
@@ -372,3 +368,15 @@ def test_smollm2_config_from_gguf_metadata(smollm2):
     assert (config.head_dim, config.rope_theta, config.max_position_embeddings) == (64, 100000.0, 8192)
     assert config.tie_word_embeddings and config.bos_token_id == 1 and config.eos_token_ids == (2,)
     assert config.rms_norm_eps == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("scaling, message", [
+    ({"rope_type": "freq_factors", "freq_factors": [1.0] * 7}, "8 positive numbers"),
+    ({"rope_type": "freq_factors", "freq_factors": [1.0] * 7 + [0.0]}, "8 positive numbers"),
+    ({"rope_type": "yarn", "factor": 4.0}, "'yarn' is not supported"),
+])
+def test_rope_scaling_that_cannot_be_applied_is_rejected_naming_the_field(scaling, message):
+    cfg = {"architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 1, "num_attention_heads": 4, "rope_scaling": scaling}
+    with pytest.raises(ConfigError, match=rf"rope_scaling: .*{message}"):
+        ModelConfig.from_hf_config(cfg)

@@ -85,3 +85,33 @@ def test_32_greedy_tokens_match_transformers(arch, tmp_path):
     ours = _Greedy(model, batch).generate(batch, 32)
     for p, o in zip(batch, ours):
         assert o == hf_greedy(hf, p, 32)
+
+
+def test_llama31_gguf_rope_freqs_give_transformers_logits(tmp_path, monkeypatch):
+    """llama.cpp stores Llama 3.1 rope scaling as a rope_freqs tensor, not as metadata: loaded from
+    such a GGUF the model computes what transformers computes with the llama3 rope parameters
+    (and without the tensor it would not: the factors matter at these positions)."""
+    from shardline.worker.loader.source import resolve_model
+    from tiny_models import llama3_rope_freqs, make_hf_model, write_tiny_gguf
+
+    monkeypatch.setenv("SHARDLINE_CACHE_DIR", str(tmp_path / "cache"))  # derived configs of these files
+    hf = make_hf_model("llama31", num_hidden_layers=1)
+    rope = hf.config.rope_parameters
+    factors = llama3_rope_freqs(hf.config.head_dim, rope["rope_theta"], rope["factor"], rope["low_freq_factor"],
+                                rope["high_freq_factor"], rope["original_max_position_embeddings"])
+    assert 1.0 < factors.max() and (factors == 1.0).any()  # the tiny shape spans all three bands
+
+    def logits_from(path):
+        source = resolve_model(str(path))
+        model = LlamaForCausalLM(ModelConfig.from_hf_config(source.hf_config()), SINGLE, TorchAttentionBackend(),
+                                 torch.float32, "cpu")
+        model.load_weights(source.iter_weights(show_progress=False))
+        return _Greedy(model.eval(), batch).logits_all_positions(batch)
+
+    batch = prompts(3, seed=4, min_len=60, max_len=100)
+    with torch.no_grad():
+        ref = torch.cat([hf(torch.tensor([p])).logits[0] for p in batch])
+    with_freqs = logits_from(write_tiny_gguf(hf, tmp_path / "llama31.gguf", rope_freqs=factors))
+    assert (with_freqs - ref).abs().max().item() <= 1e-4
+    without = logits_from(write_tiny_gguf(hf, tmp_path / "llama31-no-freqs.gguf"))
+    assert (without - ref).abs().max().item() > 1e-3

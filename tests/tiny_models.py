@@ -90,3 +90,75 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              min_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+def llama_cpp_permute(w, n_head: int):
+    """What llama.cpp's HF->GGUF converter does to q_proj/k_proj rows (interleave the rope halves)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_freqs(head_dim: int, theta: float, factor: float, low: float, high: float, old_len: int):
+    """The per-pair divisors llama.cpp's converter stores as `rope_freqs` for Llama 3.1-style rope
+    scaling, from the published formula (kept pairs 1, slowed pairs `factor`, a blend between)."""
+    import math
+
+    import numpy as np
+
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        if wavelen < old_len / high:
+            out.append(1.0)
+        elif wavelen > old_len / low:
+            out.append(factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def write_tiny_gguf(model, path: Path, rope_freqs=None) -> Path:
+    """Write a transformers Llama model as a float32 GGUF the way llama.cpp's converter lays it out
+    (its tensor names, q/k rows permuted), optionally with a `rope_freqs` tensor."""
+    import gguf
+    import numpy as np
+
+    cfg = model.config
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    block = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    writer.add_bos_token_id(cfg.bos_token_id)
+    writer.add_eos_token_id(cfg.eos_token_id)
+    for name, tensor in model.state_dict().items():
+        array = tensor.detach().float().numpy()
+        if name in names:
+            gguf_name = names[name]
+        else:
+            layer, rest = name.removeprefix("model.layers.").split(".", 1)
+            part = rest.removesuffix(".weight")
+            gguf_name = f"blk.{layer}.{block[part]}.weight"
+            if part == "self_attn.q_proj":
+                array = llama_cpp_permute(array, cfg.num_attention_heads)
+            elif part == "self_attn.k_proj":
+                array = llama_cpp_permute(array, cfg.num_key_value_heads)
+        writer.add_tensor(gguf_name, np.ascontiguousarray(array, dtype=np.float32))
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -98,6 +98,12 @@ class ModelConfig:
             rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
             if rope_type == "default":
                 rope_scaling = None
+            elif rope_type == "freq_factors":  # shardline's own: a GGUF's rope_freqs divisors, one per rotated pair
+                factors = rope_scaling.get("freq_factors")
+                if not isinstance(factors, list) or len(factors) != int(head_dim) // 2 or not all(
+                        isinstance(f, (int, float)) and f > 0 for f in factors):
+                    raise ConfigError(f"rope_scaling: freq_factors must be {int(head_dim) // 2} positive numbers "
+                                      f"(head_dim / 2), got {factors!r:.80}")
             elif rope_type not in ("llama3", "linear"):
                 raise ConfigError(f"rope_scaling: rope_type {rope_type!r} is not supported; supported: llama3, linear")
         eos = cfg.get("eos_token_id")

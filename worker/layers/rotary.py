@@ -18,6 +18,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
     if not scaling:
         return inv_freq
     kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "freq_factors":  # explicit per-pair divisors (a GGUF's rope_freqs tensor)
+        return inv_freq / torch.tensor(scaling["freq_factors"], dtype=torch.float32)
     factor = float(scaling["factor"])
     if kind == "linear":
         return inv_freq / factor

@@ -46,7 +46,8 @@ _BLOCK_NAMES = {
     "ffn_norm": "post_attention_layernorm",
 }
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
-# Tensors llama.cpp adds that have no Hugging Face parameter (precomputed llama3 rope frequencies).
+# Tensors llama.cpp adds that have no Hugging Face parameter (llama3 rope frequency divisors: read
+# into the config's rope_scaling instead, see _read_gguf_hf_config).
 _IGNORED = ("rope_freqs.weight",)
 # Below this file size a load is instant and a progress bar is noise.
 _PROGRESS_MIN_BYTES = 50 * 1024 * 1024
@@ -110,11 +111,15 @@ def _torch_shape(tensor) -> tuple[int, ...]:
     return tuple(int(n) for n in reversed(tensor.shape.tolist()))
 
 
+# Bump when what is derived from a GGUF changes, so that caches written by older versions are not read.
+_DERIVED_VERSION = 2  # 2: rope_freqs factors in config.json
+
+
 def derived_dir(path: Path) -> Path:
     """Where files derived from a GGUF (its config.json, the converted tokenizer) are cached, keyed
     by name, size and mtime: parsing GGUF metadata takes seconds, reading these files milliseconds."""
     st = path.stat()
-    return cache_dir() / "gguf-derived" / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}"
+    return cache_dir() / "gguf-derived" / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}-v{_DERIVED_VERSION}"
 
 
 def write_derived(path: Path, fill) -> None:
@@ -197,6 +202,11 @@ def _read_gguf_hf_config(path: Path) -> dict[str, Any]:
         if original is not None:
             scaling["original_max_position_embeddings"] = int(original)
         cfg["rope_scaling"] = scaling
+    if "rope_freqs.weight" in tensors:
+        # llama.cpp's converters store Llama 3.1-style rope scaling as per-frequency divisors rather
+        # than as metadata; they are what llama.cpp applies, so they win over any scaling metadata.
+        factors = _dequantize(path, tensors["rope_freqs.weight"]).reshape(-1)
+        cfg["rope_scaling"] = {"rope_type": "freq_factors", "freq_factors": [float(f) for f in factors]}
     return cfg
 
 
