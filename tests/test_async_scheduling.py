@@ -198,3 +198,20 @@ def test_tensor_parallel_overlap_matches_transformers(tiny):
         assert_all_blocks_free(engine)
     finally:
         engine.shutdown()
+
+
+def test_overlap_feeds_pending_ids_through_the_graph_runners_static_buffers(tiny):
+    """Decode steps take the CUDA-graph runner's padded static-buffer path (run eagerly on CPU): the
+    ids copied in on the device from the launched step must reach those buffers."""
+    d, hf = tiny
+    engine = make_engine(d, True, max_num_seqs=8)
+    runner = engine.executor.runner
+    assert runner.enable_cuda_graphs(max_batch=8, max_model_len=engine.max_model_len, use_graphs=False)
+    used = []
+    run = runner.graphs.run
+    runner.graphs.run = lambda inputs: used.append(inputs.num_seqs) or run(inputs)
+    batch = prompts(5, seed=36, max_len=30)
+    results = engine.generate(batch, greedy())
+    assert [r.token_ids for r in results] == [hf_greedy(hf, p, N_NEW) for p in batch]
+    assert used and engine.num_overlapped_steps > 0
+    assert_all_blocks_free(engine)
