@@ -40,8 +40,8 @@ from shardline.worker.engine.outputs import (
 from shardline.worker.engine.params import RequestError, SamplingParams
 from shardline.worker.engine.request import Request, RequestStatus
 from shardline.worker.engine.sampler import LogprobTensors, Sampler, SamplingBatch, make_generator
-from shardline.worker.engine.transfer import host_copy, to_device
 from shardline.worker.engine.scheduler import Scheduler, SchedulerOutput
+from shardline.worker.engine.transfer import host_copy, to_device
 from shardline.worker.engine.validation import Limits, validate_request
 from shardline.worker.tokenizer import encode_prompt
 
