@@ -15,6 +15,11 @@ import torch
 if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# dtype "auto" on a CPU with native bf16 math is bfloat16 (worker/config.py default_cpu_dtype); the
+# tests compare greedy tokens exactly with transformers in float32, so they pin float32. Set here,
+# in the environment, so that subprocesses, TP ranks and Ray workers see it too.
+os.environ.setdefault("SHARDLINE_CPU_DTYPE", "float32")
+
 
 @pytest.fixture(scope="session")
 def smollm2_source():

@@ -57,6 +57,18 @@ def test_stop_string_cuts_the_text(engine):
     assert "Paris" not in res.text and res.text.startswith("The capital")
 
 
+def test_bfloat16_on_cpu_still_answers(monkeypatch):
+    """bfloat16 is what dtype auto gives on CPUs with native bf16 math (the tests pin float32 to
+    compare with transformers exactly): the default model must still answer in it."""
+    eng = LLMEngine(EngineConfig(model="smollm2-135m", dtype="bfloat16", num_kv_blocks=64), show_progress=False)
+    try:
+        assert eng.dtype == torch.bfloat16
+        [res] = eng.generate([{"messages": CHATS[0]}], SamplingParams(max_tokens=32, temperature=0.0))
+    finally:
+        eng.shutdown()
+    assert res.finish_reason == "stop" and "Paris" in res.text
+
+
 def test_cli_generate_answers_paris():
     out = subprocess.run(
         [sys.executable, "-m", "shardline", "generate", "--model", "smollm2-135m", "--chat", "--prompt",

@@ -380,3 +380,20 @@ def test_rope_scaling_that_cannot_be_applied_is_rejected_naming_the_field(scalin
            "num_hidden_layers": 1, "num_attention_heads": 4, "rope_scaling": scaling}
     with pytest.raises(ConfigError, match=rf"rope_scaling: .*{message}"):
         ModelConfig.from_hf_config(cfg)
+
+
+def test_auto_dtype_on_cpu_is_bf16_only_where_the_cpu_has_bf16_math(monkeypatch):
+    from shardline.worker import config as config_mod
+    from shardline.worker.config import EngineConfig
+
+    monkeypatch.delenv("SHARDLINE_CPU_DTYPE", raising=False)
+    monkeypatch.setattr(config_mod, "cpu_has_native_bf16", lambda: True)
+    assert EngineConfig(device="cpu").resolved_dtype() == torch.bfloat16
+    monkeypatch.setattr(config_mod, "cpu_has_native_bf16", lambda: False)
+    assert EngineConfig(device="cpu").resolved_dtype() == torch.float32
+    monkeypatch.setenv("SHARDLINE_CPU_DTYPE", "bf16")
+    assert EngineConfig(device="cpu").resolved_dtype() == torch.bfloat16
+    assert EngineConfig(device="cpu", dtype="float32").resolved_dtype() == torch.float32  # an explicit dtype wins
+    monkeypatch.setenv("SHARDLINE_CPU_DTYPE", "int8")
+    with pytest.raises(ConfigError, match="dtype: unsupported value 'int8'"):
+        EngineConfig(device="cpu").resolved_dtype()
