@@ -238,9 +238,7 @@ class LLMEngine:
         """Per sampler row, its token still in flight (-1: none), gathered on the device; None when
         no row has one or no row uses a penalty (the only sampling stage that reads past outputs)."""
         inflight = self._inflight
-        if inflight is None or not any(
-                p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-                for p in (r.params for r in samplers)):
+        if inflight is None or not any(r.params.has_penalties for r in samplers):
             return None
         src = [inflight.row_of.get(id(r), -1) if r.num_pending_tokens else -1 for r in samplers]
         if all(i < 0 for i in src):

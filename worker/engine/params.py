@@ -45,6 +45,20 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def has_repetition_penalty(self) -> bool:
+        return self.repetition_penalty != 1.0
+
+    @property
+    def has_additive_penalties(self) -> bool:
+        """Frequency or presence penalty (OpenAI's, subtracted from the logits)."""
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether sampling reads the request's past output tokens."""
+        return self.has_repetition_penalty or self.has_additive_penalties
+
     @classmethod
     def from_dict(cls, data: dict) -> "SamplingParams":
         """Build from a JSON-like dict, rejecting unknown fields by name."""

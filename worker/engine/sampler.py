@@ -127,8 +127,8 @@ class SamplingBatch:
             min_p = column([float(p.min_p) for p in params])
 
         repetition = frequency = presence = seen = counts = None
-        use_repetition = any(p.repetition_penalty != 1.0 for p in params)
-        use_additive = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
+        use_repetition = any(p.has_repetition_penalty for p in params)
+        use_additive = any(p.has_additive_penalties for p in params)
         if use_repetition or use_additive:
             counts = _token_counts(output_token_ids, vocab_size, device)
             if pending_token_ids is not None:
