@@ -19,16 +19,15 @@ def to_device(data: Sequence | torch.Tensor, dtype: torch.dtype, device: torch.d
     """Host data (a list or a CPU tensor) as a `dtype` tensor on `device`, queued without waiting for
     work already on the device's stream. On the host it is just the tensor."""
     device = torch.device(device)
-    if device.type == "cpu":
-        return data.to(dtype) if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
-    if device.type == "cuda":
-        if isinstance(data, torch.Tensor):
-            host = data.to(dtype).pin_memory()
-        else:
-            host = torch.tensor(data, dtype=dtype, pin_memory=True)
-    else:  # other accelerators (and the meta device the tests stand in with): no pinning
-        host = data.to(dtype) if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
-    return host.to(device, non_blocking=True)
+    pin = device.type == "cuda"
+    if isinstance(data, torch.Tensor):
+        host = data.to(dtype)
+        if pin:
+            host = host.pin_memory()
+    else:
+        host = torch.tensor(data, dtype=dtype, pin_memory=pin)
+    # Other accelerators (and the meta device the tests stand in with) are not pinned for.
+    return host if device.type == "cpu" else host.to(device, non_blocking=True)
 
 
 def host_copy(t: torch.Tensor) -> torch.Tensor:
