@@ -103,7 +103,7 @@ class Request:
         if self.num_pending_tokens <= 0:
             raise ValueError(f"request {self.request_id}: a token arrived but none was pending")
         self.num_pending_tokens -= 1
-        self.output_token_ids.append(token_id)
+        self.append_output_token(token_id)
 
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
