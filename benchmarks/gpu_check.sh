@@ -9,6 +9,9 @@
 # env:  BUDGET_S  the whole command's budget in seconds, install and imports included (default 540)
 #       MODEL     config directory (default benchmarks/configs/llama-3-8b)
 #       PYTHON    interpreter (default: python, else python3)
+#       LINEAR_CHOICE_TABLE  a linear_choice.json of an earlier run on this kind of machine (default
+#                 out/linear_choice.json, which each run leaves there): shapes it holds are not timed
+#                 again at start-up; it is used only when GPU, torch, Triton and the kernels match
 #
 # Writes, as it goes: OUT_DIR/results.jsonl (one JSON line per step), OUT_DIR/progress.log
 # (timestamped lines, also printed), OUT_DIR/errors.log (tracebacks), and last OUT_DIR/summary.txt,
@@ -39,8 +42,11 @@ mkdir -p "$OUT"
 elapsed=$(awk -v s="$START" -v n="$(date +%s.%N)" 'BEGIN { printf "%d", n - s }')
 timeout --kill-after=5 $((BUDGET_S - elapsed + 20)) \
   "$PYTHON" -m shardline bench check --model "$MODEL" --load-format dummy --out-dir "$OUT" \
-  --budget-s "$BUDGET_S" --started-at "$START" "$@"
+  --budget-s "$BUDGET_S" --started-at "$START" --linear-choice-table "${LINEAR_CHOICE_TABLE:-out/linear_choice.json}" "$@"
 rc=$?
+if [[ -s "$OUT/linear_choice.json" ]]; then  # out/ is git-ignored: kept on a warm machine between calls
+  mkdir -p out && cp "$OUT/linear_choice.json" out/linear_choice.json
+fi
 if [[ ! -s "$OUT/summary.txt" ]]; then
   echo "the check ended without its summary (exit $rc); the summary of what it wrote:"
   "$PYTHON" -m shardline.check.summary "$OUT"

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from shardline.check.runner import FAILED, CheckRun, Deadline, StepSpec
+from shardline.check.runner import FAILED, OK, CheckRun, Deadline, StepSpec
 
 STEPS: list[StepSpec] = [
     StepSpec("environment", "environment", 20, 8, "versions, device, commit; copy bandwidth and matmul rate"),
@@ -85,6 +85,7 @@ def run_check(args: argparse.Namespace) -> int:
     from shardline.check.summary import summarize
     from shardline.check.workloads import EnginePhase, Workloads
     from shardline.worker.config import ModelConfig
+    from shardline.worker.kernels.linear_choice import save_linear_choices
     from shardline.worker.kernels.runtime import HAS_TRITON, interpreter_ready
     from shardline.worker.loader.source import resolve_model
 
@@ -122,8 +123,10 @@ def run_check(args: argparse.Namespace) -> int:
     release_device_memory(device)
 
     # 3. one engine, every workload
-    phase = EnginePhase(config, model, workloads, seed=args.seed)
-    step("startup", phase.startup)
+    phase = EnginePhase(config, model, workloads, seed=args.seed, linear_choice_table=args.linear_choice_table)
+    if step("startup", phase.startup).status == OK and device.type == "cuda":
+        # For the next run on this machine (or on one like it, once the file is committed).
+        save_linear_choices(out_dir / "linear_choice.json", device)
     workload_steps: list[tuple[str, Callable[[Deadline], dict[str, Any]]]] = [
         ("latency_b1_overlap", lambda d: phase.latency(d, overlap=True)),
         ("latency_b1_sync", lambda d: phase.latency(d, overlap=False)),
@@ -160,5 +163,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--started-at", type=float, default=None,
                    help="check: Unix time the budget counts from (default: now; gpu_check.sh passes its own start)")
     g.add_argument("--cap", action="append", metavar="STEP=SECONDS", help="check: override one step's time cap (repeatable)")
+    g.add_argument("--linear-choice-table", type=Path, default=None,
+                   help="check: a linear_choice.json an earlier run wrote; shapes it holds are not timed again "
+                        "(used only if GPU, torch, Triton and the kernels' source are the same)")
     g.add_argument("--scale", type=float, default=None,
                    help="check: workload sizes times this (default 1 on CUDA, 0.05 on CPU)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,7 +77,8 @@ class Workloads:
 class EnginePhase:
     """Holds the phase's one engine; each public method is one step of the check."""
 
-    def __init__(self, config: EngineConfig, model: ModelConfig, workloads: Workloads, seed: int = 0) -> None:
+    def __init__(self, config: EngineConfig, model: ModelConfig, workloads: Workloads, seed: int = 0,
+                 linear_choice_table: Path | None = None) -> None:
         longest = max(workloads.ttft_prompt_lens)
         # The engine is sized (profiling pass, activations) for one prefill step of the longest TTFT
         # prompt, as `shardline bench prefill` does; the other workloads run at the configured
@@ -86,6 +88,7 @@ class EnginePhase:
         self.config = config.replace(max_num_batched_tokens=max(config.max_num_batched_tokens, longest + 1))
         self.w = workloads
         self.vocab_size = model.vocab_size
+        self.linear_choice_table = linear_choice_table  # a saved cuBLAS-or-matvec table to load first
         self.seed = seed
         self.engine = None
         self.device: torch.device = config.resolved_device()
@@ -95,18 +98,20 @@ class EnginePhase:
 
     def startup(self, deadline: Deadline) -> dict[str, Any]:
         """Weights, the profiling pass, the KV pool, the decode graphs (with the linear-choice
-        timing their warm-up does), then one small generate that compiles the prefill kernels."""
+        timing their warm-up does, skipped for the shapes a saved table of this machine holds),
+        then one small generate that compiles the prefill kernels."""
         from shardline.bench import _warmup
         from shardline.worker.engine.engine import LLMEngine
-        from shardline.worker.kernels.linear_choice import _DEFAULT_TUNER
+        from shardline.worker.kernels.linear_choice import linear_choices, load_linear_choices
 
+        loaded = load_linear_choices(self.linear_choice_table, self.device) if self.linear_choice_table else 0
         t0 = time.perf_counter()
         self.engine = LLMEngine(self.config, show_progress=False)
         built = time.perf_counter() - t0
         _warmup(self.engine)
         runner = getattr(self.engine.executor, "runner", None)
         graphs = getattr(runner, "graphs", None)
-        choices = list(_DEFAULT_TUNER.table.items())
+        choices = list(linear_choices().items())
         return {
             "startup_s": time.perf_counter() - t0,
             "engine_build_s": built,
@@ -115,7 +120,8 @@ class EnginePhase:
             "graph_batch_sizes": len(getattr(graphs, "batch_sizes", []) or []),
             "num_kv_blocks": self.engine.executor.num_blocks,
             "max_num_batched_tokens": self.config.max_num_batched_tokens,
-            "linear_choices_measured": len(choices),
+            "linear_choices": len(choices),
+            "linear_choices_loaded": loaded,  # from a saved table of this machine: not measured again
             "linear_choices_triton": sum(1 for _, impl in choices if impl.kind == "triton"),
             "linear_choice_table": {f"M{k[0]} N{k[1]} K{k[2]}": [impl.kind, impl.torch_ms, impl.triton_ms]
                                     for k, impl in choices},
