@@ -59,7 +59,8 @@ def _make_engine(args: argparse.Namespace, **overrides: Any):
     return LLMEngine(config, show_progress=not args.json)
 
 
-def _warmup(engine) -> None:
+def warm_up(engine) -> None:
+    """One small generate (two prompts, four tokens): compiles what the first step of a run would."""
     engine.generate([[11] * 16, [12] * 8], _params(4))
     _sync(engine.device)
 
@@ -185,7 +186,7 @@ def mode_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     hf_pending: list[tuple[dict[str, Any], list[list[int]], int]] = []
     grid = _parse_grid(args.grid) if args.grid else [(args.input_len, args.output_len)]
-    _warmup(engine)
+    warm_up(engine)
     for input_len, output_len in grid:
         if args.random_range:
             lo, hi = args.random_range
@@ -246,7 +247,7 @@ def decode_seconds_per_token(stamps: list[float], elapsed: float, output_len: in
 
 def mode_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     engine = _make_engine(args)
-    _warmup(engine)
+    warm_up(engine)
     prompt = random_prompts(1, args.input_len, engine.model_config.vocab_size, args.seed)[0]
     rows = []
     for i in range(args.iters):
@@ -261,7 +262,7 @@ def mode_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def mode_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     engine = _make_engine(args, max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=max(args.max_num_batched_tokens, max(args.batch_sizes)))
-    _warmup(engine)
+    warm_up(engine)
     vocab = engine.model_config.vocab_size
     rows = []
     for b in args.batch_sizes:
@@ -294,7 +295,7 @@ def mode_prefill(args: argparse.Namespace) -> list[dict[str, Any]]:
     longest = max(args.prompt_lens)
     engine = _make_engine(args, max_num_batched_tokens=max(args.max_num_batched_tokens, longest),
                           max_model_len=args.max_model_len or None, enable_prefix_caching=False)
-    _warmup(engine)
+    warm_up(engine)
     cfg = engine.model_config
     rows = []
     for n in args.prompt_lens:
@@ -315,7 +316,7 @@ def mode_prefix(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for cache_on in (True, False):
         engine = _make_engine(args, enable_prefix_caching=cache_on)
-        _warmup(engine)
+        warm_up(engine)
         vocab = engine.model_config.vocab_size
         for frac in args.shared_fractions:
             prefix_len = int(args.input_len * frac)
@@ -337,7 +338,7 @@ def mode_serve(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     rows = []
     engine = _make_engine(args)
-    _warmup(engine)
+    warm_up(engine)
     aeng = AsyncEngine(engine)
     vocab = engine.model_config.vocab_size
     for rate in args.request_rates:

@@ -100,7 +100,7 @@ class EnginePhase:
         """Weights, the profiling pass, the KV pool, the decode graphs (with the linear-choice
         timing their warm-up does, skipped for the shapes a saved table of this machine holds),
         then one small generate that compiles the prefill kernels."""
-        from shardline.bench import _warmup
+        from shardline.bench import warm_up
         from shardline.worker.engine.engine import LLMEngine
         from shardline.worker.kernels.linear_choice import linear_choices, load_linear_choices
 
@@ -108,7 +108,7 @@ class EnginePhase:
         t0 = time.perf_counter()
         self.engine = LLMEngine(self.config, show_progress=False)
         built = time.perf_counter() - t0
-        _warmup(self.engine)
+        warm_up(self.engine)
         runner = getattr(self.engine.executor, "runner", None)
         graphs = getattr(runner, "graphs", None)
         choices = list(linear_choices().items())
@@ -123,7 +123,8 @@ class EnginePhase:
             "linear_choices": len(choices),
             "linear_choices_loaded": loaded,  # from a saved table of this machine: not measured again
             "linear_choices_triton": sum(1 for _, impl in choices if impl.kind == "triton"),
-            "linear_choice_table": {f"M{k[0]} N{k[1]} K{k[2]}": [impl.kind, impl.torch_ms, impl.triton_ms]
+            "linear_choice_table": {f"M{k[0]} N{k[1]} K{k[2]} {str(k[3]).removeprefix('torch.')}":
+                                    [impl.kind, impl.torch_ms, impl.triton_ms]
                                     for k, impl in choices},
         }
 
@@ -136,9 +137,11 @@ class EnginePhase:
 
     # ---- workloads ----------------------------------------------------------------------------
 
-    def _ready(self, step_budget: int):
-        """The engine, with this per-step token budget (read by the scheduler at every step)."""
+    def _ready(self, step_budget: int, overlap: bool | None = None):
+        """The engine, idle, set for the next workload: this per-step token budget (the scheduler
+        reads it at every step) and overlapped scheduling as given (default: the config's)."""
         self.engine.scheduler.max_num_batched_tokens = step_budget
+        self.engine.async_scheduling = self.config.resolved_async_scheduling() if overlap is None else overlap
         return self.engine
 
     def _prompts(self, n: int, input_len: int, salt: int, prefix_len: int = 0) -> list[list[int]]:
@@ -146,8 +149,7 @@ class EnginePhase:
 
     def latency(self, deadline: Deadline, overlap: bool) -> dict[str, Any]:
         """Batch 1, one request at a time; decode rate between the 2nd and the last token."""
-        engine = self._ready(self.step_budget)
-        engine.async_scheduling = overlap  # safe between runs: the engine is idle, nothing in flight
+        engine = self._ready(self.step_budget, overlap)
         w = self.w
         prompt = self._prompts(1, w.latency_input_len, salt=1)[0]
         per_token, ttfts = [], []
@@ -161,11 +163,10 @@ class EnginePhase:
                 "ttft_ms": statistics.median(ttfts) * 1e3}
 
     def many_at_once(self, deadline: Deadline) -> dict[str, Any]:
-        """500 prompts of 200 in / 180 out submitted at once (overlap back on)."""
-        self._ready(self.step_budget).async_scheduling = self.config.resolved_async_scheduling()
+        """500 prompts of 200 in / 180 out submitted at once."""
         w = self.w
         prompts = self._prompts(w.many_prompts, w.many_input_len, salt=2)
-        r = run_offline_once(self.engine, prompts, [w.many_output_len] * len(prompts), deadline.check)
+        r = run_offline_once(self._ready(self.step_budget), prompts, [w.many_output_len] * len(prompts), deadline.check)
         return {"num_prompts": len(prompts), "input_len": w.many_input_len, "output_len": w.many_output_len, **r}
 
     def batch_prompts(self) -> list[list[int]]:
