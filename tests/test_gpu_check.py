@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from shardline.check.plan import DEFAULT_BUDGET_S, SPEC, STEPS
+from shardline.check.plan import CORRECTNESS_LIMIT_S, DEFAULT_BUDGET_S, SPEC, STEPS
 from shardline.check.runner import FAILED, OK, SKIPPED, STOPPED, CheckRun, StepFailed, StepSpec, read_results
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ def test_the_plan_fits_the_budget_with_correctness_first_and_transformers_last()
     assert sum(s.estimate_s for s in STEPS) <= 0.75 * DEFAULT_BUDGET_S  # room for install, imports and a slow GPU
     assert all(s.estimate_s <= s.cap_s for s in STEPS)
     correctness = [s for s in STEPS if s.phase == "correctness"]
-    assert sum(s.cap_s for s in correctness) <= 90
+    assert sum(s.estimate_s for s in correctness) <= CORRECTNESS_LIMIT_S <= 90
     phases = [s.phase for s in STEPS]
     assert phases[0] == "environment" and phases[-1] == "baseline"
     assert phases.index("engine") > max(i for i, p in enumerate(phases) if p == "correctness")
@@ -84,6 +84,10 @@ def test_steps_left_without_budget_are_skipped_and_later_reserves_are_kept(tmp_p
     last = StepSpec("last", "baseline", 10, 5, "kept for last", reserve_s=2.5)
     first = run.run(_spec("first", 10), lambda d: {"cap_seen": d.cap_s}, later=[last])
     assert first.status == OK and 1.0 <= first.metrics["cap_seen"] <= 2.5  # 5 s budget - 2.5 s reserved
+    limited = run.run(_spec("in_a_phase", 10), lambda d: {"cap_seen": d.cap_s}, phase_left_s=1.5)
+    assert limited.status == OK and limited.metrics["cap_seen"] <= 1.5
+    phase_over = run.run(_spec("phase_over", 10), lambda d: {}, phase_left_s=0.2)
+    assert phase_over.status == SKIPPED and phase_over.error.startswith("phase limit")
     run2 = CheckRun(tmp_path / "spent", budget_s=0.5, summary_reserve_s=0)
     assert run2.run(_spec("late", 10), lambda d: {}).status == SKIPPED
 

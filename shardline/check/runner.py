@@ -181,13 +181,18 @@ class CheckRun:
         return self._record(spec, SKIPPED, self.cap_s(spec), 0.0, {}, reason)
 
     def run(self, spec: StepSpec, fn: Callable[[Deadline], dict[str, Any]], later: list[StepSpec] = (),
-            cooperative: bool = False) -> StepResult:
-        """Run fn(deadline) under the step's cap; record and return its result. fn returns the
-        step's figures, or raises StepFailed (a check that did not pass), StepStopped, or any
-        error (recorded as failed with its message; the run goes on)."""
+            cooperative: bool = False, phase_left_s: float | None = None) -> StepResult:
+        """Run fn(deadline) under the step's cap (and what is left of its phase's limit, when the
+        phase has one); record and return its result. fn returns the step's figures, or raises
+        StepFailed (a check that did not pass), StepStopped, or any error (recorded as failed
+        with its message; the run goes on)."""
         room = self.room_s(list(later))
+        if phase_left_s is not None and phase_left_s < room:
+            room, why = phase_left_s, "phase limit"
+        else:
+            why = "budget"
         if room < 1.0:
-            return self.skip(spec, f"budget: {max(room, 0.0):.1f} s left for this step")
+            return self.skip(spec, f"{why}: {max(room, 0.0):.1f} s left for this step")
         cap = min(self.cap_s(spec), room)
         self.log(f"{spec.name}: start (cap {cap:.0f} s, estimate {spec.estimate_s:.0f} s): {spec.what}")
         deadline = Deadline(spec.name, cap)
