@@ -171,7 +171,7 @@ class TinyEngineChecks:
         import_test_helpers()
         self.work_dir = Path(work_dir)
         self.device = device
-        self.engine = None
+        self.engine: Any = None  # the LLMEngine once engine_vs_transformers has built it
 
     def engine_vs_transformers(self, deadline: Deadline) -> dict[str, Any]:
         from kernel_cases import BLOCK
@@ -183,18 +183,18 @@ class TinyEngineChecks:
         hf = write_tiny_checkpoint("llama", self.work_dir, seed=3)
         # attention "auto": the Triton kernels and CUDA graphs on a GPU; on CPU the torch path (the
         # kernel steps already ran the kernels in the interpreter; here it would take minutes).
-        self.engine = LLMEngine(EngineConfig(model=str(self.work_dir), dtype="float32", device=self.device.type,
-                                             num_kv_blocks=64, block_size=BLOCK, max_num_seqs=8,
-                                             max_num_batched_tokens=64),
-                                show_progress=False)
+        engine = LLMEngine(EngineConfig(model=str(self.work_dir), dtype="float32", device=self.device.type,
+                                        num_kv_blocks=64, block_size=BLOCK, max_num_seqs=8, max_num_batched_tokens=64),
+                           show_progress=False)
+        self.engine = engine
         batch = prompts(3, seed=12)
-        results = self.engine.generate(batch, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+        results = engine.generate(batch, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
         ours = [r.token_ids for r in results]
         theirs = [hf_greedy(hf, p, 6) for p in batch]
         mismatched = sum(a != b for a, b in zip(ours, theirs))
         metrics = {"sequences": len(batch), "tokens_each": 6, "mismatched_sequences": mismatched,
-                   "tokens_passed": mismatched == 0, "cuda_graphs": bool(getattr(self.engine.executor, "cuda_graphs", False)),
-                   "attention_backend": self.engine.executor.model.layers[0].self_attn.backend.name}
+                   "tokens_passed": mismatched == 0, "cuda_graphs": bool(getattr(engine.executor, "cuda_graphs", False)),
+                   "attention_backend": engine.executor.model.layers[0].self_attn.backend.name}
         return verdict(metrics)
 
     def graph_vs_eager(self, deadline: Deadline) -> dict[str, Any]:

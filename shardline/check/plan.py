@@ -144,11 +144,11 @@ def run_check(args: argparse.Namespace) -> int:
         ("prefix75_cache_off", lambda d: phase.prefix(d, cache_on=False)),
         ("ttft", phase.ttft),
     ]
-    for name, fn in workload_steps:
+    for name, workload in workload_steps:
         if phase.engine is None:
             run.skip(SPEC[name], "no engine: start-up did not finish, or a hard stop dropped it")
             continue
-        result = step(name, fn, cooperative=True)
+        result = step(name, workload, cooperative=True)
         if result.hard_stop:  # interrupted at an arbitrary point: its state cannot be trusted
             phase.free()
 

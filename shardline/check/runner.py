@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 OK, FAILED, STOPPED, SKIPPED = "ok", "failed", "stopped", "skipped"
 
@@ -173,20 +173,20 @@ class CheckRun:
     def cap_s(self, spec: StepSpec) -> float:
         return self.cap_overrides.get(spec.name, spec.cap_s * self.cap_factor)
 
-    def room_s(self, later: list[StepSpec]) -> float:
+    def room_s(self, later: Sequence[StepSpec]) -> float:
         """The budget left for this step after what later steps reserve."""
         return self.budget_left_s() - sum(s.reserve_s for s in later)
 
     def skip(self, spec: StepSpec, reason: str) -> StepResult:
         return self._record(spec, SKIPPED, self.cap_s(spec), 0.0, {}, reason)
 
-    def run(self, spec: StepSpec, fn: Callable[[Deadline], dict[str, Any]], later: list[StepSpec] = (),
+    def run(self, spec: StepSpec, fn: Callable[[Deadline], dict[str, Any]], later: Sequence[StepSpec] = (),
             cooperative: bool = False, phase_left_s: float | None = None) -> StepResult:
         """Run fn(deadline) under the step's cap (and what is left of its phase's limit, when the
         phase has one); record and return its result. fn returns the step's figures, or raises
         StepFailed (a check that did not pass), StepStopped, or any error (recorded as failed
         with its message; the run goes on)."""
-        room = self.room_s(list(later))
+        room = self.room_s(later)
         if phase_left_s is not None and phase_left_s < room:
             room, why = phase_left_s, "phase limit"
         else:

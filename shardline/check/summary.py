@@ -154,15 +154,15 @@ def format_table(rows: list[SummaryRow], results: list[StepResult]) -> str:
     for r in [header, *rows]:
         cells = (r.target, r.goal, r.measured, r.bound, r.pct_of_bound, r.verdict)
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))))
-    env = next((r.metrics for r in results if r.step == "environment" and r.status == OK), {})
+    env = next((res.metrics for res in results if res.step == "environment" and res.status == OK), {})
     if env:
         lines.append(f"device {env.get('device_name', '?')}: copy {env.get('copy_bandwidth_gb_s', 0):,.0f} GB/s, "
                      f"matmul {env.get('matmul_tflops', 0):,.3g} TFLOP/s; model {env.get('model', '?')}")
-    for r in results:
-        if r.status != OK:
-            lines.append(f"{r.step}: {r.status} after {r.elapsed_s:.1f} s (cap {r.cap_s:.0f} s): {r.error}")
-    last = max((r.since_start_s for r in results), default=0.0)
-    lines.append(f"{len(results)} steps, {sum(r.status == OK for r in results)} ok; {last:.0f} s since the start")
+    for res in results:
+        if res.status != OK:
+            lines.append(f"{res.step}: {res.status} after {res.elapsed_s:.1f} s (cap {res.cap_s:.0f} s): {res.error}")
+    last = max((res.since_start_s for res in results), default=0.0)
+    lines.append(f"{len(results)} steps, {sum(res.status == OK for res in results)} ok; {last:.0f} s since the start")
     return "\n".join(lines)
 
 

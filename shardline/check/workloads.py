@@ -15,7 +15,7 @@ import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +30,9 @@ from shardline.bench import (
 )
 from shardline.check.runner import Deadline
 from shardline.worker.config import EngineConfig, ModelConfig
+
+if TYPE_CHECKING:
+    from shardline.worker.engine.engine import LLMEngine
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ class EnginePhase:
         self.vocab_size = model.vocab_size
         self.linear_choice_table = linear_choice_table  # a saved cuBLAS-or-matvec table to load first
         self.seed = seed
-        self.engine = None
+        self.engine: LLMEngine | None = None  # between startup() and free()
         self.device: torch.device = config.resolved_device()
         self.dtype: torch.dtype = config.resolved_dtype()
 
@@ -106,19 +109,19 @@ class EnginePhase:
 
         loaded = load_linear_choices(self.linear_choice_table, self.device) if self.linear_choice_table else 0
         t0 = time.perf_counter()
-        self.engine = LLMEngine(self.config, show_progress=False)
+        engine = self.engine = LLMEngine(self.config, show_progress=False)
         built = time.perf_counter() - t0
-        warm_up(self.engine)
-        runner = getattr(self.engine.executor, "runner", None)
+        warm_up(engine)
+        runner = getattr(engine.executor, "runner", None)
         graphs = getattr(runner, "graphs", None)
         choices = list(linear_choices().items())
         return {
             "startup_s": time.perf_counter() - t0,
             "engine_build_s": built,
-            "cuda_graphs": bool(getattr(self.engine.executor, "cuda_graphs", False)),
+            "cuda_graphs": bool(getattr(engine.executor, "cuda_graphs", False)),
             "graph_capture_s": getattr(graphs, "capture_seconds", 0.0),
             "graph_batch_sizes": len(getattr(graphs, "batch_sizes", []) or []),
-            "num_kv_blocks": self.engine.executor.num_blocks,
+            "num_kv_blocks": engine.executor.num_blocks,
             "max_num_batched_tokens": self.config.max_num_batched_tokens,
             "linear_choices": len(choices),
             "linear_choices_loaded": loaded,  # from a saved table of this machine: not measured again
@@ -137,12 +140,15 @@ class EnginePhase:
 
     # ---- workloads ----------------------------------------------------------------------------
 
-    def _ready(self, step_budget: int, overlap: bool | None = None):
+    def _ready(self, step_budget: int, overlap: bool | None = None) -> LLMEngine:
         """The engine, idle, set for the next workload: this per-step token budget (the scheduler
         reads it at every step) and overlapped scheduling as given (default: the config's)."""
-        self.engine.scheduler.max_num_batched_tokens = step_budget
-        self.engine.async_scheduling = self.config.resolved_async_scheduling() if overlap is None else overlap
-        return self.engine
+        engine = self.engine
+        if engine is None:
+            raise RuntimeError("the engine is not running (start-up failed or it was freed)")
+        engine.scheduler.max_num_batched_tokens = step_budget
+        engine.async_scheduling = self.config.resolved_async_scheduling() if overlap is None else overlap
+        return engine
 
     def _prompts(self, n: int, input_len: int, salt: int, prefix_len: int = 0) -> list[list[int]]:
         return random_prompts(n, input_len, self.vocab_size, self.seed + salt, prefix_len)
@@ -182,20 +188,22 @@ class EnginePhase:
     def prefix(self, deadline: Deadline, cache_on: bool) -> dict[str, Any]:
         """2048 in / 128 out, 75 % of each prompt shared. Cache off: the cache is cleared first and
         stays off for the TTFT step (whose repeated prompts must not hit it)."""
-        bm = self._ready(self.step_budget).block_manager
+        engine = self._ready(self.step_budget)
+        bm = engine.block_manager
         if not cache_on:
             if not bm.reset_prefix_cache():
                 raise RuntimeError("the prefix cache could not be cleared: blocks are still referenced")
         bm.enable_prefix_caching = cache_on
         w = self.w
         prompts = self._prompts(w.prefix_prompts, w.prefix_input_len, salt=4, prefix_len=w.prefix_len)
-        r = run_offline_once(self.engine, prompts, [w.prefix_output_len] * len(prompts), deadline.check)
+        r = run_offline_once(engine, prompts, [w.prefix_output_len] * len(prompts), deadline.check)
         return {"prefix_cache": cache_on, "num_prompts": len(prompts), "input_len": w.prefix_input_len,
                 "output_len": w.prefix_output_len, "shared_prefix_len": w.prefix_len, **r}
 
     def ttft(self, deadline: Deadline) -> dict[str, Any]:
         """Time to the first token of one prompt alone, prefix cache off; median of ttft_iters."""
-        bm = self._ready(self.config.max_num_batched_tokens).block_manager
+        engine = self._ready(self.config.max_num_batched_tokens)
+        bm = engine.block_manager
         bm.reset_prefix_cache()
         bm.enable_prefix_caching = False
         lens = self.w.ttft_prompt_lens
@@ -203,9 +211,9 @@ class EnginePhase:
         out: dict[str, Any] = {"iters": self.w.ttft_iters, "target_prompt_len": lens[min(1, len(lens) - 1)]}
         for n in lens:
             prompt = self._prompts(1, n, salt=5 + n)[0]
-            times = [stream_one(self.engine, prompt, 1, deadline.check)[0] for _ in range(self.w.ttft_iters)]
+            times = [stream_one(engine, prompt, 1, deadline.check)[0] for _ in range(self.w.ttft_iters)]
             out[f"ttft_ms_{n}"] = statistics.median(times) * 1e3
-            out[f"flops_{n}"] = prefill_flops(self.engine.model_config, n)
+            out[f"flops_{n}"] = prefill_flops(engine.model_config, n)
         return out
 
     # ---- the baseline -------------------------------------------------------------------------
