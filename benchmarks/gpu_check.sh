@@ -31,6 +31,7 @@ if [[ -z "${PYTHON:-}" ]]; then
   if command -v python >/dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi
 fi
 BUDGET_S=${BUDGET_S:-540}
+[[ $BUDGET_S =~ ^[0-9]+$ ]] || { echo "BUDGET_S: whole seconds, got '$BUDGET_S'" >&2; exit 2; }
 MODEL=${MODEL:-benchmarks/configs/llama-3-8b}
 
 # shellcheck source=benchmarks/ensure_shardline.sh
