@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark suite of docs/performance.md in one command: every mode of `shardline bench`
+# The longer GPU benchmark grid of docs/performance.md: every mode of `shardline bench`
 # on the Llama-3-8B shape with random bf16 weights, each with --roofline --json, into a results
 # folder (one JSON per run, stderr logs beside them, and the machine's versions).
 #
@@ -14,10 +14,9 @@
 #       RUN_TIMEOUT  seconds one step may take before it is stopped and counted as failed (default: none)
 #       LIST=1       print every step's name and exact command line, run nothing
 #
+# The longer grid, for a machine held longer than the one-command check (benchmarks/gpu_check.sh).
 # Needs one CUDA GPU, torch and Triton; no Ray, no tokenizer, no weights (the model is a config), no
-# network: if `import shardline` fails, the project is installed from this tree without build
-# isolation and without dependencies (pip would otherwise download setuptools), or, where pip cannot
-# install, put on PYTHONPATH through a folder of links.
+# network: benchmarks/ensure_shardline.sh installs the project when `import shardline` fails.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -122,24 +121,8 @@ if [[ "${LIST:-0}" == 1 ]]; then
   exit 0
 fi
 
-if ! "$PYTHON" -c 'import shardline.worker, shardline.bench' >/dev/null 2>&1; then
-  # Offline install: no build isolation (it would download setuptools), no dependencies.
-  echo "installing shardline from $ROOT (pip install --no-build-isolation --no-deps -e .)"
-  "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e "$ROOT" \
-    || echo "pip could not install shardline; falling back to PYTHONPATH links" >&2
-  if ! "$PYTHON" -c 'import shardline.worker, shardline.bench' >/dev/null 2>&1; then
-    # The package maps shardline.<x> onto top-level folders: mirror that with links. `python -m`
-    # puts the working directory (whose shardline/ lacks worker/) first on sys.path, so a
-    # sitecustomize imports shardline from the links at start-up, before that happens.
-    shim=$(mktemp -d)
-    mkdir -p "$shim/shardline"
-    ln -s "$ROOT"/shardline/* "$shim/shardline/"
-    for sub in worker cluster router proto; do ln -s "$ROOT/$sub" "$shim/shardline/$sub"; done
-    echo "import shardline  # from $shim (run_gpu_suite.sh), ahead of the working directory" > "$shim/sitecustomize.py"
-    export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
-  fi
-  "$PYTHON" -c 'import shardline.worker, shardline.bench' || { echo "cannot import shardline" >&2; exit 2; }
-fi
+# shellcheck source=benchmarks/ensure_shardline.sh
+source "$ROOT/benchmarks/ensure_shardline.sh"
 
 OUT=${1:-benchmarks/results/$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"

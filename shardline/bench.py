@@ -5,7 +5,8 @@ config directory to benchmark real shapes without the files.
 
 Modes: offline (fixed or uniform lengths, optional shared prefix, --compare-hf), latency (batch 1),
 sweep (decode throughput by batch size), prefill (TTFT and TFLOP/s), prefix (cache on vs off at
-shared-prefix fractions), serve (Poisson arrivals: TTFT, TPOT, ITL)."""
+shared-prefix fractions), serve (Poisson arrivals: TTFT, TPOT, ITL); and check, the GPU check of
+issue 11 in one process and one budget (shardline/check/plan.py, benchmarks/gpu_check.sh)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def _make_engine(args: argparse.Namespace, **overrides: Any):
     return LLMEngine(config, show_progress=not args.json)
 
 
-def _warmup(engine) -> None:
+def warm_up(engine) -> None:
+    """One small generate (two prompts, four tokens): compiles what the first step of a run would."""
     engine.generate([[11] * 16, [12] * 8], _params(4))
     _sync(engine.device)
 
@@ -67,14 +69,44 @@ def _warmup(engine) -> None:
 # modes
 
 
-def run_offline_once(engine, prompts: list[list[int]], output_lens: list[int]) -> dict[str, float]:
+def run_to_completion(engine, prompts: list[list[int]], params: list, check: Callable[[], None] | None = None) -> list:
+    """Submit every prompt at once and step the engine until all finish; returns each request's
+    final RequestOutput (usage counts), in input order. `check` runs between engine steps: when it
+    raises (a time cap passed), the unfinished requests are aborted and the engine drained, so it
+    is idle and reusable, and the exception propagates."""
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    final: dict[str, Any] = {}
+    try:
+        while len(final) < len(ids):
+            if check is not None:
+                check()
+            for out in engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+    except BaseException:
+        abort_and_drain(engine, [i for i in ids if i not in final])
+        raise
+    return [final[i] for i in ids]
+
+
+def abort_and_drain(engine, request_ids: list[str]) -> None:
+    """Abort these requests and finish the step still in flight: the engine is left idle."""
+    for rid in request_ids:
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def run_offline_once(engine, prompts: list[list[int]], output_lens: list[int],
+                     check: Callable[[], None] | None = None) -> dict[str, float]:
+    """All prompts at once, greedy, ignore_eos: throughput and prefix-cache figures of the run."""
     from shardline.worker.engine.params import SamplingParams
 
     params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in output_lens]
     hits0, queries0 = engine.block_manager.prefix_cache_hits, engine.block_manager.prefix_cache_queries
     _sync(engine.device)
     t0 = time.perf_counter()
-    results = engine.generate(prompts, params)
+    results = run_to_completion(engine, prompts, params, check)
     _sync(engine.device)
     dt = time.perf_counter() - t0
     out_tokens = sum(r.completion_tokens for r in results)
@@ -154,7 +186,7 @@ def mode_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     hf_pending: list[tuple[dict[str, Any], list[list[int]], int]] = []
     grid = _parse_grid(args.grid) if args.grid else [(args.input_len, args.output_len)]
-    _warmup(engine)
+    warm_up(engine)
     for input_len, output_len in grid:
         if args.random_range:
             lo, hi = args.random_range
@@ -180,34 +212,47 @@ def mode_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def _stream_one(engine, prompt: list[int], output_len: int) -> tuple[float, list[float], float]:
-    """Run one request alone; returns (TTFT, times of each later token, elapsed seconds)."""
+def stream_one(engine, prompt: list[int], output_len: int,
+               check: Callable[[], None] | None = None) -> tuple[float, list[float], float]:
+    """Run one request alone; returns (TTFT, times of each later token, elapsed seconds). `check`
+    runs between engine steps, as in run_to_completion."""
     rid = engine.add_request(prompt, _params(output_len))
     t0 = time.perf_counter()
     ttft, stamps = None, []
     done = False
-    while not done:
-        for out in engine.step():
-            if out.request_id != rid:
-                continue
-            now = time.perf_counter()
-            if ttft is None:
-                ttft = now - t0
-            else:
-                stamps.append(now)
-            done = out.finished
+    try:
+        while not done:
+            if check is not None:
+                check()
+            for out in engine.step():
+                if out.request_id != rid:
+                    continue
+                now = time.perf_counter()
+                if ttft is None:
+                    ttft = now - t0
+                else:
+                    stamps.append(now)
+                done = out.finished
+    except BaseException:
+        abort_and_drain(engine, [] if done else [rid])
+        raise
     return ttft or 0.0, stamps, time.perf_counter() - t0
+
+
+def decode_seconds_per_token(stamps: list[float], elapsed: float, output_len: int) -> float:
+    """Seconds per output token between the second and the last token (the first is the
+    prefill's); the whole run's average when fewer than two later tokens were seen."""
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else elapsed / max(1, output_len)
 
 
 def mode_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     engine = _make_engine(args)
-    _warmup(engine)
+    warm_up(engine)
     prompt = random_prompts(1, args.input_len, engine.model_config.vocab_size, args.seed)[0]
     rows = []
     for i in range(args.iters):
-        ttft, stamps, elapsed = _stream_one(engine, prompt, args.output_len)
-        # Decode rate between the second and the last token (the first is the prefill's).
-        per_tok = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else elapsed / max(1, args.output_len)
+        ttft, stamps, elapsed = stream_one(engine, prompt, args.output_len)
+        per_tok = decode_seconds_per_token(stamps, elapsed, args.output_len)
         rows.append({"iter": i, "input_len": args.input_len, "output_len": args.output_len, "ttft_ms": ttft * 1e3,
                      "ms_per_output_token": per_tok * 1e3, "output_tokens_per_s": 1.0 / per_tok,
                      "requests_per_s": 1.0 / elapsed, "total_tokens_per_s": (len(prompt) + args.output_len) / elapsed})
@@ -217,7 +262,7 @@ def mode_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def mode_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     engine = _make_engine(args, max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=max(args.max_num_batched_tokens, max(args.batch_sizes)))
-    _warmup(engine)
+    warm_up(engine)
     vocab = engine.model_config.vocab_size
     rows = []
     for b in args.batch_sizes:
@@ -250,17 +295,17 @@ def mode_prefill(args: argparse.Namespace) -> list[dict[str, Any]]:
     longest = max(args.prompt_lens)
     engine = _make_engine(args, max_num_batched_tokens=max(args.max_num_batched_tokens, longest),
                           max_model_len=args.max_model_len or None, enable_prefix_caching=False)
-    _warmup(engine)
+    warm_up(engine)
     cfg = engine.model_config
     rows = []
     for n in args.prompt_lens:
         prompt = random_prompts(1, n, cfg.vocab_size, args.seed + n)[0]
         times = []
         for _ in range(args.iters):
-            ttft, _, _ = _stream_one(engine, prompt, 1)
+            ttft, _, _ = stream_one(engine, prompt, 1)
             times.append(ttft)
         ttft = statistics.median(times)
-        flops = 2 * cfg.num_params * n + 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * n * n / 2
+        flops = prefill_flops(cfg, n)
         rows.append({"prompt_len": n, "ttft_ms": ttft * 1e3, "prefill_tokens_per_s": n / ttft, "tflops": flops / ttft / 1e12,
                      "requests_per_s": 1.0 / ttft, "output_tokens_per_s": 1.0 / ttft, "total_tokens_per_s": (n + 1) / ttft})
     engine.shutdown()
@@ -271,7 +316,7 @@ def mode_prefix(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for cache_on in (True, False):
         engine = _make_engine(args, enable_prefix_caching=cache_on)
-        _warmup(engine)
+        warm_up(engine)
         vocab = engine.model_config.vocab_size
         for frac in args.shared_fractions:
             prefix_len = int(args.input_len * frac)
@@ -293,7 +338,7 @@ def mode_serve(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     rows = []
     engine = _make_engine(args)
-    _warmup(engine)
+    warm_up(engine)
     aeng = AsyncEngine(engine)
     vocab = engine.model_config.vocab_size
     for rate in args.request_rates:
@@ -390,11 +435,26 @@ def measure_roofline(device: torch.device) -> dict[str, float]:
     return {"copy_bandwidth_gb_s": bw / 1e9, "matmul_tflops": flops / 1e12}
 
 
+def prefill_flops(cfg, n: int) -> float:
+    """FLOPs of one n-token prefill: the projections (2 per parameter per token) plus QK^T and PV
+    over the causal half of the n x n scores."""
+    return 2 * cfg.num_params * n + 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * n * n / 2
+
+
 def decode_floor_tokens_per_s(cfg, batch: int, context: int, bandwidth: float, dtype_bytes: int) -> float:
     """Memory-bound ceiling: each decode step streams the weights and every sequence's KV once."""
-    weights = cfg.num_params * dtype_bytes
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
-    return batch * bandwidth / (weights + batch * context * kv_per_token)
+    return decode_floor_from_bytes(cfg.num_params * dtype_bytes, kv_bytes_per_token(cfg, dtype_bytes), batch, context, bandwidth)
+
+
+def kv_bytes_per_token(cfg, dtype_bytes: int) -> int:
+    """Keys and values of one token across all layers."""
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
+
+
+def decode_floor_from_bytes(weight_bytes: float, kv_bytes_per_token: float, batch: int, context: float,
+                            bandwidth: float) -> float:
+    """Decode tokens/s when a step at this batch and context streams weights + KV at `bandwidth` (B/s)."""
+    return batch * bandwidth / (weight_bytes + batch * context * kv_bytes_per_token)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -430,6 +490,10 @@ MODES: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.mode == "check":
+        from shardline.check.plan import run_check
+
+        return run_check(args)
     rows = MODES[args.mode](args)
     result: dict[str, Any] = {"mode": args.mode, "model": args.model, "load_format": args.load_format, "rows": rows}
     if args.roofline:
@@ -465,7 +529,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction, add_engine_args: Callable[[argparse.ArgumentParser], None]) -> None:
     p = sub.add_parser("bench", help="benchmark the engine in this process (no Ray)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=sorted(MODES))
+    p.add_argument("mode", choices=sorted([*MODES, "check"]),
+                   help="a benchmark, or 'check': the GPU check of docs/performance.md (shardline/check/)")
     add_engine_args(p)
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=256)
@@ -485,5 +550,8 @@ def add_parser(sub: argparse._SubParsersAction, add_engine_args: Callable[[argpa
     p.add_argument("--hf-max-batch", type=int, default=None, help="largest padded batch to try for --compare-hf")
     p.add_argument("--roofline", action="store_true", help="measure the device's bandwidth and matmul rate; add %% of floor")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    from shardline.check.plan import add_arguments
+
+    add_arguments(p)
     p.set_defaults(handler=_cmd_bench)
 

@@ -1,4 +1,6 @@
-"""Shared by the kernel tests: interpreter set-up, its fixture, and builders of random paged-KV batches.
+"""Shared by the kernel tests and the GPU check (shardline/check/correctness.py): interpreter set-up,
+its fixture, builders of random paged-KV batches, the attention comparison against the torch
+reference, and paged prefill/decode steps on a model runner.
 
 Interpreter set-up: Triton builds its own library functions (tl.zeros, tl.sum, ...) for the
 interpreter only if TRITON_INTERPRET=1 is set before `triton` is first imported, and the choice
@@ -22,7 +24,14 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from shardline.worker.attention.metadata import AttentionMetadata
+from shardline.worker.attention.torch_backend import TorchAttentionBackend
+from shardline.worker.attention.triton_backend import TritonAttentionBackend
+from shardline.worker.engine.model_runner import ModelRunner, SeqSlice, StepInputs, build_step_inputs
 from shardline.worker.kernels.runtime import HAS_TRITON, interpreter_ready
+
+# Paged steps on a model runner: block size, and blocks reserved per sequence (see `table`).
+BLOCK = 8
+BLOCKS_PER_SEQ = 8
 
 
 @pytest.fixture
@@ -85,3 +94,34 @@ def make_batch(
         seq_lens_cpu=slens,
     )
     return query.to(device), key.to(device), value.to(device), cache.to(device), meta
+
+
+def run_both(seqs, heads, kv_heads, head_dim, block_size, dtype=torch.float32, backend=None, pad_tokens=0, device="cpu"):
+    """Write the new K/V and attend with the Triton backend and with the torch reference; return
+    both outputs (real rows only) and both caches: (ours, reference, cache_ours, cache_reference)."""
+    q, k, v, cache, meta = make_batch(seqs, heads, kv_heads, head_dim, block_size, dtype, device, pad_tokens=pad_tokens)
+    ours, ref = backend or TritonAttentionBackend(block_n=16), TorchAttentionBackend()
+    cache_ours, cache_ref = cache.clone(), cache.clone()
+    ours.write_kv(k, v, cache_ours, meta)
+    ref.write_kv(k, v, cache_ref, meta)
+    n = sum(meta.query_lens_cpu)
+    scale = head_dim**-0.5
+    return ours.forward(q, cache_ours, meta, scale)[:n], ref.forward(q, cache_ref, meta, scale)[:n], cache_ours, cache_ref
+
+
+def table(i: int) -> list[int]:
+    """Sequence i's blocks: its own run of BLOCKS_PER_SEQ, after block 0 (which padding rows may read)."""
+    return list(range(1 + i * BLOCKS_PER_SEQ, 1 + (i + 1) * BLOCKS_PER_SEQ))
+
+
+def prefill(runner: ModelRunner, batch: list[list[int]], device: str = "cpu") -> list[list[int]]:
+    """Prefill every prompt (block size BLOCK) and append its greedy token; returns the grown sequences."""
+    slices = [SeqSlice(p, 0, table(i), True) for i, p in enumerate(batch)]
+    logits = runner.execute(build_step_inputs(slices, BLOCK, torch.device(device)))
+    return [p + [t] for p, t in zip(batch, logits.argmax(-1).tolist())]
+
+
+def decode_inputs(seqs: list[list[int]], device: str = "cpu") -> StepInputs:
+    """A pure-decode step: each sequence's last token at its last position."""
+    slices = [SeqSlice(s[-1:], len(s) - 1, table(i), True) for i, s in enumerate(seqs)]
+    return build_step_inputs(slices, BLOCK, torch.device(device))

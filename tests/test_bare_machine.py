@@ -1,7 +1,9 @@
-"""The GPU benchmark suite runs first time on a bare GPU machine: `shardline bench` and the GPU test
-modules import without the packages such a machine lacks (Ray, gguf, jsonschema, openai, grpc-tools,
-accelerate, the HTTP stack), and every step of benchmarks/run_gpu_suite.sh parses with the real
-command-line parser and fits the model's context, so no flag typo costs GPU minutes."""
+"""The GPU check and the longer benchmark grid run first time on a bare GPU machine: `shardline bench`
+(the check included) and the GPU test modules import without the packages such a machine lacks (Ray,
+gguf, jsonschema, openai, grpc-tools, accelerate, the HTTP stack), every step of
+benchmarks/run_gpu_suite.sh parses with the real command-line parser and fits the model's context,
+so no flag typo costs GPU minutes, and docs/performance.md's GPU-box commands are those that exist.
+(tests/test_gpu_check.py runs the check itself on CPU.)"""
 
 from __future__ import annotations
 
@@ -75,6 +77,18 @@ def test_bench_latency_runs_and_prints_json_without_the_optional_packages():
     assert row["output_tokens_per_s"] > 0 and row["floor_tokens_per_s"] > 0
 
 
+def test_the_gpu_check_imports_and_parses_without_the_optional_packages():
+    proc = run_bare("import shardline.check.plan, shardline.check.correctness, shardline.check.workloads\n"
+                    "import shardline.check.summary, shardline.check.environment\n"
+                    "from shardline.cli import build_parser\n"
+                    "args = build_parser().parse_args(['bench', 'check', '--model', 'benchmarks/configs/llama-3-8b', "
+                    "'--load-format', 'dummy', '--out-dir', '/tmp/x', '--budget-s', '300', '--cap', 'ttft=5'])\n"
+                    "assert args.mode == 'check' and args.budget_s == 300 and args.cap == ['ttft=5']\n"
+                    "for name in ('ray', 'gguf'):\n"
+                    "    assert sys.modules.get(name) is None, name\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_gpu_test_modules_import_and_collect_without_the_optional_packages():
     proc = run_bare("import pytest\nsys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', "
                     f"*{GPU_TEST_FILES!r}]))")
@@ -131,8 +145,11 @@ def test_suite_quick_steps_run_on_cpu_with_the_tiny_config(tmp_path):
     assert "torch " in environment and "steps latency_b1_128_512 prefill_ttft" in environment
 
 
-def test_the_gpu_box_commands_in_the_performance_doc_run_every_step_once():
+def test_the_performance_doc_runs_the_one_command_check_first_and_the_longer_grid_step_by_step():
     doc = (REPO / "docs" / "performance.md").read_text()
+    gpu_box = doc[doc.index("## Running on a GPU box"):doc.index("### The longer grid")]
+    assert "benchmarks/gpu_check.sh" in gpu_box and "first command" in gpu_box
+    assert doc.index("    benchmarks/gpu_check.sh \"$OUT\"") < doc.index("run_gpu_suite.sh")
     commands = [line.strip() for line in doc.splitlines()
                 if line.startswith("    ONLY=") and "run_gpu_suite.sh" in line]
     assert len(commands) == 4

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from kernel_cases import interpreter  # noqa: F401  (fixture; sets up the interpreter first)
+from kernel_cases import BLOCK, BLOCKS_PER_SEQ, decode_inputs, interpreter, prefill, table  # noqa: F401  (fixture first)
 from shardline.worker.attention.metadata import get_attention_backend
 from shardline.worker.config import EngineConfig, ModelConfig
 from shardline.worker.engine.cuda_graphs import DecodeGraphRunner, capture_batch_sizes
@@ -21,10 +21,6 @@ from shardline.worker.loader.weights import LazyWeight
 from shardline.worker.model import LlamaForCausalLM
 from shardline.worker.parallel.context import SINGLE
 from tiny_models import hf_greedy, prompts, write_tiny_checkpoint
-
-BLOCK = 8
-BLOCKS_PER_SEQ = 8
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -45,24 +41,6 @@ def runner_for(model, num_seqs: int, device: str = "cpu") -> ModelRunner:
     caches = allocate_kv_caches(model.config, model.num_kv_heads_per_rank, 1 + num_seqs * BLOCKS_PER_SEQ, BLOCK,
                                 model.embed_tokens.weight.dtype, torch.device(device))
     return ModelRunner(model, caches, BLOCK, torch.device(device))
-
-
-def table(i: int) -> list[int]:
-    """Sequence i's blocks: its own run, after block 0 (which padding rows may read)."""
-    return list(range(1 + i * BLOCKS_PER_SEQ, 1 + (i + 1) * BLOCKS_PER_SEQ))
-
-
-def prefill(runner: ModelRunner, batch: list[list[int]], device: str = "cpu") -> list[list[int]]:
-    """Prefill every prompt and append its greedy token; returns the grown sequences."""
-    slices = [SeqSlice(p, 0, table(i), True) for i, p in enumerate(batch)]
-    logits = runner.execute(build_step_inputs(slices, BLOCK, torch.device(device)))
-    return [p + [t] for p, t in zip(batch, logits.argmax(-1).tolist())]
-
-
-def decode_inputs(seqs: list[list[int]], device: str = "cpu"):
-    """A pure-decode step: each sequence's last token at its last position."""
-    slices = [SeqSlice(s[-1:], len(s) - 1, table(i), True) for i, s in enumerate(seqs)]
-    return build_step_inputs(slices, BLOCK, torch.device(device))
 
 
 # ---- the fused Triton path, end to end against transformers (CPU, interpreter) -------------------

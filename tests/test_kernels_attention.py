@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_cases import interpreter, make_batch  # noqa: F401  (fixture)
+from kernel_cases import interpreter, make_batch, run_both  # noqa: F401  (fixture)
 from shardline.worker.attention.metadata import get_attention_backend
 from shardline.worker.attention.torch_backend import TorchAttentionBackend
 from shardline.worker.attention.triton_backend import TritonAttentionBackend
@@ -20,19 +20,6 @@ MIXED = [(1, 50), (24, 24), (1, 9), (13, 13)]
 PREFIX_CACHED = [(10, 45), (3, 19), (1, 64), (16, 70)]
 CASES = {"decode": PURE_DECODE, "prefill": PURE_PREFILL, "mixed": MIXED, "prefix_cached": PREFIX_CACHED}
 TOL = {torch.float32: (1e-4, 1e-3), torch.float16: (2e-2, 2e-2), torch.bfloat16: (3e-2, 3e-2)}
-
-
-def run_both(seqs, heads, kv_heads, head_dim, block_size, dtype=torch.float32, backend=None, pad_tokens=0, device="cpu"):
-    """Write the new K/V and attend with the Triton backend and with the reference; return both
-    outputs (real rows only) and both caches."""
-    q, k, v, cache, meta = make_batch(seqs, heads, kv_heads, head_dim, block_size, dtype, device, pad_tokens=pad_tokens)
-    ours, ref = backend or TritonAttentionBackend(block_n=16), TorchAttentionBackend()
-    cache_ours, cache_ref = cache.clone(), cache.clone()
-    ours.write_kv(k, v, cache_ours, meta)
-    ref.write_kv(k, v, cache_ref, meta)
-    n = sum(meta.query_lens_cpu)
-    scale = head_dim**-0.5
-    return ours.forward(q, cache_ours, meta, scale)[:n], ref.forward(q, cache_ref, meta, scale)[:n], cache_ours, cache_ref
 
 
 @pytest.mark.parametrize("case", list(CASES))

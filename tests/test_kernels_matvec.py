@@ -1,13 +1,15 @@
 """The skinny-GEMM kernel computes x @ w.T for M in 1..16 (FMA and tl.dot paths, split-K), and
-pick_linear_impl answers from a per-shape measured table."""
+pick_linear_impl answers from a per-shape measured table, which a later process can load back."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
 from kernel_cases import interpreter  # noqa: F401  (fixture; sets up the interpreter first)
-from shardline.worker.kernels.linear_choice import LinearAutotuner, pick_linear_impl
+from shardline.worker.kernels.linear_choice import LinearAutotuner, LinearImpl, machine_fingerprint, pick_linear_impl
 from shardline.worker.kernels.matvec import MatvecConfig, default_config, matvec
 
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 3e-2)}
@@ -72,3 +74,17 @@ def test_pick_linear_impl_measures_once_per_shape_and_its_choice_is_correct():
     x = torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) / 64
     torch.testing.assert_close(first(x, w).float(), x.float() @ w.float().T, atol=3e-2, rtol=3e-2)
+
+
+def test_a_saved_choice_table_loads_only_on_a_machine_with_the_same_fingerprint(tmp_path):
+    saved = LinearAutotuner()
+    saved.table[(4, 6144, 4096, torch.bfloat16, "cuda:0")] = LinearImpl("triton", MatvecConfig(32, 256, split_k=2), 0.031, 0.024)
+    saved.table[(16, 4096, 4096, torch.bfloat16, "cuda:0")] = LinearImpl("torch", None, 0.020, 0.026)
+    data = json.loads(json.dumps(saved.to_json("H200|abc")))  # through the file format
+    fresh = LinearAutotuner()
+    assert fresh.load_json(data, "H100|abc", "cuda:0") == 0 and fresh.table == {}
+    assert fresh.load_json(data, "H200|abc", "cuda:0") == 2
+    assert fresh.table == saved.table
+    assert fresh.load_json(data, "H200|abc", "cuda:0") == 0  # shapes already in the table are kept
+    fingerprint = machine_fingerprint("cpu")
+    assert fingerprint.startswith("cpu|") and fingerprint == machine_fingerprint("cpu")

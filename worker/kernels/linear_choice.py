@@ -3,17 +3,27 @@
 NOTE: measuring launches kernels and synchronizes, so the engine should call pick_linear_impl for
 its decode shapes during warm-up; called while a CUDA graph is being captured it never measures
 and answers with the table's entry or cuBLAS.
+
+The table is process-wide, so a process measures each shape once. Across processes it can be
+saved and loaded (save_linear_choices / load_linear_choices, a JSON file): a loaded table is used
+only when its fingerprint matches this machine's (GPU name, torch and Triton versions, the source
+of this module and of the matvec kernel), so a saved table never answers for other hardware or
+other code. The GPU check (shardline/check/) writes it and reads it back on the next run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from shardline.worker.kernels import matvec as matvec_module
 from shardline.worker.kernels.matvec import MAX_M, MatvecConfig, default_config, matvec
-from shardline.worker.kernels.runtime import HAS_TRITON, cdiv
+from shardline.worker.kernels.runtime import HAS_TRITON, cdiv, triton
 
 
 @dataclass(frozen=True)
@@ -101,7 +111,64 @@ class LinearAutotuner:
         return LinearImpl("torch", None, torch_ms, best[0] if best else None)
 
 
+    def to_json(self, fingerprint: str) -> dict:
+        """The measured table as JSON-ready data, tagged with the machine's fingerprint."""
+        entries = [{"M": M, "N": N, "K": K, "dtype": str(dtype).removeprefix("torch."), "kind": impl.kind,
+                    "config": asdict(impl.config) if impl.config else None,
+                    "torch_ms": impl.torch_ms, "triton_ms": impl.triton_ms}
+                   for (M, N, K, dtype, _), impl in self.table.items()]
+        return {"fingerprint": fingerprint, "entries": entries}
+
+    def load_json(self, data: dict, fingerprint: str, device: torch.device | str) -> int:
+        """Add a saved table's entries for `device` (shapes already measured here are kept); returns
+        how many were added, 0 when the fingerprint differs."""
+        if data.get("fingerprint") != fingerprint:
+            return 0
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        added = 0
+        for e in data.get("entries", []):
+            key = (int(e["M"]), int(e["N"]), int(e["K"]), getattr(torch, e["dtype"]), str(device))
+            if key not in self.table:
+                config = MatvecConfig(**e["config"]) if e.get("config") else None
+                self.table[key] = LinearImpl(e["kind"], config, e.get("torch_ms"), e.get("triton_ms"))
+                added += 1
+        return added
+
+
+def machine_fingerprint(device: torch.device | str) -> str:
+    """What a measured table depends on: the GPU, torch, Triton and the source of the kernels."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    h = hashlib.sha256(f"{name}|{torch.__version__}|{getattr(triton, '__version__', None)}".encode())
+    for source in (Path(matvec_module.__file__), Path(__file__)):
+        h.update(source.read_bytes())
+    return f"{name}|{h.hexdigest()[:16]}"
+
+
 _DEFAULT_TUNER = LinearAutotuner()
+
+
+def save_linear_choices(path: str | Path, device: torch.device | str) -> int:
+    """Write the process-wide table to `path` (JSON); returns the number of entries."""
+    data = _DEFAULT_TUNER.to_json(machine_fingerprint(device))
+    Path(path).write_text(json.dumps(data, indent=1))
+    return len(data["entries"])
+
+
+def load_linear_choices(path: str | Path, device: torch.device | str) -> int:
+    """Add the entries of a table saved on this machine (same fingerprint) to the process-wide
+    table, so those shapes are not measured again; returns how many (0 for a missing file)."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    return _DEFAULT_TUNER.load_json(json.loads(path.read_text()), machine_fingerprint(device), device)
+
+
+def linear_choices() -> dict[tuple[int, int, int, torch.dtype, str], LinearImpl]:
+    """The process-wide table as it stands (a copy): (M, N, K, dtype, device) -> choice."""
+    return dict(_DEFAULT_TUNER.table)
 
 
 def pick_linear_impl(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device | str) -> LinearImpl:
