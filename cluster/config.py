@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from shardline.worker.config import ConfigError, EngineConfig
+from shardline.worker.tokenizer import read_chat_template
 
 # EngineConfig fields the cluster sets itself (model and tp live at the top level of the config).
 _ENGINE_TOP_LEVEL = ("model", "tensor_parallel_size")
@@ -231,18 +232,3 @@ def _from_serve_config(serve: dict[str, Any]) -> dict[str, Any]:
         data.setdefault("grpc_port", grpc["port"])
     return data
 
-
-def read_chat_template(value: str) -> str:
-    """The text of a chat template given as a file path or as the Jinja text itself (vLLM's rule:
-    an existing file is read; a value with Jinja markup is the template; anything else is an error,
-    so that a mistyped path is not silently served as a template)."""
-    path = Path(value).expanduser()
-    try:
-        if path.is_file():
-            return path.read_text()
-    except OSError as e:  # a template long enough to be an invalid path name lands here
-        if "{{" not in value and "{%" not in value:
-            raise ConfigError(f"chat_template: cannot read {value!r}: {e}") from None
-    if "{{" in value or "{%" in value:
-        return value
-    raise ConfigError(f"chat_template: {value!r} is neither a readable file nor a Jinja template")
