@@ -136,18 +136,24 @@ class ClusterConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> "ClusterConfig":
-        """Read a YAML/JSON file: either a plain ClusterConfig mapping or a Serve config
+        """Read a YAML/JSON file (see read_file); `overrides` that are not None replace its keys."""
+        data = cls.read_file(path)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data)
+
+    @staticmethod
+    def read_file(path: str | Path) -> dict[str, Any]:
+        """The ClusterConfig mapping of a YAML/JSON file, not yet validated (so that command-line
+        flags can be laid over it first): either a plain ClusterConfig mapping or a Serve config
         (deploy/serve.yaml), whose first application's args, ReplicaGroup options and ports are used."""
         import yaml
 
-        text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         if "applications" in data:
             data = _from_serve_config(data)
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(data)
+        return data
 
     @property
     def router_needs_text(self) -> bool:
