@@ -4,12 +4,14 @@ answer from a running cluster over gRPC). Imported by shardline/cli.py when Ray 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from shardline.cluster.config import API_KEY_ENV
 from shardline.engine_args import add_engine_args, add_vllm_compatibility_flags, engine_overrides
 from shardline.worker.config import ConfigError
 
@@ -67,6 +69,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      help="sampling temperature (default 0: greedy, the same answer every time)")
     ask.add_argument("--application", default=None, help="Serve application name (needed with several)")
     ask.add_argument("--timeout", type=float, default=120.0, help="seconds before the call is abandoned")
+    ask.add_argument("--api-key", default=None, metavar="KEY",
+                     help="sent as `authorization: Bearer KEY` metadata (default: the first key of $SHARDLINE_API_KEY)")
     ask.set_defaults(handler=cmd_ask)
 
 
@@ -153,6 +157,18 @@ def _wait_ready(address: str, stop: threading.Event, timeout_s: float = 900.0) -
             stop.wait(1.0)
 
 
+def ask_metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The gRPC metadata of `shardline ask`: its deadline, the Serve application when named, and
+    `authorization: Bearer KEY` when a key is given (--api-key, else $SHARDLINE_API_KEY's first)."""
+    metadata = [("timeout-ms", str(int(args.timeout * 1000)))]  # the ingress enforces it too
+    if args.application:
+        metadata.append(("application", args.application))
+    api_key = args.api_key or os.environ.get(API_KEY_ENV, "").split(",")[0].strip()
+    if api_key:
+        metadata.append(("authorization", f"Bearer {api_key}"))
+    return metadata
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     """Stream one answer to stdout; errors print the gRPC status and exit 1."""
     import grpc
@@ -167,9 +183,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
                                      sampling=pb.SamplingParams(**sampling))
     else:
         request = pb.GenerateRequest(text=args.prompt, sampling=pb.SamplingParams(**sampling))
-    metadata = [("timeout-ms", str(int(args.timeout * 1000)))]  # the ingress enforces it too
-    if args.application:
-        metadata.append(("application", args.application))
+    metadata = ask_metadata(args)
     try:
         with grpc.insecure_channel(args.address) as channel:
             last = None

@@ -14,7 +14,7 @@ import pytest
 from shardline.cli import build_parser
 from shardline.cluster.config import API_KEY_ENV, ClusterConfig
 from shardline.engine_args import UNSUPPORTED_VLLM_FLAGS, engine_config_from_args
-from shardline.serve_cli import config_from_args
+from shardline.serve_cli import ask_metadata, config_from_args
 from shardline.worker.config import ConfigError, EngineConfig
 
 # One value per EngineConfig field that differs from its default and is valid. A new field fails
@@ -197,3 +197,11 @@ def test_front_door_fields_are_validated_naming_the_field(tmp_path: Path, monkey
         ClusterConfig(generation_config=str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="chat_template"):
         ClusterConfig(chat_template=str(tmp_path / "missing.jinja"))
+
+
+def test_ask_sends_the_flags_key_or_the_environments_first(parser, monkeypatch) -> None:
+    monkeypatch.setenv(API_KEY_ENV, "from-env,second")
+    assert ("authorization", "Bearer sk-x") in ask_metadata(parser.parse_args(["ask", "hi", "--api-key", "sk-x"]))
+    assert ("authorization", "Bearer from-env") in ask_metadata(parser.parse_args(["ask", "hi"]))
+    monkeypatch.delenv(API_KEY_ENV)
+    assert [k for k, _ in ask_metadata(parser.parse_args(["ask", "hi", "--timeout", "2"]))] == ["timeout-ms"]
