@@ -80,7 +80,7 @@ class KernelChecks:
         self.compiled = device.type == "cuda"  # else the interpreter: short sequences
 
     def _attention(self, seqs: list[tuple[int, int]], pad_tokens: int = 0):
-        from kernel_cases import run_both
+        from kernel_cases import run_both  # type: ignore[import-not-found]  # tests/, put on sys.path by import_test_helpers
 
         from shardline.worker.attention.triton_backend import TritonAttentionBackend
 
@@ -175,7 +175,7 @@ class TinyEngineChecks:
 
     def engine_vs_transformers(self, deadline: Deadline) -> dict[str, Any]:
         from kernel_cases import BLOCK
-        from tiny_models import hf_greedy, prompts, write_tiny_checkpoint
+        from tiny_models import hf_greedy, prompts, write_tiny_checkpoint  # type: ignore[import-not-found]
 
         from shardline.worker.engine.engine import LLMEngine
         from shardline.worker.engine.params import SamplingParams
@@ -194,7 +194,7 @@ class TinyEngineChecks:
         mismatched = sum(a != b for a, b in zip(ours, theirs))
         metrics = {"sequences": len(batch), "tokens_each": 6, "mismatched_sequences": mismatched,
                    "tokens_passed": mismatched == 0, "cuda_graphs": bool(getattr(engine.executor, "cuda_graphs", False)),
-                   "attention_backend": engine.executor.model.layers[0].self_attn.backend.name}
+                   "attention_backend": engine.executor.model.layers[0].self_attn.backend.name}  # type: ignore[attr-defined]  # LocalExecutor
         return verdict(metrics)
 
     def graph_vs_eager(self, deadline: Deadline) -> dict[str, Any]:

@@ -75,7 +75,7 @@ def parse_caps(items: list[str]) -> dict[str, float]:
 def run_check(args: argparse.Namespace) -> int:
     """Run every step of STEPS within args.budget_s; print and write the summary. Exit status 1
     when a step failed (a check outside tolerance, an error), 0 otherwise (stopped steps included)."""
-    from shardline.cli import engine_config_from_args
+    from shardline.engine_args import engine_config_from_args
 
     config = engine_config_from_args(args)
     device = config.resolved_device()
