@@ -51,6 +51,15 @@ class ClusterConfig:
     router: str = "kv_aware"
     metrics_period_s: float = 1.0  # how often replicas push their metrics snapshot
     served_model_name: str | None = None  # name in /v1/models and metrics labels (default: model)
+    # Names clients may use in `model` (/v1/models lists them; the first is the name responses
+    # carry); empty: served_model_name or model.
+    served_model_names: list[str] = field(default_factory=list)
+    # Keys a client must present (HTTP `Authorization: Bearer KEY`, gRPC `authorization` metadata);
+    # empty: no authentication.
+    api_keys: list[str] = field(default_factory=list, repr=False)  # never printed
+    # Sampling defaults: "auto" (the model's generation_config.json), "vllm" (none) or a directory.
+    generation_config: str = "auto"
+    chat_template: str | None = None  # a Jinja chat template file replacing the model's
     grpc_port: int = 9000
     http_port: int = 8000
     host: str = "127.0.0.1"
@@ -124,7 +133,15 @@ class ClusterConfig:
     @property
     def model_name(self) -> str:
         """The name clients see (/v1/models, GetModelInfo) and metrics carry."""
-        return self.served_model_name or self.model
+        return self.served_model_names[0] if self.served_model_names else self.served_model_name or self.model
+
+    @property
+    def model_names(self) -> list[str]:
+        """Every name a request's `model` may carry (the served names; the model path too when
+        no name was given)."""
+        if self.served_model_names:
+            return list(self.served_model_names)
+        return [self.model_name] + ([self.model] if self.model != self.model_name else [])
 
     def wants_gpu(self) -> bool:
         """Whether rank bundles ask for GPUs."""
