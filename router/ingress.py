@@ -20,7 +20,6 @@ import json
 import logging
 import time
 import uuid
-from pathlib import Path
 from typing import Any, AsyncIterator
 
 import grpc
@@ -172,7 +171,7 @@ class Ingress:
         self.model_name = config.model_name
         source = resolve_model(config.model, weights_required=config.engine_config().load_format != "dummy")
         self.model_config = ModelConfig.from_hf_config(source.hf_config())
-        self.tokenizer = load_tokenizer(source)
+        self.tokenizer = load_tokenizer(source, chat_template=config.chat_template)
         self.metrics = RouterMetrics(self.model_name)
         register_decision_sink(self.metrics.on_decision)
         self.admission = _Admission(config.max_in_flight)
@@ -182,8 +181,6 @@ class Ingress:
 
         self.sampling_defaults = load_sampling_defaults(
             config.generation_config, source.path if source.kind == "safetensors" else None)
-        if config.chat_template and self.tokenizer is not None:
-            self.tokenizer.hf.chat_template = Path(config.chat_template).read_text()
         self._api_keys = [key.encode() for key in config.api_keys]
         self._warned_fields: set[str] = set()
 

@@ -31,8 +31,9 @@ class Tokenizer:
         self.vocab_size = len(hf)
 
     @classmethod
-    def from_source(cls, source: ModelSource) -> "Tokenizer":
-        """Load the tokenizer that belongs to `source`; raises ModelLoadError when there is none."""
+    def from_source(cls, source: ModelSource, chat_template: str | None = None) -> "Tokenizer":
+        """Load the tokenizer that belongs to `source`; raises ModelLoadError when there is none.
+        `chat_template` (Jinja text, see read_chat_template) replaces the model's own template."""
         from transformers import AutoTokenizer
 
         try:
@@ -52,6 +53,8 @@ class Tokenizer:
                 if token_id is not None and int(token_id) not in eos:
                     eos.append(int(token_id))
         bos = hf.bos_token_id if hf.bos_token_id is not None else cfg.get("bos_token_id")
+        if chat_template is not None:
+            hf.chat_template = chat_template
         return cls(hf, eos, bos)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -140,13 +143,35 @@ def _gguf_tokenizer(path):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def load_tokenizer(source: ModelSource) -> Tokenizer | None:
+def load_tokenizer(source: ModelSource, chat_template: str | None = None) -> Tokenizer | None:
     """The model's tokenizer, or None for a safetensors directory that ships none: such a model
-    (random test checkpoints, benchmark configs) takes token ids and returns no text."""
+    (random test checkpoints, benchmark configs) takes token ids and returns no text.
+    `chat_template` (Jinja text) replaces the model's own template (vLLM's --chat-template)."""
     if source.kind == "safetensors" and not any((source.path / f).exists() for f in TOKENIZER_FILES):
         log.warning("%s has no tokenizer files: token ids in, token ids out, no text", source.path)
         return None
-    return Tokenizer.from_source(source)
+    return Tokenizer.from_source(source, chat_template=chat_template)
+
+
+def read_chat_template(value: str) -> str:
+    """The text of a chat template given as a file path or as the Jinja text itself (vLLM's rule:
+    an existing file is read; a value with Jinja markup is the template; anything else is a
+    ConfigError, so that a mistyped path is never served as a template)."""
+    from pathlib import Path
+
+    from shardline.worker.config import ConfigError
+
+    is_jinja = "{{" in value or "{%" in value
+    try:
+        path = Path(value).expanduser()
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:  # template text too long (or with NUL) to be a path name lands here
+        if not is_jinja:
+            raise ConfigError(f"chat_template: cannot read {value!r}: {e}") from None
+    if is_jinja:
+        return value
+    raise ConfigError(f"chat_template: {value!r} is neither a readable file nor a Jinja template")
 
 
 def encode_prompt(tokenizer: Tokenizer | None, prompt: Any, add_special_tokens: bool | None = None) -> list[int]:

@@ -103,7 +103,9 @@ class LLMEngine:
         self.executor: Executor = self._make_executor(spec, show_progress)
         self.block_manager = BlockManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
-        self.sampler = Sampler()
+        # Unseeded requests draw from one generator seeded by config.seed (vLLM's --seed): the same
+        # requests in the same order sample the same tokens after a restart.
+        self.sampler = Sampler(make_generator(config.seed, self.device))
         self.limits = Limits(max_model_len=self.max_model_len, vocab_size=self.model_config.vocab_size,
                              max_kv_tokens=self.executor.num_blocks * config.block_size)
         tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else []
