@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 GRPC_STATUS = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
     "not_found": grpc.StatusCode.NOT_FOUND,
+    "model_not_found": grpc.StatusCode.NOT_FOUND,
     "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
     "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -209,7 +210,7 @@ class Ingress:
         """A request naming a model this server does not serve is 404 model_not_found."""
         if model is not None and model not in self.config.model_names:
             raise RequestError("model", f"the model {model!r} does not exist; this server serves "
-                               f"{', '.join(map(repr, self.config.model_names))}", code="not_found")
+                               f"{', '.join(map(repr, self.config.model_names))}", code="model_not_found")
 
     def warn_unknown(self, fields: list[str]) -> None:
         """Log each unknown request field once (they are ignored, as vLLM and SGLang do)."""

@@ -23,7 +23,8 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_p
                    "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output",
                    "skip_special_tokens", "n")
 
-HTTP_STATUS = {"invalid_argument": 400, "unauthenticated": 401, "not_found": 404, "method_not_allowed": 405,
+HTTP_STATUS = {"invalid_argument": 400, "unauthenticated": 401, "not_found": 404, "model_not_found": 404,
+               "method_not_allowed": 405,
                "resource_exhausted": 429, "unavailable": 503, "deadline_exceeded": 504, "cancelled": 499,
                "internal": 500}
 ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
