@@ -26,6 +26,7 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shardline.cluster.config import ClusterConfig
 from shardline.logging import configure_logging
@@ -62,6 +63,16 @@ DEADLINE_KEYS = ("grpc-timeout", "timeout-ms", "x-shardline-timeout-ms")
 _GRPC_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 web = FastAPI(title="shardline", description="OpenAI-compatible API of a shardline cluster")
+
+
+@web.exception_handler(StarletteHTTPException)
+async def http_error_in_openai_shape(request: Request, exc: StarletteHTTPException) -> Response:
+    """Unknown routes (404) and known routes called with another method (405) answer in OpenAI's
+    error shape, not FastAPI's {"detail": ...}."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_argument")
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    status, payload = openai_api.error_body(code, message, None)
+    return JSONResponse(payload, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 def deadline_from_metadata(metadata: list[tuple[str, Any]] | None) -> float | None:
@@ -534,17 +545,6 @@ class Ingress:
         serving, detail = await self._ready()
         return JSONResponse({"status": "ok" if serving else "unavailable", "detail": detail},
                             status_code=200 if serving else 503)
-
-    @web.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
-    async def unknown_route(self, path: str, request: Request) -> Response:
-        """Every other route or method, answered in OpenAI's error shape (404, or 405 for a known
-        route called with another method)."""
-        known = {getattr(r, "path", None): getattr(r, "methods", set()) for r in web.routes}
-        route = "/" + path
-        if route in known and route != "/{path:path}":
-            return self._error(RequestError("", f"{request.method} is not allowed on {route}; use "
-                                            f"{', '.join(sorted(known[route] or []))}", code="method_not_allowed"))
-        return self._error(RequestError("", f"{request.method} {route}: no such route", code="not_found"))
 
     async def _openai(self, request: Request, chat: bool) -> Response:
         try:
