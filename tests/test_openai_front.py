@@ -261,6 +261,16 @@ def test_grpc_n_and_logit_bias_match_http(cluster, client) -> None:
     assert sorted(r.index for r in replies if r.finish_reason) == [0, 1]
 
 
+def test_n_choices_compute_the_prompt_once(cluster) -> None:
+    fresh = prompts(1, seed=4040, min_len=20, max_len=20)[0]  # two full blocks and a partial one
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=fresh), sampling=pb.SamplingParams(
+        max_tokens=3, ignore_eos=True, n=3, seed=1))
+    with generation_stub(cluster["grpc_port"]) as stub:
+        replies = list(stub.Generate(request, metadata=tuple(AUTH.items()), timeout=60))
+    cached = {r.index: r.usage.cached_prompt_tokens for r in replies if r.finish_reason}
+    assert cached == {0: 0, 1: 16, 2: 16}  # choices 1 and 2 reuse choice 0's two full blocks
+
+
 def test_the_engine_samples_with_the_params_the_edge_built(cluster) -> None:
     import threading
 
