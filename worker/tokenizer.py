@@ -63,7 +63,8 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`."""
-        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        text = self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return text if isinstance(text, str) else "".join(text)  # one flat id list gives one string
 
     @property
     def has_chat_template(self) -> bool:
@@ -92,7 +93,7 @@ class Tokenizer:
                                                **(template_kwargs or {}))
         except TemplateError as e:  # templates raise for e.g. roles that do not alternate
             raise ValueError(f"messages: rejected by the model's chat template: {e}") from None
-        return text if isinstance(text, str) else text[0]
+        return text if isinstance(text, str) else str(text[0])
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered chat prompt; the template places special tokens, none are added."""
