@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .loader.source import ModelLoadError, ModelSource
 
@@ -87,9 +87,10 @@ class Tokenizer:
                              "add_generation_prompt to false to continue the last message")
         from jinja2 import TemplateError
 
+        tool_list: list[dict[Any, Any] | Callable[..., Any]] | None = list(tools) if tools is not None else None
         try:
             text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
-                                               continue_final_message=continue_final_message, tools=tools,
+                                               continue_final_message=continue_final_message, tools=tool_list,
                                                **(template_kwargs or {}))
         except TemplateError as e:  # templates raise for e.g. roles that do not alternate
             raise ValueError(f"messages: rejected by the model's chat template: {e}") from None
