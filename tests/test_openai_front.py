@@ -290,3 +290,17 @@ def test_the_engine_samples_with_the_params_the_edge_built(cluster) -> None:
         seen = replica.params_in_flight.remote().result(timeout_s=30)
     sender.join()
     assert seen == {"cmpl-typed-path": edge}
+
+
+def test_langchain_chat_openai_invoke_stream_and_batch_unchanged(cluster, client) -> None:
+    langchain_openai = pytest.importorskip("langchain_openai")
+
+    chat = langchain_openai.ChatOpenAI(base_url=cluster["url"] + "/v1", api_key=KEY, model="tiny", temperature=0.0,
+                                       max_tokens=4, max_retries=0, extra_body={"ignore_eos": True})
+    questions = ["hello world", "what is the capital of france"]
+    expected = [client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": q}],
+                                               temperature=0.0, max_tokens=4, extra_body={"ignore_eos": True})
+                .choices[0].message.content for q in questions]
+    assert chat.invoke(questions[0]).content == expected[0]
+    assert "".join(str(part.content) for part in chat.stream(questions[0])) == expected[0]
+    assert [m.content for m in chat.batch(questions)] == expected
