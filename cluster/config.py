@@ -178,6 +178,11 @@ class ClusterConfig:
         """The name clients see (/v1/models, GetModelInfo) and metrics carry."""
         return self.served_model_names[0]
 
+    @property
+    def model_names(self) -> list[str]:
+        """Every name a request's `model` may carry (a request naming another gets model_not_found)."""
+        return list(self.served_model_names)
+
     def wants_gpu(self) -> bool:
         """Whether rank bundles ask for GPUs."""
         if self.use_gpu is not None:

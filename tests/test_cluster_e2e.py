@@ -120,7 +120,7 @@ def test_bad_input_is_invalid_argument_naming_the_field(stub) -> None:
     cases = [
         (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6]), sampling=pb.SamplingParams(top_p=0.0)), "top_p"),
         (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6]), sampling=pb.SamplingParams(temperature=-1)), "temperature"),
-        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 100000])), "prompt_token_ids"),
+        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 100000])), "prompt"),
         (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 600)), "prompt"),
         (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6]), sampling=pb.SamplingParams(max_tokens=10_000)), "max_tokens"),
         (pb.GenerateRequest(), "input"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .loader.source import ModelLoadError, ModelSource
 
@@ -71,17 +71,27 @@ class Tokenizer:
         """Whether the model ships a chat template (instruct models do; base models often not)."""
         return bool(getattr(self.hf, "chat_template", None))
 
-    def chat_prompt_text(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render chat messages with the model's template; raises ValueError for bad messages."""
+    def chat_prompt_text(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                         continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None,
+                         template_kwargs: dict[str, Any] | None = None) -> str:
+        """Render chat messages with the model's template; raises ValueError for bad messages.
+        continue_final_message: the last (assistant) message is left open for the model to continue
+        (no generation prompt after it); tools and template_kwargs are passed to the template."""
         _validate_messages(messages)
         if not self.has_chat_template:
             raise ModelLoadError(
                 "this model has no chat template; send a plain text prompt (completions) instead of chat messages"
             )
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message: cannot be combined with add_generation_prompt: set "
+                             "add_generation_prompt to false to continue the last message")
         from jinja2 import TemplateError
 
+        tool_list: list[dict[Any, Any] | Callable[..., Any]] | None = list(tools) if tools is not None else None
         try:
-            text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+            text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                               continue_final_message=continue_final_message, tools=tool_list,
+                                               **(template_kwargs or {}))
         except TemplateError as e:  # templates raise for e.g. roles that do not alternate
             raise ValueError(f"messages: rejected by the model's chat template: {e}") from None
         return text if isinstance(text, str) else str(text[0])
@@ -180,10 +190,11 @@ def encode_prompt(tokenizer: Tokenizer | None, prompt: Any, add_special_tokens: 
         elif "messages" not in prompt:
             raise RequestError("prompt", "a dict prompt needs 'messages', 'prompt' or 'prompt_token_ids'")
     if isinstance(prompt, (list, tuple)):
-        try:
-            return [int(t) for t in prompt]
-        except (TypeError, ValueError):
-            raise RequestError("prompt_token_ids", "must be a list of integers") from None
+        # NOTE: no int() coercion: 1.9, True or "7" are the caller's mistake, not token ids.
+        for position, token in enumerate(prompt):
+            if not isinstance(token, int) or isinstance(token, bool):
+                raise RequestError("prompt", f"token at position {position} must be an integer, got {token!r}")
+        return list(prompt)
     if not isinstance(prompt, (str, dict)):
         raise RequestError("prompt", f"must be text, token ids or chat messages, got {type(prompt).__name__}")
     if tokenizer is None:
