@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator, AsyncIterator
 
 import grpc
 from fastapi import FastAPI, Request
@@ -99,7 +99,7 @@ def sampling_from_proto(msg: pb.SamplingParams, defaults: dict[str, Any], chat: 
             if fd.name == "logit_bias" and len(msg.logit_bias):
                 values["logit_bias"] = {int(k): float(v) for k, v in msg.logit_bias.items()}
             continue
-        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED  # type: ignore[union-attr]  # protobuf < 5.28 has no is_repeated
         if repeated:
             items = list(getattr(msg, fd.name))
             if items:
@@ -259,7 +259,7 @@ class Ingress:
         return GenerationRequest.validated(token_ids, params, Limits(**info["limits"]), request_id, priority,
                                            cache_salt, deadline)
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
         """Admit, route and stream one request's items (all its choices); raises RequestError for
         errors (codes resource_exhausted, unavailable, deadline_exceeded, ...). Leaving early
         cancels the replica's stream, which aborts the engine requests."""
@@ -593,7 +593,7 @@ class Ingress:
                                  media_type="text/event-stream")
 
     async def _sse(self, builder: openai_api.ResponseBuilder, first: tuple[int, StreamItem],
-                   items: AsyncIterator[tuple[int, StreamItem]], include_usage: bool,
+                   items: AsyncGenerator[tuple[int, StreamItem], None], include_usage: bool,
                    continuous_usage: bool) -> AsyncIterator[str]:
         """SSE chunks as OpenAI ends a stream; a client that disconnects cancels this generator,
         which cancels the streams."""

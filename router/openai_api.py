@@ -89,8 +89,8 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
     if not prompt:
         raise RequestError("prompt", "must not be empty")
     if isinstance(prompt[0], (str, list)):
-        return list(prompt)  # type: ignore[arg-type]
-    return [list(prompt)]  # type: ignore[arg-type]
+        return list(prompt)
+    return [list(prompt)]
 
 
 def total_usage(final: dict[int, Usage], n: int) -> dict[str, Any]:
@@ -217,7 +217,7 @@ class ResponseBuilder:
                 chunks.append(self._chunk([{"index": index, "text": item.text, "logprobs": lps,
                                             "finish_reason": None}], usage))
         if item.finish_reason is not None:
-            empty = {"delta": {}} if self.chat else {"text": ""}
+            empty: dict[str, Any] = {"delta": {}} if self.chat else {"text": ""}
             chunks.append(self._chunk([{"index": index, **empty, "logprobs": None,
                                         "finish_reason": c.finish_reason}], usage))
         return chunks

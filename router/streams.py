@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import AsyncIterator, TypeVar
+from typing import AsyncGenerator, AsyncIterator, TypeVar
 
 T = TypeVar("T")
 
 _DONE = object()
 
 
-async def merge_streams(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+async def merge_streams(streams: Sequence[AsyncIterator[T]]) -> AsyncGenerator[tuple[int, T], None]:
     """Yield (stream position, item) from every stream as items arrive. An exception in one stream
     is raised here; leaving the iteration early cancels every stream still running (which closes
     it: a replica's stream then aborts its request)."""
