@@ -16,6 +16,7 @@ import json
 import random
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -180,39 +181,100 @@ def mode_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def _stream_one(engine, prompt: list[int], output_len: int) -> tuple[float, list[float], float]:
-    """Run one request alone; returns (TTFT, times of each later token, elapsed seconds)."""
+@dataclass
+class StreamTiming:
+    """One request run alone: time to its first delta, and the decode phase after it."""
+
+    ttft_s: float
+    elapsed_s: float
+    decode_tokens: int  # tokens after the first delta (a speculative step delivers several per delta)
+
+
+def _stream_one(engine, prompt: list[int], output_len: int) -> StreamTiming:
+    """Run one request alone and time it."""
     rid = engine.add_request(prompt, _params(output_len))
     t0 = time.perf_counter()
-    ttft, stamps = None, []
+    ttft, first_tokens, total = None, 0, 0
     done = False
     while not done:
         for out in engine.step():
             if out.request_id != rid:
                 continue
-            now = time.perf_counter()
+            total += len(out.new_token_ids)
             if ttft is None:
-                ttft = now - t0
-            else:
-                stamps.append(now)
+                ttft, first_tokens = time.perf_counter() - t0, len(out.new_token_ids)
             done = out.finished
-    return ttft or 0.0, stamps, time.perf_counter() - t0
+    return StreamTiming(ttft or 0.0, time.perf_counter() - t0, total - first_tokens)
+
+
+# An input-grounded workload for speculative decoding (written for this benchmark): the answer
+# copies the passage, as summaries, edits and quoting answers partly do.
+GROUNDED_PASSAGE = (
+    "The harbour town wakes before the sun. Fishing boats leave the quay in a slow line, their lamps "
+    "swinging above the dark water, while the bakery on the corner lights its ovens and the smell of "
+    "bread drifts down to the nets drying on the stones. By seven the market is open: crates of "
+    "mackerel, baskets of mussels, a stall of lemons and another of knives. The ferry to the island "
+    "runs every two hours, and the ticket office closes for lunch between noon and one. Visitors are "
+    "asked to keep to the marked paths on the cliffs, where the gulls nest in spring and the wind can "
+    "turn without warning. In the evening the boats come back, the harbour master counts them in, and "
+    "the lamps along the sea wall are lit one by one."
+)
+FREE_FORM_REQUEST = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def latency_prompt(engine, workload: str, input_len: int, seed: int) -> list[int]:
+    """The prompt of `bench latency`: random ids (`random`), a chat turn asking to copy
+    GROUNDED_PASSAGE verbatim (`grounded`), or an open-ended chat turn (`free`)."""
+    if workload == "random":
+        return random_prompts(1, input_len, engine.model_config.vocab_size, seed)[0]
+    text = (f"Repeat the following passage exactly, word for word.\n\n{GROUNDED_PASSAGE}"
+            if workload == "grounded" else FREE_FORM_REQUEST)
+    return engine.encode_prompt({"messages": [{"role": "user", "content": text}]})
+
+
+def _latency_rows(engine, prompt: list[int], args: argparse.Namespace, label: str) -> list[dict[str, Any]]:
+    rows = []
+    for i in range(args.iters):
+        t = _stream_one(engine, prompt, args.output_len)
+        decode_s = t.elapsed_s - t.ttft_s
+        per_tok = decode_s / t.decode_tokens if t.decode_tokens else t.elapsed_s / max(1, args.output_len)
+        rows.append({"engine": label, "iter": i, "input_len": len(prompt), "output_len": args.output_len,
+                     "ttft_ms": t.ttft_s * 1e3, "ms_per_output_token": per_tok * 1e3,
+                     "output_tokens_per_s": 1.0 / per_tok, "requests_per_s": 1.0 / t.elapsed_s,
+                     "total_tokens_per_s": (len(prompt) + args.output_len) / t.elapsed_s})
+    return rows
 
 
 def mode_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Batch 1. With --speculative-config the same prompt also runs without speculation first (same
+    process, same flags otherwise), and the speculative rows carry the speedup over that baseline
+    (ratio of median decode tok/s), the acceptance rate and the mean accepted length."""
+    speculative = bool(getattr(args, "speculative_config", None))
+    off = dict(speculative_method=None, num_speculative_tokens=None, speculative_model=None,
+               speculative_draft_layers=None)
+    engine = _make_engine(args, **off) if speculative else _make_engine(args)
+    _warmup(engine)
+    prompt = latency_prompt(engine, args.workload, args.input_len, args.seed)
+    rows = _latency_rows(engine, prompt, args, "baseline" if speculative else "engine")
+    engine.shutdown()
+    if not speculative:
+        return rows
+    release_device_memory(engine.device)
     engine = _make_engine(args)
     _warmup(engine)
-    prompt = random_prompts(1, args.input_len, engine.model_config.vocab_size, args.seed)[0]
-    rows = []
-    for i in range(args.iters):
-        ttft, stamps, elapsed = _stream_one(engine, prompt, args.output_len)
-        # Decode rate between the second and the last token (the first is the prefill's).
-        per_tok = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else elapsed / max(1, args.output_len)
-        rows.append({"iter": i, "input_len": args.input_len, "output_len": args.output_len, "ttft_ms": ttft * 1e3,
-                     "ms_per_output_token": per_tok * 1e3, "output_tokens_per_s": 1.0 / per_tok,
-                     "requests_per_s": 1.0 / elapsed, "total_tokens_per_s": (len(prompt) + args.output_len) / elapsed})
+    before = engine.spec_stats.totals()
+    spec_rows = _latency_rows(engine, prompt, args, engine.config.speculative_method or "speculative")
+    after = engine.spec_stats.totals()
     engine.shutdown()
-    return rows
+    base = statistics.median(r["output_tokens_per_s"] for r in rows)
+    drafts = after["spec_decode_num_drafts"] - before["spec_decode_num_drafts"]
+    proposed = after["spec_decode_num_draft_tokens"] - before["spec_decode_num_draft_tokens"]
+    accepted = after["spec_decode_num_accepted_tokens"] - before["spec_decode_num_accepted_tokens"]
+    for r in spec_rows:
+        r["speedup"] = r["output_tokens_per_s"] / base
+        r["acceptance_rate"] = accepted / proposed if proposed else 0.0
+        r["mean_accepted_length"] = 1.0 + accepted / drafts if drafts else 1.0
+    return rows + spec_rows
 
 
 def mode_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -257,8 +319,7 @@ def mode_prefill(args: argparse.Namespace) -> list[dict[str, Any]]:
         prompt = random_prompts(1, n, cfg.vocab_size, args.seed + n)[0]
         times = []
         for _ in range(args.iters):
-            ttft, _, _ = _stream_one(engine, prompt, 1)
-            times.append(ttft)
+            times.append(_stream_one(engine, prompt, 1).ttft_s)
         ttft = statistics.median(times)
         flops = 2 * cfg.num_params * n + 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * n * n / 2
         rows.append({"prompt_len": n, "ttft_ms": ttft * 1e3, "prefill_tokens_per_s": n / ttft, "tflops": flops / ttft / 1e12,
@@ -480,6 +541,9 @@ def add_parser(sub: argparse._SubParsersAction, add_engine_args: Callable[[argpa
     p.add_argument("--shared-fractions", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75], help="prefix")
     p.add_argument("--request-rates", type=float, nargs="+", default=[float("inf")], help="serve: Poisson rates (req/s)")
     p.add_argument("--iters", type=int, default=3, help="latency / prefill repetitions")
+    p.add_argument("--workload", choices=["random", "grounded", "free"], default="random",
+                   help="latency: random ids of --input-len, or a chat prompt that copies a passage (grounded) "
+                        "or asks for a story (free); with --speculative-config both run with and without it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare-hf", action="store_true", help="offline: transformers' generate on the same workload")
     p.add_argument("--hf-max-batch", type=int, default=None, help="largest padded batch to try for --compare-hf")

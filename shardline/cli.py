@@ -38,10 +38,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="never capture CUDA graphs")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule the next step while the device runs this one (default: on CUDA)")
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding as vLLM spells it: \'{"method": "ngram" | "draft_model" | "layer_skip", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5, "model": DRAFT, '
+                        '"draft_layers": N, "adaptive": true}\'')
 
 
 def engine_config_from_args(args: argparse.Namespace):
-    from shardline.worker.config import EngineConfig
+    from shardline.worker.config import EngineConfig, speculative_fields_from_json
 
     return EngineConfig(
         model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
@@ -51,6 +55,7 @@ def engine_config_from_args(args: argparse.Namespace):
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
         attention_backend=args.attention_backend, async_scheduling=args.async_scheduling,
+        **speculative_fields_from_json(getattr(args, "speculative_config", None)),
     )
 
 

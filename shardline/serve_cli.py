@@ -37,6 +37,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     engine.add_argument("--max-model-len", type=int, default=None)
     engine.add_argument("--max-num-seqs", type=int, default=None)
     engine.add_argument("--max-num-batched-tokens", type=int, default=None)
+    engine.add_argument("--speculative-config", default=None, metavar="JSON",
+                        help='speculative decoding as vLLM spells it, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     serve.set_defaults(handler=cmd_serve)
 
     ask = sub.add_parser("ask", help="stream an answer from a running cluster over gRPC")
@@ -64,7 +66,8 @@ def config_from_args(args: argparse.Namespace):
            "log_json": args.log_json, "log_level": args.log_level, "log_prompts": args.log_prompts}
     top = {k: v for k, v in top.items() if v is not None}
     engine = {k: getattr(args, k) for k in ("device", "dtype", "load_format", "num_kv_blocks", "max_model_len",
-                                             "max_num_seqs", "max_num_batched_tokens") if getattr(args, k) is not None}
+                                             "max_num_seqs", "max_num_batched_tokens", "speculative_config")
+              if getattr(args, k) is not None}
     if args.replicas is not None:
         top["autoscaling"] = None  # an explicit replica count wins over the file's autoscaling
     if args.config:

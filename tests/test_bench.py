@@ -71,3 +71,12 @@ def test_bench_runs_on_a_config_only_directory_with_dummy_weights(capsys, checkp
     (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
     result = run_bench(capsys, "latency", tmp_path)
     assert result["rows"][0]["output_tokens_per_s"] > 0
+
+
+def test_latency_with_speculation_reports_the_baseline_and_the_speedup_in_one_run(capsys, checkpoint):
+    result = run_bench(capsys, "latency", checkpoint, "--speculative-config",
+                       '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}')
+    rows = result["rows"]
+    assert [r["engine"] for r in rows] == ["baseline", "ngram"]
+    assert rows[1]["speedup"] == pytest.approx(rows[1]["output_tokens_per_s"] / rows[0]["output_tokens_per_s"])
+    assert 0 <= rows[1]["acceptance_rate"] <= 1 and rows[1]["mean_accepted_length"] >= 1
