@@ -363,3 +363,16 @@ def test_tensor_parallel_speculation_equals_one_rank(tiny):
         assert_all_blocks_free(engine)
     finally:
         engine.shutdown()
+
+
+@pytest.mark.slow
+def test_triton_attention_verifies_multi_token_queries_like_transformers(tiny):
+    """The Triton paged-attention kernel (through the interpreter here) takes the k + 1 query rows
+    of a verification step over the paged cache like the torch reference."""
+    d, _, hf = tiny
+    batch = grounded_prompts(2, seed=29)
+    engine = make_engine(d, attention_backend="triton", **spec_kwargs(tiny, "draft_model_self", k=3))
+    results = engine.generate(batch, greedy(8))
+    assert [r.token_ids for r in results] == [hf_greedy(hf, p, 8) for p in batch]
+    assert engine.stats()["spec_decode_num_accepted_tokens"] > 0
+    assert_all_blocks_free(engine)
