@@ -5,7 +5,9 @@ config directory to benchmark real shapes without the files.
 
 Modes: offline (fixed or uniform lengths, optional shared prefix, --compare-hf), latency (batch 1),
 sweep (decode throughput by batch size), prefill (TTFT and TFLOP/s), prefix (cache on vs off at
-shared-prefix fractions), serve (Poisson arrivals: TTFT, TPOT, ITL)."""
+shared-prefix fractions), serve (Poisson arrivals: TTFT, TPOT, ITL), verify (speculative
+decoding's verification step: k + 1 query tokens per sequence against 1). latency with
+--speculative-config runs with and without speculation and prints the speedup."""
 
 from __future__ import annotations
 
@@ -308,6 +310,43 @@ def mode_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def mode_verify(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The cost of speculative verification: one step of q = k + 1 query tokens per sequence over a
+    context of --input-len, for each --batch-sizes and --query-lens, against q = 1 (a plain decode
+    step). It bounds what any proposer can gain: k accepted tokens are worth at most
+    (1 + k) / step_cost_vs_1. Runs the executor directly on built inputs (the KV values do not
+    change the time)."""
+    from shardline.worker.engine.model_runner import SeqSlice, build_step_inputs
+
+    most = max(args.batch_sizes) * max(args.query_lens)
+    engine = _make_engine(args, max_num_seqs=max(args.batch_sizes),
+                          max_num_batched_tokens=max(args.max_num_batched_tokens, most))
+    _warmup(engine)
+    bs, num_blocks = engine.config.block_size, engine.executor.num_blocks
+    rows = []
+    for b in args.batch_sizes:
+        base_ms = None
+        for q in sorted(args.query_lens):
+            per_seq = -(-(args.input_len + q) // bs)
+            slices = [SeqSlice([11] * q, args.input_len, [(i * per_seq + j) % num_blocks for j in range(per_seq)],
+                               True, q - 1) for i in range(b)]
+            inputs = build_step_inputs(slices, bs, engine.device)
+            for _ in range(2):
+                engine.executor.execute(inputs)
+            _sync(engine.device)
+            t0 = time.perf_counter()
+            for _ in range(args.decode_steps):
+                engine.executor.execute(inputs)
+            _sync(engine.device)
+            ms = (time.perf_counter() - t0) / args.decode_steps * 1e3
+            base_ms = base_ms if base_ms is not None else ms
+            rows.append({"batch": b, "query_len": q, "context": args.input_len, "ms_per_step": ms,
+                         "step_cost_vs_1": ms / base_ms, "output_tokens_per_s": b * q / ms * 1e3,
+                         "requests_per_s": b / ms * 1e3, "total_tokens_per_s": b * q / ms * 1e3})
+    engine.shutdown()
+    return rows
+
+
 def mode_prefill(args: argparse.Namespace) -> list[dict[str, Any]]:
     longest = max(args.prompt_lens)
     engine = _make_engine(args, max_num_batched_tokens=max(args.max_num_batched_tokens, longest),
@@ -486,7 +525,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 MODES: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
     "offline": mode_offline, "latency": mode_latency, "sweep": mode_sweep,
-    "prefill": mode_prefill, "prefix": mode_prefix, "serve": mode_serve,
+    "prefill": mode_prefill, "prefix": mode_prefix, "serve": mode_serve, "verify": mode_verify,
 }
 
 
@@ -536,7 +575,9 @@ def add_parser(sub: argparse._SubParsersAction, add_engine_args: Callable[[argpa
     p.add_argument("--random-range", type=int, nargs=2, default=None, metavar=("LO", "HI"),
                    help="offline: input and output lengths uniform in [LO, HI]")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128, 256], help="sweep")
-    p.add_argument("--decode-steps", type=int, default=32, help="sweep: decode steps timed per batch size")
+    p.add_argument("--decode-steps", type=int, default=32, help="sweep / verify: steps timed per batch size")
+    p.add_argument("--query-lens", type=int, nargs="+", default=[1, 2, 3, 5, 9],
+                   help="verify: query tokens per sequence (k + 1); the smallest is the baseline")
     p.add_argument("--prompt-lens", type=int, nargs="+", default=[512, 2048, 8192], help="prefill")
     p.add_argument("--shared-fractions", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75], help="prefix")
     p.add_argument("--request-rates", type=float, nargs="+", default=[float("inf")], help="serve: Poisson rates (req/s)")

@@ -376,3 +376,28 @@ def test_triton_attention_verifies_multi_token_queries_like_transformers(tiny):
     assert [r.token_ids for r in results] == [hf_greedy(hf, p, 8) for p in batch]
     assert engine.stats()["spec_decode_num_accepted_tokens"] > 0
     assert_all_blocks_free(engine)
+
+
+@pytest.mark.slow
+def test_default_model_copies_a_passage_with_ngram_exactly_and_stops_inside_accepted_runs():
+    """SmolLM2-135M copying a passage: n-gram speculation accepts long runs, the text equals the
+    engine's without speculation, and a stop string that falls inside an accepted run cuts there."""
+    from shardline.bench import GROUNDED_PASSAGE
+
+    prompt = {"messages": [{"role": "user", "content": "Repeat the following passage exactly, word for word.\n\n"
+                            + GROUNDED_PASSAGE}]}
+    plain = LLMEngine(EngineConfig(model="smollm2-135m", num_kv_blocks=128), show_progress=False)
+    [want] = plain.generate([prompt], greedy(32))
+    stop = " ".join(want.text.split()[12:14])
+    [want_stop] = plain.generate([prompt], SamplingParams(max_tokens=32, temperature=0.0, stop=[stop]))
+    plain.shutdown()
+    engine = LLMEngine(EngineConfig(model="smollm2-135m", num_kv_blocks=128, speculative_method="ngram",
+                                    num_speculative_tokens=4), show_progress=False)
+    [got] = engine.generate([prompt], greedy(32))
+    [got_stop] = engine.generate([prompt], SamplingParams(max_tokens=32, temperature=0.0, stop=[stop]))
+    assert (got.token_ids, got.text) == (want.token_ids, want.text)
+    assert (got_stop.text, got_stop.finish_reason) == (want_stop.text, "stop_string")
+    assert stop not in got_stop.text and len(got_stop.text) < len(got.text)
+    assert engine.stats()["spec_decode_acceptance_rate"] > 0.5
+    assert_all_blocks_free(engine)
+    engine.shutdown()
