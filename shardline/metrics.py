@@ -11,10 +11,14 @@ record and expose the same metrics.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from shardline.worker.spec_decode.stats import SpecDecodeDelta
 
 PREFIX = "shardline:"
 
@@ -182,7 +186,7 @@ class EngineMetrics:
         if preemptions_delta:
             self._preemptions.inc(preemptions_delta)
 
-    def on_spec_decode(self, delta) -> None:
+    def on_spec_decode(self, delta: "SpecDecodeDelta") -> None:
         """Add what speculative decoding's counters gained (worker/spec_decode/stats.py SpecDecodeDelta)."""
         for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
             _check_delta(name, getattr(delta, name))

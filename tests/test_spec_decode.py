@@ -155,6 +155,43 @@ def test_seeded_requests_verify_the_same_way_whatever_the_batch():
     assert drafts.row_offsets == [0]
 
 
+# ---- scheduling and rollback, without a model ----------------------------------------------------------
+
+
+def test_a_proposal_is_cut_to_max_tokens_and_rolled_back_to_the_accepted_tokens():
+    from shardline.worker.engine.block_manager import BlockManager
+    from shardline.worker.engine.request import Request
+    from shardline.worker.engine.scheduler import Scheduler
+
+    bm = BlockManager(num_blocks=8, block_size=4)
+    sched = Scheduler(EngineConfig(max_num_batched_tokens=64, speculative_method="ngram", num_speculative_tokens=8),
+                      bm, max_model_len=64)
+    req = Request("r", [5, 6, 7, 8, 9, 10], SamplingParams(max_tokens=6))
+    sched.add_request(req)
+    sched.update_after_step(sched.schedule(), {"r": 11})  # prefill: 6 computed, 7 tokens known
+    req.spec_token_ids = [12, 13, 14, 15, 16, 17, 18]
+    out = sched.schedule()
+    [entry] = out.scheduled
+    assert entry.spec_token_ids == [12, 13, 14, 15]  # 1 output so far + 4 accepted + 1 bonus = max_tokens 6
+    assert entry.num_new_tokens == 5 and entry.samples and len(req.block_ids) == 3  # 6 + 5 = 11 slots
+    sched.advance(out)
+    assert req.num_computed_tokens == 11
+    req.resolve_pending_token(12)  # the target accepts d_0 and draws its own token next
+    req.append_output_token(99)
+    sched.rollback_speculation(req)
+    assert req.num_computed_tokens == 8 and req.num_known_tokens == 9  # KV of 5..12; 99's is next
+    assert len(req.block_ids) == 3 and bm.num_free_blocks == 5
+    assert bm.num_cached_blocks == 2  # the two verified full blocks [5..8], [9, 10, 11, 12]
+    req.spec_token_ids = [1, 2, 3]
+    sched.rollback_speculation(req)
+    assert req.spec_token_ids == [] and req.num_computed_tokens == 8
+    req.output_token_ids = req.output_token_ids[:1]
+    sched.rollback_speculation(req)  # fewer known tokens: blocks past them are freed
+    assert req.num_computed_tokens == 6 and len(req.block_ids) == 2 and bm.num_free_blocks == 6
+    sched.finish_request(req, "stop")
+    assert bm.num_free_blocks == 8
+
+
 # ---- proposers and config ---------------------------------------------------------------------------
 
 
