@@ -315,6 +315,18 @@ def test_logprobs_and_penalties_of_accepted_tokens_equal_decoding_without_specul
     assert_all_blocks_free(engine)
 
 
+def test_no_proposals_while_the_batch_is_at_the_disable_size(tiny):
+    d, _, hf = tiny
+    batch = grounded_prompts(3, seed=30)
+    engine = make_engine(d, speculative_disable_by_batch_size=3, **spec_kwargs(tiny, "draft_model_self"))
+    results = engine.generate(batch, [greedy(8), greedy(8), greedy(14)])
+    assert [r.token_ids for r in results] == [hf_greedy(hf, p, n) for p, n in zip(batch, (8, 8, 14))]
+    stats = engine.stats()
+    # Proposals start only once the two short requests are done (3 running -> 1).
+    assert 0 < stats["spec_decode_num_drafts"] <= 5
+    assert_all_blocks_free(engine)
+
+
 def test_abort_mid_speculation_frees_target_and_draft_blocks(tiny):
     d, _, hf = tiny
     engine = make_engine(d, **spec_kwargs(tiny, "draft_model"))

@@ -46,6 +46,7 @@ _SPECULATIVE_JSON_KEYS = {
     "prompt_lookup_max": "prompt_lookup_max",
     "draft_layers": "speculative_draft_layers",
     "adaptive": "speculative_adaptive",
+    "disable_by_batch_size": "speculative_disable_by_batch_size",
 }
 
 
@@ -250,6 +251,9 @@ class EngineConfig:
     speculative_draft_layers: int | None = None  # layer_skip: how many of the target's layers draft
     # Adapt k per request to its recent acceptance (between 1 and num_speculative_tokens).
     speculative_adaptive: bool = True
+    # Propose nothing while this many requests or more are running (a large batch is compute-bound
+    # and verification then costs what it saves); None: always propose. vLLM's spelling.
+    speculative_disable_by_batch_size: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -296,6 +300,9 @@ class EngineConfig:
         if method == "ngram" and not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ConfigError(f"prompt_lookup_min / prompt_lookup_max: need 1 <= min <= max, got "
                               f"{self.prompt_lookup_min} / {self.prompt_lookup_max}")
+        limit = self.speculative_disable_by_batch_size
+        if limit is not None and limit < 1:
+            raise ConfigError(f"speculative_disable_by_batch_size: must be >= 1 or None, got {limit}")
         if method == "draft_model" and not self.speculative_model:
             raise ConfigError("speculative_model: required with speculative_method 'draft_model'")
         if method == "layer_skip":

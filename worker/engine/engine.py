@@ -272,6 +272,10 @@ class LLMEngine:
         requests, ks = [], []
         for r in self.scheduler.running:
             r.spec_token_ids = []
+        limit = self.config.speculative_disable_by_batch_size
+        if limit is not None and self.scheduler.num_running >= limit:
+            return  # a batch this large is compute-bound: verifying would cost what it saves
+        for r in self.scheduler.running:
             t = self._tracked.get(r.request_id)
             if t is None or r.num_pending_tokens or r.num_computed_tokens != r.num_tokens - 1:
                 continue
