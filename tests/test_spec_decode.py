@@ -327,6 +327,40 @@ def test_no_proposals_while_the_batch_is_at_the_disable_size(tiny):
     assert_all_blocks_free(engine)
 
 
+def test_async_engine_streams_several_tokens_per_delta_and_cancels(tiny):
+    import asyncio
+
+    from shardline.worker.engine.async_engine import AsyncEngine
+
+    d, _, hf = tiny
+    aeng = AsyncEngine(make_engine(d, **spec_kwargs(tiny, "draft_model_self")))
+    batch = grounded_prompts(3, seed=31)
+
+    async def run():
+        async def collect(p):
+            deltas = [out.new_token_ids async for out in aeng.generate(p, greedy())]
+            return [t for delta in deltas for t in delta], max(len(delta) for delta in deltas)
+
+        async def cancel_early(p):
+            async for _ in aeng.generate(p, greedy(200)):
+                break  # leaving the stream aborts the request
+
+        results = await asyncio.gather(*(collect(p) for p in batch), cancel_early(batch[0]))
+        return results[:-1]
+
+    try:
+        results = asyncio.run(run())
+        assert [tokens for tokens, _ in results] == [hf_greedy(hf, p, N_NEW) for p in batch]
+        assert max(widest for _, widest in results) > 1
+        for _ in range(100):
+            if not aeng.engine.has_unfinished_requests():
+                break
+            asyncio.run(asyncio.sleep(0.02))
+        assert_all_blocks_free(aeng.engine)
+    finally:
+        aeng.shutdown()
+
+
 def test_abort_mid_speculation_frees_target_and_draft_blocks(tiny):
     d, _, hf = tiny
     engine = make_engine(d, **spec_kwargs(tiny, "draft_model"))
