@@ -274,6 +274,7 @@ def mode_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     accepted = after["spec_decode_num_accepted_tokens"] - before["spec_decode_num_accepted_tokens"]
     for r in spec_rows:
         r["speedup"] = r["output_tokens_per_s"] / base
+        r["num_drafts"] = drafts  # verifications of a non-empty proposal, over all iterations
         r["acceptance_rate"] = accepted / proposed if proposed else 0.0
         r["mean_accepted_length"] = 1.0 + accepted / drafts if drafts else 1.0
     return rows + spec_rows

@@ -80,6 +80,7 @@ def test_latency_with_speculation_reports_the_baseline_and_the_speedup_in_one_ru
     assert [r["engine"] for r in rows] == ["baseline", "ngram"]
     assert rows[1]["speedup"] == pytest.approx(rows[1]["output_tokens_per_s"] / rows[0]["output_tokens_per_s"])
     assert 0 <= rows[1]["acceptance_rate"] <= 1 and rows[1]["mean_accepted_length"] >= 1
+    assert rows[1]["num_drafts"] >= 0
 
 
 def test_verify_reports_each_query_length_against_one(capsys, checkpoint):
