@@ -105,6 +105,8 @@ suite() {
   done
   run offline_uniform_100_1024 offline --num-prompts $((N ? 256 : 32)) --random-range 100 1024
   run sweep_1k sweep --input-len 1024 --batch-sizes 1 8 32 128 256 --decode-steps 64
+  # Speculative decoding's verification cost: k + 1 = 2..9 query tokens per sequence against 1.
+  run verify_1k verify --input-len 1024 --batch-sizes 1 8 32 --query-lens 1 2 3 5 9 --decode-steps $((N ? 32 : 8))
   run serve_poisson serve --num-prompts $((N ? 500 : 50)) --input-len 200 --output-len 180 --request-rates 10 20 40 inf
 }
 

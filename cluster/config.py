@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shardline.worker.config import ConfigError, EngineConfig
+from shardline.worker.config import ConfigError, EngineConfig, speculative_fields_from_json
 from shardline.worker.tokenizer import read_chat_template
 
 # EngineConfig fields the cluster sets itself (model and tp live at the top level of the config).
@@ -163,10 +163,13 @@ class ClusterConfig:
     def engine_config(self) -> EngineConfig:
         """The EngineConfig every replica group builds its engine from."""
         known = {f.name for f in dataclasses.fields(EngineConfig)}
-        unknown = sorted(set(self.engine) - known)
+        fields = dict(self.engine)
+        # vLLM's speculative_config object (or its JSON text) stands for the flat speculative_* fields.
+        fields.update(speculative_fields_from_json(fields.pop("speculative_config", None)))
+        unknown = sorted(set(fields) - known)
         if unknown:
             raise ConfigError(f"engine.{unknown[0]}: unknown engine field; known: {', '.join(sorted(known - set(_ENGINE_TOP_LEVEL)))}")
-        return EngineConfig(model=self.model, tensor_parallel_size=self.tensor_parallel_size, **self.engine)
+        return EngineConfig(model=self.model, tensor_parallel_size=self.tensor_parallel_size, **fields)
 
     @property
     def snapshot_ttl_s(self) -> float:

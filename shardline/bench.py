@@ -5,8 +5,11 @@ config directory to benchmark real shapes without the files.
 
 Modes: offline (fixed or uniform lengths, optional shared prefix, --compare-hf), latency (batch 1),
 sweep (decode throughput by batch size), prefill (TTFT and TFLOP/s), prefix (cache on vs off at
-shared-prefix fractions), serve (Poisson arrivals: TTFT, TPOT, ITL); and check, the GPU check of
-issue 11 in one process and one budget (shardline/check/plan.py, benchmarks/gpu_check.sh)."""
+shared-prefix fractions), serve (Poisson arrivals: TTFT, TPOT, ITL), verify (speculative
+decoding's verification step: k + 1 query tokens per sequence against 1); and check, the GPU
+check of issue 11 in one process and one budget (shardline/check/plan.py,
+benchmarks/gpu_check.sh). latency with --speculative-config runs with and without speculation
+and prints the speedup."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import json
 import random
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -213,13 +217,29 @@ def mode_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+@dataclass
+class StreamTiming:
+    """One request run alone: time to its first delta, and the decode phase after it."""
+
+    ttft_s: float
+    elapsed_s: float
+    decode_tokens: int  # tokens after the first delta (a speculative step delivers several per delta)
+
+    def seconds_per_decode_token(self, output_len: int) -> float:
+        """Seconds per output token after the first delta (the prefill's); the whole run's average
+        when no later token came."""
+        if self.decode_tokens:
+            return (self.elapsed_s - self.ttft_s) / self.decode_tokens
+        return self.elapsed_s / max(1, output_len)
+
+
 def stream_one(engine, prompt: list[int], output_len: int,
-               check: Callable[[], None] | None = None) -> tuple[float, list[float], float]:
-    """Run one request alone; returns (TTFT, times of each later token, elapsed seconds). `check`
-    runs between engine steps, as in run_to_completion."""
+               check: Callable[[], None] | None = None) -> StreamTiming:
+    """Run one request alone and time it. `check` runs between engine steps, as in
+    run_to_completion (it may raise to stop the run: the request is then aborted and drained)."""
     rid = engine.add_request(prompt, _params(output_len))
     t0 = time.perf_counter()
-    ttft, stamps = None, []
+    ttft, first_tokens, total = None, 0, 0
     done = False
     try:
         while not done:
@@ -228,37 +248,85 @@ def stream_one(engine, prompt: list[int], output_len: int,
             for out in engine.step():
                 if out.request_id != rid:
                     continue
-                now = time.perf_counter()
+                total += len(out.new_token_ids)
                 if ttft is None:
-                    ttft = now - t0
-                else:
-                    stamps.append(now)
+                    ttft, first_tokens = time.perf_counter() - t0, len(out.new_token_ids)
                 done = out.finished
     except BaseException:
         abort_and_drain(engine, [] if done else [rid])
         raise
-    return ttft or 0.0, stamps, time.perf_counter() - t0
+    return StreamTiming(ttft or 0.0, time.perf_counter() - t0, total - first_tokens)
 
 
-def decode_seconds_per_token(stamps: list[float], elapsed: float, output_len: int) -> float:
-    """Seconds per output token between the second and the last token (the first is the
-    prefill's); the whole run's average when fewer than two later tokens were seen."""
-    return (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else elapsed / max(1, output_len)
+# An input-grounded workload for speculative decoding (written for this benchmark): the answer
+# copies the passage, as summaries, edits and quoting answers partly do.
+GROUNDED_PASSAGE = (
+    "The harbour town wakes before the sun. Fishing boats leave the quay in a slow line, their lamps "
+    "swinging above the dark water, while the bakery on the corner lights its ovens and the smell of "
+    "bread drifts down to the nets drying on the stones. By seven the market is open: crates of "
+    "mackerel, baskets of mussels, a stall of lemons and another of knives. The ferry to the island "
+    "runs every two hours, and the ticket office closes for lunch between noon and one. Visitors are "
+    "asked to keep to the marked paths on the cliffs, where the gulls nest in spring and the wind can "
+    "turn without warning. In the evening the boats come back, the harbour master counts them in, and "
+    "the lamps along the sea wall are lit one by one."
+)
+FREE_FORM_REQUEST = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def latency_prompt(engine, workload: str, input_len: int, seed: int) -> list[int]:
+    """The prompt of `bench latency`: random ids (`random`), a chat turn asking to copy
+    GROUNDED_PASSAGE verbatim (`grounded`), or an open-ended chat turn (`free`)."""
+    if workload == "random":
+        return random_prompts(1, input_len, engine.model_config.vocab_size, seed)[0]
+    text = (f"Repeat the following passage exactly, word for word.\n\n{GROUNDED_PASSAGE}"
+            if workload == "grounded" else FREE_FORM_REQUEST)
+    return engine.encode_prompt({"messages": [{"role": "user", "content": text}]})
+
+
+def _latency_rows(engine, prompt: list[int], args: argparse.Namespace, label: str) -> list[dict[str, Any]]:
+    rows = []
+    for i in range(args.iters):
+        t = stream_one(engine, prompt, args.output_len)
+        per_tok = t.seconds_per_decode_token(args.output_len)
+        rows.append({"engine": label, "iter": i, "input_len": len(prompt), "output_len": args.output_len,
+                     "ttft_ms": t.ttft_s * 1e3, "ms_per_output_token": per_tok * 1e3,
+                     "output_tokens_per_s": 1.0 / per_tok, "requests_per_s": 1.0 / t.elapsed_s,
+                     "total_tokens_per_s": (len(prompt) + args.output_len) / t.elapsed_s})
+    return rows
+
 
 
 def mode_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Batch 1. With --speculative-config the same prompt also runs without speculation first (same
+    process, same flags otherwise), and the speculative rows carry the speedup over that baseline
+    (ratio of median decode tok/s), the acceptance rate and the mean accepted length."""
+    speculative = bool(getattr(args, "speculative_config", None))
+    off = dict(speculative_method=None, num_speculative_tokens=None, speculative_model=None,
+               speculative_draft_layers=None)
+    engine = _make_engine(args, **off) if speculative else _make_engine(args)
+    warm_up(engine)
+    prompt = latency_prompt(engine, args.workload, args.input_len, args.seed)
+    rows = _latency_rows(engine, prompt, args, "baseline" if speculative else "engine")
+    engine.shutdown()
+    if not speculative:
+        return rows
+    release_device_memory(engine.device)
     engine = _make_engine(args)
     warm_up(engine)
-    prompt = random_prompts(1, args.input_len, engine.model_config.vocab_size, args.seed)[0]
-    rows = []
-    for i in range(args.iters):
-        ttft, stamps, elapsed = stream_one(engine, prompt, args.output_len)
-        per_tok = decode_seconds_per_token(stamps, elapsed, args.output_len)
-        rows.append({"iter": i, "input_len": args.input_len, "output_len": args.output_len, "ttft_ms": ttft * 1e3,
-                     "ms_per_output_token": per_tok * 1e3, "output_tokens_per_s": 1.0 / per_tok,
-                     "requests_per_s": 1.0 / elapsed, "total_tokens_per_s": (len(prompt) + args.output_len) / elapsed})
+    before = engine.spec_stats.totals()
+    spec_rows = _latency_rows(engine, prompt, args, engine.config.speculative_method or "speculative")
+    after = engine.spec_stats.totals()
     engine.shutdown()
-    return rows
+    base = statistics.median(r["output_tokens_per_s"] for r in rows)
+    drafts = after["spec_decode_num_drafts"] - before["spec_decode_num_drafts"]
+    proposed = after["spec_decode_num_draft_tokens"] - before["spec_decode_num_draft_tokens"]
+    accepted = after["spec_decode_num_accepted_tokens"] - before["spec_decode_num_accepted_tokens"]
+    for r in spec_rows:
+        r["speedup"] = r["output_tokens_per_s"] / base
+        r["num_drafts"] = drafts  # verifications of a non-empty proposal, over all iterations
+        r["acceptance_rate"] = accepted / proposed if proposed else 0.0
+        r["mean_accepted_length"] = 1.0 + accepted / drafts if drafts else 1.0
+    return rows + spec_rows
 
 
 def mode_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -292,6 +360,43 @@ def mode_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def mode_verify(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The cost of speculative verification: one step of q = k + 1 query tokens per sequence over a
+    context of --input-len, for each --batch-sizes and --query-lens, against q = 1 (a plain decode
+    step). It bounds what any proposer can gain: k accepted tokens are worth at most
+    (1 + k) / step_cost_vs_1. Runs the executor directly on built inputs (the KV values do not
+    change the time)."""
+    from shardline.worker.engine.model_runner import SeqSlice, build_step_inputs
+
+    most = max(args.batch_sizes) * max(args.query_lens)
+    engine = _make_engine(args, max_num_seqs=max(args.batch_sizes),
+                          max_num_batched_tokens=max(args.max_num_batched_tokens, most))
+    warm_up(engine)
+    bs, num_blocks = engine.config.block_size, engine.executor.num_blocks
+    rows = []
+    for b in args.batch_sizes:
+        base_ms = None
+        for q in sorted(args.query_lens):
+            per_seq = -(-(args.input_len + q) // bs)
+            slices = [SeqSlice([11] * q, args.input_len, [(i * per_seq + j) % num_blocks for j in range(per_seq)],
+                               True, q - 1) for i in range(b)]
+            inputs = build_step_inputs(slices, bs, engine.device)
+            for _ in range(2):
+                engine.executor.execute(inputs)
+            _sync(engine.device)
+            t0 = time.perf_counter()
+            for _ in range(args.decode_steps):
+                engine.executor.execute(inputs)
+            _sync(engine.device)
+            ms = (time.perf_counter() - t0) / args.decode_steps * 1e3
+            base_ms = base_ms if base_ms is not None else ms
+            rows.append({"batch": b, "query_len": q, "context": args.input_len, "ms_per_step": ms,
+                         "step_cost_vs_1": ms / base_ms, "output_tokens_per_s": b * q / ms * 1e3,
+                         "requests_per_s": b / ms * 1e3, "total_tokens_per_s": b * q / ms * 1e3})
+    engine.shutdown()
+    return rows
+
+
 def mode_prefill(args: argparse.Namespace) -> list[dict[str, Any]]:
     longest = max(args.prompt_lens)
     engine = _make_engine(args, max_num_batched_tokens=max(args.max_num_batched_tokens, longest),
@@ -303,8 +408,7 @@ def mode_prefill(args: argparse.Namespace) -> list[dict[str, Any]]:
         prompt = random_prompts(1, n, cfg.vocab_size, args.seed + n)[0]
         times = []
         for _ in range(args.iters):
-            ttft, _, _ = stream_one(engine, prompt, 1)
-            times.append(ttft)
+            times.append(stream_one(engine, prompt, 1).ttft_s)
         ttft = statistics.median(times)
         flops = prefill_flops(cfg, n)
         rows.append({"prompt_len": n, "ttft_ms": ttft * 1e3, "prefill_tokens_per_s": n / ttft, "tflops": flops / ttft / 1e12,
@@ -486,7 +590,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 MODES: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
     "offline": mode_offline, "latency": mode_latency, "sweep": mode_sweep,
-    "prefill": mode_prefill, "prefix": mode_prefix, "serve": mode_serve,
+    "prefill": mode_prefill, "prefix": mode_prefix, "serve": mode_serve, "verify": mode_verify,
 }
 
 
@@ -542,11 +646,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-range", type=int, nargs=2, default=None, metavar=("LO", "HI"),
                    help="offline: input and output lengths uniform in [LO, HI]")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128, 256], help="sweep")
-    p.add_argument("--decode-steps", type=int, default=32, help="sweep: decode steps timed per batch size")
+    p.add_argument("--decode-steps", type=int, default=32, help="sweep / verify: steps timed per batch size")
+    p.add_argument("--query-lens", type=int, nargs="+", default=[1, 2, 3, 5, 9],
+                   help="verify: query tokens per sequence (k + 1); the smallest is the baseline")
     p.add_argument("--prompt-lens", type=int, nargs="+", default=[512, 2048, 8192], help="prefill")
     p.add_argument("--shared-fractions", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75], help="prefix")
     p.add_argument("--request-rates", type=float, nargs="+", default=[float("inf")], help="serve: Poisson rates (req/s)")
     p.add_argument("--iters", type=int, default=3, help="latency / prefill repetitions")
+    p.add_argument("--workload", choices=["random", "grounded", "free"], default="random",
+                   help="latency: random ids of --input-len, or a chat prompt that copies a passage (grounded) "
+                        "or asks for a story (free); with --speculative-config both run with and without it")
     p.add_argument("--compare-hf", action="store_true", help="offline: transformers' generate on the same workload")
     p.add_argument("--hf-max-batch", type=int, default=None, help="largest padded batch to try for --compare-hf")
     p.add_argument("--roofline", action="store_true", help="measure the device's bandwidth and matmul rate; add %% of floor")

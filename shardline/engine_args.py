@@ -17,7 +17,7 @@ import types
 import typing
 from typing import Any, NoReturn
 
-from shardline.worker.config import EngineConfig
+from shardline.worker.config import EngineConfig, speculative_fields_from_json
 
 # vLLM flags shardline does not implement, and why (the error says it). Spellings as `vllm serve
 # --help` prints them (vLLM 0.11); a short alias maps to the same message.
@@ -25,7 +25,6 @@ UNSUPPORTED_VLLM_FLAGS: dict[str, str] = {
     "--quantization": "weights are loaded unquantized (GGUF files are dequantized); see README's model list",
     "-q": "weights are loaded unquantized (GGUF files are dequantized); see README's model list",
     "--kv-cache-dtype": "the KV cache is kept in the model's dtype",
-    "--speculative-config": "speculative decoding is not implemented",
     "--enable-lora": "LoRA adapters are not implemented",
     "--lora-modules": "LoRA adapters are not implemented",
     "--max-loras": "LoRA adapters are not implemented",
@@ -89,11 +88,22 @@ def add_engine_args(parser: argparse.ArgumentParser, *, overrides_only: bool = F
         group.add_argument(*names, **kwargs)
         if f.metadata.get("legacy"):  # older spellings: still parsed, no longer shown
             group.add_argument(*f.metadata["legacy"], **dict(kwargs, help=argparse.SUPPRESS))
+    # vLLM's JSON spelling of the flat speculative_* fields (engine_overrides expands it).
+    group.add_argument("--speculative-config", dest="speculative_config", type=_json_object, metavar="JSON",
+                       default=argparse.SUPPRESS if overrides_only else None,
+                       help='speculative decoding as vLLM spells it, e.g. \'{"method": "ngram", '
+                            '"num_speculative_tokens": 4}\' (keys: method, num_speculative_tokens, model, '
+                            'prompt_lookup_min, prompt_lookup_max, draft_layers, adaptive); '
+                            'docs/speculative-decoding.md')
 
 
 def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The EngineConfig fields present on `args` (all of them, or with overrides_only the ones given)."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
+    """The EngineConfig fields present on `args` (all of them, or with overrides_only the ones given);
+    --speculative-config's JSON becomes the speculative_* fields it names. Raises ConfigError
+    naming a bad key."""
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
+    fields.update(speculative_fields_from_json(getattr(args, "speculative_config", None)))
+    return fields
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

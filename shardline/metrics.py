@@ -11,10 +11,14 @@ record and expose the same metrics.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from shardline.worker.spec_decode.stats import SpecDecodeDelta
 
 PREFIX = "shardline:"
 
@@ -34,6 +38,10 @@ INTER_TOKEN_LATENCY = PREFIX + "inter_token_latency_seconds"
 E2E_REQUEST_LATENCY = PREFIX + "e2e_request_latency_seconds"
 REQUEST_QUEUE_TIME = PREFIX + "request_queue_time_seconds"
 ROUTER_DECISIONS = PREFIX + "router_decisions_total"
+SPEC_DECODE_NUM_DRAFTS = PREFIX + "spec_decode_num_drafts_total"
+SPEC_DECODE_NUM_DRAFT_TOKENS = PREFIX + "spec_decode_num_draft_tokens_total"
+SPEC_DECODE_NUM_ACCEPTED_TOKENS = PREFIX + "spec_decode_num_accepted_tokens_total"
+SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS = PREFIX + "spec_decode_num_accepted_tokens_per_pos_total"
 
 ENGINE_METRIC_NAMES: tuple[str, ...] = (
     NUM_REQUESTS_RUNNING,
@@ -50,6 +58,10 @@ ENGINE_METRIC_NAMES: tuple[str, ...] = (
     INTER_TOKEN_LATENCY,
     E2E_REQUEST_LATENCY,
     REQUEST_QUEUE_TIME,
+    SPEC_DECODE_NUM_DRAFTS,
+    SPEC_DECODE_NUM_DRAFT_TOKENS,
+    SPEC_DECODE_NUM_ACCEPTED_TOKENS,
+    SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS,
 )
 ROUTER_METRIC_NAMES: tuple[str, ...] = (ROUTER_DECISIONS, REQUEST_REJECTED)
 
@@ -140,6 +152,14 @@ class EngineMetrics:
         self._itl = histogram(INTER_TOKEN_LATENCY, "Time between two tokens of one request.", ITL_BUCKETS)
         self._e2e = histogram(E2E_REQUEST_LATENCY, "Time from arrival to the last token.", REQUEST_BUCKETS)
         self._queue = histogram(REQUEST_QUEUE_TIME, "Time from arrival to first scheduling.", REQUEST_BUCKETS)
+        self._spec_drafts = counter(SPEC_DECODE_NUM_DRAFTS, "Speculative decoding: proposals verified.")
+        self._spec_draft_tokens = counter(SPEC_DECODE_NUM_DRAFT_TOKENS, "Speculative decoding: tokens proposed.")
+        self._spec_accepted = counter(SPEC_DECODE_NUM_ACCEPTED_TOKENS, "Speculative decoding: proposed tokens accepted.")
+        self._spec_accepted_per_pos = Counter(
+            _family(SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS),
+            "Speculative decoding: proposed tokens accepted, by position in the proposal (0 first).",
+            _ENGINE_LABELS + ("position",), registry=reg,
+        )
         self._labels = labels
 
     def on_step(self, num_running: int, num_waiting: int, kv_usage: float,
@@ -165,6 +185,22 @@ class EngineMetrics:
             self._prefix_hits.inc(prefix_hits_delta)
         if preemptions_delta:
             self._preemptions.inc(preemptions_delta)
+
+    def on_spec_decode(self, delta: "SpecDecodeDelta") -> None:
+        """Add what speculative decoding's counters gained (worker/spec_decode/stats.py SpecDecodeDelta)."""
+        for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+            _check_delta(name, getattr(delta, name))
+        if delta.num_accepted_tokens > delta.num_draft_tokens:
+            raise ValueError(f"num_accepted_tokens ({delta.num_accepted_tokens}) exceeds num_draft_tokens "
+                             f"({delta.num_draft_tokens})")
+        if delta.num_drafts:
+            self._spec_drafts.inc(delta.num_drafts)
+            self._spec_draft_tokens.inc(delta.num_draft_tokens)
+        if delta.num_accepted_tokens:
+            self._spec_accepted.inc(delta.num_accepted_tokens)
+        for pos, n in enumerate(delta.accepted_per_pos):
+            if n:
+                self._spec_accepted_per_pos.labels(position=str(pos), **self._labels).inc(n)
 
     def on_first_token(self, ttft_s: float, queue_time_s: float) -> None:
         """Record a request's first token: its time to first token and how long it queued."""

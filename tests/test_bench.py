@@ -34,7 +34,7 @@ def run_bench(capsys, mode: str, model: Path, *extra: str) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("mode", ["offline", "latency", "sweep", "prefill", "prefix", "serve"])
+@pytest.mark.parametrize("mode", ["offline", "latency", "sweep", "prefill", "prefix", "serve", "verify"])
 def test_every_bench_mode_reports_positive_throughput(capsys, checkpoint, mode):
     result = run_bench(capsys, mode, checkpoint)
     assert result["mode"] == mode and result["rows"]
@@ -71,3 +71,21 @@ def test_bench_runs_on_a_config_only_directory_with_dummy_weights(capsys, checkp
     (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
     result = run_bench(capsys, "latency", tmp_path)
     assert result["rows"][0]["output_tokens_per_s"] > 0
+
+
+def test_latency_with_speculation_reports_the_baseline_and_the_speedup_in_one_run(capsys, checkpoint):
+    result = run_bench(capsys, "latency", checkpoint, "--speculative-config",
+                       '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}')
+    rows = result["rows"]
+    assert [r["engine"] for r in rows] == ["baseline", "ngram"]
+    assert rows[1]["speedup"] == pytest.approx(rows[1]["output_tokens_per_s"] / rows[0]["output_tokens_per_s"])
+    assert 0 <= rows[1]["acceptance_rate"] <= 1 and rows[1]["mean_accepted_length"] >= 1
+    assert rows[1]["num_drafts"] >= 0
+
+
+def test_verify_reports_each_query_length_against_one(capsys, checkpoint):
+    result = run_bench(capsys, "verify", checkpoint, "--query-lens", "1", "3")
+    rows = result["rows"]
+    assert [(r["batch"], r["query_len"]) for r in rows] == [(1, 1), (1, 3), (2, 1), (2, 3)]
+    assert rows[0]["step_cost_vs_1"] == 1.0
+    assert rows[1]["step_cost_vs_1"] == pytest.approx(rows[1]["ms_per_step"] / rows[0]["ms_per_step"])

@@ -41,6 +41,21 @@ NON_DEFAULT_FLAG_VALUES: dict[str, tuple[str, ...]] = {
     "seed": ("--seed", "7"),
     "max_queue_len": ("--max-queue-len", "16"),
     "extra": ("--extra", '{"fused_kernels": "torch"}'),
+    "speculative_method": ("--speculative-method", "ngram", "--num-speculative-tokens", "3"),
+    "num_speculative_tokens": ("--speculative-method", "ngram", "--num-speculative-tokens", "3"),
+    "speculative_model": ("--speculative-method", "draft_model", "--num-speculative-tokens", "2",
+                          "--speculative-model", "some/draft"),
+    "prompt_lookup_min": ("--prompt-lookup-min", "3"),
+    "prompt_lookup_max": ("--prompt-lookup-max", "7"),
+    "speculative_draft_layers": ("--speculative-draft-layers", "2"),
+    "speculative_adaptive": ("--no-speculative-adaptive",),
+    "speculative_disable_by_batch_size": ("--speculative-disable-by-batch-size", "8"),
+}
+# Fields that are only valid together: the flags above set these companions as well.
+COMPANION_FIELDS: dict[str, set[str]] = {
+    "speculative_method": {"num_speculative_tokens"},
+    "num_speculative_tokens": {"speculative_method"},
+    "speculative_model": {"speculative_method", "num_speculative_tokens"},
 }
 
 
@@ -84,7 +99,14 @@ def test_every_engine_flag_defaults_to_its_field(parser, command) -> None:
 def test_each_engine_flag_sets_its_field(parser, command, name) -> None:
     config = _engine_config(parser, [*_minimal(command), *NON_DEFAULT_FLAG_VALUES[name]])
     changed = {f.name for f in dataclasses.fields(EngineConfig) if getattr(config, f.name) != getattr(EngineConfig(), f.name)}
-    assert changed == {name}
+    assert changed == {name} | COMPANION_FIELDS.get(name, set())
+
+
+@pytest.mark.parametrize("command", ["generate", "bench", "serve"])
+def test_speculative_config_json_sets_the_flat_fields(parser, command) -> None:
+    spec = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}'
+    config = _engine_config(parser, [*_minimal(command), "--speculative-config", spec])
+    assert (config.speculative_method, config.num_speculative_tokens, config.prompt_lookup_max) == ("ngram", 4, 3)
 
 
 def test_help_carries_each_fields_documentation(parser, capsys) -> None:
@@ -136,7 +158,7 @@ def test_older_spellings_still_parse(parser) -> None:
 
 
 @pytest.mark.parametrize("command", ["serve", "generate"])
-@pytest.mark.parametrize("flag", ["--quantization", "--speculative-config", "--enable-lora", "--kv-cache-dtype",
+@pytest.mark.parametrize("flag", ["--quantization", "--enable-lora", "--kv-cache-dtype",
                                   "--pipeline-parallel-size", "-pp"])
 def test_an_unsupported_vllm_flag_names_itself(parser, capsys, command, flag) -> None:
     with pytest.raises(SystemExit) as exit_info:

@@ -34,6 +34,13 @@ def test_tp_bundles_are_one_per_rank_with_gpus_only_when_asked() -> None:
     assert options["placement_group_bundles"] == [{"CPU": 0.5}] * 2 and options["num_replicas"] == 3
 
 
+def test_the_engine_section_takes_vllms_speculative_config_object() -> None:
+    config = ClusterConfig.from_dict({"engine": {"speculative_config": {
+        "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}}})
+    engine = config.engine_config()
+    assert (engine.speculative_method, engine.num_speculative_tokens, engine.prompt_lookup_max) == ("ngram", 3, 4)
+
+
 def test_autoscaling_replaces_a_fixed_replica_count() -> None:
     options = ClusterConfig(use_gpu=False, autoscaling={"min_replicas": 1, "max_replicas": 3}).replica_group_deployment_options()
     assert "num_replicas" not in options and options["autoscaling_config"]["max_replicas"] == 3
@@ -44,6 +51,8 @@ def test_autoscaling_replaces_a_fixed_replica_count() -> None:
     ({"engine": {"model": "x"}}, "engine.model"),
     ({"engine": {"block_size": 3}}, "block_size"),
     ({"grpc_port": 70000}, "grpc_port"),
+    ({"engine": {"speculative_config": {"method": "ngram"}}}, "num_speculative_tokens"),
+    ({"engine": {"speculative_config": '{"method": "ngram", "k": 2}'}}, "speculative_config"),
 ])
 def test_bad_config_values_are_named(data, message) -> None:
     with pytest.raises(ConfigError, match=message):

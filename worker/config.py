@@ -34,6 +34,47 @@ class ConfigError(ValueError):
     """A configuration value is missing, unsupported or out of range; the message names it."""
 
 
+SPECULATIVE_METHODS = ("ngram", "draft_model", "layer_skip")
+MAX_SPECULATIVE_TOKENS = 16  # a verification step runs k + 1 query tokens per request
+
+# vLLM's --speculative-config JSON keys -> EngineConfig fields.
+_SPECULATIVE_JSON_KEYS = {
+    "method": "speculative_method",
+    "num_speculative_tokens": "num_speculative_tokens",
+    "model": "speculative_model",
+    "prompt_lookup_min": "prompt_lookup_min",
+    "prompt_lookup_max": "prompt_lookup_max",
+    "draft_layers": "speculative_draft_layers",
+    "adaptive": "speculative_adaptive",
+    "disable_by_batch_size": "speculative_disable_by_batch_size",
+}
+
+
+def speculative_fields_from_json(spec: str | dict[str, Any] | None) -> dict[str, Any]:
+    """EngineConfig fields from vLLM's `--speculative-config` (a JSON object or a dict), e.g.
+    '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 5}'. Keys: method,
+    num_speculative_tokens, model, prompt_lookup_min, prompt_lookup_max, draft_layers (layer_skip),
+    adaptive. Raises ConfigError naming an unknown key or bad JSON; values are checked by EngineConfig."""
+    if spec is None or spec == "":
+        return {}
+    if isinstance(spec, str):
+        import json
+
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"speculative_config: not valid JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"speculative_config: must be a JSON object, got {type(spec).__name__}")
+    unknown = sorted(set(spec) - set(_SPECULATIVE_JSON_KEYS))
+    if unknown:
+        raise ConfigError(f"speculative_config: unknown key(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(_SPECULATIVE_JSON_KEYS)}")
+    if "method" in spec and spec["method"] == "draft":
+        spec = {**spec, "method": "draft_model"}
+    return {_SPECULATIVE_JSON_KEYS[k]: v for k, v in spec.items()}
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     """Turn 'bf16' / 'float32' / torch.float16 into a torch dtype, with an error naming the choices."""
     if isinstance(name, torch.dtype):
@@ -220,6 +261,22 @@ class EngineConfig:
                                          "tokens feed N+1 there); default: on CUDA, off on CPU, where nothing overlaps")
     seed: int = knob(0, help="seed of the generator unseeded requests sample from, and of dummy weights")
     max_queue_len: int = knob(1024, help="waiting requests beyond this are rejected as overload")
+    # Speculative decoding (worker/spec_decode/, docs/speculative-decoding.md). vLLM spells the same
+    # settings as the JSON --speculative-config; `speculative_fields_from_json` maps that JSON onto
+    # these flat fields (the CLI and the serve YAML accept both forms).
+    speculative_method: str | None = knob(None, help="speculative decoding: ngram (prompt lookup), draft_model (a "
+                                          "small model with the same tokenizer) or layer_skip (the target's first "
+                                          "speculative_draft_layers layers); default: off")
+    num_speculative_tokens: int | None = knob(None, help="k: tokens proposed per request and step (required with "
+                                              "a speculative_method)")
+    speculative_model: str | None = knob(None, help="draft_model: the draft checkpoint (same forms as --model)")
+    prompt_lookup_min: int = knob(2, help="ngram: the shortest suffix n-gram looked up")
+    prompt_lookup_max: int = knob(5, help="ngram: the longest suffix n-gram looked up (tried first)")
+    speculative_draft_layers: int | None = knob(None, help="layer_skip: how many of the target's layers draft")
+    speculative_adaptive: bool = knob(True, help="adapt k per request to its recent acceptance (1..num_speculative_tokens)")
+    speculative_disable_by_batch_size: int | None = knob(None, help="propose nothing while this many requests or "
+                                                         "more are running (a large batch is compute-bound); "
+                                                         "default: always propose")
     extra: dict[str, Any] = knob(default_factory=dict, help="experimental knobs as a JSON object: fused_kernels "
                                  "(auto|triton|torch), tp_timeout_s, tp_startup_timeout_s, fault_injection")
 
@@ -248,6 +305,42 @@ class EngineConfig:
             raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda")
         if self.dtype != "auto":
             parse_dtype(self.dtype)
+        self._check_speculative()
+
+    def _check_speculative(self) -> None:
+        """One clear error per bad speculative setting (each names its field, the limit and the value)."""
+        method = self.speculative_method
+        if method is None:
+            if self.num_speculative_tokens not in (None, 0):
+                raise ConfigError(f"num_speculative_tokens: needs speculative_method (one of "
+                                  f"{', '.join(SPECULATIVE_METHODS)}), got {self.num_speculative_tokens}")
+            return
+        if method not in SPECULATIVE_METHODS:
+            raise ConfigError(f"speculative_method: {method!r} is not one of {', '.join(SPECULATIVE_METHODS)}")
+        k = self.num_speculative_tokens
+        if k is None or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ConfigError(f"num_speculative_tokens: must be in [1, {MAX_SPECULATIVE_TOKENS}] with "
+                              f"speculative_method {method!r}, got {k!r}")
+        if method == "ngram" and not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ConfigError(f"prompt_lookup_min / prompt_lookup_max: need 1 <= min <= max, got "
+                              f"{self.prompt_lookup_min} / {self.prompt_lookup_max}")
+        limit = self.speculative_disable_by_batch_size
+        if limit is not None and limit < 1:
+            raise ConfigError(f"speculative_disable_by_batch_size: must be >= 1 or None, got {limit}")
+        if method == "draft_model" and not self.speculative_model:
+            raise ConfigError("speculative_model: required with speculative_method 'draft_model'")
+        if method == "layer_skip":
+            layers = self.speculative_draft_layers
+            if layers is None or layers < 1:
+                raise ConfigError(f"speculative_draft_layers: must be >= 1 with speculative_method 'layer_skip', "
+                                  f"got {layers!r}")
+            if self.tensor_parallel_size > 1:
+                raise ConfigError("speculative_method: 'layer_skip' runs the target's own layers in the engine's "
+                                  f"process and needs tensor_parallel_size 1, got {self.tensor_parallel_size}")
+
+    @property
+    def speculative_enabled(self) -> bool:
+        return self.speculative_method is not None
 
     def resolved_device(self) -> torch.device:
         """The device the engine runs on: cuda when present (or asked), else cpu."""
@@ -256,7 +349,10 @@ class EngineConfig:
         return torch.device(self.device)
 
     def resolved_async_scheduling(self) -> bool:
-        """Whether the engine overlaps scheduling with the device's step (default: on CUDA)."""
+        """Whether the engine overlaps scheduling with the device's step (default: on CUDA). Always
+        off with speculative decoding: proposals need the previous step's tokens on the host."""
+        if self.speculative_enabled:
+            return False
         if self.async_scheduling is None:
             return self.resolved_device().type == "cuda"
         return bool(self.async_scheduling)

@@ -147,10 +147,13 @@ class LlamaForCausalLM(nn.Module):
         return self.decoder_layers[0].self_attn.num_kv_heads
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, num_layers: int | None = None) -> torch.Tensor:
+        """Hidden states after the final norm. `num_layers` runs only the first that many layers
+        (the layer-skip self-draft of speculative decoding); kv_caches then needs only as many."""
         h = self.embed_tokens(input_ids)
         residual = None
-        for layer, cache in zip(self.layers, kv_caches):
+        layers = self.layers if num_layers is None else self.layers[:num_layers]
+        for layer, cache in zip(layers, kv_caches):
             h, residual = layer(positions, h, residual, cache, meta)
         if residual is None:  # no layers
             return self.norm(h)

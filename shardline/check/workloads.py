@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from shardline.bench import (
-    decode_seconds_per_token,
     hf_generate_throughput,
     prefill_flops,
     random_prompts,
@@ -160,9 +159,9 @@ class EnginePhase:
         prompt = self._prompts(1, w.latency_input_len, salt=1)[0]
         per_token, ttfts = [], []
         for _ in range(w.latency_iters):
-            ttft, stamps, elapsed = stream_one(engine, prompt, w.latency_output_len, deadline.check)
-            per_token.append(decode_seconds_per_token(stamps, elapsed, w.latency_output_len))
-            ttfts.append(ttft)
+            timing = stream_one(engine, prompt, w.latency_output_len, deadline.check)
+            per_token.append(timing.seconds_per_decode_token(w.latency_output_len))
+            ttfts.append(timing.ttft_s)
         s = statistics.median(per_token)
         return {"overlap": overlap, "input_len": w.latency_input_len, "output_len": w.latency_output_len,
                 "iters": w.latency_iters, "ms_per_output_token": s * 1e3, "output_tokens_per_s": 1.0 / s,
@@ -211,7 +210,7 @@ class EnginePhase:
         out: dict[str, Any] = {"iters": self.w.ttft_iters, "target_prompt_len": lens[min(1, len(lens) - 1)]}
         for n in lens:
             prompt = self._prompts(1, n, salt=5 + n)[0]
-            times = [stream_one(engine, prompt, 1, deadline.check)[0] for _ in range(self.w.ttft_iters)]
+            times = [stream_one(engine, prompt, 1, deadline.check).ttft_s for _ in range(self.w.ttft_iters)]
             out[f"ttft_ms_{n}"] = statistics.median(times) * 1e3
             out[f"flops_{n}"] = prefill_flops(engine.model_config, n)
         return out

@@ -223,6 +223,25 @@ class BlockManager:
             request.block_ids.append(block)
         return True
 
+    def trim_blocks(self, request: Request, num_tokens: int) -> None:
+        """Free the request's blocks past the first ceil(num_tokens / block_size) (speculative
+        decoding's rollback: blocks only rejected proposals used). Such blocks were never
+        registered in the prefix cache (only known tokens' blocks are), so they go to the head."""
+        keep = -(-num_tokens // self.block_size)
+        if len(request.block_ids) <= keep:
+            return
+        for block in reversed(request.block_ids[keep:]):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] < 0:
+                raise RuntimeError(f"block {block} freed more often than allocated")
+            if self.ref_counts[block] == 0:
+                self._free[block] = None
+                self._free.move_to_end(block, last=self._block_hash[block] is not None)
+        del request.block_ids[keep:]
+        registered = self._num_registered.get(request.request_id)
+        if registered is not None and registered > keep:
+            self._num_registered[request.request_id] = keep
+
     def free(self, request: Request) -> None:
         """Drop the request's references and empty its block table. Blocks reaching ref 0 keep
         their key and join the free list (see the module notes for the order)."""

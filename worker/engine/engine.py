@@ -12,6 +12,13 @@ stop string) has already been launched in N+1: that token is dropped, its blocks
 (device work is stream-ordered, so a block reused later is written after N+1 is done with it).
 Penalties count the pending token on the device too (SamplingBatch's pending_token_ids).
 
+Speculative decoding (config.speculative_method, worker/spec_decode/): before each schedule a
+proposer guesses up to k tokens for every decoding request; the step runs them as k + 1 query
+tokens and the rejection sampler keeps the accepted run plus one token from the target, so the
+output is what decoding without speculation produces (greedy: the same tokens; sampled: the same
+distribution). It runs with overlapped scheduling off: a proposal needs the previous step's
+tokens on the host.
+
 It imports neither Ray nor gRPC, so it runs alone (offline `generate`, the CLI, benchmarks)."""
 
 from __future__ import annotations
@@ -41,9 +48,11 @@ from shardline.worker.engine.outputs import (
 from shardline.worker.engine.params import RequestError, SamplingParams
 from shardline.worker.engine.request import Request, RequestStatus
 from shardline.worker.engine.sampler import LogprobTensors, Sampler, SamplingBatch, make_generator
-from shardline.worker.engine.scheduler import Scheduler, SchedulerOutput
+from shardline.worker.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from shardline.worker.engine.transfer import host_copy, to_device
 from shardline.worker.engine.validation import Limits
+from shardline.worker.spec_decode.rejection_sampler import DraftTokens, RejectionSampler, VerifiedTokens
+from shardline.worker.spec_decode.stats import SpecDecodeStats
 from shardline.worker.tokenizer import encode_prompt
 
 log = logging.getLogger(__name__)
@@ -65,6 +74,8 @@ class _Tracked:
     last_token_time: float | None = None
     scheduled_time: float | None = None  # first time a step scheduled it (queue time ends)
     pending: list[int] = field(default_factory=list)
+    spec_k: int = 0  # speculative decoding: how many tokens to propose next (adapts to acceptance)
+    draft_probs: torch.Tensor | None = None  # [len(request.spec_token_ids), V]: q of the proposal; None: one-hot
 
 
 @dataclass
@@ -77,6 +88,9 @@ class _LaunchedStep:
     ready: Any  # torch.cuda.Event recorded after that copy (None on CPU)
     logprobs: LogprobTensors | None  # per sampler row, when any asked; on the host once `ready`
     row_of: dict[int, int] = field(default_factory=dict)  # id(request) -> row of token_ids
+    # A verification step (speculative decoding): per sampler its emitted tokens, on the host.
+    verified: VerifiedTokens | None = None
+    drafts: DraftTokens | None = None
 
 
 class LLMEngine:
@@ -117,6 +131,16 @@ class LLMEngine:
         self._inflight: _LaunchedStep | None = None  # launched, not yet finished (overlap only)
         self.num_overlapped_steps = 0  # steps finished while the next one was already launched
         self._counted = (0, 0, 0)  # prefix queries, prefix hits, preemptions already sent to metrics
+        self.proposer = None
+        self.spec_stats = SpecDecodeStats(config.num_speculative_tokens or 0)
+        if config.speculative_enabled:
+            from shardline.worker.spec_decode import build_proposer
+
+            if config.async_scheduling:
+                log.warning("async_scheduling: turned off, speculative decoding (%s) needs each step's tokens "
+                            "on the host before it proposes the next", config.speculative_method)
+            self.proposer = build_proposer(config, self)
+            self.rejection_sampler = RejectionSampler()
 
     def _make_executor(self, spec: ModelSpec, show_progress: bool) -> Executor:
         if self.config.tensor_parallel_size > 1:
@@ -169,7 +193,8 @@ class LLMEngine:
         block = [] if params.ignore_eos else list(self.eos_token_ids)
         detok = IncrementalDetokenizer(self.tokenizer, token_ids, params) if self.tokenizer is not None else None
         tracked = _Tracked(req, detok, make_generator(params.seed, self.device),
-                           sorted(set(block) | set(params.stop_token_ids)), now)
+                           sorted(set(block) | set(params.stop_token_ids)), now,
+                           spec_k=self.config.num_speculative_tokens or 0)
         self.scheduler.add_request(req)  # first: if it refuses, nothing is left registered
         self._tracked[request_id] = tracked
         return request_id
@@ -193,6 +218,8 @@ class LLMEngine:
         With overlapped scheduling the deltas are those of the previous step, finished while this
         one runs on the device."""
         outputs: list[RequestOutput] = []
+        if self.proposer is not None:
+            self._propose()
         sched = self.scheduler.schedule()
         launched = self._launch(sched) if sched.scheduled else None
         if self._inflight is not None:
@@ -223,6 +250,8 @@ class LLMEngine:
                 t.scheduled_time = now
         samplers = [s.request for s in sched.scheduled if s.samples]
         logits = self.executor.execute(self._inputs(sched))
+        if any(s.spec_token_ids for s in sched.scheduled):
+            return self._launch_verification(sched, logits)
         token_ids = torch.empty(0, dtype=torch.int64, device=logits.device)
         logprobs = None
         if samplers:
@@ -252,6 +281,116 @@ class LLMEngine:
             ready.record(torch.cuda.current_stream(token_ids.device))
         return _LaunchedStep(samplers, token_ids, host, ready, logprobs, {id(r): i for i, r in enumerate(samplers)})
 
+    # ---- speculative decoding ------------------------------------------------------------------------
+
+    def _propose(self) -> None:
+        """Ask the proposer for up to spec_k tokens for every request that decodes next step (no
+        pending token, only its newest token left to compute); the scheduler cuts them to fit."""
+        assert self.proposer is not None
+        requests, ks = [], []
+        for r in self.scheduler.running:
+            r.spec_token_ids = []
+        limit = self.config.speculative_disable_by_batch_size
+        if limit is not None and self.scheduler.num_running >= limit:
+            return  # a batch this large is compute-bound: verifying would cost what it saves
+        for r in self.scheduler.running:
+            t = self._tracked.get(r.request_id)
+            if t is None or r.num_pending_tokens or r.num_computed_tokens != r.num_tokens - 1:
+                continue
+            k = min(t.spec_k, r.max_tokens - r.num_output_tokens - 1, self.max_model_len - r.num_tokens - 1)
+            if k >= 1:
+                requests.append(r)
+                ks.append(k)
+        if not requests:
+            return
+        tracked = [self._tracked[r.request_id] for r in requests]
+        proposals = self.proposer.propose(requests, ks, [t.generator for t in tracked])
+        for r, t, k, p in zip(requests, tracked, ks, proposals):
+            r.spec_token_ids = list(p.token_ids[:k])
+            t.draft_probs = p.probs[: len(r.spec_token_ids)] if p.probs is not None else None
+
+    def _launch_verification(self, sched: SchedulerOutput, logits: torch.Tensor) -> _LaunchedStep:
+        """Sample a step that verifies proposals: every sampling request gets k + 1 rows (k = 0 for
+        the ones without a proposal), each shaped as if the proposals before it were outputs (so
+        penalties and min_tokens see what a step-by-step decode would), then the rejection sampler
+        keeps each request's accepted run and one token from the target."""
+        entries: list[ScheduledRequest] = [s for s in sched.scheduled if s.samples]
+        params, prompts, outputs, blocks = [], [], [], []
+        generators, ks, draft_ids, draft_probs = [], [], [], []
+        for e in entries:
+            r, t = e.request, self._tracked[e.request.request_id]
+            spec = e.spec_token_ids
+            for j in range(len(spec) + 1):
+                out = r.output_token_ids + spec[:j]
+                params.append(r.params)
+                prompts.append(r.prompt_token_ids)
+                outputs.append(out)
+                blocks.append(t.min_tokens_block if len(out) < r.params.min_tokens else [])
+            generators.append(t.generator)
+            ks.append(len(spec))
+            draft_ids.extend(spec)
+            draft_probs.append(t.draft_probs[: len(spec)] if t.draft_probs is not None and spec else None)
+        vocab = self.model_config.vocab_size
+        batch = SamplingBatch.build(params, [None] * len(params), prompts, outputs, vocab, logits.device,
+                                    min_tokens_block=blocks)
+        probs = None
+        if any(p is not None for p in draft_probs):
+            probs = torch.cat([p if p is not None else torch.nn.functional.one_hot(
+                torch.tensor(e.spec_token_ids, dtype=torch.int64), vocab).float().to(logits.device)
+                for p, e in zip(draft_probs, entries)])
+        drafts = DraftTokens(ks, draft_ids, probs)
+        verified = self.rejection_sampler(logits, batch, drafts, generators)
+        self.num_steps += 1
+        samplers = [e.request for e in entries]
+        advanced = self.scheduler.advance(sched)
+        if [id(r) for r in advanced] != [id(r) for r in samplers]:
+            raise RuntimeError("scheduler.advance disagrees with the step's sampling rows")
+        logprobs = verified.logprob_tensors.to_host() if verified.logprob_tensors is not None else None
+        host = VerifiedTokens(host_copy(verified.token_ids), host_copy(verified.num_tokens), logprobs)
+        ready = None
+        if logits.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(logits.device))
+        return _LaunchedStep(samplers, verified.token_ids, host.token_ids, ready, None,
+                             {id(r): i for i, r in enumerate(samplers)}, verified=host, drafts=drafts)
+
+    def _finish_verification(self, step: _LaunchedStep) -> list[RequestOutput]:
+        """Append each request's emitted tokens one at a time with the usual stop checks (a stop or
+        max_tokens inside an accepted run ends the request there; the rest is dropped), then roll
+        its KV back to the accepted tokens and adapt its k."""
+        assert step.verified is not None and step.drafts is not None
+        tokens = step.verified.token_ids.tolist()
+        counts = step.verified.num_tokens.tolist()
+        lps = step.verified.logprob_tensors.tolist() if step.verified.logprob_tensors is not None else None
+        offsets = step.drafts.row_offsets
+        outputs: list[RequestOutput] = []
+        for s, r in enumerate(step.samplers):
+            if r.status == RequestStatus.FINISHED:
+                continue  # aborted meanwhile
+            k = step.drafts.num_draft_tokens[s]
+            emitted = tokens[s][: counts[s]]
+            if k:
+                self.spec_stats.record(k, len(emitted) - 1)
+                t = self._tracked.get(r.request_id)
+                if t is not None and self.config.speculative_adaptive:
+                    # Grow after a fully accepted proposal, else propose one more than was accepted.
+                    limit = self.config.num_speculative_tokens or 0
+                    t.spec_k = max(1, min(limit, k + 1 if len(emitted) - 1 == k else len(emitted)))
+            delta: RequestOutput | None = None
+            for j, token in enumerate(emitted):
+                if j == 0:
+                    r.resolve_pending_token(token)
+                else:
+                    r.append_output_token(token)
+                out = self._after_token(r, lps[offsets[s] + j] if lps is not None else None)
+                delta = _merge_deltas(delta, out)
+                if r.status == RequestStatus.FINISHED:
+                    break
+            self.scheduler.rollback_speculation(r)
+            if delta is not None:
+                outputs.append(delta)
+        return outputs
+
     def _pending_token_ids(self, samplers: list[Request], device: torch.device) -> torch.Tensor | None:
         """Per sampler row, its token still in flight (-1: none), gathered on the device; None when
         no row has one or no row uses a penalty (the only sampling stage that reads past outputs)."""
@@ -271,6 +410,8 @@ class LLMEngine:
             return []
         if step.ready is not None:
             step.ready.synchronize()
+        if step.verified is not None:
+            return self._finish_verification(step)
         tokens = step.host_token_ids.tolist()
         progressed = self.scheduler.resolve(step.samplers, tokens)
         lps = step.logprobs.tolist() if step.logprobs is not None else None
@@ -291,6 +432,8 @@ class LLMEngine:
         self._counted = now
         self.metrics.on_step(self.scheduler.num_running, self.scheduler.num_waiting, bm.usage,
                              prefix_queries_delta=queries, prefix_hits_delta=hits, preemptions_delta=preemptions)
+        if self.proposer is not None:
+            self.metrics.on_spec_decode(self.spec_stats.take_delta())
 
     def _inputs(self, sched: SchedulerOutput):
         """The step's StepInputs. A token still pending (sampled by the in-flight step, id not on
@@ -302,8 +445,9 @@ class LLMEngine:
         for s in sched.scheduled:
             r = s.request
             c = r.num_computed_tokens
-            ids = r.token_ids(c, c + s.num_new_tokens)
-            missing = s.num_new_tokens - len(ids)
+            num_real = s.num_new_tokens - len(s.spec_token_ids)
+            ids = r.token_ids(c, c + num_real)
+            missing = num_real - len(ids)
             if missing:
                 inflight = self._inflight
                 if missing != 1 or inflight is None or id(r) not in inflight.row_of:
@@ -312,7 +456,7 @@ class LLMEngine:
                 pending_rows.append(row + len(ids))
                 pending_src.append(inflight.row_of[id(r)])
                 ids = ids + [0]
-            slices.append(SeqSlice(ids, c, r.block_ids, s.samples))
+            slices.append(SeqSlice(ids + s.spec_token_ids, c, r.block_ids, s.samples, len(s.spec_token_ids)))
             row += s.num_new_tokens
         inputs = build_step_inputs(slices, self.config.block_size, self.device)
         if pending_rows:
@@ -362,6 +506,8 @@ class LLMEngine:
 
     def _final(self, t: _Tracked, reason: str, new_ids: list[int], text: str) -> RequestOutput:
         r = t.request
+        if self.proposer is not None:
+            self.proposer.release(r.request_id)
         e2e = time.monotonic() - t.arrival
         if self.metrics is not None:
             self.metrics.on_finish(reason, r.num_prompt_tokens, len(r.output_token_ids), e2e)
@@ -416,7 +562,20 @@ class LLMEngine:
             "prefix_cache_hits": bm.prefix_cache_hits,
             "num_steps": self.num_steps,
             "num_overlapped_steps": self.num_overlapped_steps,
+            **self.spec_stats.totals(),
         }
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def _merge_deltas(first: RequestOutput | None, later: RequestOutput | None) -> RequestOutput | None:
+    """One delta for several tokens of one request (a verification step emits up to k + 1): tokens,
+    text and logprobs concatenated, the state (finish, counts) of the later one."""
+    if first is None or later is None:
+        return later if first is None else first
+    later.new_token_ids = first.new_token_ids + later.new_token_ids
+    later.text_delta = first.text_delta + later.text_delta
+    if first.logprobs is not None or later.logprobs is not None:
+        later.logprobs = (first.logprobs or []) + (later.logprobs or [])
+    return later

@@ -31,6 +31,9 @@ class SeqSlice:
     start: int
     block_ids: list[int]
     samples: bool  # True when this slice ends at the sequence's last token, so a token is sampled
+    # Speculative decoding: the slice ends with this many proposed tokens, and each of the last
+    # num_spec_tokens + 1 rows is sampled (the target's distribution after every prefix of the proposal).
+    num_spec_tokens: int = 0
 
 
 @dataclass
@@ -103,7 +106,7 @@ def build_step_inputs(slices: list[SeqSlice], block_size: int, device: torch.dev
         qsl.append(qsl[-1] + n)
         seq_lens.append(s.start + n)
         if s.samples:
-            sample_rows.append(qsl[-1] - 1)
+            sample_rows.extend(range(qsl[-1] - 1 - s.num_spec_tokens, qsl[-1]))
         tables.append(s.block_ids + [0] * (width - len(s.block_ids)))
 
     def t(data, dtype):

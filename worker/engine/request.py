@@ -57,6 +57,9 @@ class Request:
         self.num_preemptions = 0
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []
+        # Speculative decoding: tokens a proposer guessed to follow all_token_ids, to be verified
+        # by the next step (never part of output_token_ids until the target accepts them).
+        self.spec_token_ids: list[int] = []
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -249,13 +249,7 @@ class Sampler:
 
     @torch.inference_mode()  # the logits are inference tensors; masking them in place needs this mode
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        logits = logits[:, : batch.vocab_size].to(torch.float32)
-        if batch.logit_bias is not None:
-            rows, ids, biases = batch.logit_bias
-            logits = logits.index_put((rows, ids), biases, accumulate=True)  # a copy: the input may be the model's
-        logits = apply_penalties(logits, batch)
-        if batch.min_tokens_index is not None:
-            logits[batch.min_tokens_index] = float("-inf")
+        logits = processed_logits(logits, batch)
 
         logprobs = None
         if batch.max_num_logprobs is not None:
@@ -269,7 +263,7 @@ class Sampler:
             sampled_ids = (probs / self._exponential_noise(probs, batch)).argmax(dim=-1)
             token_ids = torch.where(batch.greedy, greedy_ids, sampled_ids)
 
-        return SamplerOutput(token_ids=token_ids, logprob_tensors=_gather_logprobs(logprobs, token_ids, batch))
+        return SamplerOutput(token_ids=token_ids, logprob_tensors=gather_logprobs(logprobs, token_ids, batch))
 
     def _exponential_noise(self, probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """q ~ Exp(1) per row: seeded rows from their own generator, the rest from the shared one.
@@ -293,6 +287,19 @@ class Sampler:
                 q[i] = torch.empty(vocab, dtype=probs.dtype, device=probs.device).exponential_(generator=generator)
         # NOTE: exponential_ may return exactly 0; 0/0 would be NaN and win the argmax.
         return q.clamp_min_(torch.finfo(probs.dtype).tiny)
+
+
+def processed_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Steps 1-4 of the module docstring: the fp32 logits every later stage (logprobs, greedy,
+    temperature and filters) reads. The speculative verifier (worker/spec_decode/) shares them."""
+    logits = logits[:, : batch.vocab_size].to(torch.float32)
+    if batch.logit_bias is not None:
+        rows, ids, biases = batch.logit_bias
+        logits = logits.index_put((rows, ids), biases, accumulate=True)  # a copy: the input may be the model's
+    logits = apply_penalties(logits, batch)
+    if batch.min_tokens_index is not None:
+        logits[batch.min_tokens_index] = float("-inf")
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -331,7 +338,7 @@ def filtered_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return probs
 
 
-def _gather_logprobs(logprobs: torch.Tensor | None, token_ids: torch.Tensor, batch: SamplingBatch) -> LogprobTensors | None:
+def gather_logprobs(logprobs: torch.Tensor | None, token_ids: torch.Tensor, batch: SamplingBatch) -> LogprobTensors | None:
     """The sampled token's logprob and the top-n per row, gathered on the device (nothing is read
     back here: LogprobTensors.tolist does that when the step's results are read)."""
     if logprobs is None or batch.max_num_logprobs is None:

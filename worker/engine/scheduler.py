@@ -13,6 +13,11 @@ Policy (continuous batching with chunked prefill, preemption by recompute):
   is kept. A preempted request keeps its arrival time and so waits ahead of later arrivals.
 - Batch order of `SchedulerOutput.scheduled`: running requests (in admission order), then the
   requests admitted this step.
+- Speculative decoding: a decoding request whose `spec_token_ids` the engine filled takes 1 + k
+  tokens (its last token and the k proposed ones, verified in one pass). k is cut to the token
+  budget, to max_tokens - 1 more outputs and to the context; when its blocks cannot be had the
+  proposal is dropped before anyone is preempted. After verification `rollback_speculation` sets
+  num_computed_tokens back to the accepted tokens and frees blocks only rejected tokens used.
 """
 
 from __future__ import annotations
@@ -35,12 +40,15 @@ class ScheduledRequest:
 
     request: Request
     num_new_tokens: int
+    # Proposed tokens verified this step (the last len(spec_token_ids) of num_new_tokens).
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """Whether this step completes the request's prefill and so samples (valid until
         update_after_step advances the request)."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        num_real = self.num_new_tokens - len(self.spec_token_ids)
+        return self.request.num_computed_tokens + num_real == self.request.num_tokens
 
 
 @dataclass
@@ -163,6 +171,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
+        request.spec_token_ids = []
         self.block_manager.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
@@ -172,6 +181,18 @@ class Scheduler:
 
     def _victim(self) -> Request:
         return max(self.running, key=lambda r: self._keys[r.request_id])
+
+    def _spec_tokens_to_verify(self, request: Request, num_new: int, budget: int) -> list[int]:
+        """The part of the request's proposal this step verifies: none unless it decodes (one new
+        token, none pending), cut so that the step fits the budget and accepting all of it plus the
+        bonus token stays within max_tokens and the context."""
+        proposal = request.spec_token_ids
+        if not proposal or num_new != 1 or request.num_pending_tokens:
+            return []
+        room = min(budget - 1,
+                   request.max_tokens - request.num_output_tokens - 1,
+                   self.max_model_len - request.num_tokens - 1)
+        return list(proposal[: max(0, room)])
 
     def schedule(self) -> SchedulerOutput:
         """Decide this step's batch. Changes block tables and queues, not computed-token counts
@@ -191,7 +212,13 @@ class Scheduler:
             num_new = min(limit - request.num_computed_tokens, budget)
             if num_new <= 0:
                 continue  # nothing left to compute; the engine finishes it
+            spec = self._spec_tokens_to_verify(request, num_new, budget)
+            num_new += len(spec)
             while not self.block_manager.allocate_slots(request, num_new):
+                if spec:  # drop the proposal before preempting anyone
+                    num_new -= len(spec)
+                    spec = []
+                    continue
                 victim = self._victim()
                 for j, entry in enumerate(scheduled):
                     if entry.request is victim:  # already scheduled this step: give its tokens back
@@ -203,7 +230,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                scheduled.append(ScheduledRequest(request, num_new))
+                scheduled.append(ScheduledRequest(request, num_new, spec))
                 budget -= num_new
 
         if not preempted:
@@ -262,6 +289,18 @@ class Scheduler:
                 request.add_pending_token()
                 samplers.append(request)
         return samplers
+
+    def rollback_speculation(self, request: Request) -> None:
+        """After a verification step's accepted tokens were appended: only the KV of tokens whose
+        ids are known is valid (the rejected proposals' slots hold garbage), so the computed count
+        goes back to num_known_tokens - 1 (the newest token's KV is computed next step), blocks
+        that only rejected tokens used are freed, and the verified full blocks enter the prefix cache."""
+        request.spec_token_ids = []
+        if request.status != RequestStatus.RUNNING:
+            return
+        request.num_computed_tokens = min(request.num_computed_tokens, request.num_known_tokens - 1)
+        self.block_manager.trim_blocks(request, request.num_known_tokens)
+        self.block_manager.cache_full_blocks(request, request.num_computed_tokens)
 
     def resolve(self, samplers: list[Request], token_ids: list[int]) -> list[Request]:
         """The step's sampled tokens arrived: each request in `samplers` (advance's list) turns its
