@@ -21,7 +21,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default="smollm2-135m",
                    help="a directory (safetensors), a .gguf file, a Hugging Face id, or smollm2-135m (default)")
-    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
+    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy", "stand-in"])
     g.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA and on CPUs with native bf16 math, else float32; "
                    "$SHARDLINE_CPU_DTYPE overrides the CPU choice), float32, bfloat16, float16")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")

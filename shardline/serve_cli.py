@@ -32,11 +32,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     engine = serve.add_argument_group("engine (override the config's engine section)")
     engine.add_argument("--device", default=None, help="auto, cpu or cuda")
     engine.add_argument("--dtype", default=None)
-    engine.add_argument("--load-format", default=None, choices=["auto", "safetensors", "gguf", "dummy"])
+    engine.add_argument("--load-format", default=None, choices=["auto", "safetensors", "gguf", "dummy", "stand-in"])
     engine.add_argument("--num-kv-blocks", type=int, default=None)
     engine.add_argument("--max-model-len", type=int, default=None)
     engine.add_argument("--max-num-seqs", type=int, default=None)
     engine.add_argument("--max-num-batched-tokens", type=int, default=None)
+    engine.add_argument("--stream-interval-ms", type=float, default=None,
+                        help="longest a stream holds tokens after its first when many streams are open (default 50; 0: off)")
     serve.set_defaults(handler=cmd_serve)
 
     ask = sub.add_parser("ask", help="stream an answer from a running cluster over gRPC")
@@ -64,7 +66,8 @@ def config_from_args(args: argparse.Namespace):
            "log_json": args.log_json, "log_level": args.log_level, "log_prompts": args.log_prompts}
     top = {k: v for k, v in top.items() if v is not None}
     engine = {k: getattr(args, k) for k in ("device", "dtype", "load_format", "num_kv_blocks", "max_model_len",
-                                             "max_num_seqs", "max_num_batched_tokens") if getattr(args, k) is not None}
+                                             "max_num_seqs", "max_num_batched_tokens", "stream_interval_ms")
+              if getattr(args, k) is not None}
     if args.replicas is not None:
         top["autoscaling"] = None  # an explicit replica count wins over the file's autoscaling
     if args.config:

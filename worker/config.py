@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from shardline.worker.engine.stream_coalescer import StreamPolicy
+
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -172,6 +174,9 @@ class ModelConfig:
         return self.num_hidden_layers * per_layer + emb + h
 
 
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "stand-in")
+
+
 @dataclass
 class EngineConfig:
     """Knobs of one replica group's engine; the same fields in the CLI, the serve YAML and Python."""
@@ -179,7 +184,10 @@ class EngineConfig:
     model: str = "smollm2-135m"
     dtype: str = "auto"  # auto: bfloat16 on CUDA; on CPU see default_cpu_dtype
     device: str = "auto"  # auto: cuda when available, else cpu
-    load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    # auto | safetensors | gguf | dummy (random weights) | stand-in (no model: tokens at a set
+    # rate with no compute, to measure the serving path apart from the model; see
+    # worker/engine/stand_in.py; extra["stand_in_step_ms"] sets its step time)
+    load_format: str = "auto"
     tensor_parallel_size: int = 1
     block_size: int = 16
     num_kv_blocks: int | None = None  # explicit pool size; overrides the memory budget
@@ -198,6 +206,14 @@ class EngineConfig:
     async_scheduling: bool | None = None
     seed: int = 0
     max_queue_len: int = 1024  # waiting requests beyond this are rejected as overload
+    # Streaming (worker/engine/stream_coalescer.py): after a request's first token, which is sent
+    # at once, its deltas are merged for up to stream_interval_ms when many streams are open. The
+    # gap per stream is open_streams / stream_items_per_s, capped at the interval. 50 ms is Ray
+    # Serve LLM's stream_batching_interval_ms default and what 64 streams need to stay within
+    # ~1.3k items/s, the Serve path's measured ceiling on a 2-core machine (docs/performance.md).
+    # 0 turns coalescing off (each delta is its own item unless the consumer lags).
+    stream_interval_ms: float = 50.0
+    stream_items_per_s: float = 1000.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -209,6 +225,8 @@ class EngineConfig:
             ("gpu_memory_utilization", 0.0 < self.gpu_memory_utilization <= 1.0, "in (0, 1]"),
             ("cpu_kv_cache_fraction", 0.0 < self.cpu_kv_cache_fraction <= 1.0, "in (0, 1]"),
             ("max_queue_len", self.max_queue_len >= 1, ">= 1"),
+            ("stream_interval_ms", 0.0 <= self.stream_interval_ms < float("inf"), ">= 0 and finite"),
+            ("stream_items_per_s", 0.0 < self.stream_items_per_s < float("inf"), "> 0 and finite"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -217,14 +235,25 @@ class EngineConfig:
             raise ConfigError(f"num_kv_blocks: must be >= 1, got {self.num_kv_blocks}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len: must be >= 1, got {self.max_model_len}")
-        if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
-            raise ConfigError(f"load_format: {self.load_format!r} is not one of auto, safetensors, gguf, dummy")
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(f"load_format: {self.load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
+        if self.load_format == "stand-in" and self.tensor_parallel_size != 1:
+            raise ConfigError(f"tensor_parallel_size: the stand-in engine has no model to shard; got {self.tensor_parallel_size}, must be 1")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ConfigError(f"attention_backend: {self.attention_backend!r} is not one of auto, torch, triton")
         if self.dtype != "auto":
             parse_dtype(self.dtype)
+
+    @property
+    def needs_weights(self) -> bool:
+        """Whether the model's weight files must exist (dummy and stand-in need only config.json)."""
+        return self.load_format not in ("dummy", "stand-in")
+
+    def stream_policy(self) -> StreamPolicy:
+        """The StreamPolicy of this engine's streams (worker/engine/stream_coalescer.py)."""
+        return StreamPolicy(interval_s=self.stream_interval_ms / 1e3, items_per_s=self.stream_items_per_s)
 
     def resolved_device(self) -> torch.device:
         """The device the engine runs on: cuda when present (or asked), else cpu."""
