@@ -6,6 +6,7 @@ Serve YAML (deploy/serve.yaml) all become a ClusterConfig through `ClusterConfig
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,12 @@ ROUTERS = {
 }
 
 
+# One Ingress replica per this many cores by default. Per streamed item the Ingress costs about
+# as much CPU as the proxy and the ReplicaGroup's streaming together (docs/performance.md), and a
+# node's cores also run the proxy, the engines' host work and Ray itself.
+CORES_PER_INGRESS = 4
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """Everything `build_app` needs. Validated once, here; unknown keys are errors naming the key."""
@@ -40,6 +47,9 @@ class ClusterConfig:
     use_gpu: bool | None = None  # None: GPUs when the engine's device resolves to cuda
     cpus_per_rank: float = 1.0  # CPU share of each rank's placement-group bundle
     max_in_flight: int = 1024  # requests the ingress holds at once; beyond: RESOURCE_EXHAUSTED / 429
+    # Ingress replicas (each tokenizes, validates and relays every stream item of its requests);
+    # None: one per CORES_PER_INGRESS cores of the machine building the app, 1..8.
+    ingress_replicas: int | None = None
     request_timeout_s: float | None = None  # server-side cap on a request's life (None: no cap)
     stall_timeout_s: float = 60.0  # check_health fails after this long without progress while busy
     routing_stats_period_s: float = 1.0  # how often replicas report load and cached blocks
@@ -64,6 +74,8 @@ class ClusterConfig:
             raise ConfigError(f"tensor_parallel_size: must be >= 1, got {self.tensor_parallel_size}")
         if self.replicas < 1:
             raise ConfigError(f"replicas: must be >= 1, got {self.replicas}")
+        if self.ingress_replicas is not None and self.ingress_replicas < 1:
+            raise ConfigError(f"ingress_replicas: must be >= 1, got {self.ingress_replicas}")
         if self.max_in_flight < 1:
             raise ConfigError(f"max_in_flight: must be >= 1, got {self.max_in_flight}")
         if self.cpus_per_rank <= 0:
@@ -132,6 +144,12 @@ class ClusterConfig:
             return self.use_gpu
         return self.engine_config().resolved_device().type == "cuda"
 
+    def resolved_ingress_replicas(self) -> int:
+        """How many Ingress replicas: the config's, else one per CORES_PER_INGRESS cores (1..8)."""
+        if self.ingress_replicas is not None:
+            return self.ingress_replicas
+        return max(1, min(8, (os.cpu_count() or 1) // CORES_PER_INGRESS))
+
     def placement_bundles(self) -> list[dict[str, float]]:
         """One bundle per tensor-parallel rank; the replica actor itself takes bundle 0."""
         bundle: dict[str, float] = {"CPU": self.cpus_per_rank}
@@ -149,6 +167,9 @@ class ClusterConfig:
             # the replica actor (rank 0) must fit in bundle 0
             "ray_actor_options": {"num_cpus": bundles[0]["CPU"], "num_gpus": bundles[0].get("GPU", 0)},
         }
+        # Continuous batching wants every sequence the engine can run (plus a short queue) in
+        # flight: Serve's default of 5 ongoing requests per replica would cap the batch at 5.
+        options["max_ongoing_requests"] = self.engine_config().max_num_seqs + 32
         if self.autoscaling:
             options["autoscaling_config"] = dict(self.autoscaling)
         else:

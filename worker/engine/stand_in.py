@@ -1,5 +1,6 @@
 """The stand-in executor (`load_format="stand-in"`): no model, no KV pool, no compute. Each step
-returns logits that make the next token `(previous token + 1) % vocab_size`, after sleeping so
+returns logits that make the next token `(previous token + 1) % vocab_size` (the others fall off
+by 0.01 per id after it, so top-n logprobs are distinct numbers), after sleeping so
 that steps are at least `extra["stand_in_step_ms"]` apart (default 0: as fast as the engine's own
 scheduling, sampling and detokenizing go).
 
@@ -23,8 +24,8 @@ _MAX_DEFAULT_BLOCKS = 65536
 
 
 class StandInExecutor:
-    """An Executor (worker/engine/executor.py) whose `execute` costs a sleep and a one-hot row per
-    sampled sequence."""
+    """An Executor (worker/engine/executor.py) whose `execute` costs a sleep and one row of
+    arithmetic per sampled sequence."""
 
     def __init__(self, model_config: ModelConfig, config: EngineConfig, device: torch.device) -> None:
         step_ms = float(config.extra.get("stand_in_step_ms", 0.0))
@@ -38,18 +39,18 @@ class StandInExecutor:
         else:
             per_seq = -(-config.resolved_max_model_len(model_config) // config.block_size)
             self.num_blocks = min(_MAX_DEFAULT_BLOCKS, config.max_num_seqs * per_seq)
+        self._ids = torch.arange(self.vocab_size, dtype=torch.float32, device=device)
         self._last_return = time.monotonic()
 
     def execute(self, inputs: StepInputs) -> torch.Tensor:
-        """[N, vocab] float32 logits for the N sample rows: 1 at the next token, 0 elsewhere."""
+        """[N, vocab] float32 logits for the N sample rows: 0 at the next token, -0.01 * k at k ids after it."""
         if self.step_s > 0:
             wait = self._last_return + self.step_s - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
         previous = inputs.input_ids.index_select(0, inputs.sample_rows.to(inputs.input_ids.device))
         nxt = ((previous + 1) % self.vocab_size).to(self.device)
-        logits = torch.zeros(nxt.shape[0], self.vocab_size, dtype=torch.float32, device=self.device)
-        logits.scatter_(1, nxt.unsqueeze(1), 1.0)
+        logits = (self._ids.unsqueeze(0) - nxt.unsqueeze(1)).remainder_(self.vocab_size).mul_(-0.01)
         self._last_return = time.monotonic()
         return logits
 
