@@ -270,9 +270,14 @@ def run_cluster(args: argparse.Namespace, prompts) -> list[RunResult]:
     # process at nice 0. On a machine shared with other work that alone would starve the cluster
     # and make the ratio meaningless, so the workers run at 0 unless --serve-env says otherwise.
     os.environ.setdefault("RAY_worker_niceness", "0")
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # a loaded machine starts Ray slowly
+    from shardline.cluster.config import REPLICA_ENV
+
     for kv in args.serve_env:
         key, _, value = kv.partition("=")
         os.environ[key] = value  # before ray.init: every Ray process inherits it
+        if key in REPLICA_ENV:
+            REPLICA_ENV[key] = value  # the replicas' own runtime_env would override it
     ray.init(include_dashboard=False, log_to_driver=False)
     results = []
     try:

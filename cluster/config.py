@@ -32,6 +32,20 @@ ROUTERS = {
 CORES_PER_INGRESS = 4
 
 
+# Environment of the Ingress and ReplicaGroup replica processes (their ray_actor_options'
+# runtime_env, so it holds however the application is started: shardline serve, serve run, KubeRay).
+# Serve runs user code on a second event loop in its own thread by default, so every streamed
+# item crosses between two loops (and two threads contending for the GIL) inside each replica
+# before Ray sends it; with user code on the replica's main loop that hop is gone (Ray Serve's own
+# RAY_SERVE_THROUGHPUT_OPTIMIZED mode does the same). Measured in docs/performance.md.
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+
+
+def replica_actor_options(**options: Any) -> dict[str, Any]:
+    """ray_actor_options for a replica of ours: `options` plus the REPLICA_ENV runtime_env."""
+    return {**options, "runtime_env": {"env_vars": dict(REPLICA_ENV)}}
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """Everything `build_app` needs. Validated once, here; unknown keys are errors naming the key."""
@@ -165,7 +179,7 @@ class ClusterConfig:
             "placement_group_bundles": bundles,
             "placement_group_strategy": "STRICT_PACK",
             # the replica actor (rank 0) must fit in bundle 0
-            "ray_actor_options": {"num_cpus": bundles[0]["CPU"], "num_gpus": bundles[0].get("GPU", 0)},
+            "ray_actor_options": replica_actor_options(num_cpus=bundles[0]["CPU"], num_gpus=bundles[0].get("GPU", 0)),
         }
         # Continuous batching wants every sequence the engine can run (plus a short queue) in
         # flight: Serve's default of 5 ongoing requests per replica would cap the batch at 5.
