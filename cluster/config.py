@@ -33,17 +33,19 @@ CORES_PER_INGRESS = 4
 
 
 # Environment of the Ingress and ReplicaGroup replica processes (their ray_actor_options'
-# runtime_env, so it holds however the application is started: shardline serve, serve run, KubeRay).
-# Serve runs user code on a second event loop in its own thread by default, so every streamed
-# item crosses between two loops (and two threads contending for the GIL) inside each replica
-# before Ray sends it; with user code on the replica's main loop that hop is gone (Ray Serve's own
-# RAY_SERVE_THROUGHPUT_OPTIMIZED mode does the same). Measured in docs/performance.md.
-REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+# runtime_env, so it holds however the application is started: shardline serve, serve run, KubeRay),
+# as Ray Serve's own RAY_SERVE_THROUGHPUT_OPTIMIZED mode sets them (docs/performance.md has the A/Bs):
+# - user code on the replica's main event loop: by default Serve runs it on a second loop in its
+#   own thread, so every streamed item crosses from one loop (and thread) to the other;
+# - request routing on the caller's loop (the Ingress's handle to the ReplicaGroup): by default
+#   each routing decision hops to a router loop in another thread and back.
+ROUTER_LOOP_ENV = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", ROUTER_LOOP_ENV: "0"}
 
 
-def replica_actor_options(**options: Any) -> dict[str, Any]:
-    """ray_actor_options for a replica of ours: `options` plus the REPLICA_ENV runtime_env."""
-    return {**options, "runtime_env": {"env_vars": dict(REPLICA_ENV)}}
+def replica_actor_options(env: dict[str, str], **options: Any) -> dict[str, Any]:
+    """ray_actor_options for a replica of ours: `options` plus `env` as its runtime_env."""
+    return {**options, "runtime_env": {"env_vars": dict(env)}}
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,14 @@ class ClusterConfig:
             return self.use_gpu
         return self.engine_config().resolved_device().type == "cuda"
 
+    def replica_env(self) -> dict[str, str]:
+        """REPLICA_ENV for this application's replicas. Ray's PrefixCacheAffinityRouter makes
+        blocking ray.get calls while it routes, so with it routing keeps its own loop."""
+        env = dict(REPLICA_ENV)
+        if self.router == "prefix_affinity":
+            env[ROUTER_LOOP_ENV] = "1"
+        return env
+
     def resolved_ingress_replicas(self) -> int:
         """How many Ingress replicas: the config's, else one per CORES_PER_INGRESS cores (1..8)."""
         if self.ingress_replicas is not None:
@@ -179,7 +189,8 @@ class ClusterConfig:
             "placement_group_bundles": bundles,
             "placement_group_strategy": "STRICT_PACK",
             # the replica actor (rank 0) must fit in bundle 0
-            "ray_actor_options": replica_actor_options(num_cpus=bundles[0]["CPU"], num_gpus=bundles[0].get("GPU", 0)),
+            "ray_actor_options": replica_actor_options(self.replica_env(), num_cpus=bundles[0]["CPU"],
+                                                       num_gpus=bundles[0].get("GPU", 0)),
         }
         # Continuous batching wants every sequence the engine can run (plus a short queue) in
         # flight: Serve's default of 5 ongoing requests per replica would cap the batch at 5.

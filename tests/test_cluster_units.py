@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from shardline.cluster.config import CORES_PER_INGRESS, REPLICA_ENV, ClusterConfig  # noqa: E402
+from shardline.cluster.config import CORES_PER_INGRESS, REPLICA_ENV, ROUTER_LOOP_ENV, ClusterConfig  # noqa: E402
 from shardline.proto import generation_pb2 as pb  # noqa: E402
 from shardline.router import openai_api  # noqa: E402
 from shardline.router.ingress import deadline_from_metadata, sampling_from_proto  # noqa: E402
@@ -38,6 +38,8 @@ def test_serve_defaults_fit_continuous_batching_and_the_nodes_cores(monkeypatch)
     assert options["max_ongoing_requests"] == 64 + 32
     override = ClusterConfig(use_gpu=False, replica_group_options={"max_ongoing_requests": 7})
     assert override.replica_group_deployment_options()["max_ongoing_requests"] == 7
+    assert ClusterConfig(router="prefix_affinity").replica_env()[ROUTER_LOOP_ENV] == "1"  # it blocks its loop
+    assert ClusterConfig().replica_env() == REPLICA_ENV
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert ClusterConfig().resolved_ingress_replicas() == 16 // CORES_PER_INGRESS
     monkeypatch.setattr("os.cpu_count", lambda: 2)
