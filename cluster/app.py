@@ -11,7 +11,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from shardline.cluster.config import ClusterConfig
+from shardline.cluster.config import ClusterConfig, replica_actor_options
 from shardline.cluster.replica_group import replica_group_deployment
 
 # The gRPC services the proxy must register (serve.start(grpc_options=...) / the YAML's grpc_options).
@@ -28,5 +28,6 @@ def build_app(args: dict[str, Any] | ClusterConfig | None = None) -> Application
     config = args if isinstance(args, ClusterConfig) else ClusterConfig.from_dict(args)
     replica_group = replica_group_deployment(config)
     ingress = serve.deployment(name="Ingress")(Ingress).options(
-        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=max(1024, 2 * config.max_in_flight))
+        ray_actor_options=replica_actor_options(config.replica_env(), num_cpus=0),
+        max_ongoing_requests=max(1024, 2 * config.max_in_flight), num_replicas=config.resolved_ingress_replicas())
     return ingress.bind(replica_group.bind(config), config)

@@ -33,6 +33,28 @@ ROUTERS = {
 }
 
 
+# One Ingress replica per this many cores by default. Per streamed item the Ingress costs about
+# as much CPU as the proxy and the ReplicaGroup's streaming together (docs/performance.md), and a
+# node's cores also run the proxy, the engines' host work and Ray itself.
+CORES_PER_INGRESS = 4
+
+
+# Environment of the Ingress and ReplicaGroup replica processes (their ray_actor_options'
+# runtime_env, so it holds however the application is started: shardline serve, serve run, KubeRay),
+# as Ray Serve's own RAY_SERVE_THROUGHPUT_OPTIMIZED mode sets them (docs/performance.md has the A/Bs):
+# - user code on the replica's main event loop: by default Serve runs it on a second loop in its
+#   own thread, so every streamed item crosses from one loop (and thread) to the other;
+# - request routing on the caller's loop (the Ingress's handle to the ReplicaGroup): by default
+#   each routing decision hops to a router loop in another thread and back.
+ROUTER_LOOP_ENV = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", ROUTER_LOOP_ENV: "0"}
+
+
+def replica_actor_options(env: dict[str, str], **options: Any) -> dict[str, Any]:
+    """ray_actor_options for a replica of ours: `options` plus `env` as its runtime_env."""
+    return {**options, "runtime_env": {"env_vars": dict(env)}}
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """Everything `build_app` needs. Validated once, here; unknown keys are errors naming the key."""
@@ -48,6 +70,9 @@ class ClusterConfig:
     use_gpu: bool | None = None  # None: GPUs when the engine's device resolves to cuda
     cpus_per_rank: float = 1.0  # CPU share of each rank's placement-group bundle
     max_in_flight: int = 1024  # requests the ingress holds at once; beyond: RESOURCE_EXHAUSTED / 429
+    # Ingress replicas (each tokenizes, validates and relays every stream item of its requests);
+    # None: one per CORES_PER_INGRESS cores of the machine building the app, 1..8.
+    ingress_replicas: int | None = None
     request_timeout_s: float | None = None  # server-side cap on a request's life (None: no cap)
     stall_timeout_s: float = 60.0  # check_health fails after this long without progress while busy
     routing_stats_period_s: float = 1.0  # how often replicas report load and cached blocks
@@ -87,6 +112,8 @@ class ClusterConfig:
             raise ConfigError(f"tensor_parallel_size: must be >= 1, got {self.tensor_parallel_size}")
         if self.replicas < 1:
             raise ConfigError(f"replicas: must be >= 1, got {self.replicas}")
+        if self.ingress_replicas is not None and self.ingress_replicas < 1:
+            raise ConfigError(f"ingress_replicas: must be >= 1, got {self.ingress_replicas}")
         if self.max_in_flight < 1:
             raise ConfigError(f"max_in_flight: must be >= 1, got {self.max_in_flight}")
         if self.cpus_per_rank <= 0:
@@ -192,6 +219,20 @@ class ClusterConfig:
             return self.use_gpu
         return self.engine_config().resolved_device().type == "cuda"
 
+    def replica_env(self) -> dict[str, str]:
+        """REPLICA_ENV for this application's replicas. Ray's PrefixCacheAffinityRouter makes
+        blocking ray.get calls while it routes, so with it routing keeps its own loop."""
+        env = dict(REPLICA_ENV)
+        if self.router == "prefix_affinity":
+            env[ROUTER_LOOP_ENV] = "1"
+        return env
+
+    def resolved_ingress_replicas(self) -> int:
+        """How many Ingress replicas: the config's, else one per CORES_PER_INGRESS cores (1..8)."""
+        if self.ingress_replicas is not None:
+            return self.ingress_replicas
+        return max(1, min(8, (os.cpu_count() or 1) // CORES_PER_INGRESS))
+
     def placement_bundles(self) -> list[dict[str, float]]:
         """One bundle per tensor-parallel rank; the replica actor itself takes bundle 0."""
         bundle: dict[str, float] = {"CPU": self.cpus_per_rank}
@@ -207,8 +248,12 @@ class ClusterConfig:
             "placement_group_bundles": bundles,
             "placement_group_strategy": "STRICT_PACK",
             # the replica actor (rank 0) must fit in bundle 0
-            "ray_actor_options": {"num_cpus": bundles[0]["CPU"], "num_gpus": bundles[0].get("GPU", 0)},
+            "ray_actor_options": replica_actor_options(self.replica_env(), num_cpus=bundles[0]["CPU"],
+                                                       num_gpus=bundles[0].get("GPU", 0)),
         }
+        # Continuous batching wants every sequence the engine can run (plus a short queue) in
+        # flight: Serve's default of 5 ongoing requests per replica would cap the batch at 5.
+        options["max_ongoing_requests"] = self.engine_config().max_num_seqs + 32
         if self.autoscaling:
             options["autoscaling_config"] = dict(self.autoscaling)
         else:

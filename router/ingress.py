@@ -181,7 +181,7 @@ class Ingress:
                           static_fields={"replica_group": "ingress", "model_name": config.model_name})
         self.replicas = replica_group
         self.model_name = config.model_name
-        source = resolve_model(config.model, weights_required=config.engine_config().load_format != "dummy")
+        source = resolve_model(config.model, weights_required=config.engine_config().needs_weights)
         self.model_config = ModelConfig.from_hf_config(source.hf_config())
         self.tokenizer = load_tokenizer(source, chat_template=config.chat_template)
         self.metrics = RouterMetrics(self.model_name)

@@ -440,11 +440,12 @@ def mode_prefix(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def mode_serve(args: argparse.Namespace) -> list[dict[str, Any]]:
     from shardline.worker.engine.async_engine import AsyncEngine
+    from shardline.worker.engine.stream_coalescer import StreamPolicy
 
     rows = []
     engine = _make_engine(args)
     warm_up(engine)
-    aeng = AsyncEngine(engine)
+    aeng = AsyncEngine(engine, stream_policy=StreamPolicy(interval_s=0.0))  # in-process: no hop to spare
     vocab = engine.model_config.vocab_size
     for rate in args.request_rates:
         prompts = random_prompts(args.num_prompts, args.input_len, vocab, args.seed)
@@ -609,7 +610,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         release_device_memory(device)
         roof = measure_roofline(device)
         result["roofline"] = roof
-        cfg = ModelConfig.from_hf_config(resolve_model(args.model, weights_required=args.load_format != "dummy").hf_config())
+        cfg = ModelConfig.from_hf_config(resolve_model(args.model, weights_required=args.load_format not in ("dummy", "stand-in")).hf_config())
         dtype_bytes = 2 if device.type == "cuda" else 4
         for r in rows:
             batch = r.get("batch", 1 if args.mode == "latency" else None)

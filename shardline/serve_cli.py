@@ -108,11 +108,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray.serve.config import HTTPOptions, gRPCOptions
 
     from shardline.cluster.app import GRPC_SERVICER_FUNCTIONS, build_app
+    from shardline.cluster.config import ROUTER_LOOP_ENV
 
     config = config_from_args(args)
     stop = threading.Event()
     print(f"shardline: starting a local Ray cluster for {config.model} "
           f"(tp={config.tensor_parallel_size}, replicas={config.autoscaling or config.replicas})", file=sys.stderr)
+    # The proxies' handles route on their own loop too (cluster/config.py REPLICA_ENV); inherited by
+    # every Ray process started here, the replicas' runtime_env decides for them.
+    os.environ.setdefault(ROUTER_LOOP_ENV, "0")
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM exit
         signal.signal(sig, lambda *_: stop.set())

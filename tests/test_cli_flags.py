@@ -50,6 +50,8 @@ NON_DEFAULT_FLAG_VALUES: dict[str, tuple[str, ...]] = {
     "speculative_draft_layers": ("--speculative-draft-layers", "2"),
     "speculative_adaptive": ("--no-speculative-adaptive",),
     "speculative_disable_by_batch_size": ("--speculative-disable-by-batch-size", "8"),
+    "stream_interval_ms": ("--stream-interval-ms", "20"),
+    "stream_items_per_s": ("--stream-items-per-s", "500"),
 }
 # Fields that are only valid together: the flags above set these companions as well.
 COMPANION_FIELDS: dict[str, set[str]] = {

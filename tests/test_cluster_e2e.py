@@ -39,7 +39,7 @@ def cluster(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("tiny-cluster-model")
     hf = write_tiny_model_with_tokenizer(model_dir)
     grpc_port, http_port = free_port(), free_port()
-    args = dict(model=str(model_dir), engine=ENGINE, replicas=2, cpus_per_rank=0.5, max_in_flight=MAX_IN_FLIGHT,
+    args = dict(model=str(model_dir), engine=ENGINE, replicas=2, cpus_per_rank=0.5, max_in_flight=MAX_IN_FLIGHT, ingress_replicas=1,
                 routing_stats_period_s=0.2, metrics_period_s=0.2, served_model_names=["tiny"],
                 replica_group_options={"health_check_period_s": 1, "health_check_timeout_s": 10,
                                        "graceful_shutdown_timeout_s": 5})

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from shardline.cluster.config import ClusterConfig  # noqa: E402
+from shardline.cluster.config import CORES_PER_INGRESS, REPLICA_ENV, ROUTER_LOOP_ENV, ClusterConfig  # noqa: E402
 from shardline.proto import generation_pb2 as pb  # noqa: E402
 from shardline.router import openai_api, openai_protocol  # noqa: E402
 from shardline.router.ingress import deadline_from_metadata, sampling_from_proto  # noqa: E402
@@ -28,7 +28,7 @@ def test_tp_bundles_are_one_per_rank_with_gpus_only_when_asked() -> None:
     gpu = ClusterConfig(tensor_parallel_size=4, use_gpu=True).replica_group_deployment_options()
     assert gpu["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 1}] * 4
     assert gpu["placement_group_strategy"] == "STRICT_PACK"
-    assert gpu["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1}
+    assert gpu["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1, "runtime_env": {"env_vars": REPLICA_ENV}}
     cpu = ClusterConfig(tensor_parallel_size=2, use_gpu=False, cpus_per_rank=0.5, replicas=3)
     options = cpu.replica_group_deployment_options()
     assert options["placement_group_bundles"] == [{"CPU": 0.5}] * 2 and options["num_replicas"] == 3
@@ -39,6 +39,23 @@ def test_the_engine_section_takes_vllms_speculative_config_object() -> None:
         "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}}})
     engine = config.engine_config()
     assert (engine.speculative_method, engine.num_speculative_tokens, engine.prompt_lookup_max) == ("ngram", 3, 4)
+
+
+def test_serve_defaults_fit_continuous_batching_and_the_nodes_cores(monkeypatch) -> None:
+    # Serve's default of 5 ongoing requests per replica would cap the engine's batch at 5
+    options = ClusterConfig(use_gpu=False, engine={"max_num_seqs": 64}).replica_group_deployment_options()
+    assert options["max_ongoing_requests"] == 64 + 32
+    override = ClusterConfig(use_gpu=False, replica_group_options={"max_ongoing_requests": 7})
+    assert override.replica_group_deployment_options()["max_ongoing_requests"] == 7
+    assert ClusterConfig(router="prefix_affinity").replica_env()[ROUTER_LOOP_ENV] == "1"  # it blocks its loop
+    assert ClusterConfig().replica_env() == REPLICA_ENV
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert ClusterConfig().resolved_ingress_replicas() == 16 // CORES_PER_INGRESS
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert ClusterConfig().resolved_ingress_replicas() == 1
+    assert ClusterConfig(ingress_replicas=3).resolved_ingress_replicas() == 3
+    with pytest.raises(ConfigError, match="ingress_replicas"):
+        ClusterConfig(ingress_replicas=0)
 
 
 def test_autoscaling_replaces_a_fixed_replica_count() -> None:

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from shardline.worker.engine.stream_coalescer import StreamPolicy
+
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -226,6 +228,9 @@ def knob(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any 
     return field(default=default, metadata=metadata)
 
 
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "stand-in")
+
+
 @dataclass
 class EngineConfig:
     """Knobs of one replica group's engine; the same fields in the CLI, the serve YAML and Python.
@@ -237,8 +242,10 @@ class EngineConfig:
     dtype: str = knob("auto", help="weights and activations: auto (bfloat16 on CUDA and on CPUs with native bf16 "
                       "math, else float32; $SHARDLINE_CPU_DTYPE overrides the CPU choice), float32, bfloat16, float16")
     device: str = knob("auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
-    load_format: str = knob("auto", choices=("auto", "safetensors", "gguf", "dummy"),
-                            help="how weights are read; dummy: random weights from the config (benchmarks)")
+    load_format: str = knob("auto", choices=LOAD_FORMATS,
+                            help="how weights are read; dummy: random weights from the config (benchmarks); "
+                            "stand-in: no model, tokens at a set rate with no compute, to measure the serving path "
+                            "apart from the model (worker/engine/stand_in.py; extra.stand_in_step_ms sets its step time)")
     tensor_parallel_size: int = knob(1, aliases=("-tp", "--tp"), help="ranks the model is sharded over")
     block_size: int = knob(16, help="tokens per KV-cache block (a power of two)")
     num_kv_blocks: int | None = knob(None, aliases=("--num-gpu-blocks-override",),
@@ -277,6 +284,14 @@ class EngineConfig:
     speculative_disable_by_batch_size: int | None = knob(None, help="propose nothing while this many requests or "
                                                          "more are running (a large batch is compute-bound); "
                                                          "default: always propose")
+    # Streaming (worker/engine/stream_coalescer.py). 50 ms is Ray Serve LLM's
+    # stream_batching_interval_ms default and what 64 streams need to stay within ~1.3k items/s, the
+    # Serve path's measured ceiling on a 2-core machine (docs/performance.md).
+    stream_interval_ms: float = knob(50.0, help="after a request's first token (sent at once), the longest its "
+                                     "deltas are merged into one streamed item when many streams are open, in ms; "
+                                     "0: off (vLLM's --stream-interval, Ray Serve LLM's stream_batching_interval_ms)")
+    stream_items_per_s: float = knob(1000.0, help="streamed items per second the serving path is sized for: the "
+                                     "merge gap per stream is open streams / this, capped at stream_interval_ms")
     extra: dict[str, Any] = knob(default_factory=dict, help="experimental knobs as a JSON object: fused_kernels "
                                  "(auto|triton|torch), tp_timeout_s, tp_startup_timeout_s, fault_injection")
 
@@ -289,6 +304,8 @@ class EngineConfig:
             ("gpu_memory_utilization", 0.0 < self.gpu_memory_utilization <= 1.0, "in (0, 1]"),
             ("cpu_kv_cache_fraction", 0.0 < self.cpu_kv_cache_fraction <= 1.0, "in (0, 1]"),
             ("max_queue_len", self.max_queue_len >= 1, ">= 1"),
+            ("stream_interval_ms", 0.0 <= self.stream_interval_ms < float("inf"), ">= 0 and finite"),
+            ("stream_items_per_s", 0.0 < self.stream_items_per_s < float("inf"), "> 0 and finite"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -301,6 +318,9 @@ class EngineConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"{f.name}: {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+        if self.load_format == "stand-in" and self.tensor_parallel_size != 1:
+            raise ConfigError(f"tensor_parallel_size: the stand-in engine has no model to shard; got "
+                              f"{self.tensor_parallel_size}, must be 1")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda")
         if self.dtype != "auto":
@@ -341,6 +361,15 @@ class EngineConfig:
     @property
     def speculative_enabled(self) -> bool:
         return self.speculative_method is not None
+
+    @property
+    def needs_weights(self) -> bool:
+        """Whether the model's weight files must exist (dummy and stand-in need only config.json)."""
+        return self.load_format not in ("dummy", "stand-in")
+
+    def stream_policy(self) -> StreamPolicy:
+        """The StreamPolicy of this engine's streams (worker/engine/stream_coalescer.py)."""
+        return StreamPolicy(interval_s=self.stream_interval_ms / 1e3, items_per_s=self.stream_items_per_s)
 
     def resolved_device(self) -> torch.device:
         """The device the engine runs on: cuda when present (or asked), else cpu."""

@@ -107,7 +107,7 @@ class LLMEngine:
         self.dtype = config.resolved_dtype()
         self.metrics = metrics
         self._launcher = launcher  # where tp ranks 1.. run (worker/parallel/launcher.py); None: local processes
-        source = resolve_model(config.model, weights_required=config.load_format != "dummy")
+        source = resolve_model(config.model, weights_required=config.needs_weights)
         self.model_config = ModelConfig.from_hf_config(source.hf_config())
         self.tokenizer = load_tokenizer(source)
         load_format = config.load_format if config.load_format != "auto" else source.kind
@@ -143,6 +143,10 @@ class LLMEngine:
             self.rejection_sampler = RejectionSampler()
 
     def _make_executor(self, spec: ModelSpec, show_progress: bool) -> Executor:
+        if self.config.load_format == "stand-in":
+            from shardline.worker.engine.stand_in import StandInExecutor
+
+            return StandInExecutor(self.model_config, self.config, self.device)
         if self.config.tensor_parallel_size > 1:
             from shardline.worker.parallel.executor import TensorParallelExecutor
 
