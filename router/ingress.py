@@ -159,7 +159,7 @@ class Ingress:
         self.model_name = config.model_name
         source = resolve_model(config.model, weights_required=config.engine_config().load_format != "dummy")
         self.model_config = ModelConfig.from_hf_config(source.hf_config())
-        self.tokenizer = load_tokenizer(source)
+        self.tokenizer = load_tokenizer(source, config.engine_config().special_tokens_in_content)
         self.metrics = RouterMetrics(self.model_name)
         register_decision_sink(self.metrics.on_decision)
         self.admission = _Admission(config.max_in_flight)

@@ -198,6 +198,9 @@ class EngineConfig:
     async_scheduling: bool | None = None
     seed: int = 0
     max_queue_len: int = 1024  # waiting requests beyond this are rejected as overload
+    # Parse control tokens (e.g. <|im_end|>) inside chat message contents, as before the hardening:
+    # off by default, so that only the chat template's own markup becomes control tokens.
+    special_tokens_in_content: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
