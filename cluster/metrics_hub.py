@@ -48,6 +48,10 @@ def hub_name(app_name: str) -> str:
 
 
 def get_or_create_hub(app_name: str, ttl_s: float = 15.0):
-    """The application's hub, created on first use (detached: it outlives any one replica)."""
+    """The application's hub, created on first use (detached: it outlives any one replica).
+
+    Health must not hang on it: Ray restarts a hub that dies (max_restarts=-1, e.g. kill -9 of its
+    process), and a caller whose call fails asks here again, which creates a new one when the old
+    one is gone for good (killed without restart). A new hub is empty until the replicas' next push."""
     return MetricsHub.options(name=hub_name(app_name), namespace="shardline", get_if_exists=True,
-                              lifetime="detached").remote(ttl_s)
+                              lifetime="detached", max_restarts=-1).remote(ttl_s)

@@ -145,15 +145,20 @@ class ReplicaGroup:
         return self.metrics.exposition()
 
     def _push_loop(self) -> None:
+        import ray
+
         from shardline.cluster.metrics_hub import get_or_create_hub
 
         while not self._stop.wait(self.config.metrics_period_s):
             try:
                 if self._hub is None:
                     self._hub = get_or_create_hub(self.config.app_name, self.config.snapshot_ttl_s)
-                self._hub.push.remote(self.replica_id, self.metrics.exposition(), self.stats())
-            except Exception:  # noqa: BLE001 - metrics must never take the replica down
-                log.exception("pushing metrics failed")
+                # Waited for: a push to a dead hub fails only here, and then the hub is looked up
+                # (or created) again on the next period, so a killed hub comes back.
+                ray.get(self._hub.push.remote(self.replica_id, self.metrics.exposition(), self.stats()),
+                        timeout=max(5.0, 5 * self.config.metrics_period_s))
+            except Exception as e:  # noqa: BLE001 - metrics must never take the replica down
+                log.warning("pushing metrics failed (%s); looking the metrics hub up again", type(e).__name__)
                 self._hub = None
 
     def __del__(self) -> None:

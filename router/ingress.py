@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -31,7 +32,12 @@ from shardline.logging import configure_logging
 from shardline.metrics import RouterMetrics, merge_expositions
 from shardline.proto import generation_pb2 as pb
 from shardline.router import openai_api
+from shardline.router.health import HubClient, Readiness
+from shardline.router.limits import RequestLimitsMiddleware, check_prompt_chars, request_label
+from shardline.router.offload import TokenizerPool
+from shardline.router.replica_stream import cancel_replica_stream
 from shardline.router.routing_hint import RoutingHint
+from shardline.router.tenancy import cache_salt_for
 from shardline.worker.engine.params import RequestError, SamplingParams
 from shardline.worker.engine.validation import Limits, validate_request
 from shardline.worker.tokenizer import encode_prompt, load_tokenizer
@@ -56,6 +62,7 @@ DEADLINE_KEYS = ("grpc-timeout", "timeout-ms", "x-shardline-timeout-ms")
 _GRPC_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 web = FastAPI(title="shardline", description="OpenAI-compatible API of a shardline cluster")
+web.add_middleware(RequestLimitsMiddleware)  # hardening: 413 / 431 before a body is read (router/limits.py)
 
 
 def deadline_from_metadata(metadata: list[tuple[str, Any]] | None) -> float | None:
@@ -63,12 +70,17 @@ def deadline_from_metadata(metadata: list[tuple[str, Any]] | None) -> float | No
     for key, value in metadata or []:
         value = value.decode() if isinstance(value, bytes) else str(value)
         try:
+            seconds = None
             if key == "grpc-timeout" and value and value[-1] in _GRPC_TIMEOUT_UNITS:
-                return float(value[:-1]) * _GRPC_TIMEOUT_UNITS[value[-1]]
+                seconds = float(value[:-1]) * _GRPC_TIMEOUT_UNITS[value[-1]]
             if key in ("timeout-ms", "x-shardline-timeout-ms"):
-                return float(value) / 1000.0
+                seconds = float(value) / 1000.0
+            if seconds is not None:
+                if not math.isfinite(seconds) or seconds <= 0:  # hardening: nan, inf, 0, negative
+                    raise ValueError
+                return seconds
         except ValueError:
-            raise RequestError(key, f"not a valid timeout: {value!r}") from None
+            raise RequestError(key, f"not a valid timeout: {value[:32]!r} (a positive, finite number)") from None
     return None
 
 
@@ -100,8 +112,11 @@ class _Admission:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_flight = 0
+        self.closed: str | None = None  # hardening: set by Ingress.drain, every new request is refused
 
     def __enter__(self) -> "_Admission":
+        if self.closed is not None:
+            raise RequestError("", self.closed, code="unavailable")
         if self.in_flight >= self.limit:
             raise RequestError("", f"the server is at its limit of {self.limit} requests in flight; retry later",
                                code="resource_exhausted")
@@ -147,7 +162,6 @@ class Ingress:
     grpc.health.v1 Check) and OpenAI HTTP routes, both on the same validation and streaming path."""
 
     def __init__(self, replica_group, config: ClusterConfig) -> None:
-        from shardline.cluster.metrics_hub import get_or_create_hub
         from shardline.router.request_router import register_decision_sink  # the real module, see there
         from shardline.worker.config import ModelConfig
         from shardline.worker.loader.source import resolve_model
@@ -163,7 +177,9 @@ class Ingress:
         self.metrics = RouterMetrics(self.model_name)
         register_decision_sink(self.metrics.on_decision)
         self.admission = _Admission(config.max_in_flight)
-        self.hub = get_or_create_hub(config.app_name, config.snapshot_ttl_s)
+        self.hub = HubClient(config.app_name, config.snapshot_ttl_s)  # hardening: re-resolved when it dies
+        self.readiness = Readiness(replica_group, self.hub)
+        self.tokenizer_pool = TokenizerPool(config.tokenizer_threads)  # hardening: tokenize off the event loop
         self._info: dict[str, Any] | None = None
         self._info_lock = asyncio.Lock()
 
@@ -187,7 +203,8 @@ class Ingress:
     async def prepare(self, prompt: Any, sampling: dict[str, Any]) -> list[int]:
         """Tokenize and validate exactly as the engine will (same validator, same limits)."""
         info = await self.model_info()
-        token_ids = self.encode(prompt)
+        check_prompt_chars(prompt, self.config.prompt_chars_limit(info["max_model_len"]))  # hardening: before tokenizing
+        token_ids = await self.tokenizer_pool.run(self.encode, prompt)  # hardening: off the event loop
         if not isinstance(sampling, dict):
             raise RequestError("sampling", "must be an object")
         try:
@@ -198,7 +215,8 @@ class Ingress:
         return token_ids
 
     async def stream(self, token_ids: list[int], sampling: dict[str, Any], request_id: str, priority: int,
-                     cache_salt: str | None, timeout_s: float | None) -> AsyncIterator[dict[str, Any]]:
+                     cache_salt: str | None, timeout_s: float | None,
+                     tenant: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Admit, route and stream one request's items; raises RequestError for errors (codes
         resource_exhausted, unavailable, deadline_exceeded, ...). Leaving early cancels the replica's
         stream, which aborts the engine request."""
@@ -207,6 +225,7 @@ class Ingress:
         caps = [t for t in (timeout_s, self.config.request_timeout_s) if t is not None]
         deadline = time.monotonic() + min(caps) if caps else None
         with self.admission:
+            cache_salt = cache_salt_for(self.config.tenant_isolation, tenant, cache_salt)  # hardening: router/tenancy.py
             args = [token_ids, sampling, request_id, priority, cache_salt]
             if self.config.router_needs_text:  # positional: Ray's text router only scans args
                 args.append(self.routing_hint(token_ids))
@@ -247,7 +266,7 @@ class Ingress:
                                    code="unavailable") from None
             finally:
                 if not finished:
-                    response.cancel()
+                    cancel_replica_stream(response)  # hardening: never blocks the loop nor raises
 
     def routing_hint(self, token_ids: list[int]) -> RoutingHint:
         """The prompt as text for a text-prefix router: decoded from the token ids, so text, chat
@@ -260,14 +279,31 @@ class Ingress:
         """Count a request refused before it ran (not a failure mid-stream, not one the engine counted)."""
         if not started and not getattr(error, "counted", False):
             self.metrics.on_reject(error.code)
+        # hardening: one INFO line, the message bounded (RequestError), no traceback
+        log.info("request refused: %s", error, extra={"code": error.code, "field": error.field[:64]})
+
+    # ---- drain (cluster/drain.py; hardening) ----------------------------------------------------------
+
+    async def drain(self) -> int:
+        """Stop admitting: new requests get UNAVAILABLE / 503 and readiness fails; requests in flight
+        go on. Returns how many are in flight."""
+        self.readiness.draining = True
+        self.admission.closed = "the server is draining (shutting down); retry on another instance"
+        return self.admission.in_flight
+
+    async def in_flight(self) -> int:
+        """Requests this ingress holds now (admitted and not yet finished)."""
+        return self.admission.in_flight
 
     # ---- gRPC: shardline.v1.Generation ---------------------------------------------------------------
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
         """Server-streaming generation; errors become the call's status with the field named."""
-        rid = request.request_id or f"gen-{uuid.uuid4().hex[:16]}"
+        rid = f"gen-{uuid.uuid4().hex[:16]}"  # hardening: the engine always gets the server's own id
+        reply_id = rid
         started = False
         try:
+            reply_id = request_label(request.request_id, self.config.max_request_id_chars) or rid
             kind = request.WhichOneof("input")
             if kind is None:
                 raise RequestError("input", "set one of text, chat or token_ids")
@@ -280,7 +316,7 @@ class Ingress:
             async with contextlib.aclosing(items):  # a cancel at our yield still cancels the replica's stream
                 async for item in items:
                     started = True
-                    yield _to_proto(rid, item)
+                    yield _to_proto(reply_id, item)
         except RequestError as e:
             self.reject(e, started)
             _set_status(grpc_context, e)
@@ -295,11 +331,10 @@ class Ingress:
             kind = request.WhichOneof("input")
             if kind is None:
                 raise RequestError("input", "set one of text or chat")
-            if kind == "chat":
-                ids = self.encode(chat_from_proto(request.chat))
-            else:
-                add = request.add_special_tokens if request.HasField("add_special_tokens") else None
-                ids = self.encode(request.text, add)
+            prompt = chat_from_proto(request.chat) if kind == "chat" else request.text
+            check_prompt_chars(prompt, self.config.prompt_chars_limit(self.model_config.max_position_embeddings))
+            add = request.add_special_tokens if kind == "text" and request.HasField("add_special_tokens") else None
+            ids = await self.tokenizer_pool.run(self.encode, prompt, add)  # hardening: off the event loop
             return pb.TokenizeResponse(token_ids=ids, count=len(ids))
         except RequestError as e:
             _set_status(grpc_context, e)
@@ -337,21 +372,11 @@ class Ingress:
         return health_pb2.HealthCheckResponse(status=status)
 
     async def _snapshots(self):
-        try:
-            return await self.hub.snapshots.remote()
-        except Exception as e:  # noqa: BLE001 - the hub restarting: report no replicas rather than fail
-            log.warning("metrics hub unreachable: %s", e)
-            return []
+        return await self.hub.snapshots() or []  # [] while the hub is unreachable
 
     async def _ready(self) -> tuple[bool, str]:
-        try:
-            await asyncio.wait_for(self.model_info(), 10)
-        except (RequestError, asyncio.TimeoutError) as e:
-            return False, f"no replica group is ready: {e}"
-        snapshots = await self._snapshots()
-        if not snapshots:
-            return False, "no replica group has reported its state yet"
-        return True, f"{len(snapshots)} replica group(s) reporting"
+        """Readiness (router/health.py): not draining and a replica group live."""
+        return await self.readiness.check()
 
     # ---- HTTP: OpenAI-compatible -----------------------------------------------------------------------
 
@@ -380,23 +405,36 @@ class Ingress:
         return PlainTextResponse(text.decode(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @web.get("/health")
+    @web.get("/health/ready")
     async def health(self) -> Response:
+        """Readiness: 200 when this ingress can serve a request now, else 503 (draining, no replica)."""
         serving, detail = await self._ready()
         return JSONResponse({"status": "ok" if serving else "unavailable", "detail": detail},
                             status_code=200 if serving else 503)
+
+    @web.get("/health/live")
+    async def liveness(self) -> Response:
+        """Liveness: the ingress process and its event loop answer (replicas and the hub may not)."""
+        return JSONResponse({"status": "ok"})
 
     async def _openai(self, request: Request, chat: bool) -> Response:
         try:
             try:
                 body = await request.json()
-            except ValueError:
-                raise RequestError("body", "not valid JSON") from None
-            req = openai_api.parse_chat(body) if chat else openai_api.parse_completion(body)
+            except (ValueError, RecursionError):  # hardening: nesting past Python's recursion limit too
+                raise RequestError("body", "not valid JSON (or nested too deeply)") from None
+            try:
+                req = openai_api.parse_chat(body) if chat else openai_api.parse_completion(body)
+            except RequestError:
+                raise
+            except (TypeError, ValueError, AttributeError, RecursionError) as e:  # hardening: 400, never 500
+                raise RequestError("body", f"malformed request ({type(e).__name__})") from None
             model = body.get("model")
             if model not in (None, self.model_name, self.config.model):
                 raise RequestError("model", f"the model {model!r} does not exist; this server serves "
                                    f"{self.model_name!r}", code="not_found")
-            rid = ("chatcmpl-" if chat else "cmpl-") + (req.request_id or uuid.uuid4().hex[:24])
+            request_label(req.request_id, self.config.max_request_id_chars)  # hardening: validated, never the engine's id
+            rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
             token_ids = await self.prepare(req.prompt, req.sampling)
             items = self.stream(token_ids, req.sampling, rid, req.priority, req.cache_salt, None)
             first = await items.__anext__()  # errors before any byte is sent become a proper status

@@ -78,37 +78,56 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Start Ray, Serve's proxies and the application; wait for Ctrl-C / SIGTERM; drain and exit."""
+    """Start Ray, Serve's proxies and the application; wait for Ctrl-C / SIGTERM; drain and exit.
+
+    Draining (cluster/drain.py): the ingress stops admitting (UNAVAILABLE / 503, readiness fails),
+    requests in flight finish within graceful_shutdown_timeout_s, then the proxies and Ray stop. A
+    second Ctrl-C / SIGTERM stops waiting."""
     import ray
     from ray import serve
-    from ray.serve.config import HTTPOptions, gRPCOptions
 
-    from shardline.cluster.app import GRPC_SERVICER_FUNCTIONS, build_app
+    from shardline.cluster.app import build_app
+    from shardline.cluster.drain import drain_application
+    from shardline.cluster.proxies import apply_proxy_environment, serve_start_options
 
     config = config_from_args(args)
-    stop = threading.Event()
+    stop, give_up = threading.Event(), threading.Event()
     print(f"shardline: starting a local Ray cluster for {config.model} "
           f"(tp={config.tensor_parallel_size}, replicas={config.autoscaling or config.replicas})", file=sys.stderr)
+    apply_proxy_environment(config)  # before ray.init: the proxies inherit the node's environment
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+
+    def on_signal(*_: Any) -> None:
+        (give_up if stop.is_set() else stop).set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM exit
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
-        serve.start(grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
-                    http_options=HTTPOptions(host=config.host, port=config.http_port))
+        serve.start(**serve_start_options(config))
         serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
         _wait_ready(f"127.0.0.1:{config.grpc_port}", stop)
         if not stop.is_set():
             host = config.host if config.host not in ("0.0.0.0", "::") else "localhost"
+            scheme = "https" if config.ssl_certfile else "http"
             print(f"shardline: serving {config.model_name}\n"
                   f"  gRPC    {host}:{config.grpc_port}   (shardline.v1.Generation; try: shardline ask "
                   f"--address {host}:{config.grpc_port} \"What is the capital of France?\")\n"
-                  f"  HTTP    http://{host}:{config.http_port}/v1   (OpenAI-compatible)\n"
-                  f"  metrics http://{host}:{config.http_port}/metrics\n"
+                  f"  HTTP    {scheme}://{host}:{config.http_port}/v1   (OpenAI-compatible)\n"
+                  f"  metrics {scheme}://{host}:{config.http_port}/metrics\n"
                   "Ctrl-C to stop.", flush=True)
         while not stop.wait(0.5):
             pass
-        print("shardline: draining and shutting down", file=sys.stderr, flush=True)
-        serve.shutdown()  # replicas drain (graceful_shutdown_timeout_s) before their engines stop
+        timeout_s = config.graceful_shutdown_timeout_s
+        print(f"shardline: draining (new requests refused; up to {timeout_s:.0f} s for those in flight; "
+              "Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+        try:
+            report = drain_application(config.app_name, timeout_s, give_up=give_up)
+            print(f"shardline: drained: {report.in_flight_at_start} request(s) were in flight, "
+                  f"{report.in_flight_at_end} left after {report.waited_s:.1f} s; shutting down",
+                  file=sys.stderr, flush=True)
+        except Exception as e:  # noqa: BLE001 - the application never came up: nothing to drain
+            print(f"shardline: nothing to drain ({type(e).__name__}: {e}); shutting down", file=sys.stderr, flush=True)
+        serve.shutdown()  # proxies, then replicas (each drains within graceful_shutdown_timeout_s)
     finally:
         ray.shutdown()
     return 0
