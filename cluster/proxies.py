@@ -15,7 +15,8 @@ from shardline.cluster.config import ClusterConfig
 
 # The gRPC services the proxy must register (serve.start(grpc_options=...) / the YAML's grpc_options).
 GRPC_SERVICER_FUNCTIONS = [
-    "shardline.proto.generation_pb2_grpc.add_GenerationServicer_to_server",
+    # the generated add_GenerationServicer_to_server, after fixing the proxy's cancel (router/grpc_proxy.py)
+    "shardline.router.grpc_proxy.add_generation_servicer",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 

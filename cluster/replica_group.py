@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from ray import serve
@@ -41,6 +42,26 @@ def output_to_dict(out: RequestOutput) -> dict[str, Any]:
         if out.error:
             item["error"] = {"code": "unavailable", "field": "", "message": f"the engine failed: {out.error}"}
     return item
+
+
+@dataclass(frozen=True)
+class StreamOwner:
+    """The named Ray actor (the ingress replica) a generate stream is for: when it dies, nobody
+    reads the stream, and the replica aborts the stream's engine request (Ray does not stop an
+    actor's streaming call whose caller died)."""
+
+    namespace: str
+    name: str
+
+    def alive(self) -> bool:
+        """Whether the actor still exists (a dead actor's name is gone at once)."""
+        import ray
+
+        try:
+            ray.get_actor(self.name, namespace=self.namespace)
+        except ValueError:
+            return False
+        return True
 
 
 def error_item(code: str, field: str, message: str) -> dict[str, Any]:
@@ -74,15 +95,21 @@ class ReplicaGroup:
         self._hub = None
         self._pusher = threading.Thread(target=self._push_loop, name="shardline-metrics-push", daemon=True)
         self._pusher.start()
+        self._owners: dict[str, StreamOwner] = {}  # engine request id -> the ingress it streams to
+        self._owner_watch = threading.Thread(target=self._watch_owners, name="shardline-owner-watch", daemon=True)
+        self._owner_watch.start()
 
     # ---- serving ------------------------------------------------------------------------------
 
     async def generate(self, token_ids: list[int], params: dict[str, Any], request_id: str | None = None,
                        priority: int = 0, cache_salt: str | None = None,
-                       hint: Any = None) -> AsyncIterator[dict[str, Any]]:
+                       hint: Any = None, owner: StreamOwner | None = None) -> AsyncIterator[dict[str, Any]]:
         """Stream one request's deltas as dicts; the last has finish_reason and usage, or `error`.
         Leaving the iteration (the caller cancelled) aborts the request and frees its blocks.
-        `hint` (a router.routing_hint.RoutingHint, positional) is for text-based routers only."""
+        `hint` (a router.routing_hint.RoutingHint, positional) is for text-based routers only;
+        `owner`: the calling ingress, watched so that its death aborts the request."""
+        if owner is not None and request_id is not None:
+            self._owners[request_id] = owner
         try:
             sampling = SamplingParams.from_dict(params)
             async for out in self.engine.generate(list(token_ids), sampling, request_id, priority, cache_salt):
@@ -93,6 +120,9 @@ class ReplicaGroup:
             yield error_item("unavailable", "", str(e))
         except TypeError as e:  # SamplingParams(**params) with a wrongly shaped value
             yield error_item("invalid_argument", "sampling", str(e))
+        finally:
+            if request_id is not None:
+                self._owners.pop(request_id, None)
 
     def model_info(self) -> dict[str, Any]:
         """The model, its limits (for the ingress's validator) and this replica's pool."""
@@ -143,6 +173,23 @@ class ReplicaGroup:
     def metrics_exposition(self) -> bytes:
         """This replica's metrics in the Prometheus text format."""
         return self.metrics.exposition()
+
+    def _watch_owners(self, period_s: float = 1.0) -> None:
+        """Abort the engine requests of every ingress that died (checked once a period)."""
+        while not self._stop.wait(period_s):
+            by_owner: dict[StreamOwner, list[str]] = {}
+            for rid, owner in list(self._owners.items()):
+                by_owner.setdefault(owner, []).append(rid)
+            for owner, rids in by_owner.items():
+                try:
+                    if owner.alive():
+                        continue
+                except Exception:  # noqa: BLE001 - GCS unreachable: decide next period
+                    continue
+                log.warning("the ingress %s died; aborting its %d request(s)", owner.name, len(rids))
+                for rid in rids:
+                    self._owners.pop(rid, None)
+                    self.engine.abort(rid)
 
     def _push_loop(self) -> None:
         import ray

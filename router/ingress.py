@@ -140,6 +140,29 @@ def _set_status(grpc_context, error: RequestError) -> None:
     grpc_context.set_details(str(error))
 
 
+def _stream_owner():
+    """This ingress replica as a StreamOwner, or None (outside a named Ray actor, or when the
+    name does not resolve: then nothing is watched rather than everything aborted)."""
+    import ray
+
+    from shardline.cluster.replica_group import StreamOwner
+
+    try:
+        from ray.serve._private.constants import SERVE_NAMESPACE
+    except ImportError:
+        SERVE_NAMESPACE = "serve"  # noqa: N806 - Serve's documented namespace
+    try:
+        name = ray.get_runtime_context().get_actor_name()
+        # NOTE: Serve's replicas live in Serve's namespace; the runtime context's namespace is the job's.
+        owner = StreamOwner(SERVE_NAMESPACE, name) if name else None
+        if owner is not None and not owner.alive():
+            log.warning("this ingress (%s) cannot find itself by name; replicas will not watch it", name)
+            return None
+        return owner
+    except Exception:  # noqa: BLE001 - not in a Ray actor
+        return None
+
+
 def _to_proto(rid: str, item: dict[str, Any]) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(request_id=rid, token_ids=item.get("token_ids", []), text=item.get("text", ""))
     for token_id, logprob, top in item.get("logprobs") or []:
@@ -180,6 +203,7 @@ class Ingress:
         self.hub = HubClient(config.app_name, config.snapshot_ttl_s)  # hardening: re-resolved when it dies
         self.readiness = Readiness(replica_group, self.hub)
         self.tokenizer_pool = TokenizerPool(config.tokenizer_threads)  # hardening: tokenize off the event loop
+        self.owner = _stream_owner()  # hardening: replicas abort this ingress's requests if it dies
         self._info: dict[str, Any] | None = None
         self._info_lock = asyncio.Lock()
 
@@ -229,7 +253,7 @@ class Ingress:
             args = [token_ids, sampling, request_id, priority, cache_salt]
             if self.config.router_needs_text:  # positional: Ray's text router only scans args
                 args.append(self.routing_hint(token_ids))
-            response = self.replicas.options(stream=True).generate.remote(*args)
+            response = self.replicas.options(stream=True).generate.remote(*args, owner=self.owner)
             finished = False
             try:
                 while True:

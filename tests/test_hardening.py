@@ -267,6 +267,53 @@ def test_json_nested_past_the_recursion_limit_is_400(cluster) -> None:
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "body"
 
 
+# ---- findings 3 and 5: a cancel always reaches the engine; a dead ingress's requests are aborted ----------
+
+
+def finished(samples: dict[tuple, float], reason: str) -> float:
+    return sum(v for (n, ls), v in samples.items()
+               if n == "shardline:request_success_total" and dict(ls).get("finished_reason") == reason)
+
+
+def busy(stub) -> int:
+    return sum(r.running + r.waiting for r in stub.GetModelInfo(pb.ModelInfoRequest(), timeout=30).replicas)
+
+
+def test_every_cancelled_grpc_stream_aborts_its_engine_request(cluster, stub) -> None:
+    wait_all_free(stub)
+    before, tries = scrape(cluster), 12
+    for i in range(tries):  # no deadline: only the cancel can end these before max_tokens
+        call = stub.Generate(long_request(), timeout=300)
+        for _ in range(1 + i % 6):  # cancel at different points of the stream
+            next(call)
+        call.cancel()
+        deadline = time.monotonic() + 3.0  # a lost cancel runs ~5 s more to max_tokens
+        while busy(stub):
+            assert time.monotonic() < deadline, f"try {i}: the engine request outlived its cancel"
+            time.sleep(0.05)
+    time.sleep(1.0)  # the replica's last metrics push
+    after = scrape(cluster)
+    assert finished(after, "abort") - finished(before, "abort") == tries
+    assert finished(after, "length") == finished(before, "length")
+
+
+def test_a_dead_ingress_gives_unavailable_and_its_engine_requests_are_aborted(cluster, stub) -> None:
+    wait_all_free(stub)
+    before = scrape(cluster)
+    call = stub.Generate(long_request(), timeout=300)
+    next(call)
+    ray.kill(named_actor("#Ingress#"), no_restart=True)
+    with pytest.raises(grpc.RpcError) as error:
+        list(call)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE, error.value.details()
+    wait_healthy(cluster, stub, timeout_s=180)
+    deadline = time.monotonic() + 30
+    while finished(scrape(cluster), "abort") - finished(before, "abort") < 1:
+        assert time.monotonic() < deadline, "the dead ingress's request was not aborted"
+        time.sleep(0.5)
+    assert finished(scrape(cluster), "length") == finished(before, "length")
+
+
 # ---- finding 4: health heals after each actor kind is killed ------------------------------------------------
 
 
