@@ -7,8 +7,11 @@ grpc_servicer_functions instead of the generated one, which it then calls).
    it arrives while the proxy writes a message to the client, grpc.aio cancels the handler
    outside that await, the proxy's generators are finalised without ever calling `cancel()`, and
    the ingress and the engine go on to max_tokens: 7 of 15 cancels were lost here, 17 of 45 in
-   the issue. The fix: a response abandoned unfinished (its generator object dropped) is
-   cancelled when it is collected, whatever path dropped it.
+   the issue. The fix: each response is tied to the proxy task that created (and consumes) it;
+   when that task ends (a cancelled RPC ends it) and the response is unfinished, it is
+   cancelled, whatever path ended the task. (Waiting for the abandoned generator's collection is
+   not enough: the proxy raises the garbage collector's thresholds, and the exception cycle keeps
+   the frame alive for seconds or more.)
 2. A call whose ingress replica died is UNAVAILABLE (retryable), not INTERNAL: the proxy maps the
    RayActorError of a dead ingress to INTERNAL.
 
@@ -18,7 +21,9 @@ patched and a warning says so (tests/test_hardening.py fails then, as it should)
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import weakref
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -48,6 +53,7 @@ def install_proxy_fixes() -> bool:
         log.warning("Ray %s: the gRPC proxy fixes are for Ray %sx and are not installed; a client's cancel "
                     "may not reach the engine (send a deadline)", ray.__version__, PATCHED_RAY)
         return False
+    generator_cls.__init__ = _tied_to_its_task(generator_cls.__init__)
     generator_cls.__del__ = _cancel_if_abandoned
     proxy.get_grpc_response_status = _status_with_dead_ingress_unavailable(grpc_util.get_grpc_response_status)
     setattr(generator_cls, _MARK, True)
@@ -72,6 +78,30 @@ def _cancel_if_abandoned(self: Any) -> None:
         assignment.add_done_callback(lambda _: _quiet_cancel(response))
         return
     _quiet_cancel(response)
+
+
+def _tied_to_its_task(original_init: Any) -> Any:
+    """ProxyResponseGenerator.__init__, then: when the current task ends, cancel the response if
+    it is still unfinished (a finished stream or unary call is `_done`, and nothing happens)."""
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:
+            task = None
+        if task is None:
+            return
+        ref = weakref.ref(self)
+
+        def on_task_done(_: Any) -> None:
+            generator = ref()
+            if generator is not None:
+                _cancel_if_abandoned(generator)
+
+        task.add_done_callback(on_task_done)
+
+    return __init__
 
 
 def _status_with_dead_ingress_unavailable(original: Any) -> Any:
