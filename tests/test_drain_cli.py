@@ -6,6 +6,7 @@ and cut every open stream with UNAVAILABLE "Stream removed"."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,7 +53,9 @@ def test_sigterm_lets_the_stream_in_flight_finish_and_refuses_new_calls(tmp_path
         assert rest["finish"] == pb.FINISH_REASON_LENGTH and len(first.token_ids) + len(rest["ids"]) == TOKENS
         assert proc.wait(180) == 0
         stderr = (tmp_path / "serve.stderr").read_text()
-        assert "drained: 1 request(s) were in flight, 0 left" in stderr, stderr[-3000:]
+        # the stream, and perhaps a probe call admitted just before admission closed
+        drained = re.search(r"drained: (\d+) request\(s\) were in flight, 0 left", stderr)
+        assert drained and int(drained[1]) >= 1, stderr[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
