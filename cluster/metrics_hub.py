@@ -52,6 +52,8 @@ def get_or_create_hub(app_name: str, ttl_s: float = 15.0):
 
     Health must not hang on it: Ray restarts a hub that dies (max_restarts=-1, e.g. kill -9 of its
     process), and a caller whose call fails asks here again, which creates a new one when the old
-    one is gone for good (killed without restart). A new hub is empty until the replicas' next push."""
+    one is gone for good (killed without restart). A new hub is empty until the replicas' next push.
+    NOTE: scheduling_strategy="DEFAULT": created from a ReplicaGroup replica it would otherwise land
+    in that replica's placement group and die (for good) with it."""
     return MetricsHub.options(name=hub_name(app_name), namespace="shardline", get_if_exists=True,
-                              lifetime="detached", max_restarts=-1).remote(ttl_s)
+                              lifetime="detached", max_restarts=-1, scheduling_strategy="DEFAULT").remote(ttl_s)

@@ -16,7 +16,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-HUB_CALL_TIMEOUT_S = 2.0  # a hub being restarted must not hold a health probe
+PROBE_HUB_TIMEOUT_S = 2.0  # a hub being restarted must not hold a health probe (it falls back to a replica)
+DATA_HUB_TIMEOUT_S = 10.0  # GetModelInfo and /metrics wait longer for a busy hub
 REPLICA_PROBE_TIMEOUT_S = 5.0  # under a Kubernetes probe's usual 10 s timeout
 
 
@@ -27,6 +28,7 @@ class HubClient:
         self.app_name = app_name
         self.ttl_s = ttl_s
         self._hub: Any = None
+        self._handle()  # created now, as the ingress starts (replicas find it, or create it if it is gone)
 
     def _handle(self) -> Any:
         from shardline.cluster.metrics_hub import get_or_create_hub
@@ -35,11 +37,14 @@ class HubClient:
             self._hub = get_or_create_hub(self.app_name, self.ttl_s)
         return self._hub
 
-    async def snapshots(self) -> list[Any] | None:
+    async def snapshots(self, timeout_s: float = DATA_HUB_TIMEOUT_S) -> list[Any] | None:
         """Every live replica's latest ReplicaSnapshot, or None when the hub cannot be reached now."""
         try:
-            return await asyncio.wait_for(self._handle().snapshots.remote(), HUB_CALL_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001 - dead, restarting or unreachable: look it up again next time
+            return await asyncio.wait_for(self._handle().snapshots.remote(), timeout_s)
+        except asyncio.TimeoutError:  # busy, or restarting: not a reason to look it up again
+            log.warning("metrics hub did not answer within %.0f s", timeout_s)
+            return None
+        except Exception as e:  # noqa: BLE001 - dead or unreachable: look it up (or create it) again next time
             log.warning("metrics hub unreachable (%s); it will be looked up again", type(e).__name__)
             self._hub = None
             return None
@@ -57,7 +62,7 @@ class Readiness:
         """(ready, a one-line reason)."""
         if self.draining:
             return False, "draining: this server is shutting down"
-        snapshots = await self.hub.snapshots()
+        snapshots = await self.hub.snapshots(PROBE_HUB_TIMEOUT_S)
         if snapshots:
             return True, f"{len(snapshots)} replica group(s) reporting"
         try:  # no snapshot (hub new, restarting or gone): ask a replica itself
