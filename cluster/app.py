@@ -14,11 +14,7 @@ from ray.serve import Application
 from shardline.cluster.config import ClusterConfig, replica_actor_options
 from shardline.cluster.replica_group import replica_group_deployment
 
-# The gRPC services the proxy must register (serve.start(grpc_options=...) / the YAML's grpc_options).
-GRPC_SERVICER_FUNCTIONS = [
-    "shardline.proto.generation_pb2_grpc.add_GenerationServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-]
+from shardline.cluster.proxies import GRPC_SERVICER_FUNCTIONS  # noqa: F401 - its old home, still imported from here
 
 
 def build_app(args: dict[str, Any] | ClusterConfig | None = None) -> Application:

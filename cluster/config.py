@@ -106,6 +106,20 @@ class ClusterConfig:
     log_json: bool = False  # one JSON object per log line (request id, replica group, finish reason, tokens)
     log_level: str = "INFO"
     log_prompts: bool = False  # prompts and completions are user data: never logged unless asked
+    # ---- limits and security (docs/security.md) ----
+    max_request_body_bytes: int = 8 * 2**20  # HTTP bodies beyond this: 413 before the body is read
+    max_request_header_bytes: int = 64 * 2**10  # all HTTP header names and values: beyond, 431 (uvicorn under Ray sets no bound)
+    max_grpc_message_bytes: int = 8 * 2**20  # gRPC proxy's receive/send limit (Serve's default: 2 GiB)
+    # Characters of a text prompt or of all chat contents, checked before tokenizing; None: 32 per
+    # token of max_model_len (no tokenizer here has longer tokens in ordinary text).
+    max_prompt_chars: int | None = None
+    tokenizer_threads: int = 4  # tokenization and chat templating run on this many threads, off the event loop
+    max_request_id_chars: int = 128  # a client-chosen request id is a label of at most this many printable characters
+    ssl_certfile: str | None = None  # HTTPS for the HTTP proxy (with ssl_keyfile); gRPC TLS: docs/security.md
+    ssl_keyfile: str | None = None
+    # Prefix-cache isolation per tenant: the cache salt comes from the caller's identity (API key),
+    # never from the request, and cached_tokens reports only the caller's own hits.
+    tenant_isolation: bool = False
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -121,6 +135,13 @@ class ClusterConfig:
         for name in ("grpc_port", "http_port"):
             if not 0 < getattr(self, name) < 65536:
                 raise ConfigError(f"{name}: must be a TCP port, got {getattr(self, name)}")
+        for name in ("max_request_body_bytes", "max_request_header_bytes", "max_grpc_message_bytes", "tokenizer_threads", "max_request_id_chars"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ConfigError(f"max_prompt_chars: must be >= 1, got {self.max_prompt_chars}")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ConfigError("ssl_certfile: HTTPS needs both ssl_certfile and ssl_keyfile")
         if self.router not in ROUTERS:
             raise ConfigError(f"router: must be one of {', '.join(ROUTERS)}, got {self.router!r}")
         for key in _ENGINE_TOP_LEVEL:
@@ -204,6 +225,16 @@ class ClusterConfig:
         return max(5 * self.metrics_period_s, 3.0)
 
     @property
+    def graceful_shutdown_timeout_s(self) -> float:
+        """How long a drain waits for requests in flight: the ReplicaGroup's Serve option of that
+        name (Serve's default, 20 s, when unset)."""
+        return float(self.replica_group_options.get("graceful_shutdown_timeout_s", 20.0))
+
+    def prompt_chars_limit(self, max_model_len: int) -> int:
+        """The cheap pre-tokenization bound on a prompt's characters (see max_prompt_chars)."""
+        return self.max_prompt_chars if self.max_prompt_chars is not None else 32 * max_model_len
+
+    @property
     def model_name(self) -> str:
         """The name clients see (/v1/models, GetModelInfo) and metrics carry."""
         return self.served_model_names[0]
@@ -251,15 +282,23 @@ class ClusterConfig:
             "ray_actor_options": replica_actor_options(self.replica_env(), num_cpus=bundles[0]["CPU"],
                                                        num_gpus=bundles[0].get("GPU", 0)),
         }
-        # Continuous batching wants every sequence the engine can run (plus a short queue) in
-        # flight: Serve's default of 5 ongoing requests per replica would cap the batch at 5.
-        options["max_ongoing_requests"] = self.engine_config().max_num_seqs + 32
         if self.autoscaling:
             options["autoscaling_config"] = dict(self.autoscaling)
         else:
             options["num_replicas"] = self.replicas
+        options.update(self.batching_defaults())
         options.update(self.replica_group_options)
         return options
+
+    def batching_defaults(self) -> dict[str, int]:
+        """Serve's admission bounds for the ReplicaGroup when the config sets none (Serve's own
+        default of 5 ongoing requests per replica would cap every engine's batch at 5):
+        `max_ongoing_requests` = max_num_seqs + half of it (a full batch plus a short line the
+        engine refills from at once, as deploy/serve.yaml sets by hand), and `max_queued_requests`
+        = 4 x max_num_seqs per caller: past both, Serve refuses at once and the ingress answers
+        RESOURCE_EXHAUSTED / 429."""
+        seqs = self.engine_config().max_num_seqs
+        return {"max_ongoing_requests": seqs + max(1, seqs // 2), "max_queued_requests": 4 * seqs}
 
 
 def _from_serve_config(serve: dict[str, Any]) -> dict[str, Any]:

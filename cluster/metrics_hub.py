@@ -48,7 +48,13 @@ def hub_name(app_name: str) -> str:
 
 
 def get_or_create_hub(app_name: str, ttl_s: float = 15.0):
-    """The application's hub, created on first use (detached: it outlives any one replica)."""
+    """The application's hub, created on first use (detached: it outlives any one replica).
+
+    Health must not hang on it: Ray restarts a hub that dies (max_restarts=-1, e.g. kill -9 of its
+    process), and a caller whose call fails asks here again, which creates a new one when the old
+    one is gone for good (killed without restart). A new hub is empty until the replicas' next push.
+    NOTE: scheduling_strategy="DEFAULT": created from a ReplicaGroup replica it would otherwise land
+    in that replica's placement group and die (for good) with it."""
     # ray.remote's typing hands back the class itself; the actor class it makes has .options.
-    return MetricsHub.options(name=hub_name(app_name), namespace="shardline",  # type: ignore[attr-defined]
-                              get_if_exists=True, lifetime="detached").remote(ttl_s)
+    return MetricsHub.options(name=hub_name(app_name), namespace="shardline", get_if_exists=True,  # type: ignore[attr-defined]
+                              lifetime="detached", max_restarts=-1, scheduling_strategy="DEFAULT").remote(ttl_s)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from ray import serve
@@ -30,6 +31,26 @@ from shardline.worker.engine.generation import GenerationRequest, StreamItem
 from shardline.worker.engine.params import RequestError, SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamOwner:
+    """The named Ray actor (the ingress replica) a generate stream is for: when it dies, nobody
+    reads the stream, and the replica aborts the stream's engine request (Ray does not stop an
+    actor's streaming call whose caller died)."""
+
+    namespace: str
+    name: str
+
+    def alive(self) -> bool:
+        """Whether the actor still exists (a dead actor's name is gone at once)."""
+        import ray
+
+        try:
+            ray.get_actor(self.name, namespace=self.namespace)
+        except ValueError:
+            return False
+        return True
 
 
 class ReplicaGroup:
@@ -57,18 +78,27 @@ class ReplicaGroup:
         self._hub: Any = None  # the application's MetricsHub actor handle, once reached
         self._pusher = threading.Thread(target=self._push_loop, name="shardline-metrics-push", daemon=True)
         self._pusher.start()
+        self._owners: dict[str, StreamOwner] = {}  # engine request id -> the ingress it streams to
+        self._owner_watch = threading.Thread(target=self._watch_owners, name="shardline-owner-watch", daemon=True)
+        self._owner_watch.start()
 
     # ---- serving ------------------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest, hint: Any = None) -> AsyncIterator[StreamItem]:
+    async def generate(self, request: GenerationRequest, hint: Any = None,
+                       owner: StreamOwner | None = None) -> AsyncIterator[StreamItem]:
         """Stream the request's deltas as StreamItems (choice `index`); each choice's last item has
         its finish_reason, or `error`. Leaving the iteration (the caller cancelled) aborts every
         choice and frees its blocks. `hint` (a router.routing_hint.RoutingHint, positional) is for
-        text-based routers only.
+        text-based routers only; `owner`: the calling ingress, watched so that its death aborts
+        the request's choices.
 
         n > 1: choice 0 runs first; the other choices are submitted once it has produced its
         first token, so its prompt's full KV blocks are in the prefix cache and they only compute
         the prompt's last partial block (without prefix caching each choice computes its prompt)."""
+        choice_ids = [request.choice(i).request_id for i in range(request.params.n)]
+        if owner is not None:
+            for rid in choice_ids:
+                self._owners[rid] = owner
         try:
             if request.params.n == 1:
                 async for out in self.engine.generate(request):
@@ -92,6 +122,9 @@ class ReplicaGroup:
             yield StreamItem.failure(e)
         except EngineDeadError as e:
             yield StreamItem.failure(RequestError("", str(e), code="unavailable"))
+        finally:
+            for rid in choice_ids:
+                self._owners.pop(rid, None)
 
     def params_in_flight(self) -> dict[str, SamplingParams]:
         """The SamplingParams the engine holds for each request in flight, by request id."""
@@ -147,16 +180,38 @@ class ReplicaGroup:
         """This replica's metrics in the Prometheus text format."""
         return self.metrics.exposition()
 
+    def _watch_owners(self, period_s: float = 1.0) -> None:
+        """Abort the engine requests of every ingress that died (checked once a period)."""
+        while not self._stop.wait(period_s):
+            by_owner: dict[StreamOwner, list[str]] = {}
+            for rid, owner in list(self._owners.items()):
+                by_owner.setdefault(owner, []).append(rid)
+            for owner, rids in by_owner.items():
+                try:
+                    if owner.alive():
+                        continue
+                except Exception:  # noqa: BLE001 - GCS unreachable: decide next period
+                    continue
+                log.warning("the ingress %s died; aborting its %d request(s)", owner.name, len(rids))
+                for rid in rids:
+                    self._owners.pop(rid, None)
+                    self.engine.abort(rid)
+
     def _push_loop(self) -> None:
+        import ray
+
         from shardline.cluster.metrics_hub import get_or_create_hub
 
         while not self._stop.wait(self.config.metrics_period_s):
             try:
                 if self._hub is None:
                     self._hub = get_or_create_hub(self.config.app_name, self.config.snapshot_ttl_s)
-                self._hub.push.remote(self.replica_id, self.metrics.exposition(), self.stats())
-            except Exception:  # noqa: BLE001 - metrics must never take the replica down
-                log.exception("pushing metrics failed")
+                # Waited for: a push to a dead hub fails only here, and then the hub is looked up
+                # (or created) again on the next period, so a killed hub comes back.
+                ray.get(self._hub.push.remote(self.replica_id, self.metrics.exposition(), self.stats()),
+                        timeout=max(5.0, 5 * self.config.metrics_period_s))
+            except Exception as e:  # noqa: BLE001 - metrics must never take the replica down
+                log.warning("pushing metrics failed (%s); looking the metrics hub up again", type(e).__name__)
                 self._hub = None
 
     def __del__(self) -> None:

@@ -15,9 +15,11 @@ Errors map one way everywhere: RequestError codes -> gRPC status / HTTP status (
 # serve.ingress pickles by value, where string annotations would not resolve.
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
 from typing import Any, AsyncGenerator, AsyncIterator
@@ -33,9 +35,14 @@ from shardline.logging import configure_logging
 from shardline.metrics import RouterMetrics, merge_expositions
 from shardline.proto import generation_pb2 as pb
 from shardline.router import openai_api, openai_protocol
+from shardline.router.health import HubClient, Readiness
+from shardline.router.limits import RequestLimitsMiddleware, check_prompt_chars, request_label
+from shardline.router.offload import TokenizerPool
+from shardline.router.replica_stream import cancel_replica_stream
 from shardline.router.routing_hint import RoutingHint
 from shardline.router.sampling_defaults import load_sampling_defaults
 from shardline.router.streams import merge_streams
+from shardline.router.tenancy import cache_salt_for
 from shardline.worker.engine.generation import GenerationRequest, StreamItem
 from shardline.worker.engine.params import RequestError, SamplingParams
 from shardline.worker.engine.validation import Limits
@@ -63,6 +70,7 @@ DEADLINE_KEYS = ("grpc-timeout", "timeout-ms", "x-shardline-timeout-ms")
 _GRPC_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 web = FastAPI(title="shardline", description="OpenAI-compatible API of a shardline cluster")
+web.add_middleware(RequestLimitsMiddleware)  # hardening: 413 / 431 before a body is read (router/limits.py)
 
 
 @web.exception_handler(StarletteHTTPException)
@@ -80,12 +88,17 @@ def deadline_from_metadata(metadata: list[tuple[str, Any]] | None) -> float | No
     for key, value in metadata or []:
         value = value.decode() if isinstance(value, bytes) else str(value)
         try:
+            seconds = None
             if key == "grpc-timeout" and value and value[-1] in _GRPC_TIMEOUT_UNITS:
-                return float(value[:-1]) * _GRPC_TIMEOUT_UNITS[value[-1]]
+                seconds = float(value[:-1]) * _GRPC_TIMEOUT_UNITS[value[-1]]
             if key in ("timeout-ms", "x-shardline-timeout-ms"):
-                return float(value) / 1000.0
+                seconds = float(value) / 1000.0
+            if seconds is not None:
+                if not math.isfinite(seconds) or seconds <= 0:  # hardening: nan, inf, 0, negative
+                    raise ValueError
+                return seconds
         except ValueError:
-            raise RequestError(key, f"not a valid timeout: {value!r}") from None
+            raise RequestError(key, f"not a valid timeout: {value[:32]!r} (a positive, finite number)") from None
     return None
 
 
@@ -123,8 +136,11 @@ class _Admission:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_flight = 0
+        self.closed: str | None = None  # hardening: set by Ingress.drain, every new request is refused
 
     def __enter__(self) -> "_Admission":
+        if self.closed is not None:
+            raise RequestError("", self.closed, code="unavailable")
         if self.in_flight >= self.limit:
             raise RequestError("", f"the server is at its limit of {self.limit} requests in flight; retry later",
                                code="resource_exhausted")
@@ -140,6 +156,29 @@ def _set_status(grpc_context, error: RequestError) -> None:
         return
     grpc_context.set_code(GRPC_STATUS.get(error.code, grpc.StatusCode.INTERNAL))
     grpc_context.set_details(str(error))
+
+
+def _stream_owner():
+    """This ingress replica as a StreamOwner, or None (outside a named Ray actor, or when the
+    name does not resolve: then nothing is watched rather than everything aborted)."""
+    import ray
+
+    from shardline.cluster.replica_group import StreamOwner
+
+    try:
+        from ray.serve._private.constants import SERVE_NAMESPACE
+    except ImportError:
+        SERVE_NAMESPACE = "serve"  # noqa: N806 - Serve's documented namespace
+    try:
+        name = ray.get_runtime_context().get_actor_name()
+        # NOTE: Serve's replicas live in Serve's namespace; the runtime context's namespace is the job's.
+        owner = StreamOwner(SERVE_NAMESPACE, name) if name else None
+        if owner is not None and not owner.alive():
+            log.warning("this ingress (%s) cannot find itself by name; replicas will not watch it", name)
+            return None
+        return owner
+    except Exception:  # noqa: BLE001 - not in a Ray actor
+        return None
 
 
 def _to_proto(rid: str, item: StreamItem) -> pb.GenerateResponse:
@@ -171,7 +210,6 @@ class Ingress:
     grpc.health.v1 Check) and OpenAI HTTP routes, both on the same validation and streaming path."""
 
     def __init__(self, replica_group, config: ClusterConfig) -> None:
-        from shardline.cluster.metrics_hub import get_or_create_hub
         from shardline.router.request_router import register_decision_sink  # the real module, see there
         from shardline.worker.config import ModelConfig
         from shardline.worker.loader.source import resolve_model
@@ -183,11 +221,15 @@ class Ingress:
         self.model_name = config.model_name
         source = resolve_model(config.model, weights_required=config.engine_config().needs_weights)
         self.model_config = ModelConfig.from_hf_config(source.hf_config())
-        self.tokenizer = load_tokenizer(source, chat_template=config.chat_template)
+        self.tokenizer = load_tokenizer(source, chat_template=config.chat_template,
+                                        special_tokens_in_content=config.engine_config().special_tokens_in_content)
         self.metrics = RouterMetrics(self.model_name)
         register_decision_sink(self.metrics.on_decision)
         self.admission = _Admission(config.max_in_flight)
-        self.hub = get_or_create_hub(config.app_name, config.snapshot_ttl_s)
+        self.hub = HubClient(config.app_name, config.snapshot_ttl_s)  # hardening: re-resolved when it dies
+        self.readiness = Readiness(replica_group, self.hub)
+        self.tokenizer_pool = TokenizerPool(config.tokenizer_threads)  # hardening: tokenize off the event loop
+        self.owner = _stream_owner()  # hardening: replicas abort this ingress's requests if it dies
         self._info: dict[str, Any] | None = None
         self._info_lock = asyncio.Lock()
 
@@ -217,6 +259,13 @@ class Ingress:
         given = (key or "").encode()
         return any([hmac.compare_digest(given, k) for k in self._api_keys])
 
+    def tenant_of(self, key: str | None) -> str | None:
+        """The caller's tenant identity for cache isolation (router/tenancy.py): a digest of its
+        API key (the key itself is never kept or logged), None when anonymous."""
+        if not key or not self.authorized(key):
+            return None
+        return hashlib.sha256(key.encode()).hexdigest()[:32]
+
     def check_model(self, model: str | None) -> None:
         """A request naming a model this server does not serve is 404 model_not_found."""
         if model is not None and model not in self.config.model_names:
@@ -237,23 +286,41 @@ class Ingress:
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                     continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None,
                     template_kwargs: dict[str, Any] | None = None) -> list[int]:
-        """Token ids of chat messages rendered with the chat template; RequestError naming `messages`."""
+        """Token ids of chat messages rendered with the chat template (control-token text in a
+        content stays plain text: worker/tokenizer.py); RequestError naming `messages`."""
         if self.tokenizer is None:
             raise RequestError("messages", "this model has no tokenizer; send token ids")
         try:
-            text = self.tokenizer.chat_prompt_text(messages, add_generation_prompt, continue_final_message,
-                                                   tools, template_kwargs)
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt, continue_final_message,
+                                                      tools, template_kwargs)
         except Exception as e:  # noqa: BLE001 - malformed messages, a template that refuses them
             message = str(e)
             field, sep, rest = message.partition(": ")
             raise RequestError(field if sep and field.startswith("messages") else "messages",
                                rest if sep and field.startswith("messages") else message) from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    async def encode_off_loop(self, prompt: Any, add_special_tokens: bool | None = None) -> list[int]:
+        """`encode` on the tokenizer pool, after the cheap character bound (router/limits.py), so a
+        huge prompt is refused at once and no tokenization blocks another request's bytes."""
+        await self._check_prompt_chars(prompt)
+        return await self.tokenizer_pool.run(self.encode, prompt, add_special_tokens)
+
+    async def encode_chat_off_loop(self, messages: list[dict[str, Any]], *options: Any) -> list[int]:
+        """`encode_chat` (same options) on the tokenizer pool, after the character bound."""
+        await self._check_prompt_chars({"messages": messages})
+        return await self.tokenizer_pool.run(self.encode_chat, messages, *options)
+
+    async def _check_prompt_chars(self, prompt: Any) -> None:
+        if isinstance(prompt, (str, dict)):
+            info = await self.model_info()
+            check_prompt_chars(prompt, self.config.prompt_chars_limit(info["max_model_len"]))
 
     async def build(self, token_ids: list[int], params: SamplingParams, request_id: str, priority: int,
-                    cache_salt: str | None, timeout_s: float | None) -> GenerationRequest:
-        """The typed request, validated once against the replicas' limits."""
+                    cache_salt: str | None, timeout_s: float | None, tenant: str | None = None) -> GenerationRequest:
+        """The typed request, validated once against the replicas' limits. The cache salt the
+        engine gets is the tenant's when tenant isolation is on (router/tenancy.py)."""
         info = await self.model_info()
+        cache_salt = cache_salt_for(self.config.tenant_isolation, tenant, cache_salt)
         caps = [t for t in (timeout_s, self.config.request_timeout_s) if t is not None]
         deadline = time.time() + min(caps) if caps else None
         return GenerationRequest.validated(token_ids, params, Limits(**info["limits"]), request_id, priority,
@@ -272,7 +339,7 @@ class Ingress:
             args: list[Any] = [request]
             if self.config.router_needs_text:  # positional: Ray's text router only scans args
                 args.append(self.routing_hint(request.prompt_token_ids))
-            response = self.replicas.options(stream=True).generate.remote(*args)
+            response = self.replicas.options(stream=True).generate.remote(*args, owner=self.owner)
             finished = False
             try:
                 while True:
@@ -308,7 +375,7 @@ class Ingress:
                                    code="unavailable") from None
             finally:
                 if not finished:
-                    response.cancel()
+                    cancel_replica_stream(response)  # hardening: never blocks the loop nor raises
 
     def routing_hint(self, token_ids: list[int]) -> RoutingHint:
         """The prompt as text for a text-prefix router: decoded from the token ids, so text, chat
@@ -321,42 +388,61 @@ class Ingress:
         """Count a request refused before it ran (not a failure mid-stream, not one the engine counted)."""
         if not started and not getattr(error, "counted", False):
             self.metrics.on_reject(error.code)
+        # hardening: one INFO line, the message bounded (RequestError), no traceback
+        log.info("request refused: %s", error, extra={"code": error.code, "field": error.field[:64]})
+
+    # ---- drain (cluster/drain.py; hardening) ----------------------------------------------------------
+
+    async def drain(self) -> int:
+        """Stop admitting: new requests get UNAVAILABLE / 503 and readiness fails; requests in flight
+        go on. Returns how many are in flight."""
+        self.readiness.draining = True
+        self.admission.closed = "the server is draining (shutting down); retry on another instance"
+        return self.admission.in_flight
+
+    async def in_flight(self) -> int:
+        """Requests this ingress holds now (admitted and not yet finished)."""
+        return self.admission.in_flight
 
     # ---- gRPC: shardline.v1.Generation ---------------------------------------------------------------
 
-    def _grpc_authorize(self, grpc_context) -> None:
-        if not self._api_keys:
-            return
+    def _grpc_authorize(self, grpc_context) -> str | None:
+        """Check the call's API key (UNAUTHENTICATED without a valid one); returns its tenant."""
         metadata = grpc_context.invocation_metadata() if grpc_context is not None else []
         value = next((v for k, v in metadata or [] if k == "authorization"), None)
         value = value.decode() if isinstance(value, bytes) else value
-        if not self.authorized(bearer_token(value)):
+        key = bearer_token(value)
+        if not self.authorized(key):
             raise RequestError("authorization", "a valid API key is required (metadata `authorization: Bearer KEY`)",
                                code="unauthenticated")
+        return self.tenant_of(key)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
         """Server-streaming generation; errors become the call's status with the field named."""
-        rid = request.request_id or f"gen-{uuid.uuid4().hex[:16]}"
+        rid = f"gen-{uuid.uuid4().hex[:16]}"  # hardening: the engine always gets the server's own id
+        reply_id = rid
         started = False
         try:
-            self._grpc_authorize(grpc_context)
+            tenant = self._grpc_authorize(grpc_context)
+            reply_id = request_label(request.request_id, self.config.max_request_id_chars) or rid
             kind = request.WhichOneof("input")
             if kind is None:
                 raise RequestError("input", "set one of text, chat or token_ids")
             if kind == "chat":
-                token_ids = self.encode_chat(chat_from_proto(request.chat))
+                token_ids = await self.encode_chat_off_loop(chat_from_proto(request.chat))
             elif kind == "text":
-                token_ids = self.encode(request.text)
+                token_ids = await self.encode_off_loop(request.text)
             else:
                 token_ids = list(request.token_ids.ids)
             params = sampling_from_proto(request.sampling, self.sampling_defaults, chat=kind == "chat")
             timeout_s = deadline_from_metadata(grpc_context.invocation_metadata() if grpc_context else None)
-            typed = await self.build(token_ids, params, rid, request.priority, request.cache_salt or None, timeout_s)
+            typed = await self.build(token_ids, params, rid, request.priority, request.cache_salt or None, timeout_s,
+                                     tenant)
             items = self.stream(typed)
             async with contextlib.aclosing(items):  # a cancel at our yield still cancels the replica's stream
                 async for item in items:
                     started = True
-                    yield _to_proto(rid, item)
+                    yield _to_proto(reply_id, item)
         except RequestError as e:
             self.reject(e, started)
             _set_status(grpc_context, e)
@@ -373,10 +459,10 @@ class Ingress:
             if kind is None:
                 raise RequestError("input", "set one of text or chat")
             if kind == "chat":
-                ids = self.encode_chat(chat_from_proto(request.chat))
+                ids = await self.encode_chat_off_loop(chat_from_proto(request.chat))
             else:
                 add = request.add_special_tokens if request.HasField("add_special_tokens") else None
-                ids = self.encode(request.text, add)
+                ids = await self.encode_off_loop(request.text, add)
             return pb.TokenizeResponse(token_ids=ids, count=len(ids))
         except RequestError as e:
             _set_status(grpc_context, e)
@@ -415,28 +501,21 @@ class Ingress:
         return health_pb2.HealthCheckResponse(status=status)
 
     async def _snapshots(self):
-        try:
-            return await self.hub.snapshots.remote()
-        except Exception as e:  # noqa: BLE001 - the hub restarting: report no replicas rather than fail
-            log.warning("metrics hub unreachable: %s", e)
-            return []
+        return await self.hub.snapshots() or []  # [] while the hub is unreachable
 
     async def _ready(self) -> tuple[bool, str]:
-        try:
-            await asyncio.wait_for(self.model_info(), 10)
-        except (RequestError, asyncio.TimeoutError) as e:
-            return False, f"no replica group is ready: {e}"
-        snapshots = await self._snapshots()
-        if not snapshots:
-            return False, "no replica group has reported its state yet"
-        return True, f"{len(snapshots)} replica group(s) reporting"
+        """Readiness (router/health.py): not draining and a replica group live."""
+        return await self.readiness.check()
 
     # ---- HTTP: OpenAI-compatible -----------------------------------------------------------------------
 
-    def _http_authorize(self, request: Request) -> None:
-        if not self.authorized(bearer_token(request.headers.get("authorization"))):
+    def _http_authorize(self, request: Request) -> str | None:
+        """Check the request's API key (401 without a valid one); returns its tenant."""
+        key = bearer_token(request.headers.get("authorization"))
+        if not self.authorized(key):
             raise RequestError("authorization", "a valid API key is required (header `Authorization: Bearer KEY`)",
                                code="unauthenticated")
+        return self.tenant_of(key)
 
     @staticmethod
     def _error(error: RequestError) -> Response:
@@ -444,17 +523,18 @@ class Ingress:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse(payload, status_code=status, headers=headers)
 
-    async def _body(self, request: Request, model: Any) -> Any:
-        """Authorize, read the JSON body and parse it as `model` (unknown fields logged once)."""
-        self._http_authorize(request)
+    async def _body(self, request: Request, model: Any) -> tuple[str | None, Any]:
+        """Authorize, read the JSON body and parse it as `model` (unknown fields logged once);
+        returns (the caller's tenant, the parsed body)."""
+        tenant = self._http_authorize(request)
         try:
             body = await request.json()
-        except ValueError:
-            raise RequestError("body", "not valid JSON") from None
+        except (ValueError, RecursionError):  # nesting past Python's recursion limit too
+            raise RequestError("body", "not valid JSON (or nested too deeply)") from None
         parsed = openai_protocol.parse(model, body)
         self.warn_unknown(parsed.unknown_fields())
         self.check_model(getattr(parsed, "model", None))
-        return parsed
+        return tenant, parsed
 
     @web.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -505,12 +585,13 @@ class Ingress:
     async def tokenize(self, request: Request) -> Response:
         """vLLM's /tokenize: {"prompt"} or {"messages"} -> {"count", "max_model_len", "tokens"}."""
         try:
-            req = await self._body(request, openai_protocol.TokenizeRequest)
+            _, req = await self._body(request, openai_protocol.TokenizeRequest)
             if req.messages is not None:
-                ids = self.encode_chat([m.template_dict() for m in req.messages], req.add_generation_prompt,
-                                       req.continue_final_message, req.tools, req.chat_template_kwargs)
+                ids = await self.encode_chat_off_loop([m.template_dict() for m in req.messages],
+                                                      req.add_generation_prompt, req.continue_final_message,
+                                                      req.tools, req.chat_template_kwargs)
             elif req.prompt is not None:
-                ids = self.encode(req.prompt, req.add_special_tokens)
+                ids = await self.encode_off_loop(req.prompt, req.add_special_tokens)
             else:
                 raise RequestError("prompt", "set prompt or messages")
             info = await self._info_or_empty()
@@ -522,7 +603,7 @@ class Ingress:
     async def detokenize(self, request: Request) -> Response:
         """vLLM's /detokenize: {"tokens"} -> {"prompt"}."""
         try:
-            req = await self._body(request, openai_protocol.DetokenizeRequest)
+            _, req = await self._body(request, openai_protocol.DetokenizeRequest)
             if self.tokenizer is None:
                 raise RequestError("tokens", "this model has no tokenizer")
             vocab = self.model_config.vocab_size
@@ -541,29 +622,37 @@ class Ingress:
         return PlainTextResponse(text.decode(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @web.get("/health")
+    @web.get("/health/ready")
     async def health(self) -> Response:
+        """Readiness: 200 when this ingress can serve a request now, else 503 (draining, no replica)."""
         serving, detail = await self._ready()
         return JSONResponse({"status": "ok" if serving else "unavailable", "detail": detail},
                             status_code=200 if serving else 503)
 
+    @web.get("/health/live")
+    async def liveness(self) -> Response:
+        """Liveness: the ingress process and its event loop answer (replicas and the hub may not)."""
+        return JSONResponse({"status": "ok"})
+
     async def _openai(self, request: Request, chat: bool) -> Response:
         try:
-            req = await self._body(request, openai_protocol.ChatCompletionRequest if chat
-                                   else openai_protocol.CompletionRequest)
+            tenant, req = await self._body(request, openai_protocol.ChatCompletionRequest if chat
+                                           else openai_protocol.CompletionRequest)
             params = openai_api.sampling_params(req, chat, self.sampling_defaults)
-            rid = ("chatcmpl-" if chat else "cmpl-") + (req.request_id or uuid.uuid4().hex[:24])
+            request_label(req.request_id, self.config.max_request_id_chars)  # validated; never the engine's id
+            rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
             echo: list[str] | None = None
             if chat:
-                prompts: list[Any] = [self.encode_chat([m.template_dict() for m in req.messages],
-                                                       req.add_generation_prompt, req.continue_final_message,
-                                                       req.tools, req.chat_template_kwargs)]
+                prompts: list[Any] = [await self.encode_chat_off_loop(
+                    [m.template_dict() for m in req.messages], req.add_generation_prompt, req.continue_final_message,
+                    req.tools, req.chat_template_kwargs)]
             else:
                 raw = openai_api.completion_prompts(req)
-                prompts = [self.encode(p) for p in raw]
+                prompts = [await self.encode_off_loop(p) for p in raw]
                 if req.echo:
                     echo = [p if isinstance(p, str) else self._decode(p) for p in raw]
             typed = [await self.build(ids, params, rid if len(prompts) == 1 else f"{rid}-p{i}", req.priority,
-                                      req.cache_salt, None) for i, ids in enumerate(prompts)]
+                                      req.cache_salt, None, tenant) for i, ids in enumerate(prompts)]
             streams = [self.stream(t) for t in typed]
             items = merge_streams(streams)
             first = await items.__anext__()  # errors before any byte is sent become a proper status

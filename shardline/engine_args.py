@@ -48,8 +48,6 @@ UNSUPPORTED_VLLM_FLAGS: dict[str, str] = {
     "--structured-outputs-config": "structured outputs are not implemented",
     "--guided-decoding-backend": "structured outputs are not implemented",
     "--limit-mm-per-prompt": "multimodal models are not supported",
-    "--ssl-keyfile": "TLS is terminated in front of the cluster (an ingress or a load balancer), not by shardline serve",
-    "--ssl-certfile": "TLS is terminated in front of the cluster (an ingress or a load balancer), not by shardline serve",
 }
 
 # vLLM flags accepted because shardline already behaves as they ask; a note is printed when used.

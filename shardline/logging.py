@@ -21,6 +21,29 @@ _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
 
 _HANDLER_MARK = "_shardline_handler"
 
+# A logged value (a message, an `extra=` field) may come from a client: a request id, a role, a
+# model name. It is cut to this many characters and its control characters are escaped, so one
+# request can neither forge log lines (a newline) nor grow the logs by megabytes.
+MAX_VALUE_CHARS = 512
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+_CONTROL_ESCAPES |= {0x2028: "\\u2028", 0x2029: "\\u2029", 0x85: "\\x85"}
+
+
+def escape_log_value(value: Any, max_chars: int = MAX_VALUE_CHARS) -> str:
+    """`value` as one bounded line: cut to max_chars (saying how long it was), control characters escaped."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > max_chars:
+        text = f"{text[:max_chars]}...({len(text)} chars)"
+    return text.translate(_CONTROL_ESCAPES)
+
+
+def _bounded(value: Any) -> Any:
+    """A JSON-ready extra value: numbers, booleans and None as they are, anything else bounded."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    text = value if isinstance(value, str) else str(value)
+    return text if len(text) <= MAX_VALUE_CHARS else f"{text[:MAX_VALUE_CHARS]}...({len(text)} chars)"
+
 
 def record_extras(record: logging.LogRecord, log_prompts: bool) -> dict[str, Any]:
     """The `extra=` fields of a record, without prompt fields unless log_prompts is set."""
@@ -45,10 +68,10 @@ class JsonFormatter(logging.Formatter):
             "ts": _dt.datetime.fromtimestamp(record.created, tz=_dt.timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": _bounded(record.getMessage()),
         }
         for key, value in record_extras(record, self.log_prompts).items():
-            entry.setdefault(key, value)
+            entry.setdefault(key, _bounded(value))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         if record.stack_info:
@@ -64,11 +87,15 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.log_prompts = log_prompts
 
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = escape_log_value(record.message)  # one line, bounded (a traceback follows it as usual)
+        return super().formatMessage(record)
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         extras = record_extras(record, self.log_prompts)
         if extras:
-            line += " " + " ".join(f"{key}={value}" for key, value in extras.items())
+            line += " " + " ".join(f"{key}={escape_log_value(value)}" for key, value in extras.items())
         return line
 
 

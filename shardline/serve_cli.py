@@ -45,6 +45,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                             "vllm (the server's own), or a directory holding a generation_config.json")
     serve.add_argument("--chat-template", default=None, metavar="FILE",
                        help="a chat template (file, or the Jinja text) replacing the model's own")
+    serve.add_argument("--ssl-certfile", default=None, metavar="FILE", help="HTTPS for the HTTP API (with --ssl-keyfile); "
+                       "gRPC TLS is terminated in front (docs/security.md)")
+    serve.add_argument("--ssl-keyfile", default=None, metavar="FILE", help="the HTTPS private key (with --ssl-certfile)")
+    serve.add_argument("--tenant-isolation", action="store_true", default=None,
+                       help="each API key gets its own prefix-cache partition: cache hits, cached_tokens and TTFT "
+                            "never reveal another tenant's prompts (docs/security.md)")
+    serve.add_argument("--max-request-body-bytes", type=int, default=None, metavar="N",
+                       help="HTTP bodies beyond this are refused with 413 before they are read (default 8 MiB)")
+    serve.add_argument("--max-grpc-message-bytes", type=int, default=None, metavar="N",
+                       help="gRPC messages beyond this are refused (default 8 MiB)")
     serve.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
     serve.add_argument("--log-json", action="store_true", default=None,
                        help="replicas and ingress log one JSON object per line (request id, replica group, finish reason, tokens)")
@@ -76,7 +86,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 # `serve` flags that are ClusterConfig fields of the same name (engine flags are handled apart).
 _CLUSTER_FLAGS = ("replicas", "grpc_port", "http_port", "host", "served_model_names", "api_keys",
-                  "generation_config", "chat_template", "log_json", "log_level", "log_prompts")
+                  "generation_config", "chat_template", "ssl_certfile", "ssl_keyfile", "tenant_isolation",
+                  "max_request_body_bytes", "max_grpc_message_bytes", "log_json", "log_level", "log_prompts")
 
 
 def config_from_args(args: argparse.Namespace) -> ClusterConfig:
@@ -102,41 +113,56 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Start Ray, Serve's proxies and the application; wait for Ctrl-C / SIGTERM; drain and exit."""
+    """Start Ray, Serve's proxies and the application; wait for Ctrl-C / SIGTERM; drain and exit.
+
+    Draining (cluster/drain.py): the ingress stops admitting (UNAVAILABLE / 503, readiness fails),
+    requests in flight finish within graceful_shutdown_timeout_s, then the proxies and Ray stop. A
+    second Ctrl-C / SIGTERM stops waiting."""
     import ray
     from ray import serve
-    from ray.serve.config import HTTPOptions, gRPCOptions
 
-    from shardline.cluster.app import GRPC_SERVICER_FUNCTIONS, build_app
-    from shardline.cluster.config import ROUTER_LOOP_ENV
+    from shardline.cluster.app import build_app
+    from shardline.cluster.drain import drain_application
+    from shardline.cluster.proxies import apply_proxy_environment, serve_start_options
 
     config = config_from_args(args)
-    stop = threading.Event()
+    stop, give_up = threading.Event(), threading.Event()
     print(f"shardline: starting a local Ray cluster for {config.model} "
           f"(tp={config.tensor_parallel_size}, replicas={config.autoscaling or config.replicas})", file=sys.stderr)
-    # The proxies' handles route on their own loop too (cluster/config.py REPLICA_ENV); inherited by
-    # every Ray process started here, the replicas' runtime_env decides for them.
-    os.environ.setdefault(ROUTER_LOOP_ENV, "0")
+    apply_proxy_environment(config)  # before ray.init: the proxies inherit the node's environment
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+
+    def on_signal(*_: Any) -> None:
+        (give_up if stop.is_set() else stop).set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM exit
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
-        serve.start(grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
-                    http_options=HTTPOptions(host=config.host, port=config.http_port))
+        serve.start(**serve_start_options(config))
         serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
         _wait_ready(f"127.0.0.1:{config.grpc_port}", stop)
         if not stop.is_set():
             host = config.host if config.host not in ("0.0.0.0", "::") else "localhost"
+            scheme = "https" if config.ssl_certfile else "http"
             print(f"shardline: serving {config.model_name}\n"
                   f"  gRPC    {host}:{config.grpc_port}   (shardline.v1.Generation; try: shardline ask "
                   f"--address {host}:{config.grpc_port} \"What is the capital of France?\")\n"
-                  f"  HTTP    http://{host}:{config.http_port}/v1   (OpenAI-compatible)\n"
-                  f"  metrics http://{host}:{config.http_port}/metrics\n"
+                  f"  HTTP    {scheme}://{host}:{config.http_port}/v1   (OpenAI-compatible)\n"
+                  f"  metrics {scheme}://{host}:{config.http_port}/metrics\n"
                   "Ctrl-C to stop.", flush=True)
         while not stop.wait(0.5):
             pass
-        print("shardline: draining and shutting down", file=sys.stderr, flush=True)
-        serve.shutdown()  # replicas drain (graceful_shutdown_timeout_s) before their engines stop
+        timeout_s = config.graceful_shutdown_timeout_s
+        print(f"shardline: draining (new requests refused; up to {timeout_s:.0f} s for those in flight; "
+              "Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+        try:
+            report = drain_application(config.app_name, timeout_s, give_up=give_up)
+            print(f"shardline: drained: {report.in_flight_at_start} request(s) were in flight, "
+                  f"{report.in_flight_at_end} left after {report.waited_s:.1f} s; shutting down",
+                  file=sys.stderr, flush=True)
+        except Exception as e:  # noqa: BLE001 - the application never came up: nothing to drain
+            print(f"shardline: nothing to drain ({type(e).__name__}: {e}); shutting down", file=sys.stderr, flush=True)
+        serve.shutdown()  # proxies, then replicas (each drains within graceful_shutdown_timeout_s)
     finally:
         ray.shutdown()
     return 0

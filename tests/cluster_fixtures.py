@@ -46,13 +46,15 @@ def start_cluster(app_args: dict[str, Any], grpc_port: int, http_port: int, app_
     its Health says SERVING."""
     import ray
     from ray import serve
-    from ray.serve.config import HTTPOptions, gRPCOptions
 
-    from shardline.cluster.app import GRPC_SERVICER_FUNCTIONS, build_app
+    from shardline.cluster.app import build_app
+    from shardline.cluster.config import ClusterConfig
+    from shardline.cluster.proxies import apply_proxy_environment, serve_start_options
 
+    config = ClusterConfig.from_dict(dict(app_args, grpc_port=grpc_port, http_port=http_port, host="127.0.0.1"))
+    apply_proxy_environment(config)  # the same proxies as `shardline serve` starts
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
-                http_options=HTTPOptions(host="127.0.0.1", port=http_port))
+    serve.start(**serve_start_options(config))
     serve.run(build_app(app_args), name=app_name, route_prefix="/", blocking=False)
     wait_serving(grpc_port)
 

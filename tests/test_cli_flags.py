@@ -52,6 +52,7 @@ NON_DEFAULT_FLAG_VALUES: dict[str, tuple[str, ...]] = {
     "speculative_disable_by_batch_size": ("--speculative-disable-by-batch-size", "8"),
     "stream_interval_ms": ("--stream-interval-ms", "20"),
     "stream_items_per_s": ("--stream-items-per-s", "500"),
+    "special_tokens_in_content": ("--special-tokens-in-content",),
 }
 # Fields that are only valid together: the flags above set these companions as well.
 COMPANION_FIELDS: dict[str, set[str]] = {

@@ -44,7 +44,7 @@ def test_the_engine_section_takes_vllms_speculative_config_object() -> None:
 def test_serve_defaults_fit_continuous_batching_and_the_nodes_cores(monkeypatch) -> None:
     # Serve's default of 5 ongoing requests per replica would cap the engine's batch at 5
     options = ClusterConfig(use_gpu=False, engine={"max_num_seqs": 64}).replica_group_deployment_options()
-    assert options["max_ongoing_requests"] == 64 + 32
+    assert options["max_ongoing_requests"] == 64 + 32  # batching_defaults: max_num_seqs + half of it
     override = ClusterConfig(use_gpu=False, replica_group_options={"max_ongoing_requests": 7})
     assert override.replica_group_deployment_options()["max_ongoing_requests"] == 7
     assert ClusterConfig(router="prefix_affinity").replica_env()[ROUTER_LOOP_ENV] == "1"  # it blocks its loop

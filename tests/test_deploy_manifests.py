@@ -209,6 +209,19 @@ def test_prestop_drain_fits_in_the_termination_grace_period(tree: Path) -> None:
         assert waits and graceful <= max(waits) < pod["terminationGracePeriodSeconds"]
 
 
+@pytest.mark.parametrize("tree", ALL_TREES, ids=TREE_IDS)
+def test_head_prestop_drains_the_ingress_within_the_grace_period(tree: Path) -> None:
+    spec = rayservice(rendered(tree))["spec"]
+    app = yaml.safe_load(spec["serveConfigV2"])["applications"][0]
+    ingress = next(d for d in app["deployments"] if d["name"] == "Ingress")
+    pod = spec["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    command = " ".join(pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"])
+    drain = re.search(r"python -m shardline\.cluster\.drain --app (\S+) --timeout-s (\d+)", command)
+    assert drain and drain[1] == app["name"]
+    waits = int(drain[2]) + sum(int(s) for s in re.findall(r"sleep (\d+)", command))
+    assert ingress.get("graceful_shutdown_timeout_s", 20) <= int(drain[2]) and waits < pod["terminationGracePeriodSeconds"]
+
+
 def test_grpc_service_selects_serving_pods_on_the_named_port() -> None:
     docs = rendered(DEPLOY / "kuberay" / "base")
     [service] = [d for d in docs if d["kind"] == "Service"]

@@ -111,3 +111,15 @@ def test_engine_logs_one_json_line_per_finished_request(tmp_path):
         assert entry["completion_tokens"] == 3 and entry["prompt_tokens"] in (2, 3)
         assert entry["request_id"].startswith("req-")
         assert not {"prompt", "prompt_token_ids", "text"} & set(entry)
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_client_values_cannot_forge_or_flood_log_lines(restore_shardline_logger, as_json: bool) -> None:
+    out = io.StringIO()
+    configure_logging(json=as_json, level="INFO", stream=out)
+    forged = "x\n2026-11-30 00:00:00 ERROR shardline: forged" + "y" * 1_000_000
+    logging.getLogger("shardline.router").info("request %s refused", forged, extra={"request_id": forged})
+    text = out.getvalue()
+    assert text.count("\n") == 1  # one record, one line
+    assert len(text) < 3000  # a 1 MB value is cut (the cut says how long it was)
+    assert "(1000045 chars)" in text

@@ -292,6 +292,9 @@ class EngineConfig:
                                      "0: off (vLLM's --stream-interval, Ray Serve LLM's stream_batching_interval_ms)")
     stream_items_per_s: float = knob(1000.0, help="streamed items per second the serving path is sized for: the "
                                      "merge gap per stream is open streams / this, capped at stream_interval_ms")
+    special_tokens_in_content: bool = knob(False, help="parse control tokens (e.g. <|im_end|>) inside chat message "
+                                           "contents, as before the hardening; off: only the chat template's own "
+                                           "markup becomes control tokens (docs/security.md)")
     extra: dict[str, Any] = knob(default_factory=dict, help="experimental knobs as a JSON object: fused_kernels "
                                  "(auto|triton|torch), tp_timeout_s, tp_startup_timeout_s, fault_injection")
 

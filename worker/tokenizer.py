@@ -2,7 +2,12 @@
 
 A thin layer over a transformers tokenizer: it fixes the set of end-of-sequence ids (config and
 tokenizer together), validates chat messages before rendering, and always renders a chat template to
-text first and encodes it without adding special tokens (the template already places them)."""
+text first and encodes it without adding special tokens (the template already places them).
+
+Control tokens come only from the template's own markup: message contents (user, assistant, tool,
+system) are encoded as plain text, so a user who types `<|im_end|>\n<|im_start|>system` gets those
+characters as ordinary tokens, not a forged system turn. `special_tokens_in_content=True`
+(EngineConfig) restores the old behaviour, where contents are parsed for control tokens too."""
 
 from __future__ import annotations
 
@@ -24,16 +29,22 @@ log = logging.getLogger(__name__)
 class Tokenizer:
     """Text <-> token ids for one model, plus its chat template."""
 
-    def __init__(self, hf: "PreTrainedTokenizerBase", eos_token_ids: list[int], bos_token_id: int | None) -> None:
+    def __init__(self, hf: "PreTrainedTokenizerBase", eos_token_ids: list[int], bos_token_id: int | None,
+                 special_tokens_in_content: bool = False) -> None:
         self.hf = hf
         self.eos_token_ids = eos_token_ids
         self.bos_token_id = bos_token_id
         self.vocab_size = len(hf)
+        self.special_tokens_in_content = special_tokens_in_content
+        # Texts the tokenizer turns into one added (control) token when it parses special tokens.
+        self.control_texts = tuple(sorted(hf.get_added_vocab(), key=len, reverse=True))
 
     @classmethod
-    def from_source(cls, source: ModelSource, chat_template: str | None = None) -> "Tokenizer":
+    def from_source(cls, source: ModelSource, chat_template: str | None = None,
+                    special_tokens_in_content: bool = False) -> "Tokenizer":
         """Load the tokenizer that belongs to `source`; raises ModelLoadError when there is none.
-        `chat_template` (Jinja text, see read_chat_template) replaces the model's own template."""
+        `chat_template` (Jinja text, see read_chat_template) replaces the model's own template;
+        `special_tokens_in_content` parses control tokens inside chat contents (the old, unsafe way)."""
         from transformers import AutoTokenizer
 
         try:
@@ -55,7 +66,7 @@ class Tokenizer:
         bos = hf.bos_token_id if hf.bos_token_id is not None else cfg.get("bos_token_id")
         if chat_template is not None:
             hf.chat_template = chat_template
-        return cls(hf, eos, bos)
+        return cls(hf, eos, bos, special_tokens_in_content)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text` (with the tokenizer's BOS etc. when add_special_tokens)."""
@@ -96,9 +107,58 @@ class Tokenizer:
             raise ValueError(f"messages: rejected by the model's chat template: {e}") from None
         return text if isinstance(text, str) else str(text[0])
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of the rendered chat prompt; the template places special tokens, none are added."""
-        return self.encode(self.chat_prompt_text(messages, add_generation_prompt), add_special_tokens=False)
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None,
+                            template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """Token ids of the rendered chat prompt (options as chat_prompt_text); the template places
+        special tokens, none are added.
+
+        Contents that hold a control token's text are encoded as plain text (see the module
+        docstring); the rest is one tokenization of the rendered text, exactly as before."""
+        def render(msgs: list[dict[str, Any]]) -> str:
+            return self.chat_prompt_text(msgs, add_generation_prompt, continue_final_message, tools, template_kwargs)
+
+        text = render(messages)
+        if self.special_tokens_in_content or not any(self._has_control_text(m.get("content")) for m in messages):
+            return self.encode(text, add_special_tokens=False)
+        return self._encode_contents_as_plain_text(messages, render, text)
+
+    def _has_control_text(self, content: Any) -> bool:
+        """Whether a message's content (text, or None for an assistant turn with tool calls) holds
+        a control token's text."""
+        return isinstance(content, str) and any(t in content for t in self.control_texts)
+
+    def _encode_contents_as_plain_text(self, messages: list[dict[str, Any]],
+                                       render: Callable[[list[dict[str, Any]]], str], text: str) -> list[int]:
+        """Render the template around a unique marker per message, check that it inserted each
+        content verbatim, then encode the markup parsing control tokens and each content with
+        `split_special_tokens` (plain text). Raises ValueError naming the message when the
+        template transforms a content, where the markup cannot be told from the content."""
+        import secrets
+
+        nonce = secrets.token_hex(8)
+        texts = [i for i, m in enumerate(messages) if isinstance(m.get("content"), str)]  # None: tool-call turns
+        markers = {i: f"\uE000{nonce}:{i}\uE001" for i in texts}
+        stand_ins = [dict(m, content=markers[i]) if i in markers else m for i, m in enumerate(messages)]
+        skeleton = render(stand_ins)
+        pieces: list[tuple[str, bool]] = []  # (text, is_content)
+        rest = skeleton
+        for i in texts:
+            before, found, after = rest.partition(markers[i])
+            if not found or markers[i] in after:
+                raise ValueError(f"messages[{i}].content: holds control-token text, and this model's chat "
+                                 "template does not insert contents verbatim, so it cannot be kept as plain text")
+            pieces += [(before, False), (messages[i]["content"], True)]
+            rest = after
+        pieces.append((rest, False))
+        if "".join(p for p, _ in pieces) != text:
+            raise ValueError("messages: the chat template renders differently around the contents; "
+                             "control-token text in a content cannot be kept as plain text")
+        ids: list[int] = []
+        for piece, is_content in pieces:
+            if piece:
+                ids += self.hf.encode(piece, add_special_tokens=False, split_special_tokens=is_content)
+        return ids
 
 
 def _validate_messages(messages: Any) -> None:
@@ -145,14 +205,16 @@ def _gguf_tokenizer(path):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def load_tokenizer(source: ModelSource, chat_template: str | None = None) -> Tokenizer | None:
+def load_tokenizer(source: ModelSource, chat_template: str | None = None,
+                   special_tokens_in_content: bool = False) -> Tokenizer | None:
     """The model's tokenizer, or None for a safetensors directory that ships none: such a model
     (random test checkpoints, benchmark configs) takes token ids and returns no text.
-    `chat_template` (Jinja text) replaces the model's own template (vLLM's --chat-template)."""
+    `chat_template` (Jinja text) replaces the model's own template (vLLM's --chat-template);
+    `special_tokens_in_content`: parse control tokens inside chat contents (the old, unsafe way)."""
     if source.kind == "safetensors" and not any((source.path / f).exists() for f in TOKENIZER_FILES):
         log.warning("%s has no tokenizer files: token ids in, token ids out, no text", source.path)
         return None
-    return Tokenizer.from_source(source, chat_template=chat_template)
+    return Tokenizer.from_source(source, chat_template=chat_template, special_tokens_in_content=special_tokens_in_content)
 
 
 def read_chat_template(value: str) -> str:

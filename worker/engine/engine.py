@@ -109,7 +109,7 @@ class LLMEngine:
         self._launcher = launcher  # where tp ranks 1.. run (worker/parallel/launcher.py); None: local processes
         source = resolve_model(config.model, weights_required=config.needs_weights)
         self.model_config = ModelConfig.from_hf_config(source.hf_config())
-        self.tokenizer = load_tokenizer(source)
+        self.tokenizer = load_tokenizer(source, special_tokens_in_content=config.special_tokens_in_content)
         load_format = config.load_format if config.load_format != "auto" else source.kind
         spec = ModelSpec(self.model_config, str(source.path), source.kind, load_format, self.dtype, self.device,
                          seed=config.seed, attention_backend=config.attention_backend)

@@ -10,7 +10,12 @@ class RequestError(ValueError):
     """A request was rejected. `field` names the offending field; `code` is the canonical kind
     (invalid_argument, resource_exhausted, unavailable) that gRPC and HTTP map to their status codes."""
 
+    MAX_MESSAGE_CHARS = 512  # a message quoting a client's value (a 1 MB role) is cut here, not echoed or logged whole
+
     def __init__(self, field: str, message: str, code: str = "invalid_argument") -> None:
+        field = field if len(field) <= 128 else field[:128] + "..."
+        if len(message) > self.MAX_MESSAGE_CHARS:
+            message = f"{message[:self.MAX_MESSAGE_CHARS]}... ({len(message)} characters in all)"
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.code = code
