@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 class RequestError(ValueError):
@@ -17,6 +18,22 @@ class RequestError(ValueError):
 
     def __reduce__(self):  # survives pickling across Ray processes with its field and code
         return (type(self), (self.field, self.detail, self.code))
+
+
+StructuredOutputKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint the output must match, enforced by a token mask each step (worker/structured/).
+    `value`: the JSON schema's text (json_schema), the regex, the EBNF grammar (grammar), the
+    allowed strings (choice), nothing (json_object: any JSON object). `strict` (json_schema only,
+    OpenAI's flag): no object properties beyond the schema's. Frozen and hashable: it is the key of
+    the compiled-grammar cache."""
+
+    kind: StructuredOutputKind
+    value: str | tuple[str, ...] | None = None
+    strict: bool = False
 
 
 @dataclass
@@ -40,6 +57,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token (0: only the sampled token's)
     skip_special_tokens: bool = True
+    structured_output: StructuredOutput | None = None
 
     @property
     def greedy(self) -> bool:
@@ -69,4 +87,9 @@ class SamplingParams:
         data = dict(data)
         if isinstance(data.get("stop"), str):
             data["stop"] = [data["stop"]]
+        if isinstance(data.get("structured_output"), dict):
+            so = dict(data["structured_output"])
+            if isinstance(so.get("value"), list):
+                so["value"] = tuple(so["value"])
+            data["structured_output"] = StructuredOutput(**so)
         return cls(**data)

@@ -3,7 +3,9 @@ top-k / top-p / min-p, and seeded sampling that does not depend on the rest of t
 
 The order of operations for one step (every stage is one batched tensor op over all rows):
 
-1. logits to fp32 (columns past `vocab_size`, e.g. a padded LM head, are dropped);
+1. logits to fp32 (columns past `vocab_size`, e.g. a padded LM head, are dropped); the grammar
+   mask of constrained rows (structured outputs) sets their disallowed tokens to -inf, so every
+   later stage, logprobs included, sees only what the grammar allows;
 2. repetition penalty over prompt + output tokens (positive logits divided, negative multiplied);
 3. frequency and presence penalties over output token counts (OpenAI: logit -= f * count + p * [count > 0]);
 4. min_tokens: the row's EOS / stop token ids are set to -inf while it has fewer than min_tokens outputs;
@@ -22,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from shardline.worker.structured.bitmask import TokenBitmask
 
 from .outputs import TokenLogprob
 from .params import SamplingParams
@@ -82,6 +86,7 @@ class SamplingBatch:
     generators: list[torch.Generator | None]
     num_logprobs: list[int | None]
     max_num_logprobs: int | None  # the largest top-n asked, None when no row asks for logprobs
+    token_bitmask: TokenBitmask | None = None  # structured outputs: the constrained rows' allowed tokens
 
     @property
     def num_rows(self) -> int:
@@ -238,6 +243,8 @@ class Sampler:
     @torch.inference_mode()  # the logits are inference tensors; masking them in place needs this mode
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         logits = logits[:, : batch.vocab_size].to(torch.float32)
+        if batch.token_bitmask is not None:
+            batch.token_bitmask.apply(logits)
         logits = apply_penalties(logits, batch)
         if batch.min_tokens_index is not None:
             logits[batch.min_tokens_index] = float("-inf")
