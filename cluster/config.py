@@ -6,14 +6,22 @@ Serve YAML (deploy/serve.yaml) all become a ClusterConfig through `ClusterConfig
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shardline.worker.config import ConfigError, EngineConfig
+from shardline.worker.tokenizer import read_chat_template
 
 # EngineConfig fields the cluster sets itself (model and tp live at the top level of the config).
 _ENGINE_TOP_LEVEL = ("model", "tensor_parallel_size")
+
+# The environment variable read when no api_keys are configured (several keys: comma-separated).
+API_KEY_ENV = "SHARDLINE_API_KEY"
+
+# generation_config values that are not a directory: the model's own file, or the server's defaults.
+GENERATION_CONFIG_CHOICES = ("auto", "vllm")
 
 # The `router` choices and the import path of the Serve RequestRouter class each one names.
 ROUTERS = {
@@ -50,7 +58,22 @@ class ClusterConfig:
     # choices). The other two exist to compare against (benchmarks/routing.py, docs/routing.md).
     router: str = "kv_aware"
     metrics_period_s: float = 1.0  # how often replicas push their metrics snapshot
-    served_model_name: str | None = None  # name in /v1/models and metrics labels (default: model)
+    # The names clients may put in a request's `model` (vLLM's --served-model-name, one or more).
+    # The first is the one reported: /v1/models' first entry, GetModelInfo, responses' `model`,
+    # metrics labels. Empty in the input means [model]; after validation it is never empty.
+    served_model_names: list[str] = field(default_factory=list)
+    # Keys a client must send (HTTP `Authorization: Bearer KEY`, gRPC `authorization` metadata).
+    # Empty: no authentication. Empty in the input takes $SHARDLINE_API_KEY (several keys separated
+    # by commas). Secrets: kept out of repr and of every logged dump of the config.
+    api_keys: list[str] = field(default_factory=list, repr=False)
+    # Where requests' default sampling parameters come from (vLLM's --generation-config): "auto" reads
+    # the model's generation_config.json (temperature, top_p, top_k, repetition_penalty...), "vllm"
+    # uses the server's own defaults, anything else is a directory holding a generation_config.json.
+    generation_config: str = "auto"
+    # A chat template replacing the model's own (vLLM's --chat-template): a file path or the Jinja
+    # text itself. A path is read once, here, so that after validation this holds the template's
+    # text and replicas on other nodes need no copy of the file. None: the model's template.
+    chat_template: str | None = None
     grpc_port: int = 9000
     http_port: int = 8000
     host: str = "127.0.0.1"
@@ -77,6 +100,29 @@ class ClusterConfig:
             if key in self.engine:
                 raise ConfigError(f"engine.{key}: set `{key}` at the top level of the config, not under engine")
         self.engine_config()  # validates the engine fields now, not in a replica minutes later
+        self._validate_front_door()
+
+    def _validate_front_door(self) -> None:
+        """Names, keys, generation defaults and chat template: checked and normalized once, here
+        (fields are filled through object.__setattr__ because the dataclass is frozen)."""
+        given = self.served_model_names
+        names = [given] if isinstance(given, str) else list(given or [self.model])
+        for name in names:
+            if not isinstance(name, str) or not name.strip():
+                raise ConfigError(f"served_model_names: each name must be a non-empty string, got {name!r}")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"served_model_names: names must be distinct, got {names!r}")
+        object.__setattr__(self, "served_model_names", names)
+        keys = list(self.api_keys) or [k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
+        for i, key in enumerate(keys):
+            # NOTE: the message names the key's position, never its value (keys are secrets).
+            if not isinstance(key, str) or not key or key != key.strip() or any(c.isspace() for c in key):
+                raise ConfigError(f"api_keys[{i}]: a key must be a non-empty string without whitespace")
+        object.__setattr__(self, "api_keys", keys)
+        if self.generation_config not in GENERATION_CONFIG_CHOICES and not Path(self.generation_config).is_dir():
+            raise ConfigError(f"generation_config: must be auto, vllm or an existing directory, got {self.generation_config!r}")
+        if self.chat_template is not None:
+            object.__setattr__(self, "chat_template", read_chat_template(self.chat_template))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "ClusterConfig":
@@ -90,18 +136,24 @@ class ClusterConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> "ClusterConfig":
-        """Read a YAML/JSON file: either a plain ClusterConfig mapping or a Serve config
+        """Read a YAML/JSON file (see read_file); `overrides` that are not None replace its keys."""
+        data = cls.read_file(path)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data)
+
+    @staticmethod
+    def read_file(path: str | Path) -> dict[str, Any]:
+        """The ClusterConfig mapping of a YAML/JSON file, not yet validated (so that command-line
+        flags can be laid over it first): either a plain ClusterConfig mapping or a Serve config
         (deploy/serve.yaml), whose first application's args, ReplicaGroup options and ports are used."""
         import yaml
 
-        text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         if "applications" in data:
             data = _from_serve_config(data)
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(data)
+        return data
 
     @property
     def router_needs_text(self) -> bool:
@@ -124,7 +176,12 @@ class ClusterConfig:
     @property
     def model_name(self) -> str:
         """The name clients see (/v1/models, GetModelInfo) and metrics carry."""
-        return self.served_model_name or self.model
+        return self.served_model_names[0]
+
+    @property
+    def model_names(self) -> list[str]:
+        """Every name a request's `model` may carry (a request naming another gets model_not_found)."""
+        return list(self.served_model_names)
 
     def wants_gpu(self) -> bool:
         """Whether rank bundles ask for GPUs."""
@@ -185,3 +242,4 @@ def _from_serve_config(serve: dict[str, Any]) -> dict[str, Any]:
     if "port" in grpc:
         data.setdefault("grpc_port", grpc["port"])
     return data
+

@@ -1,6 +1,7 @@
 """The ReplicaGroup deployment: one Serve replica = one engine (one tensor-parallel group).
 
-It streams token deltas as small plain dicts (no protobuf crosses the handle), reports routing
+It takes one typed GenerationRequest and streams typed StreamItems (worker/engine/generation.py;
+no protobuf or dict crosses the handle), runs the n choices of a request, reports routing
 stats (free blocks, queue, a packed summary of its cached block hashes) to the KV-aware router,
 pushes its metrics to the application's MetricsHub, fails `check_health` when the engine is dead
 or stalled, and lets Serve drain it (graceful_shutdown_timeout_s) before the engine is shut down.
@@ -22,31 +23,13 @@ from shardline.cluster.config import ROUTERS, ClusterConfig
 from shardline.logging import configure_logging
 from shardline.metrics import EngineMetrics
 from shardline.router.prefix_scoring import pack_summary
+from shardline.router.streams import merge_streams
 from shardline.worker.engine.async_engine import AsyncEngine, EngineDeadError
 from shardline.worker.engine.engine import LLMEngine
-from shardline.worker.engine.outputs import RequestOutput
+from shardline.worker.engine.generation import GenerationRequest, StreamItem
 from shardline.worker.engine.params import RequestError, SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-def output_to_dict(out: RequestOutput) -> dict[str, Any]:
-    """One engine delta as the plain dict the ingress converts to gRPC or OpenAI messages."""
-    item: dict[str, Any] = {"token_ids": list(out.new_token_ids), "text": out.text_delta}
-    if out.logprobs:
-        item["logprobs"] = [(lp.token_id, lp.logprob, dict(lp.top)) for lp in out.logprobs]
-    if out.finished:
-        item.update(finish_reason=out.finish_reason, prompt_tokens=out.prompt_tokens,
-                    completion_tokens=out.completion_tokens, cached_tokens=out.cached_tokens)
-        if out.error:
-            item["error"] = {"code": "unavailable", "field": "", "message": f"the engine failed: {out.error}"}
-    return item
-
-
-def error_item(code: str, field: str, message: str) -> dict[str, Any]:
-    """A terminal stream item saying why the request did not run (errors never cross the handle
-    as exceptions: Ray's wrapping of a custom exception type is lossy)."""
-    return {"error": {"code": code, "field": field, "message": message}}
 
 
 class ReplicaGroup:
@@ -77,22 +60,42 @@ class ReplicaGroup:
 
     # ---- serving ------------------------------------------------------------------------------
 
-    async def generate(self, token_ids: list[int], params: dict[str, Any], request_id: str | None = None,
-                       priority: int = 0, cache_salt: str | None = None,
-                       hint: Any = None) -> AsyncIterator[dict[str, Any]]:
-        """Stream one request's deltas as dicts; the last has finish_reason and usage, or `error`.
-        Leaving the iteration (the caller cancelled) aborts the request and frees its blocks.
-        `hint` (a router.routing_hint.RoutingHint, positional) is for text-based routers only."""
+    async def generate(self, request: GenerationRequest, hint: Any = None) -> AsyncIterator[StreamItem]:
+        """Stream the request's deltas as StreamItems (choice `index`); each choice's last item has
+        its finish_reason, or `error`. Leaving the iteration (the caller cancelled) aborts every
+        choice and frees its blocks. `hint` (a router.routing_hint.RoutingHint, positional) is for
+        text-based routers only.
+
+        n > 1: choice 0 runs first; the other choices are submitted once it has produced its
+        first token, so its prompt's full KV blocks are in the prefix cache and they only compute
+        the prompt's last partial block (without prefix caching each choice computes its prompt)."""
         try:
-            sampling = SamplingParams.from_dict(params)
-            async for out in self.engine.generate(list(token_ids), sampling, request_id, priority, cache_salt):
-                yield output_to_dict(out)
+            if request.params.n == 1:
+                async for out in self.engine.generate(request):
+                    yield StreamItem.from_output(out)
+                return
+            first = self.engine.generate(request.choice(0))
+            try:
+                head = await first.__anext__()
+            except BaseException:
+                await first.aclose()
+                raise
+            yield StreamItem.from_output(head, 0)
+            streams = [first] if not head.finished else []
+            indices = [0] if not head.finished else []
+            for i in range(1, request.params.n):
+                streams.append(self.engine.generate(request.choice(i)))
+                indices.append(i)
+            async for position, out in merge_streams(streams):
+                yield StreamItem.from_output(out, indices[position])
         except RequestError as e:
-            yield error_item(e.code, e.field, str(e))
+            yield StreamItem.failure(e)
         except EngineDeadError as e:
-            yield error_item("unavailable", "", str(e))
-        except TypeError as e:  # SamplingParams(**params) with a wrongly shaped value
-            yield error_item("invalid_argument", "sampling", str(e))
+            yield StreamItem.failure(RequestError("", str(e), code="unavailable"))
+
+    def params_in_flight(self) -> dict[str, SamplingParams]:
+        """The SamplingParams the engine holds for each request in flight, by request id."""
+        return self.engine.engine.params_in_flight()
 
     def model_info(self) -> dict[str, Any]:
         """The model, its limits (for the ingress's validator) and this replica's pool."""

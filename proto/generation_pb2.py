@@ -14,15 +14,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n shardline/proto/generation.proto\x12\x0cshardline.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"3\n\x04\x43hat\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.shardline.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x96\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x17\n\nignore_eos\x18\n \x01(\x08H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\t\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x0b\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x0f \x01(\x08H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x42\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobsB\x1d\n\x1b_include_stop_str_in_outputB\x16\n\x14_skip_special_tokens\"\xe5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\"\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x12.shardline.v1.ChatH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.shardline.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.shardline.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\ncache_salt\x18\x07 \x01(\tB\x07\n\x05input\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"X\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.shardline.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xcc\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.shardline.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.shardline.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.shardline.v1.Usage\"\x86\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\"\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x12.shardline.v1.ChatH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"4\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x12\n\x10ModelInfoRequest\"\xb1\x01\n\x0cReplicaStats\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ree_blocks\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x06 \x01(\x04\x12!\n\x19prefix_cache_query_tokens\x18\x07 \x01(\x04\"\xbd\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x04 \x01(\r\x12\x16\n\x0ereplica_groups\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12,\n\x08replicas\x18\x07 \x03(\x0b\x32\x1a.shardline.v1.ReplicaStats\"\x0f\n\rHealthRequest\"\x95\x01\n\x0eHealthResponse\x12\x33\n\x06status\x18\x01 \x01(\x0e\x32#.shardline.v1.HealthResponse.Status\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\">\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02*\xb0\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x32\xb2\x02\n\nGeneration\x12K\n\x08Generate\x12\x1d.shardline.v1.GenerateRequest\x1a\x1e.shardline.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.shardline.v1.TokenizeRequest\x1a\x1e.shardline.v1.TokenizeResponse\x12G\n\x0cGetModelInfo\x12\x1e.shardline.v1.ModelInfoRequest\x1a\x17.shardline.v1.ModelInfo\x12\x43\n\x06Health\x12\x1b.shardline.v1.HealthRequest\x1a\x1c.shardline.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n shardline/proto/generation.proto\x12\x0cshardline.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"3\n\x04\x43hat\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.shardline.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x9f\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x17\n\nignore_eos\x18\n \x01(\x08H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\t\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x0b\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x0f \x01(\x08H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x12\x0e\n\x01n\x18\x11 \x01(\rH\x0e\x88\x01\x01\x12?\n\nlogit_bias\x18\x12 \x03(\x0b\x32+.shardline.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobsB\x1d\n\x1b_include_stop_str_in_outputB\x16\n\x14_skip_special_tokensB\x04\n\x02_n\"\xe5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\"\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x12.shardline.v1.ChatH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.shardline.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.shardline.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\ncache_salt\x18\x07 \x01(\tB\x07\n\x05input\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"X\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.shardline.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xdb\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.shardline.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.shardline.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.shardline.v1.Usage\x12\r\n\x05index\x18\x07 \x01(\r\"\x86\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\"\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x12.shardline.v1.ChatH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"4\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x12\n\x10ModelInfoRequest\"\xb1\x01\n\x0cReplicaStats\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ree_blocks\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x06 \x01(\x04\x12!\n\x19prefix_cache_query_tokens\x18\x07 \x01(\x04\"\xbd\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x04 \x01(\r\x12\x16\n\x0ereplica_groups\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12,\n\x08replicas\x18\x07 \x03(\x0b\x32\x1a.shardline.v1.ReplicaStats\"\x0f\n\rHealthRequest\"\x95\x01\n\x0eHealthResponse\x12\x33\n\x06status\x18\x01 \x01(\x0e\x32#.shardline.v1.HealthResponse.Status\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\">\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02*\xb0\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x32\xb2\x02\n\nGeneration\x12K\n\x08Generate\x12\x1d.shardline.v1.GenerateRequest\x1a\x1e.shardline.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.shardline.v1.TokenizeRequest\x1a\x1e.shardline.v1.TokenizeResponse\x12G\n\x0cGetModelInfo\x12\x1e.shardline.v1.ModelInfoRequest\x1a\x17.shardline.v1.ModelInfo\x12\x43\n\x06Health\x12\x1b.shardline.v1.HealthRequest\x1a\x1c.shardline.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardline.proto.generation_pb2', _globals)
 if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
-  _globals['_FINISHREASON']._serialized_start=2259
-  _globals['_FINISHREASON']._serialized_end=2435
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=2411
+  _globals['_FINISHREASON']._serialized_end=2587
   _globals['_CHATMESSAGE']._serialized_start=50
   _globals['_CHATMESSAGE']._serialized_end=94
   _globals['_CHAT']._serialized_start=96
@@ -30,33 +32,35 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_TOKENIDS']._serialized_start=149
   _globals['_TOKENIDS']._serialized_end=172
   _globals['_SAMPLINGPARAMS']._serialized_start=175
-  _globals['_SAMPLINGPARAMS']._serialized_end=837
-  _globals['_GENERATEREQUEST']._serialized_start=840
-  _globals['_GENERATEREQUEST']._serialized_end=1069
-  _globals['_TOPLOGPROB']._serialized_start=1071
-  _globals['_TOPLOGPROB']._serialized_end=1118
-  _globals['_TOKENLOGPROB']._serialized_start=1120
-  _globals['_TOKENLOGPROB']._serialized_end=1208
-  _globals['_USAGE']._serialized_start=1210
-  _globals['_USAGE']._serialized_end=1297
-  _globals['_GENERATERESPONSE']._serialized_start=1300
-  _globals['_GENERATERESPONSE']._serialized_end=1504
-  _globals['_TOKENIZEREQUEST']._serialized_start=1507
-  _globals['_TOKENIZEREQUEST']._serialized_end=1641
-  _globals['_TOKENIZERESPONSE']._serialized_start=1643
-  _globals['_TOKENIZERESPONSE']._serialized_end=1695
-  _globals['_MODELINFOREQUEST']._serialized_start=1697
-  _globals['_MODELINFOREQUEST']._serialized_end=1715
-  _globals['_REPLICASTATS']._serialized_start=1718
-  _globals['_REPLICASTATS']._serialized_end=1895
-  _globals['_MODELINFO']._serialized_start=1898
-  _globals['_MODELINFO']._serialized_end=2087
-  _globals['_HEALTHREQUEST']._serialized_start=2089
-  _globals['_HEALTHREQUEST']._serialized_end=2104
-  _globals['_HEALTHRESPONSE']._serialized_start=2107
-  _globals['_HEALTHRESPONSE']._serialized_end=2256
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=2194
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=2256
-  _globals['_GENERATION']._serialized_start=2438
-  _globals['_GENERATION']._serialized_end=2744
+  _globals['_SAMPLINGPARAMS']._serialized_end=974
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=686
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=734
+  _globals['_GENERATEREQUEST']._serialized_start=977
+  _globals['_GENERATEREQUEST']._serialized_end=1206
+  _globals['_TOPLOGPROB']._serialized_start=1208
+  _globals['_TOPLOGPROB']._serialized_end=1255
+  _globals['_TOKENLOGPROB']._serialized_start=1257
+  _globals['_TOKENLOGPROB']._serialized_end=1345
+  _globals['_USAGE']._serialized_start=1347
+  _globals['_USAGE']._serialized_end=1434
+  _globals['_GENERATERESPONSE']._serialized_start=1437
+  _globals['_GENERATERESPONSE']._serialized_end=1656
+  _globals['_TOKENIZEREQUEST']._serialized_start=1659
+  _globals['_TOKENIZEREQUEST']._serialized_end=1793
+  _globals['_TOKENIZERESPONSE']._serialized_start=1795
+  _globals['_TOKENIZERESPONSE']._serialized_end=1847
+  _globals['_MODELINFOREQUEST']._serialized_start=1849
+  _globals['_MODELINFOREQUEST']._serialized_end=1867
+  _globals['_REPLICASTATS']._serialized_start=1870
+  _globals['_REPLICASTATS']._serialized_end=2047
+  _globals['_MODELINFO']._serialized_start=2050
+  _globals['_MODELINFO']._serialized_end=2239
+  _globals['_HEALTHREQUEST']._serialized_start=2241
+  _globals['_HEALTHREQUEST']._serialized_end=2256
+  _globals['_HEALTHRESPONSE']._serialized_start=2259
+  _globals['_HEALTHRESPONSE']._serialized_end=2408
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=2346
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=2408
+  _globals['_GENERATION']._serialized_start=2590
+  _globals['_GENERATION']._serialized_end=2896
 # @@protoc_insertion_point(module_scope)

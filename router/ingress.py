@@ -15,6 +15,7 @@ Errors map one way everywhere: RequestError codes -> gRPC status / HTTP status (
 # serve.ingress pickles by value, where string annotations would not resolve.
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import time
@@ -25,15 +26,19 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shardline.cluster.config import ClusterConfig
 from shardline.logging import configure_logging
 from shardline.metrics import RouterMetrics, merge_expositions
 from shardline.proto import generation_pb2 as pb
-from shardline.router import openai_api
+from shardline.router import openai_api, openai_protocol
 from shardline.router.routing_hint import RoutingHint
+from shardline.router.sampling_defaults import load_sampling_defaults
+from shardline.router.streams import merge_streams
+from shardline.worker.engine.generation import GenerationRequest, StreamItem
 from shardline.worker.engine.params import RequestError, SamplingParams
-from shardline.worker.engine.validation import Limits, validate_request
+from shardline.worker.engine.validation import Limits
 from shardline.worker.tokenizer import encode_prompt, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -41,10 +46,12 @@ log = logging.getLogger(__name__)
 GRPC_STATUS = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
     "not_found": grpc.StatusCode.NOT_FOUND,
+    "model_not_found": grpc.StatusCode.NOT_FOUND,
     "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
     "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
     "cancelled": grpc.StatusCode.CANCELLED,
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
     "internal": grpc.StatusCode.INTERNAL,
 }
 FINISH_ENUM = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
@@ -56,6 +63,16 @@ DEADLINE_KEYS = ("grpc-timeout", "timeout-ms", "x-shardline-timeout-ms")
 _GRPC_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 web = FastAPI(title="shardline", description="OpenAI-compatible API of a shardline cluster")
+
+
+@web.exception_handler(StarletteHTTPException)
+async def http_error_in_openai_shape(request: Request, exc: StarletteHTTPException) -> Response:
+    """Unknown routes (404) and known routes called with another method (405) answer in OpenAI's
+    error shape, not FastAPI's {"detail": ...}."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_argument")
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    status, payload = openai_api.error_body(code, message, None)
+    return JSONResponse(payload, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 def deadline_from_metadata(metadata: list[tuple[str, Any]] | None) -> float | None:
@@ -72,22 +89,28 @@ def deadline_from_metadata(metadata: list[tuple[str, Any]] | None) -> float | No
     return None
 
 
-def sampling_from_proto(msg: pb.SamplingParams) -> dict[str, Any]:
-    """The set fields of a proto SamplingParams as a SamplingParams dict (same field names)."""
-    out: dict[str, Any] = {}
+def sampling_from_proto(msg: pb.SamplingParams, defaults: dict[str, Any], chat: bool) -> SamplingParams:
+    """SamplingParams from the set fields of a proto SamplingParams (same field names) over the
+    model's defaults; max_tokens unset: the rest of the context for chat input, 16 otherwise."""
+    values: dict[str, Any] = dict(defaults)
+    values["max_tokens"] = None if chat else 16
     for fd in msg.DESCRIPTOR.fields:
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            if fd.name == "logit_bias" and len(msg.logit_bias):
+                values["logit_bias"] = {int(k): float(v) for k, v in msg.logit_bias.items()}
+            continue
         repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
         if repeated:
-            values = list(getattr(msg, fd.name))
-            if values:
-                out[fd.name] = values
+            items = list(getattr(msg, fd.name))
+            if items:
+                values[fd.name] = items
         elif msg.HasField(fd.name):
-            out[fd.name] = getattr(msg, fd.name)
-    return out
+            values[fd.name] = getattr(msg, fd.name)
+    return SamplingParams(**values)
 
 
-def chat_from_proto(chat: pb.Chat) -> dict[str, Any]:
-    return {"messages": [{"role": m.role, "content": m.content} for m in chat.messages]}
+def chat_from_proto(chat: pb.Chat) -> list[dict[str, Any]]:
+    return [{"role": m.role, "content": m.content} for m in chat.messages]
 
 
 class GrpcStatusAbort(RuntimeError):
@@ -112,12 +135,6 @@ class _Admission:
         self.in_flight -= 1
 
 
-def _strip_field(err: dict[str, Any]) -> str:
-    """The message of an error item without its "field: " prefix (RequestError adds it back)."""
-    message, field = err.get("message", ""), err.get("field", "")
-    return message[len(field) + 2:] if field and message.startswith(field + ": ") else message
-
-
 def _set_status(grpc_context, error: RequestError) -> None:
     if grpc_context is None:
         return
@@ -125,18 +142,25 @@ def _set_status(grpc_context, error: RequestError) -> None:
     grpc_context.set_details(str(error))
 
 
-def _to_proto(rid: str, item: dict[str, Any]) -> pb.GenerateResponse:
-    msg = pb.GenerateResponse(request_id=rid, token_ids=item.get("token_ids", []), text=item.get("text", ""))
-    for token_id, logprob, top in item.get("logprobs") or []:
-        msg.logprobs.append(pb.TokenLogprob(token_id=token_id, logprob=logprob,
-                                            top=[pb.TopLogprob(token_id=k, logprob=v) for k, v in top.items()]))
-    reason = item.get("finish_reason")
-    if reason:
-        msg.finish_reason = FINISH_ENUM.get(reason, pb.FINISH_REASON_ERROR)
-        msg.usage.CopyFrom(pb.Usage(prompt_tokens=item.get("prompt_tokens", 0),
-                                    completion_tokens=item.get("completion_tokens", 0),
-                                    cached_prompt_tokens=item.get("cached_tokens", 0)))
+def _to_proto(rid: str, item: StreamItem) -> pb.GenerateResponse:
+    msg = pb.GenerateResponse(request_id=rid, token_ids=item.token_ids, text=item.text, index=item.index)
+    for lp in item.logprobs or []:
+        msg.logprobs.append(pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                                            top=[pb.TopLogprob(token_id=k, logprob=v) for k, v in lp.top.items()]))
+    if item.finish_reason:
+        msg.finish_reason = FINISH_ENUM.get(item.finish_reason, pb.FINISH_REASON_ERROR)
+        msg.usage.CopyFrom(pb.Usage(prompt_tokens=item.usage.prompt_tokens,
+                                    completion_tokens=item.usage.completion_tokens,
+                                    cached_prompt_tokens=item.usage.cached_tokens))
     return msg
+
+
+def bearer_token(value: str | None) -> str | None:
+    """The key of an `Authorization: Bearer KEY` header value (None when absent or malformed)."""
+    if not value:
+        return None
+    scheme, _, key = value.strip().partition(" ")
+    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
 
 
 # NOTE: last in the file: serve.ingress pickles the routes when the class is decorated, so every
@@ -159,13 +183,18 @@ class Ingress:
         self.model_name = config.model_name
         source = resolve_model(config.model, weights_required=config.engine_config().load_format != "dummy")
         self.model_config = ModelConfig.from_hf_config(source.hf_config())
-        self.tokenizer = load_tokenizer(source)
+        self.tokenizer = load_tokenizer(source, chat_template=config.chat_template)
         self.metrics = RouterMetrics(self.model_name)
         register_decision_sink(self.metrics.on_decision)
         self.admission = _Admission(config.max_in_flight)
         self.hub = get_or_create_hub(config.app_name, config.snapshot_ttl_s)
         self._info: dict[str, Any] | None = None
         self._info_lock = asyncio.Lock()
+
+        self.sampling_defaults = load_sampling_defaults(
+            config.generation_config, source.path if source.kind == "safetensors" else None)
+        self._api_keys = [key.encode() for key in config.api_keys]
+        self._warned_fields: set[str] = set()
 
     # ---- shared path ------------------------------------------------------------------------------
 
@@ -180,36 +209,69 @@ class Ingress:
                         raise RequestError("", f"no replica group is ready: {e}", code="unavailable") from None
         return self._info
 
+    def authorized(self, key: str | None) -> bool:
+        """Whether `key` is one of config.api_keys (always, when none is configured). Constant-time
+        comparison against every key, so timing says nothing about which one nearly matched."""
+        if not self._api_keys:
+            return True
+        given = (key or "").encode()
+        return any([hmac.compare_digest(given, k) for k in self._api_keys])
+
+    def check_model(self, model: str | None) -> None:
+        """A request naming a model this server does not serve is 404 model_not_found."""
+        if model is not None and model not in self.config.model_names:
+            raise RequestError("model", f"the model {model!r} does not exist; this server serves "
+                               f"{', '.join(map(repr, self.config.model_names))}", code="model_not_found")
+
+    def warn_unknown(self, fields: list[str]) -> None:
+        """Log each unknown request field once (they are ignored, as vLLM and SGLang do)."""
+        new = [f for f in fields if f not in self._warned_fields]
+        if new:
+            self._warned_fields.update(new)
+            log.warning("ignoring request fields this server does not use: %s", ", ".join(new))
+
     def encode(self, prompt: Any, add_special_tokens: bool | None = None) -> list[int]:
-        """Token ids of a text prompt, chat messages ({"messages": [...]}), or a token-id list."""
+        """Token ids of a text prompt or a token-id list."""
         return encode_prompt(self.tokenizer, prompt, add_special_tokens)
 
-    async def prepare(self, prompt: Any, sampling: dict[str, Any]) -> list[int]:
-        """Tokenize and validate exactly as the engine will (same validator, same limits)."""
-        info = await self.model_info()
-        token_ids = self.encode(prompt)
-        if not isinstance(sampling, dict):
-            raise RequestError("sampling", "must be an object")
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None,
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """Token ids of chat messages rendered with the chat template; RequestError naming `messages`."""
+        if self.tokenizer is None:
+            raise RequestError("messages", "this model has no tokenizer; send token ids")
         try:
-            params = SamplingParams.from_dict(sampling)
-        except TypeError as e:
-            raise RequestError("sampling", str(e)) from None
-        validate_request(token_ids, params, Limits(**info["limits"]))
-        return token_ids
+            text = self.tokenizer.chat_prompt_text(messages, add_generation_prompt, continue_final_message,
+                                                   tools, template_kwargs)
+        except Exception as e:  # noqa: BLE001 - malformed messages, a template that refuses them
+            message = str(e)
+            field, sep, rest = message.partition(": ")
+            raise RequestError(field if sep and field.startswith("messages") else "messages",
+                               rest if sep and field.startswith("messages") else message) from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
-    async def stream(self, token_ids: list[int], sampling: dict[str, Any], request_id: str, priority: int,
-                     cache_salt: str | None, timeout_s: float | None) -> AsyncIterator[dict[str, Any]]:
-        """Admit, route and stream one request's items; raises RequestError for errors (codes
-        resource_exhausted, unavailable, deadline_exceeded, ...). Leaving early cancels the replica's
-        stream, which aborts the engine request."""
+    async def build(self, token_ids: list[int], params: SamplingParams, request_id: str, priority: int,
+                    cache_salt: str | None, timeout_s: float | None) -> GenerationRequest:
+        """The typed request, validated once against the replicas' limits."""
+        info = await self.model_info()
+        caps = [t for t in (timeout_s, self.config.request_timeout_s) if t is not None]
+        deadline = time.time() + min(caps) if caps else None
+        return GenerationRequest.validated(token_ids, params, Limits(**info["limits"]), request_id, priority,
+                                           cache_salt, deadline)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+        """Admit, route and stream one request's items (all its choices); raises RequestError for
+        errors (codes resource_exhausted, unavailable, deadline_exceeded, ...). Leaving early
+        cancels the replica's stream, which aborts the engine requests."""
         from ray.serve.exceptions import BackPressureError
 
-        caps = [t for t in (timeout_s, self.config.request_timeout_s) if t is not None]
-        deadline = time.monotonic() + min(caps) if caps else None
+        budget = None if request.deadline is None else request.deadline - time.time()
+        deadline = None if budget is None else time.monotonic() + budget
+        remaining_choices = request.params.n
         with self.admission:
-            args = [token_ids, sampling, request_id, priority, cache_salt]
+            args: list[Any] = [request]
             if self.config.router_needs_text:  # positional: Ray's text router only scans args
-                args.append(self.routing_hint(token_ids))
+                args.append(self.routing_hint(request.prompt_token_ids))
             response = self.replicas.options(stream=True).generate.remote(*args)
             finished = False
             try:
@@ -218,23 +280,22 @@ class Ingress:
                     if remaining is not None and remaining <= 0:
                         raise asyncio.TimeoutError
                     try:
-                        item = await asyncio.wait_for(response.__anext__(), remaining)
+                        item: StreamItem = await asyncio.wait_for(response.__anext__(), remaining)
                     except StopAsyncIteration:
                         finished = True
                         return
-                    if "error" in item:  # a rejection, or the engine failing mid-stream (finish_reason "error")
+                    if item.error is not None:  # a rejection, or the engine failing mid-stream
                         finished = True
-                        err = item["error"]
-                        error = RequestError(err.get("field", ""), _strip_field(err), code=err.get("code", "internal"))
-                        error.counted = True  # the engine counted its own rejection already
-                        raise error
-                    if "finish_reason" in item:
-                        finished = True
+                        item.error.counted = True  # type: ignore[attr-defined] # the engine counted its own rejection
+                        raise item.error
+                    if item.finish_reason is not None:
+                        remaining_choices -= 1
+                    finished = remaining_choices == 0
                     yield item
                     if finished:
                         return
             except asyncio.TimeoutError:
-                raise RequestError("", f"the request's deadline ({min(caps):.3g} s) passed",
+                raise RequestError("", f"the request's deadline ({budget:.3g} s) passed",
                                    code="deadline_exceeded") from None
             except BackPressureError as e:
                 raise RequestError("", f"all replica groups are at capacity; retry later ({e})",
@@ -242,7 +303,7 @@ class Ingress:
             except RequestError:
                 raise
             except Exception as e:  # noqa: BLE001 - a replica died mid-stream, no replica, ...
-                log.warning("stream %s failed: %s", request_id, e)
+                log.warning("stream %s failed: %s", request.request_id, e)
                 raise RequestError("", f"the replica group serving the request failed: {type(e).__name__}",
                                    code="unavailable") from None
             finally:
@@ -263,20 +324,35 @@ class Ingress:
 
     # ---- gRPC: shardline.v1.Generation ---------------------------------------------------------------
 
+    def _grpc_authorize(self, grpc_context) -> None:
+        if not self._api_keys:
+            return
+        metadata = grpc_context.invocation_metadata() if grpc_context is not None else []
+        value = next((v for k, v in metadata or [] if k == "authorization"), None)
+        value = value.decode() if isinstance(value, bytes) else value
+        if not self.authorized(bearer_token(value)):
+            raise RequestError("authorization", "a valid API key is required (metadata `authorization: Bearer KEY`)",
+                               code="unauthenticated")
+
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
         """Server-streaming generation; errors become the call's status with the field named."""
         rid = request.request_id or f"gen-{uuid.uuid4().hex[:16]}"
         started = False
         try:
+            self._grpc_authorize(grpc_context)
             kind = request.WhichOneof("input")
             if kind is None:
                 raise RequestError("input", "set one of text, chat or token_ids")
-            prompt = {"text": lambda: request.text, "chat": lambda: chat_from_proto(request.chat),
-                      "token_ids": lambda: list(request.token_ids.ids)}[kind]()
-            sampling = sampling_from_proto(request.sampling)
+            if kind == "chat":
+                token_ids = self.encode_chat(chat_from_proto(request.chat))
+            elif kind == "text":
+                token_ids = self.encode(request.text)
+            else:
+                token_ids = list(request.token_ids.ids)
+            params = sampling_from_proto(request.sampling, self.sampling_defaults, chat=kind == "chat")
             timeout_s = deadline_from_metadata(grpc_context.invocation_metadata() if grpc_context else None)
-            token_ids = await self.prepare(prompt, sampling)
-            items = self.stream(token_ids, sampling, rid, request.priority, request.cache_salt or None, timeout_s)
+            typed = await self.build(token_ids, params, rid, request.priority, request.cache_salt or None, timeout_s)
+            items = self.stream(typed)
             async with contextlib.aclosing(items):  # a cancel at our yield still cancels the replica's stream
                 async for item in items:
                     started = True
@@ -292,11 +368,12 @@ class Ingress:
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
         """Token ids of a text or chat prompt, exactly as Generate would compute them."""
         try:
+            self._grpc_authorize(grpc_context)
             kind = request.WhichOneof("input")
             if kind is None:
                 raise RequestError("input", "set one of text or chat")
             if kind == "chat":
-                ids = self.encode(chat_from_proto(request.chat))
+                ids = self.encode_chat(chat_from_proto(request.chat))
             else:
                 add = request.add_special_tokens if request.HasField("add_special_tokens") else None
                 ids = self.encode(request.text, add)
@@ -308,6 +385,7 @@ class Ingress:
     async def GetModelInfo(self, request: pb.ModelInfoRequest, grpc_context=None) -> pb.ModelInfo:
         """The model, limits, tensor parallelism and each live replica group's load."""
         try:
+            self._grpc_authorize(grpc_context)
             info = await self.model_info()
         except RequestError as e:
             _set_status(grpc_context, e)
@@ -355,6 +433,29 @@ class Ingress:
 
     # ---- HTTP: OpenAI-compatible -----------------------------------------------------------------------
 
+    def _http_authorize(self, request: Request) -> None:
+        if not self.authorized(bearer_token(request.headers.get("authorization"))):
+            raise RequestError("authorization", "a valid API key is required (header `Authorization: Bearer KEY`)",
+                               code="unauthenticated")
+
+    @staticmethod
+    def _error(error: RequestError) -> Response:
+        status, payload = openai_api.error_body(error.code, str(error), error.field)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse(payload, status_code=status, headers=headers)
+
+    async def _body(self, request: Request, model: Any) -> Any:
+        """Authorize, read the JSON body and parse it as `model` (unknown fields logged once)."""
+        self._http_authorize(request)
+        try:
+            body = await request.json()
+        except ValueError:
+            raise RequestError("body", "not valid JSON") from None
+        parsed = openai_protocol.parse(model, body)
+        self.warn_unknown(parsed.unknown_fields())
+        self.check_model(getattr(parsed, "model", None))
+        return parsed
+
     @web.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         return await self._openai(request, chat=False)
@@ -363,15 +464,75 @@ class Ingress:
     async def chat_completions(self, request: Request) -> Response:
         return await self._openai(request, chat=True)
 
-    @web.get("/v1/models")
-    async def models(self) -> Response:
+    def _model_card(self, name: str, info: dict[str, Any]) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "shardline", "root": self.config.model,
+                "max_model_len": info.get("max_model_len")}
+
+    async def _info_or_empty(self) -> dict[str, Any]:
         try:
-            info = await self.model_info()
+            return await self.model_info()
         except RequestError:
-            info = {}
-        return JSONResponse({"object": "list", "data": [{
-            "id": self.model_name, "object": "model", "created": 0, "owned_by": "shardline",
-            "max_model_len": info.get("max_model_len")}]})
+            return {}
+
+    @web.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        try:
+            self._http_authorize(request)
+        except RequestError as e:
+            return self._error(e)
+        info = await self._info_or_empty()
+        return JSONResponse({"object": "list", "data": [self._model_card(n, info) for n in self.config.model_names]})
+
+    @web.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, request: Request) -> Response:
+        try:
+            self._http_authorize(request)
+            self.check_model(model_id)
+        except RequestError as e:
+            return self._error(e)
+        return JSONResponse(self._model_card(model_id, await self._info_or_empty()))
+
+    @web.get("/version")
+    async def version(self) -> Response:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return JSONResponse({"version": version("shardline")})
+        except PackageNotFoundError:
+            return JSONResponse({"version": "unknown"})
+
+    @web.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's /tokenize: {"prompt"} or {"messages"} -> {"count", "max_model_len", "tokens"}."""
+        try:
+            req = await self._body(request, openai_protocol.TokenizeRequest)
+            if req.messages is not None:
+                ids = self.encode_chat([m.template_dict() for m in req.messages], req.add_generation_prompt,
+                                       req.continue_final_message, req.tools, req.chat_template_kwargs)
+            elif req.prompt is not None:
+                ids = self.encode(req.prompt, req.add_special_tokens)
+            else:
+                raise RequestError("prompt", "set prompt or messages")
+            info = await self._info_or_empty()
+        except RequestError as e:
+            return self._error(e)
+        return JSONResponse({"count": len(ids), "max_model_len": info.get("max_model_len"), "tokens": ids})
+
+    @web.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        """vLLM's /detokenize: {"tokens"} -> {"prompt"}."""
+        try:
+            req = await self._body(request, openai_protocol.DetokenizeRequest)
+            if self.tokenizer is None:
+                raise RequestError("tokens", "this model has no tokenizer")
+            vocab = self.model_config.vocab_size
+            bad = [t for t in req.tokens if not 0 <= t < vocab]
+            if bad:
+                raise RequestError("tokens", f"token {bad[0]} is outside the vocabulary [0, {vocab})")
+            text = self.tokenizer.decode(req.tokens, skip_special_tokens=False)
+        except RequestError as e:
+            return self._error(e)
+        return JSONResponse({"prompt": text})
 
     @web.get("/metrics")
     async def metrics_endpoint(self) -> Response:
@@ -387,56 +548,70 @@ class Ingress:
 
     async def _openai(self, request: Request, chat: bool) -> Response:
         try:
-            try:
-                body = await request.json()
-            except ValueError:
-                raise RequestError("body", "not valid JSON") from None
-            req = openai_api.parse_chat(body) if chat else openai_api.parse_completion(body)
-            model = body.get("model")
-            if model not in (None, self.model_name, self.config.model):
-                raise RequestError("model", f"the model {model!r} does not exist; this server serves "
-                                   f"{self.model_name!r}", code="not_found")
+            req = await self._body(request, openai_protocol.ChatCompletionRequest if chat
+                                   else openai_protocol.CompletionRequest)
+            params = openai_api.sampling_params(req, chat, self.sampling_defaults)
             rid = ("chatcmpl-" if chat else "cmpl-") + (req.request_id or uuid.uuid4().hex[:24])
-            token_ids = await self.prepare(req.prompt, req.sampling)
-            items = self.stream(token_ids, req.sampling, rid, req.priority, req.cache_salt, None)
+            echo: list[str] | None = None
+            if chat:
+                prompts: list[Any] = [self.encode_chat([m.template_dict() for m in req.messages],
+                                                       req.add_generation_prompt, req.continue_final_message,
+                                                       req.tools, req.chat_template_kwargs)]
+            else:
+                raw = openai_api.completion_prompts(req)
+                prompts = [self.encode(p) for p in raw]
+                if req.echo:
+                    echo = [p if isinstance(p, str) else self._decode(p) for p in raw]
+            typed = [await self.build(ids, params, rid if len(prompts) == 1 else f"{rid}-p{i}", req.priority,
+                                      req.cache_salt, None) for i, ids in enumerate(prompts)]
+            streams = [self.stream(t) for t in typed]
+            items = merge_streams(streams)
             first = await items.__anext__()  # errors before any byte is sent become a proper status
         except RequestError as e:
             self.reject(e)
-            status, payload = openai_api.error_body(e.code, str(e), e.field)
-            return JSONResponse(payload, status_code=status)
+            return self._error(e)
         except StopAsyncIteration:
-            status, payload = openai_api.error_body("internal", "the replica ended the stream without a result", None)
-            return JSONResponse(payload, status_code=status)
+            return self._error(RequestError("", "the replica ended the stream without a result", code="internal"))
+        n = params.n
+        builder = openai_api.ResponseBuilder(rid, self.model_name, chat, n, n * len(prompts), self._decode_token,
+                                             want_logprobs=params.logprobs is not None, echo=echo)
         if not req.stream:
-            collected = [first]
             try:
-                if "finish_reason" not in first:
-                    async for item in items:
-                        collected.append(item)
+                position, item = first
+                builder.add(position * n + item.index, item)
+                async for position, item in items:
+                    builder.add(position * n + item.index, item)
             except RequestError as e:
                 self.reject(e, started=True)
-                status, payload = openai_api.error_body(e.code, str(e), e.field)
-                return JSONResponse(payload, status_code=status)
+                return self._error(e)
             finally:
-                await items.aclose()  # releases the admission slot now, not at garbage collection
-            decode = self._decode_token
-            return JSONResponse(openai_api.completion_response(rid, self.model_name, collected, decode, chat))
-        return StreamingResponse(self._sse(rid, first, items, chat, req.include_usage), media_type="text/event-stream")
+                await items.aclose()  # releases the admission slots now, not at garbage collection
+            return JSONResponse(builder.response())
+        options = req.stream_options
+        return StreamingResponse(self._sse(builder, first, items, bool(options and options.include_usage),
+                                           bool(options and options.continuous_usage_stats)),
+                                 media_type="text/event-stream")
 
-    async def _sse(self, rid: str, first: dict[str, Any], items: AsyncIterator[dict[str, Any]], chat: bool,
-                   include_usage: bool) -> AsyncIterator[str]:
-        """SSE chunks; a client that disconnects cancels this generator, which cancels the stream."""
+    async def _sse(self, builder: openai_api.ResponseBuilder, first: tuple[int, StreamItem],
+                   items: AsyncIterator[tuple[int, StreamItem]], include_usage: bool,
+                   continuous_usage: bool) -> AsyncIterator[str]:
+        """SSE chunks as OpenAI ends a stream; a client that disconnects cancels this generator,
+        which cancels the streams."""
         try:
-            if chat:
-                yield openai_api.stream_chunk(rid, self.model_name, None, chat, first=True)
-            item = first
+            for chunk in builder.opening_chunks(continuous_usage):
+                yield chunk
+            position, item = first
             while True:
-                yield openai_api.stream_chunk(rid, self.model_name, item, chat)
-                if "finish_reason" in item:
+                index = position * builder.n + item.index
+                builder.add(index, item)
+                for chunk in builder.item_chunks(index, item, continuous_usage):
+                    yield chunk
+                try:
+                    position, item = await items.__anext__()
+                except StopAsyncIteration:
                     break
-                item = await items.__anext__()
             if include_usage:
-                yield openai_api.stream_chunk(rid, self.model_name, None, chat, usage=openai_api.usage_dict(item))
+                yield builder.usage_chunk()
             yield openai_api.SSE_DONE
         except RequestError as e:
             self.reject(e, started=True)
@@ -445,7 +620,10 @@ class Ingress:
         finally:
             await items.aclose()
 
-    def _decode_token(self, token_id: int) -> str:
+    def _decode(self, token_ids: list[int]) -> str:
         if self.tokenizer is None:
-            return f"<{token_id}>"
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+            return "".join(f"<{t}>" for t in token_ids)
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
+
+    def _decode_token(self, token_id: int) -> str:
+        return self._decode([token_id])

@@ -1,45 +1,39 @@
-"""The OpenAI-compatible HTTP surface: request bodies of /v1/completions and /v1/chat/completions
-to shardline's (prompt, sampling dict), stream items to OpenAI response objects and SSE chunks,
-and errors to OpenAI's `{"error": {"message", "type", "param", "code"}}` shape. Pure functions; the
-ingress does the I/O."""
+"""The OpenAI-compatible HTTP surface, as pure functions (the ingress does the I/O): a parsed body
+(openai_protocol.py) to SamplingParams and prompts, the typed StreamItems of its choices to
+OpenAI response objects and SSE chunks, and errors to OpenAI's
+`{"error": {"message", "type", "param", "code"}}` shape.
+
+Choice numbering: a completions request with P prompts and n choices has P * n choices; choice
+`p * n + i` is choice i of prompt p (OpenAI's and vLLM's order)."""
 
 from __future__ import annotations
 
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from shardline.worker.engine.params import RequestError
+from shardline.router.openai_protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from shardline.worker.engine.generation import StreamItem, Usage
+from shardline.worker.engine.outputs import TokenLogprob
+from shardline.worker.engine.params import RequestError, SamplingParams
 
-# OpenAI fields mapped one to one onto SamplingParams, plus vLLM's extensions clients send.
-_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
-                    "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
-                    "include_stop_str_in_output", "skip_special_tokens")
-# Accepted and ignored: they do not change what is generated.
-_IGNORED_FIELDS = ("model", "user", "stream", "stream_options", "n", "logit_bias", "suffix", "echo",
-                   "best_of", "metadata", "store", "service_tier", "parallel_tool_calls", "modalities")
+# SamplingParams fields an OpenAI body sets under the same name (None in the body: unset).
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output",
+                   "skip_special_tokens", "n")
 
-HTTP_STATUS = {"invalid_argument": 400, "not_found": 404, "resource_exhausted": 429, "unavailable": 503,
-               "deadline_exceeded": 504, "cancelled": 499, "internal": 500}
-ERROR_TYPE = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error",
-              503: "service_unavailable", 504: "timeout", 499: "cancelled", 500: "internal_error"}
+HTTP_STATUS = {"invalid_argument": 400, "unauthenticated": 401, "not_found": 404, "model_not_found": 404,
+               "method_not_allowed": 405,
+               "resource_exhausted": 429, "unavailable": 503, "deadline_exceeded": 504, "cancelled": 499,
+               "internal": 500}
+ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+              405: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout",
+              499: "cancelled", 500: "internal_error"}
 OPENAI_FINISH = {"stop": "stop", "stop_string": "stop", "length": "length", "abort": "abort", "error": "error"}
+SSE_DONE = "data: [DONE]\n\n"
 
-
-@dataclass
-class OpenAIRequest:
-    """A parsed completions or chat request."""
-
-    prompt: Any  # str, list[int] or {"messages": [...]}
-    sampling: dict[str, Any]
-    stream: bool = False
-    include_usage: bool = False
-    logprobs: int | None = None
-    priority: int = 0
-    cache_salt: str | None = None
-    request_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+Decode = Callable[[int], str]
 
 
 def error_body(code: str, message: str, param: str | None) -> tuple[int, dict[str, Any]]:
@@ -49,138 +43,185 @@ def error_body(code: str, message: str, param: str | None) -> tuple[int, dict[st
                               "param": param or None, "code": code}}
 
 
-def _common(body: dict[str, Any], chat: bool) -> OpenAIRequest:
-    if not isinstance(body, dict):
-        raise RequestError("body", "must be a JSON object")
-    n = body.get("n", 1)
-    if n not in (1, None):
-        raise RequestError("n", f"only n=1 is supported, got {n!r}")
-    if body.get("echo"):
-        raise RequestError("echo", "echo is not supported")
-    known = set(_SAMPLING_FIELDS) | set(_IGNORED_FIELDS) | {"prompt", "messages", "stop", "logprobs", "top_logprobs",
-                                                             "max_completion_tokens", "priority", "cache_salt",
-                                                             "request_id"}
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise RequestError(unknown[0], "unknown field")
-    sampling = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
-    if chat and body.get("max_completion_tokens") is not None:
-        sampling["max_tokens"] = body["max_completion_tokens"]
-    stop = body.get("stop")
-    if stop is not None:
-        sampling["stop"] = [stop] if isinstance(stop, str) else stop
-    logprobs: int | None = None
-    if chat:
-        if body.get("logprobs"):
-            logprobs = int(body.get("top_logprobs") or 0)
-    elif body.get("logprobs") is not None:
-        logprobs = body["logprobs"]
-    if logprobs is not None:
-        sampling["logprobs"] = logprobs
-    options = body.get("stream_options") or {}
-    salt = body.get("cache_salt")
-    if salt is not None and not isinstance(salt, str):
-        raise RequestError("cache_salt", "must be a string")
-    priority = body.get("priority", 0)
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise RequestError("priority", "must be an integer")
-    return OpenAIRequest(prompt=None, sampling=sampling, stream=bool(body.get("stream")),
-                         include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
-                         logprobs=logprobs, priority=priority, cache_salt=salt or None,
-                         request_id=body.get("request_id"))
+def sampling_params(req: SamplingFields, chat: bool, defaults: dict[str, Any]) -> SamplingParams:
+    """The request's SamplingParams: fields it sets, else the model's generation_config defaults,
+    else SamplingParams' own. max_tokens (or max_completion_tokens) unset or null: the rest of the
+    context for chat, OpenAI's 16 for completions. Type errors are the models'; ranges are checked
+    later by the one validator."""
+    values: dict[str, Any] = dict(defaults)
+    values.update({name: getattr(req, name) for name in SAMPLING_FIELDS if getattr(req, name) is not None})
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    values["max_tokens"] = max_tokens if max_tokens is not None else (None if chat else 16)
+    if req.stop is not None:
+        values["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    if req.best_of is not None and req.best_of != (req.n or 1):
+        raise RequestError("best_of", f"best_of ({req.best_of}) must equal n ({req.n or 1}): shardline returns "
+                           "every choice it generates and does not rank hidden ones")
+    if req.logit_bias:
+        bias: dict[int, float] = {}
+        for key, value in req.logit_bias.items():
+            try:
+                bias[int(key)] = float(value)
+            except ValueError:
+                raise RequestError("logit_bias", f"keys must be token ids, got {key!r}") from None
+        values["logit_bias"] = bias
+    if isinstance(req, ChatCompletionRequest):
+        if req.logprobs:
+            values["logprobs"] = req.top_logprobs or 0
+        elif req.top_logprobs:
+            raise RequestError("top_logprobs", "needs logprobs: true")
+    elif isinstance(req, CompletionRequest) and req.logprobs is not None:
+        values["logprobs"] = req.logprobs
+    return SamplingParams(**values)
 
 
-def parse_completion(body: dict[str, Any]) -> OpenAIRequest:
-    """A /v1/completions body: `prompt` is a string or a list of token ids (one prompt)."""
-    req = _common(body, chat=False)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
+def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
+    """The prompts of a completions body (a batch is a list of strings or of token-id lists); also
+    the body checks that only completions has (suffix, echo with logprobs)."""
+    if req.suffix:
+        raise RequestError("suffix", "fill-in-the-middle (suffix) is not supported")
+    if req.echo and req.logprobs is not None:
+        raise RequestError("echo", "echo with logprobs would need the prompt's logprobs, which the engine does "
+                           "not compute; use echo or logprobs")
+    prompt = req.prompt
     if isinstance(prompt, str):
-        req.prompt = prompt
-    elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        req.prompt = list(prompt)
-    else:
-        raise RequestError("prompt", "must be a string or a list of token ids (one prompt per request)")
-    return req
+        return [prompt]
+    if not prompt:
+        raise RequestError("prompt", "must not be empty")
+    if isinstance(prompt[0], (str, list)):
+        return list(prompt)  # type: ignore[arg-type]
+    return [list(prompt)]  # type: ignore[arg-type]
 
 
-def parse_chat(body: dict[str, Any]) -> OpenAIRequest:
-    """A /v1/chat/completions body: `messages` with string contents (or lists of text parts)."""
-    req = _common(body, chat=True)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("messages", "must be a non-empty list of {role, content} objects")
-    flat = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise RequestError(f"messages[{i}]", "must be an object with role and content")
-        content = m.get("content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-            if len(parts) != len(content):
-                raise RequestError(f"messages[{i}].content", "only text parts are supported")
-            content = "".join(parts)
-        flat.append({"role": m.get("role"), "content": content})
-    req.prompt = {"messages": flat}
-    return req
+def total_usage(final: dict[int, Usage], n: int) -> dict[str, Any]:
+    """OpenAI usage over all choices: each prompt counted once (its choice 0), completions summed."""
+    prompt = sum(u.prompt_tokens for i, u in final.items() if i % n == 0)
+    cached = sum(u.cached_tokens for i, u in final.items() if i % n == 0)
+    completion = sum(u.completion_tokens for u in final.values())
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def usage_dict(final: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI usage (with prompt_tokens_details.cached_tokens) from the last stream item."""
-    p, c = int(final.get("prompt_tokens", 0)), int(final.get("completion_tokens", 0))
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-            "prompt_tokens_details": {"cached_tokens": int(final.get("cached_tokens", 0))}}
+def chat_logprobs(entries: list[TokenLogprob], decode: Decode) -> dict[str, Any]:
+    """Chat's `logprobs` object: one entry per token with its top alternatives."""
+    def one(token_id: int, logprob: float) -> dict[str, Any]:
+        text = decode(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [dict(one(e.token_id, e.logprob),
+                             top_logprobs=[one(k, v) for k, v in e.top.items()]) for e in entries]}
 
 
-def _completion_logprobs(items: list[dict[str, Any]], decode) -> dict[str, Any] | None:
-    entries = [lp for item in items for lp in item.get("logprobs") or []]
-    if not entries:
-        return None
-    return {"tokens": [decode(t) for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [{decode(k): v for k, v in top.items()} for _, _, top in entries], "text_offset": []}
+def completion_logprobs(entries: list[TokenLogprob], decode: Decode, offset: int) -> dict[str, Any]:
+    """Completions' `logprobs` object; text_offset counts characters from the start of the
+    choice's text (after an echoed prompt) as the decoded tokens add up."""
+    tokens = [decode(e.token_id) for e in entries]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{decode(k): v for k, v in e.top.items()} for e in entries], "text_offset": offsets}
 
 
-def completion_response(rid: str, model: str, items: list[dict[str, Any]], decode, chat: bool) -> dict[str, Any]:
-    """The whole (non-streaming) response object from every stream item of a request."""
-    final = items[-1]
-    text = "".join(item.get("text", "") for item in items)
-    finish = OPENAI_FINISH.get(final.get("finish_reason") or "", final.get("finish_reason"))
-    if chat:
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                  "finish_reason": finish, "logprobs": None}
-        entries = [lp for item in items for lp in item.get("logprobs") or []]
-        if entries:
-            choice["logprobs"] = {"content": [
-                {"token": decode(t), "logprob": lp,
-                 "top_logprobs": [{"token": decode(k), "logprob": v} for k, v in top.items()]}
-                for t, lp, top in entries]}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": _completion_logprobs(items, decode)}
-        obj = "text_completion"
-    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice],
-            "usage": usage_dict(final)}
+@dataclass
+class Choice:
+    """What one choice has produced so far."""
+
+    index: int
+    prefix: str = ""  # the echoed prompt (completions with echo)
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    offset: int = 0  # characters of logprob tokens so far (text_offset of the next one)
+
+    def add(self, item: StreamItem) -> None:
+        self.text.append(item.text)
+        self.logprobs.extend(item.logprobs or [])
+        self.usage = item.usage
+        if item.finish_reason is not None:
+            self.finish_reason = OPENAI_FINISH.get(item.finish_reason, item.finish_reason)
 
 
-def stream_chunk(rid: str, model: str, item: dict[str, Any] | None, chat: bool, first: bool = False,
-                 usage: dict[str, Any] | None = None) -> str:
-    """One SSE `data:` line: a text delta (item), the role header (first, chat) or the usage chunk."""
-    base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()), "model": model}
-    if usage is not None:
-        base["choices"] = []
-        base["usage"] = usage
-    elif chat:
-        delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {"content": item.get("text", "")}
-        finish = None if first or item is None else item.get("finish_reason")
-        base["choices"] = [{"index": 0, "delta": delta, "finish_reason": OPENAI_FINISH.get(finish or "", finish),
-                            "logprobs": None}]
-    else:
-        finish = item.get("finish_reason") if item else None
-        base["choices"] = [{"index": 0, "text": item.get("text", "") if item else "",
-                            "finish_reason": OPENAI_FINISH.get(finish or "", finish), "logprobs": None}]
-    return f"data: {json.dumps(base)}\n\n"
+class ResponseBuilder:
+    """Collects the choices of one request and renders OpenAI's whole response or its SSE chunks."""
 
+    def __init__(self, rid: str, model: str, chat: bool, n: int, num_choices: int, decode: Decode,
+                 want_logprobs: bool, echo: list[str] | None = None) -> None:
+        self.rid, self.model, self.chat, self.n, self.decode = rid, model, chat, n, decode
+        self.created = int(time.time())
+        self.want_logprobs = want_logprobs
+        self.choices = [Choice(i) for i in range(num_choices)]
+        for i, choice in enumerate(self.choices):
+            if echo is not None:
+                choice.prefix = echo[i // n]
+                choice.offset = len(choice.prefix)
 
-SSE_DONE = "data: [DONE]\n\n"
+    def usage(self) -> dict[str, Any]:
+        return total_usage({c.index: c.usage for c in self.choices if c.usage is not None}, self.n)
+
+    def response(self) -> dict[str, Any]:
+        """The non-streaming response object (after every item went through `add`)."""
+        out = []
+        for c in self.choices:
+            text = "".join(c.text)
+            if self.chat:
+                out.append({"index": c.index, "message": {"role": "assistant", "content": text},
+                            "finish_reason": c.finish_reason,
+                            "logprobs": chat_logprobs(c.logprobs, self.decode) if self.want_logprobs else None})
+            else:
+                lps = completion_logprobs(c.logprobs, self.decode, len(c.prefix)) if self.want_logprobs else None
+                out.append({"index": c.index, "text": c.prefix + text, "finish_reason": c.finish_reason,
+                            "logprobs": lps})
+        return {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": out, "usage": self.usage()}
+
+    def add(self, index: int, item: StreamItem) -> None:
+        self.choices[index].add(item)
+
+    # ---- streaming --------------------------------------------------------------------------------
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+        body: dict[str, Any] = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                                "created": self.created, "model": self.model, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    def opening_chunks(self, continuous_usage: bool) -> list[str]:
+        """Chat: the role header of each choice; completions with echo: each echoed prompt."""
+        usage = self.usage() if continuous_usage else None
+        if self.chat:
+            return [self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                  "logprobs": None, "finish_reason": None}], usage) for c in self.choices]
+        return [self._chunk([{"index": c.index, "text": c.prefix, "logprobs": None, "finish_reason": None}], usage)
+                for c in self.choices if c.prefix]
+
+    def item_chunks(self, index: int, item: StreamItem, continuous_usage: bool) -> list[str]:
+        """The chunks of one item after `add`: its content (with logprobs when asked), then, on the
+        choice's last item, a chunk with an empty delta and the finish reason."""
+        c = self.choices[index]
+        usage = self.usage() if continuous_usage else None
+        chunks = []
+        if item.text or item.token_ids:
+            entries = item.logprobs or []
+            if self.chat:
+                lps = chat_logprobs(entries, self.decode) if self.want_logprobs else None
+                chunks.append(self._chunk([{"index": index, "delta": {"content": item.text}, "logprobs": lps,
+                                            "finish_reason": None}], usage))
+            else:
+                lps = completion_logprobs(entries, self.decode, c.offset) if self.want_logprobs else None
+                if lps is not None and lps["tokens"]:
+                    c.offset = lps["text_offset"][-1] + len(lps["tokens"][-1])
+                chunks.append(self._chunk([{"index": index, "text": item.text, "logprobs": lps,
+                                            "finish_reason": None}], usage))
+        if item.finish_reason is not None:
+            empty = {"delta": {}} if self.chat else {"text": ""}
+            chunks.append(self._chunk([{"index": index, **empty, "logprobs": None,
+                                        "finish_reason": c.finish_reason}], usage))
+        return chunks
+
+    def usage_chunk(self) -> str:
+        """The last chunk before [DONE] when stream_options.include_usage: no choices, the usage."""
+        return self._chunk([], self.usage())

@@ -1,7 +1,7 @@
 """The KV-aware Ray Serve RequestRouter of the ReplicaGroup deployment.
 
 Every DeploymentHandle to ReplicaGroup (the ingress holds one) runs an instance in its own
-process. For a `generate(token_ids, params, request_id, priority, cache_salt[, hint])` call it hashes the
+process. For a `generate(request: GenerationRequest[, hint])` call it hashes the
 prompt's full blocks exactly as the engine keys its prefix cache (same block size, same salt),
 matches them against the block-hash summary each replica reported through
 `record_routing_stats`, and ranks replicas with `router.prefix_scoring.choose_replica`.
@@ -22,6 +22,7 @@ from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
+from shardline.worker.engine.generation import GenerationRequest
 from shardline.router.prefix_scoring import (
     ReplicaLoad,
     ScoringConfig,
@@ -60,15 +61,15 @@ def _report(decision: str) -> None:
 
 
 def prompt_of(pending_request: PendingRequest | None) -> tuple[list[int], str | None] | None:
-    """The prompt token ids and cache salt of a generate call, or None for any other call."""
+    """The prompt token ids and cache salt of a `generate(request: GenerationRequest, ...)` call,
+    read by attribute from the typed request; None for any other call."""
     if pending_request is None:
         return None
     args, kwargs = pending_request.args or [], pending_request.kwargs or {}
-    token_ids = args[0] if args else kwargs.get("token_ids")
-    if not isinstance(token_ids, list) or not token_ids or not isinstance(token_ids[0], int):
+    request = args[0] if args else kwargs.get("request")
+    if not isinstance(request, GenerationRequest) or not request.prompt_token_ids:
         return None
-    salt = args[4] if len(args) > 4 else kwargs.get("cache_salt")
-    return token_ids, salt if isinstance(salt, str) and salt else None
+    return request.prompt_token_ids, request.cache_salt
 
 
 def load_from_stats(stats: dict[str, Any]) -> ReplicaLoad | None:

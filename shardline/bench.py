@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import torch
 
+from shardline.engine_args import add_engine_args, add_vllm_compatibility_flags, engine_config_from_args
+
 
 # ---------------------------------------------------------------------------------------------------
 # workloads
@@ -51,7 +53,6 @@ def _sync(device: torch.device) -> None:
 
 
 def _make_engine(args: argparse.Namespace, **overrides: Any):
-    from shardline.cli import engine_config_from_args
     from shardline.worker.engine.engine import LLMEngine
 
     config = engine_config_from_args(args).replace(**overrides)
@@ -462,11 +463,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: argparse._SubParsersAction, add_engine_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark the engine in this process (no Ray)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=sorted(MODES))
-    add_engine_args(p)
+    add_engine_args(p)  # --seed among them: the engine's, and the workload's random prompts
+    add_vllm_compatibility_flags(p)
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=64)
@@ -480,7 +482,6 @@ def add_parser(sub: argparse._SubParsersAction, add_engine_args: Callable[[argpa
     p.add_argument("--shared-fractions", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75], help="prefix")
     p.add_argument("--request-rates", type=float, nargs="+", default=[float("inf")], help="serve: Poisson rates (req/s)")
     p.add_argument("--iters", type=int, default=3, help="latency / prefill repetitions")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare-hf", action="store_true", help="offline: transformers' generate on the same workload")
     p.add_argument("--hf-max-batch", type=int, default=None, help="largest padded batch to try for --compare-hf")
     p.add_argument("--roofline", action="store_true", help="measure the device's bandwidth and matmul rate; add %% of floor")

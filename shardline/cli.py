@@ -13,45 +13,11 @@ import json
 import sys
 from typing import Any
 
-SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed")
+from shardline.engine_args import add_engine_args, add_vllm_compatibility_flags, engine_config_from_args
 
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Engine flags shared by generate, bench and serve (the same fields as EngineConfig)."""
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default="smollm2-135m",
-                   help="a directory (safetensors), a .gguf file, a Hugging Face id, or smollm2-135m (default)")
-    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
-    g.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA and on CPUs with native bf16 math, else float32; "
-                   "$SHARDLINE_CPU_DTYPE overrides the CPU choice), float32, bfloat16, float16")
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    g.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (overrides the memory budget)")
-    g.add_argument("--kv-cache-memory-gb", type=float, default=None, help="CPU: KV pool budget in GiB")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--no-prefix-cache", dest="enable_prefix_caching", action="store_false")
-    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
-    g.add_argument("--enforce-eager", action="store_true", help="never capture CUDA graphs")
-    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule the next step while the device runs this one (default: on CUDA)")
-
-
-def engine_config_from_args(args: argparse.Namespace):
-    from shardline.worker.config import EngineConfig
-
-    return EngineConfig(
-        model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
-        tensor_parallel_size=args.tensor_parallel_size, block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
-        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
-        attention_backend=args.attention_backend, async_scheduling=args.async_scheduling,
-    )
+# Sampling flags of `generate`: the base SamplingParams of every prompt. Unseeded requests sample
+# from the engine's generator, seeded by the engine flag --seed (vLLM's meaning).
+SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "min_p")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -115,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="run prompts through the engine in this process")
     add_engine_args(gen)
+    add_vllm_compatibility_flags(gen)
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompts-file", help='JSONL: {"prompt": ...} or {"messages": [...]} per line, optional sampling fields')
@@ -124,12 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--min-p", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(handler=_cmd_generate)
 
     from shardline import bench
 
-    bench.add_parser(sub, add_engine_args)
+    bench.add_parser(sub)
     try:
         from shardline import serve_cli
     except ImportError:  # the cluster extra (Ray) is not installed

@@ -8,35 +8,50 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from shardline.engine_args import add_engine_args, add_vllm_compatibility_flags, engine_overrides
+from shardline.worker.config import ConfigError
+
+if TYPE_CHECKING:
+    from shardline.cluster.config import ClusterConfig
 
 DEFAULT_ADDRESS = "127.0.0.1:9000"
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register the `serve` and `ask` subcommands."""
-    serve = sub.add_parser("serve", help="start a local Ray cluster with the gRPC + HTTP application")
+    serve = sub.add_parser(
+        "serve", help="start a local Ray cluster with the gRPC + HTTP application",
+        description="Start a local Ray cluster serving MODEL over gRPC and an OpenAI-compatible HTTP API. "
+                    "Flags use vLLM's spellings; engine flags override the config file's engine section.")
+    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                       help="model to serve, as --model (vLLM's positional model)")
     serve.add_argument("--config", help="a ClusterConfig YAML/JSON file, or a Serve config such as deploy/serve.yaml")
-    serve.add_argument("--model", default=None, help="model to serve (default: smollm2-135m)")
-    serve.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=None)
     serve.add_argument("--replicas", type=int, default=None, help="replica groups (fixed; the config may autoscale)")
+    serve.add_argument("--port", "--http-port", dest="http_port", type=int, default=None,
+                       help="HTTP port of the OpenAI-compatible API and /metrics (default 8000)")
     serve.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 9000)")
-    serve.add_argument("--http-port", type=int, default=None, help="HTTP port (default 8000)")
     serve.add_argument("--host", default=None, help="address the proxies listen on (default 127.0.0.1)")
+    serve.add_argument("--served-model-name", dest="served_model_names", nargs="+", default=None, metavar="NAME",
+                       help="names clients may request; the first is the one reported (default: the model)")
+    serve.add_argument("--api-key", dest="api_keys", action="append", default=None, metavar="KEY",
+                       help="a key clients must send (Authorization: Bearer KEY; gRPC `authorization` metadata); "
+                            "repeat for several; default: $SHARDLINE_API_KEY (comma-separated), else no auth")
+    serve.add_argument("--generation-config", default=None, metavar="auto|vllm|DIR",
+                       help="default sampling parameters: auto (the model's generation_config.json, default), "
+                            "vllm (the server's own), or a directory holding a generation_config.json")
+    serve.add_argument("--chat-template", default=None, metavar="FILE",
+                       help="a chat template (file, or the Jinja text) replacing the model's own")
     serve.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
     serve.add_argument("--log-json", action="store_true", default=None,
                        help="replicas and ingress log one JSON object per line (request id, replica group, finish reason, tokens)")
     serve.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ERROR")
     serve.add_argument("--log-prompts", action="store_true", default=None,
                        help="also log prompts and completions (user data: off by default)")
-    engine = serve.add_argument_group("engine (override the config's engine section)")
-    engine.add_argument("--device", default=None, help="auto, cpu or cuda")
-    engine.add_argument("--dtype", default=None)
-    engine.add_argument("--load-format", default=None, choices=["auto", "safetensors", "gguf", "dummy"])
-    engine.add_argument("--num-kv-blocks", type=int, default=None)
-    engine.add_argument("--max-model-len", type=int, default=None)
-    engine.add_argument("--max-num-seqs", type=int, default=None)
-    engine.add_argument("--max-num-batched-tokens", type=int, default=None)
+    add_engine_args(serve, overrides_only=True, title="engine (generated from EngineConfig; they override the "
+                                                       "config file's engine section)")
+    add_vllm_compatibility_flags(serve)
     serve.set_defaults(handler=cmd_serve)
 
     ask = sub.add_parser("ask", help="stream an answer from a running cluster over gRPC")
@@ -55,23 +70,28 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ask.set_defaults(handler=cmd_ask)
 
 
-def config_from_args(args: argparse.Namespace):
-    """The ClusterConfig of `shardline serve`: the file (if any), then the flags on top."""
+# `serve` flags that are ClusterConfig fields of the same name (engine flags are handled apart).
+_CLUSTER_FLAGS = ("replicas", "grpc_port", "http_port", "host", "served_model_names", "api_keys",
+                  "generation_config", "chat_template", "log_json", "log_level", "log_prompts")
+
+
+def config_from_args(args: argparse.Namespace) -> ClusterConfig:
+    """The ClusterConfig of `shardline serve`: the file (if any), then the flags on top. Engine
+    flags go to the engine section, except model and tensor_parallel_size (top-level fields)."""
     from shardline.cluster.config import ClusterConfig
 
-    top = {"model": args.model, "tensor_parallel_size": args.tensor_parallel_size, "replicas": args.replicas,
-           "grpc_port": args.grpc_port, "http_port": args.http_port, "host": args.host,
-           "log_json": args.log_json, "log_level": args.log_level, "log_prompts": args.log_prompts}
-    top = {k: v for k, v in top.items() if v is not None}
-    engine = {k: getattr(args, k) for k in ("device", "dtype", "load_format", "num_kv_blocks", "max_model_len",
-                                             "max_num_seqs", "max_num_batched_tokens") if getattr(args, k) is not None}
+    top = {k: getattr(args, k) for k in _CLUSTER_FLAGS if getattr(args, k) is not None}
+    engine = engine_overrides(args)
+    if args.model_tag is not None:
+        if engine.get("model", args.model_tag) != args.model_tag:
+            raise ConfigError(f"model: given twice, as {args.model_tag!r} and --model {engine['model']!r}")
+        engine["model"] = args.model_tag
+    for key in ("model", "tensor_parallel_size"):
+        if key in engine:
+            top[key] = engine.pop(key)
     if args.replicas is not None:
         top["autoscaling"] = None  # an explicit replica count wins over the file's autoscaling
-    if args.config:
-        base = ClusterConfig.from_file(args.config)
-        data = {f: getattr(base, f) for f in base.__dataclass_fields__}
-    else:
-        data = {}
+    data = ClusterConfig.read_file(args.config) if args.config else {}
     data.update(top)
     data["engine"] = dict(data.get("engine") or {}, **engine)
     return ClusterConfig.from_dict(data)

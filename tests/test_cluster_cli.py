@@ -23,14 +23,16 @@ def test_shardline_serve_prints_endpoints_answers_and_stops_on_sigterm(tmp_path)
     write_tiny_model_with_tokenizer(model)
     grpc_port, http_port = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shardline", "serve", "--model", str(model), "--replicas", "1",
-         "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--num-kv-blocks", "64", "--device", "cpu",
+        # vLLM's spellings: positional model, --port for HTTP, --served-model-name
+        [sys.executable, "-m", "shardline", "serve", str(model), "--replicas", "1", "--served-model-name", "tiny",
+         "--grpc-port", str(grpc_port), "--port", str(http_port), "--num-kv-blocks", "64", "--device", "cpu",
          "--num-cpus", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         wait_serving(grpc_port, timeout_s=180)
         banner = proc.stdout.readline() + proc.stdout.readline() + proc.stdout.readline()
         assert f":{grpc_port}" in banner and f"http://127.0.0.1:{http_port}/v1" in banner
+        assert "serving tiny" in banner
         ask = subprocess.run([sys.executable, "-m", "shardline", "ask", "hello world", "--address",
                               f"127.0.0.1:{grpc_port}", "--max-tokens", "4", "--temperature", "0"],
                              capture_output=True, text=True, timeout=120)

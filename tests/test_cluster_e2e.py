@@ -40,7 +40,7 @@ def cluster(tmp_path_factory):
     hf = write_tiny_model_with_tokenizer(model_dir)
     grpc_port, http_port = free_port(), free_port()
     args = dict(model=str(model_dir), engine=ENGINE, replicas=2, cpus_per_rank=0.5, max_in_flight=MAX_IN_FLIGHT,
-                routing_stats_period_s=0.2, metrics_period_s=0.2, served_model_name="tiny",
+                routing_stats_period_s=0.2, metrics_period_s=0.2, served_model_names=["tiny"],
                 replica_group_options={"health_check_period_s": 1, "health_check_timeout_s": 10,
                                        "graceful_shutdown_timeout_s": 5})
     with running_cluster(args, grpc_port, http_port):
@@ -120,7 +120,7 @@ def test_bad_input_is_invalid_argument_naming_the_field(stub) -> None:
     cases = [
         (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6]), sampling=pb.SamplingParams(top_p=0.0)), "top_p"),
         (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6]), sampling=pb.SamplingParams(temperature=-1)), "temperature"),
-        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 100000])), "prompt_token_ids"),
+        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 100000])), "prompt"),
         (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 600)), "prompt"),
         (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6]), sampling=pb.SamplingParams(max_tokens=10_000)), "max_tokens"),
         (pb.GenerateRequest(), "input"),

@@ -13,13 +13,15 @@ pytest.importorskip("ray")
 
 from shardline.cluster.config import ClusterConfig  # noqa: E402
 from shardline.proto import generation_pb2 as pb  # noqa: E402
-from shardline.router import openai_api  # noqa: E402
+from shardline.router import openai_api, openai_protocol  # noqa: E402
 from shardline.router.ingress import deadline_from_metadata, sampling_from_proto  # noqa: E402
 from shardline.router.prefix_scoring import pack_summary  # noqa: E402
 from shardline.router.request_router import KVAwareRouter, load_from_stats, prompt_of  # noqa: E402
 from shardline.worker.config import ConfigError  # noqa: E402
 from shardline.worker.engine.block_manager import hash_prompt_blocks  # noqa: E402
+from shardline.worker.engine.generation import GenerationRequest  # noqa: E402
 from shardline.worker.engine.params import RequestError, SamplingParams  # noqa: E402
+from shardline.worker.engine.validation import Limits  # noqa: E402
 
 
 def test_tp_bundles_are_one_per_rank_with_gpus_only_when_asked() -> None:
@@ -54,10 +56,16 @@ class _Pending:
     kwargs: dict = field(default_factory=dict)
 
 
-def test_router_reads_token_ids_and_salt_of_generate_calls_only() -> None:
-    assert prompt_of(_Pending([[5, 6, 7], {}, "r", 0, "tenant"])) == ([5, 6, 7], "tenant")
-    assert prompt_of(_Pending([[5, 6, 7], {}])) == ([5, 6, 7], None)
-    assert prompt_of(_Pending([], {"token_ids": [9]})) == ([9], None)
+def _typed(token_ids: list[int], salt: str | None = None) -> GenerationRequest:
+    return GenerationRequest.validated(token_ids, SamplingParams(), Limits(max_model_len=4096, vocab_size=10**6),
+                                       "r", cache_salt=salt)
+
+
+def test_router_reads_token_ids_and_salt_of_the_typed_request_by_attribute() -> None:
+    assert prompt_of(_Pending([_typed([5, 6, 7], "tenant")])) == ([5, 6, 7], "tenant")
+    assert prompt_of(_Pending([_typed([5, 6, 7]), "hint"])) == ([5, 6, 7], None)
+    assert prompt_of(_Pending([], {"request": _typed([9])})) == ([9], None)
+    assert prompt_of(_Pending([[5, 6, 7], {}])) is None  # the old positional call is not a generate call
     assert prompt_of(_Pending([])) is None and prompt_of(_Pending(["text"])) is None and prompt_of(None) is None
 
 
@@ -92,7 +100,7 @@ def test_router_prefers_the_replica_holding_the_prefix() -> None:
                                         "block_size": 8, "summary": pack_summary(hash_prompt_blocks(prompt, 8), 10)})
     other = _Replica(_ReplicaId("a"), {"free_blocks": 64, "num_blocks": 64, "running": 0, "waiting": 0,
                                        "block_size": 8, "summary": b""})
-    ranks = asyncio.run(_router().choose_replicas([other, holder], _Pending([prompt + [1, 2]])))
+    ranks = asyncio.run(_router().choose_replicas([other, holder], _Pending([_typed(prompt + [1, 2])])))
     assert ranks == [[holder], [other]]
 
 
@@ -106,7 +114,7 @@ def test_router_sends_a_burst_of_one_new_prefix_after_its_first_request() -> Non
     # own memory of what it routed sends the rest of the burst after it.
     router, replicas = _router(), [_idle("a"), _idle("b")]
     prefix = list(range(100, 140))
-    chosen = [asyncio.run(router.choose_replicas(replicas, _Pending([prefix + [i]])))[0][0] for i in range(6)]
+    chosen = [asyncio.run(router.choose_replicas(replicas, _Pending([_typed(prefix + [i])])))[0][0] for i in range(6)]
     assert all(c is chosen[0] for c in chosen)
 
 
@@ -114,42 +122,80 @@ def test_router_memory_expires_so_reports_stay_the_truth() -> None:
     router, replicas = _router(), [_idle("a"), _idle("b")]
     router._routed_ttl_s = 0.0  # nothing is remembered past its own decision
     prefixes = [list(range(1000 * g, 1000 * g + 40)) for g in range(40)]
-    chosen = {asyncio.run(router.choose_replicas(replicas, _Pending([p])))[0][0].replica_id.unique_id for p in prefixes}
+    chosen = {asyncio.run(router.choose_replicas(replicas, _Pending([_typed(p)])))[0][0].replica_id.unique_id for p in prefixes}
     assert chosen == {"a", "b"}  # equal loads are broken at random, never always the same replica
 
 
 def test_router_falls_back_instead_of_raising_on_broken_stats() -> None:
     broken = [_Replica(_ReplicaId("a"), {"free_blocks": "x", "num_blocks": 1, "running": 0, "waiting": 0}),
               _Replica(_ReplicaId("b"), {"free_blocks": 1, "summary": b"123"})]
-    ranks = asyncio.run(_router().choose_replicas(broken, _Pending([[1, 2, 3]])))
+    ranks = asyncio.run(_router().choose_replicas(broken, _Pending([_typed([1, 2, 3])])))
     assert len(ranks) == 1 and set(map(id, ranks[0])) <= set(map(id, broken)) and ranks[0]
 
 
 def test_openai_completion_body_maps_onto_sampling_params() -> None:
-    req = openai_api.parse_completion({"model": "m", "prompt": "hi", "max_tokens": 5, "temperature": 0.5,
-                                       "stop": "x", "top_k": 3, "stream": True,
-                                       "stream_options": {"include_usage": True}, "cache_salt": "t"})
-    assert req.prompt == "hi" and req.stream and req.include_usage and req.cache_salt == "t"
-    assert SamplingParams.from_dict(req.sampling) == SamplingParams(max_tokens=5, temperature=0.5, stop=["x"], top_k=3)
+    req = openai_protocol.parse(openai_protocol.CompletionRequest, {
+        "model": "m", "prompt": "hi", "max_tokens": 5, "temperature": 0.5, "stop": "x", "top_k": 3, "stream": True,
+        "stream_options": {"include_usage": True}, "cache_salt": "t", "logit_bias": {"7": -100}, "n": 2})
+    assert req.prompt == "hi" and req.stream and req.stream_options.include_usage and req.cache_salt == "t"
+    assert openai_api.sampling_params(req, chat=False, defaults={"top_p": 0.9}) == SamplingParams(
+        max_tokens=5, temperature=0.5, stop=["x"], top_k=3, top_p=0.9, logit_bias={7: -100.0}, n=2)
+
+
+def test_max_tokens_unset_or_null_is_the_rest_of_the_context_for_chat_and_16_for_completions() -> None:
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    for extra in ({}, {"max_tokens": None}, {"max_completion_tokens": None}):
+        req = openai_protocol.parse(openai_protocol.ChatCompletionRequest, {**chat, **extra})
+        assert openai_api.sampling_params(req, chat=True, defaults={}).max_tokens is None
+    req = openai_protocol.parse(openai_protocol.ChatCompletionRequest, {**chat, "max_completion_tokens": 7})
+    assert openai_api.sampling_params(req, chat=True, defaults={}).max_tokens == 7
+    req = openai_protocol.parse(openai_protocol.CompletionRequest, {"prompt": "hi", "max_tokens": None})
+    assert openai_api.sampling_params(req, chat=False, defaults={}).max_tokens == 16
+
+
+def test_unknown_openai_fields_are_kept_aside_not_rejected() -> None:
+    req = openai_protocol.parse(openai_protocol.ChatCompletionRequest, {
+        "messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "low", "parallel_tool_calls": False})
+    assert req.unknown_fields() == ["parallel_tool_calls", "reasoning_effort"]
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"prompt": "hi", "n": 2}, "n"),
+    ({"prompt": "hi", "best_of": 3, "n": 2}, "best_of"),
     ({"prompt": {"a": 1}}, "prompt"),
-    ({"prompt": "hi", "frobnicate": 1}, "frobnicate"),
+    ({"prompt": [1.9, 2]}, "prompt"),
+    ({"prompt": [True, 2]}, "prompt"),
+    ({"prompt": [1, "7"]}, "prompt"),
+    ({"prompt": "hi", "suffix": "x"}, "suffix"),
+    ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
+    ({"prompt": "hi", "temperature": "0.5"}, "temperature"),
+    ({"prompt": "hi", "logit_bias": {"abc": 1}}, "logit_bias"),
 ])
-def test_unsupported_openai_fields_are_named(body, param) -> None:
+def test_bad_openai_fields_are_named(body, param) -> None:
     with pytest.raises(RequestError) as error:
-        openai_api.parse_completion(body)
+        req = openai_protocol.parse(openai_protocol.CompletionRequest, body)
+        openai_api.sampling_params(req, chat=False, defaults={})
+        openai_api.completion_prompts(req)
     assert error.value.field == param
 
 
-def test_chat_content_parts_are_joined_and_other_parts_refused() -> None:
-    req = openai_api.parse_chat({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
-                                                                          {"type": "text", "text": "b"}]}]})
-    assert req.prompt == {"messages": [{"role": "user", "content": "ab"}]}
+def test_batched_prompts_are_one_prompt_each() -> None:
+    def prompts(prompt):
+        return openai_api.completion_prompts(openai_protocol.parse(openai_protocol.CompletionRequest,
+                                                                   {"prompt": prompt}))
+
+    assert prompts("a") == ["a"] and prompts(["a", "b"]) == ["a", "b"]
+    assert prompts([1, 2]) == [[1, 2]] and prompts([[1], [2, 3]]) == [[1], [2, 3]]
+
+
+def test_chat_content_parts_are_joined_null_content_allowed_and_other_parts_refused() -> None:
+    req = openai_protocol.parse(openai_protocol.ChatCompletionRequest, {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": None, "tool_calls": []}]})
+    assert [m.template_dict() for m in req.messages] == [
+        {"role": "user", "content": "ab"}, {"role": "assistant", "content": "", "tool_calls": []}]
     with pytest.raises(RequestError, match=r"messages\[0\]\.content"):
-        openai_api.parse_chat({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
+        openai_protocol.parse(openai_protocol.ChatCompletionRequest,
+                              {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
 
 
 def test_error_bodies_have_the_openai_shape_and_status() -> None:
@@ -168,7 +214,9 @@ def test_grpc_deadline_metadata_is_read_in_seconds() -> None:
         deadline_from_metadata([("timeout-ms", "soon")])
 
 
-def test_only_set_proto_sampling_fields_are_sent() -> None:
-    msg = pb.SamplingParams(max_tokens=4, temperature=0.0, stop=["a"])
-    assert sampling_from_proto(msg) == {"max_tokens": 4, "temperature": 0.0, "stop": ["a"]}
-    assert sampling_from_proto(pb.SamplingParams()) == {}
+def test_only_set_proto_sampling_fields_are_sent_over_the_defaults() -> None:
+    msg = pb.SamplingParams(max_tokens=4, temperature=0.0, stop=["a"], n=2, logit_bias={5: -100.0})
+    assert sampling_from_proto(msg, {"top_p": 0.8}, chat=False) == SamplingParams(
+        max_tokens=4, temperature=0.0, stop=["a"], top_p=0.8, n=2, logit_bias={5: -100.0})
+    assert sampling_from_proto(pb.SamplingParams(), {}, chat=False) == SamplingParams(max_tokens=16)
+    assert sampling_from_proto(pb.SamplingParams(), {}, chat=True) == SamplingParams(max_tokens=None)

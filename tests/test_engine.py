@@ -179,7 +179,7 @@ def test_seeded_sampling_is_independent_of_the_batch(tiny):
         (SamplingParams(max_tokens=500), [10] * 20, "max_tokens"),
         (SamplingParams(temperature=-1.0), [10], "temperature"),
         (SamplingParams(top_p=0.0), [10], "top_p"),
-        (SamplingParams(max_tokens=5), [10, 99999], "prompt_token_ids"),
+        (SamplingParams(max_tokens=5), [10, 99999], "prompt"),
     ],
 )
 def test_bad_requests_are_rejected_without_harming_others(tiny, params, prompt, field):

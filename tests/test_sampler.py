@@ -250,3 +250,32 @@ def test_a_pending_token_counts_in_the_penalties_like_a_read_one():
     pending = SamplingBatch.build(params, [None, None], [[0], [1]], [[2], [4]], 6, CPU,
                                   pending_token_ids=torch.tensor([3, -1]))
     assert torch.equal(apply_penalties(logits, pending), apply_penalties(logits, read))
+
+
+def test_logit_bias_bans_and_boosts_per_row_before_the_penalties():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, 0, 0, 0, 0]] * 3)
+    params = [SamplingParams(temperature=0.0, logit_bias={0: -100.0}),  # ban the greedy token
+              SamplingParams(temperature=0.0, logit_bias={5: 10.0}),  # boost another
+              SamplingParams(temperature=0.0)]  # untouched
+    batch = build(params)
+    assert batch.logit_bias is not None and batch.logit_bias[0].tolist() == [0, 1]
+    out = Sampler()(logits.clone(), batch)
+    assert out.token_ids.tolist() == [1, 5, 0]
+
+
+def test_logit_bias_shapes_the_logprobs_and_leaves_the_input_logits_alone():
+    logits = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(3))
+    original = logits.clone()
+    params = SamplingParams(temperature=0.0, logprobs=0, logit_bias={2: 1.5, 4: -0.5})
+    out = Sampler()(logits, build([params]))
+    biased = original.clone()
+    biased[0, 2] += 1.5
+    biased[0, 4] -= 0.5
+    assert torch.equal(logits, original)
+    assert out.token_ids.tolist() == biased.argmax(dim=-1).tolist()
+    [lp] = out.logprobs
+    assert lp.logprob == pytest.approx(torch.log_softmax(biased, -1)[0, lp.token_id].item(), abs=1e-6)
+
+
+def test_a_batch_without_logit_bias_builds_no_bias_tensors():
+    assert build([SamplingParams(), SamplingParams(temperature=0.0)]).logit_bias is None

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from shardline.worker.loader.source import DEFAULT_MODEL, ModelLoadError, ModelSource, resolve_model
-from shardline.worker.tokenizer import Tokenizer
+from shardline.worker.config import ConfigError
+from shardline.worker.tokenizer import Tokenizer, load_tokenizer, read_chat_template
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }} {{ m['content'] }}</s>{% endfor %}"
@@ -100,6 +101,25 @@ def test_directory_without_tokenizer_files_raises_naming_it(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ModelLoadError, match=str(tmp_path)):
         Tokenizer.from_source(ModelSource(str(tmp_path), "safetensors", tmp_path))
+
+
+def test_chat_template_override_replaces_the_models_template(tmp_path):
+    source = _tiny_tokenizer_dir(tmp_path)
+    override = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tok = load_tokenizer(source, chat_template=override)
+    assert tok is not None
+    assert tok.chat_prompt_text([{"role": "user", "content": "hello world"}]) == "hello world "
+    assert Tokenizer.from_source(source).chat_prompt_text([{"role": "user", "content": "hello"}]) == (
+        "<s>user hello</s><s>assistant")
+
+
+def test_read_chat_template_takes_a_file_or_template_text_and_names_a_bad_path(tmp_path):
+    path = tmp_path / "template.jinja"
+    path.write_text(CHAT_TEMPLATE)
+    assert read_chat_template(str(path)) == CHAT_TEMPLATE
+    assert read_chat_template(CHAT_TEMPLATE) == CHAT_TEMPLATE
+    with pytest.raises(ConfigError, match=r"chat_template: .*missing\.jinja"):
+        read_chat_template(str(tmp_path / "missing.jinja"))
 
 
 # --- the default model's tokenizer, from GGUF metadata -------------------------------------------

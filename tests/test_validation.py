@@ -55,11 +55,11 @@ def test_empty_prompt_is_rejected():
 
 @pytest.mark.parametrize("token", [-1, 1000, 5000])
 def test_prompt_token_outside_the_vocab_is_rejected(token):
-    assert_mentions(rejected(prompt=[1, token]), "prompt_token_ids", token, 1000)
+    assert_mentions(rejected(prompt=[1, token]), "prompt", token, 1000)
 
 
 def test_prompt_token_of_the_wrong_type_is_rejected():
-    assert_mentions(rejected(prompt=[1, "2"]), "prompt_token_ids", 1)
+    assert_mentions(rejected(prompt=[1, "2"]), "prompt", 1)
 
 
 def test_prompt_longer_than_the_context_names_both_lengths():
@@ -178,3 +178,31 @@ def test_logprobs_out_of_range_is_rejected(value):
 )
 def test_wrong_types_are_request_errors_not_type_errors(field, value):
     assert rejected(**{field: value}).field == field
+
+
+@pytest.mark.parametrize("bias, numbers", [({1000: 1.0}, [1000]), ({5: 101.0}, [5, 101]),
+                                           ({5: float("nan")}, []), ({"5": 1.0}, [5])])
+def test_logit_bias_ids_must_be_in_the_vocab_and_biases_in_range(bias, numbers):
+    assert_mentions(rejected(logit_bias=bias), "logit_bias", *numbers)
+
+
+def test_logit_bias_count_is_bounded():
+    limits = Limits(max_model_len=LIMITS.max_model_len, vocab_size=LIMITS.vocab_size, max_logit_bias=2)
+    assert_mentions(rejected(limits=limits, logit_bias={1: 1.0, 2: 1.0, 3: 1.0}), "logit_bias", 2, 3)
+
+
+@pytest.mark.parametrize("n", [0, 17])
+def test_n_is_bounded(n):
+    assert_mentions(rejected(n=n), "n", n, 16)
+
+
+@pytest.mark.parametrize("token", [1.9, True])
+def test_float_or_bool_token_ids_name_the_prompt(token):
+    assert_mentions(rejected(prompt=[1, token]), "prompt", 1)
+
+
+def test_for_choice_gives_each_choice_its_own_seed_stream():
+    params = SamplingParams(n=3, seed=10, temperature=0.7)
+    assert [p.seed for p in (params.for_choice(i) for i in range(3))] == [10, 11, 12]
+    assert params.for_choice(2) == SamplingParams(n=1, seed=12, temperature=0.7)
+    assert SamplingParams(n=2).for_choice(1).seed is None

@@ -172,33 +172,56 @@ class ModelConfig:
         return self.num_hidden_layers * per_layer + emb + h
 
 
+def knob(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
+         choices: tuple[str, ...] | None = None, aliases: tuple[str, ...] = (),
+         legacy: tuple[str, ...] = ()) -> Any:
+    """A config field with its documentation attached: `help` (what it does, units, what the
+    default means), optional `choices`, extra flag spellings (`aliases`, e.g. "-tp") and older
+    spellings kept working but hidden from --help (`legacy`). The command line
+    (shardline/engine_args.py) builds every engine flag from these."""
+    metadata = {"help": help, "choices": choices, "aliases": aliases, "legacy": legacy}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class EngineConfig:
-    """Knobs of one replica group's engine; the same fields in the CLI, the serve YAML and Python."""
+    """Knobs of one replica group's engine; the same fields in the CLI, the serve YAML and Python.
+    Each field's `help` is its documentation and the text of its flag (`--max-num-seqs` for
+    max_num_seqs), generated for `serve`, `generate` and `bench` alike."""
 
-    model: str = "smollm2-135m"
-    dtype: str = "auto"  # auto: bfloat16 on CUDA; on CPU see default_cpu_dtype
-    device: str = "auto"  # auto: cuda when available, else cpu
-    load_format: str = "auto"  # auto | safetensors | gguf | dummy
-    tensor_parallel_size: int = 1
-    block_size: int = 16
-    num_kv_blocks: int | None = None  # explicit pool size; overrides the memory budget
-    kv_cache_memory_gb: float | None = None  # CPU: explicit budget in GiB (default: a fraction of free memory)
-    cpu_kv_cache_fraction: float = 0.1
-    gpu_memory_utilization: float = 0.9
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    enforce_eager: bool = False
-    attention_backend: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | torch | triton
-    # Schedule step N+1 while step N runs on the device (its sampled tokens feed N+1 on the device).
-    # None: on for CUDA, off on CPU, where torch runs each op before returning and nothing overlaps.
-    async_scheduling: bool | None = None
-    seed: int = 0
-    max_queue_len: int = 1024  # waiting requests beyond this are rejected as overload
-    extra: dict[str, Any] = field(default_factory=dict)
+    model: str = knob("smollm2-135m", help="a directory (safetensors), a .gguf file, a Hugging Face id, "
+                      "or smollm2-135m (the default model, SmolLM2-135M-Instruct)")
+    dtype: str = knob("auto", help="weights and activations: auto (bfloat16 on CUDA and on CPUs with native bf16 "
+                      "math, else float32; $SHARDLINE_CPU_DTYPE overrides the CPU choice), float32, bfloat16, float16")
+    device: str = knob("auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    load_format: str = knob("auto", choices=("auto", "safetensors", "gguf", "dummy"),
+                            help="how weights are read; dummy: random weights from the config (benchmarks)")
+    tensor_parallel_size: int = knob(1, aliases=("-tp", "--tp"), help="ranks the model is sharded over")
+    block_size: int = knob(16, help="tokens per KV-cache block (a power of two)")
+    num_kv_blocks: int | None = knob(None, aliases=("--num-gpu-blocks-override",),
+                                     help="KV pool size in blocks; overrides the memory budget")
+    kv_cache_memory_gb: float | None = knob(None, help="CPU: KV pool budget in GiB (default: cpu_kv_cache_fraction "
+                                            "of free memory)")
+    cpu_kv_cache_fraction: float = knob(0.1, help="CPU: fraction of free memory the KV pool takes, in (0, 1]")
+    gpu_memory_utilization: float = knob(0.9, help="CUDA: fraction of the device's memory for weights, activations "
+                                         "and the KV pool, in (0, 1]")
+    max_model_len: int | None = knob(None, help="context limit in tokens (default: the model's max_position_embeddings)")
+    max_num_seqs: int = knob(256, help="most requests in one step's batch")
+    max_num_batched_tokens: int = knob(2048, help="token budget of one step (decodes plus prefill chunks)")
+    enable_prefix_caching: bool = knob(True, legacy=("--prefix-cache",),
+                                       help="reuse the KV blocks of prompts' shared prefixes")
+    enable_chunked_prefill: bool = knob(True, help="split long prompts into chunks that share steps with decodes")
+    enforce_eager: bool = knob(False, help="CUDA: never capture CUDA graphs")
+    attention_backend: str = knob("auto", choices=("auto", "torch", "triton"),
+                                  help="auto: Triton kernels on CUDA, torch elsewhere")
+    async_scheduling: bool | None = knob(None, help="schedule step N+1 while step N runs on the device (its sampled "
+                                         "tokens feed N+1 there); default: on CUDA, off on CPU, where nothing overlaps")
+    seed: int = knob(0, help="seed of the generator unseeded requests sample from, and of dummy weights")
+    max_queue_len: int = knob(1024, help="waiting requests beyond this are rejected as overload")
+    extra: dict[str, Any] = knob(default_factory=dict, help="experimental knobs as a JSON object: fused_kernels "
+                                 "(auto|triton|torch), tp_timeout_s, tp_startup_timeout_s, fault_injection")
 
     def __post_init__(self) -> None:
         checks = [
@@ -217,12 +240,12 @@ class EngineConfig:
             raise ConfigError(f"num_kv_blocks: must be >= 1, got {self.num_kv_blocks}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len: must be >= 1, got {self.max_model_len}")
-        if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
-            raise ConfigError(f"load_format: {self.load_format!r} is not one of auto, safetensors, gguf, dummy")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name}: {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda")
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ConfigError(f"attention_backend: {self.attention_backend!r} is not one of auto, torch, triton")
         if self.dtype != "auto":
             parse_dtype(self.dtype)
 

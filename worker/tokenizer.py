@@ -31,8 +31,9 @@ class Tokenizer:
         self.vocab_size = len(hf)
 
     @classmethod
-    def from_source(cls, source: ModelSource) -> "Tokenizer":
-        """Load the tokenizer that belongs to `source`; raises ModelLoadError when there is none."""
+    def from_source(cls, source: ModelSource, chat_template: str | None = None) -> "Tokenizer":
+        """Load the tokenizer that belongs to `source`; raises ModelLoadError when there is none.
+        `chat_template` (Jinja text, see read_chat_template) replaces the model's own template."""
         from transformers import AutoTokenizer
 
         try:
@@ -52,6 +53,8 @@ class Tokenizer:
                 if token_id is not None and int(token_id) not in eos:
                     eos.append(int(token_id))
         bos = hf.bos_token_id if hf.bos_token_id is not None else cfg.get("bos_token_id")
+        if chat_template is not None:
+            hf.chat_template = chat_template
         return cls(hf, eos, bos)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -67,17 +70,26 @@ class Tokenizer:
         """Whether the model ships a chat template (instruct models do; base models often not)."""
         return bool(getattr(self.hf, "chat_template", None))
 
-    def chat_prompt_text(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render chat messages with the model's template; raises ValueError for bad messages."""
+    def chat_prompt_text(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                         continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None,
+                         template_kwargs: dict[str, Any] | None = None) -> str:
+        """Render chat messages with the model's template; raises ValueError for bad messages.
+        continue_final_message: the last (assistant) message is left open for the model to continue
+        (no generation prompt after it); tools and template_kwargs are passed to the template."""
         _validate_messages(messages)
         if not self.has_chat_template:
             raise ModelLoadError(
                 "this model has no chat template; send a plain text prompt (completions) instead of chat messages"
             )
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message: cannot be combined with add_generation_prompt: set "
+                             "add_generation_prompt to false to continue the last message")
         from jinja2 import TemplateError
 
         try:
-            text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+            text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                               continue_final_message=continue_final_message, tools=tools,
+                                               **(template_kwargs or {}))
         except TemplateError as e:  # templates raise for e.g. roles that do not alternate
             raise ValueError(f"messages: rejected by the model's chat template: {e}") from None
         return text if isinstance(text, str) else text[0]
@@ -131,13 +143,35 @@ def _gguf_tokenizer(path):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def load_tokenizer(source: ModelSource) -> Tokenizer | None:
+def load_tokenizer(source: ModelSource, chat_template: str | None = None) -> Tokenizer | None:
     """The model's tokenizer, or None for a safetensors directory that ships none: such a model
-    (random test checkpoints, benchmark configs) takes token ids and returns no text."""
+    (random test checkpoints, benchmark configs) takes token ids and returns no text.
+    `chat_template` (Jinja text) replaces the model's own template (vLLM's --chat-template)."""
     if source.kind == "safetensors" and not any((source.path / f).exists() for f in TOKENIZER_FILES):
         log.warning("%s has no tokenizer files: token ids in, token ids out, no text", source.path)
         return None
-    return Tokenizer.from_source(source)
+    return Tokenizer.from_source(source, chat_template=chat_template)
+
+
+def read_chat_template(value: str) -> str:
+    """The text of a chat template given as a file path or as the Jinja text itself (vLLM's rule:
+    an existing file is read; a value with Jinja markup is the template; anything else is a
+    ConfigError, so that a mistyped path is never served as a template)."""
+    from pathlib import Path
+
+    from shardline.worker.config import ConfigError
+
+    is_jinja = "{{" in value or "{%" in value
+    try:
+        path = Path(value).expanduser()
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:  # template text too long (or with NUL) to be a path name lands here
+        if not is_jinja:
+            raise ConfigError(f"chat_template: cannot read {value!r}: {e}") from None
+    if is_jinja:
+        return value
+    raise ConfigError(f"chat_template: {value!r} is neither a readable file nor a Jinja template")
 
 
 def encode_prompt(tokenizer: Tokenizer | None, prompt: Any, add_special_tokens: bool | None = None) -> list[int]:
@@ -154,10 +188,11 @@ def encode_prompt(tokenizer: Tokenizer | None, prompt: Any, add_special_tokens: 
         elif "messages" not in prompt:
             raise RequestError("prompt", "a dict prompt needs 'messages', 'prompt' or 'prompt_token_ids'")
     if isinstance(prompt, (list, tuple)):
-        try:
-            return [int(t) for t in prompt]
-        except (TypeError, ValueError):
-            raise RequestError("prompt_token_ids", "must be a list of integers") from None
+        # NOTE: no int() coercion: 1.9, True or "7" are the caller's mistake, not token ids.
+        for position, token in enumerate(prompt):
+            if not isinstance(token, int) or isinstance(token, bool):
+                raise RequestError("prompt", f"token at position {position} must be an integer, got {token!r}")
+        return list(prompt)
     if not isinstance(prompt, (str, dict)):
         raise RequestError("prompt", f"must be text, token ids or chat messages, got {type(prompt).__name__}")
     if tokenizer is None:

@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator
 
 from shardline.worker.config import EngineConfig
 from shardline.worker.engine.engine import LLMEngine, Prompt
+from shardline.worker.engine.generation import GenerationRequest
 from shardline.worker.engine.outputs import FINISH_ERROR, RequestOutput
 from shardline.worker.engine.params import RequestError, SamplingParams
 
@@ -45,10 +46,13 @@ class AsyncEngine:
 
     # ---- caller side (any event loop) ----------------------------------------------------------
 
-    async def generate(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                       priority: int = 0, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt: Prompt | GenerationRequest, params: SamplingParams | None = None,
+                       request_id: str | None = None, priority: int = 0,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its deltas; the last one has finished=True. Leaving the
-        iteration early (cancel, disconnect) aborts the request and frees its blocks."""
+        iteration early (cancel, disconnect) aborts the request and frees its blocks. A
+        GenerationRequest (validated at the edge) is submitted as it is; the other arguments are
+        then ignored."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         admitted: asyncio.Future = loop.create_future()
@@ -124,7 +128,10 @@ class AsyncEngine:
                 try:
                     if self.error is not None:
                         raise EngineDeadError(f"engine is dead: {self.error}")
-                    rid = self.engine.add_request(prompt, params, rid, priority, salt)
+                    if isinstance(prompt, GenerationRequest):
+                        rid = self.engine.submit(prompt)
+                    else:
+                        rid = self.engine.add_request(prompt, params, rid, priority, salt)
                     self._streams[rid] = (loop, q)
                     _resolve(admitted, result=rid)
                 except (RequestError, EngineDeadError) as e:

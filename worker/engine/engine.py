@@ -39,6 +39,7 @@ from shardline.worker.config import EngineConfig, ModelConfig
 from shardline.worker.engine.block_manager import BlockManager
 from shardline.worker.engine.detokenizer import IncrementalDetokenizer
 from shardline.worker.engine.executor import Executor, LocalExecutor, ModelSpec
+from shardline.worker.engine.generation import GenerationRequest
 from shardline.worker.engine.model_runner import SeqSlice, build_step_inputs
 from shardline.worker.engine.outputs import (
     FINISH_ABORT,
@@ -54,7 +55,7 @@ from shardline.worker.engine.request import Request, RequestStatus
 from shardline.worker.engine.sampler import LogprobTensors, Sampler, SamplingBatch, make_generator
 from shardline.worker.engine.scheduler import Scheduler, SchedulerOutput
 from shardline.worker.engine.transfer import host_copy, to_device
-from shardline.worker.engine.validation import Limits, validate_request
+from shardline.worker.engine.validation import Limits
 from shardline.worker.structured.bitmask import TokenBitmask
 from shardline.worker.structured.compiler import GrammarCompilerPool
 from shardline.worker.structured.matcher import GrammarState
@@ -118,7 +119,9 @@ class LLMEngine:
         self.executor: Executor = self._make_executor(spec, show_progress)
         self.block_manager = BlockManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
-        self.sampler = Sampler()
+        # Unseeded requests draw from one generator seeded by config.seed (vLLM's --seed): the same
+        # requests in the same order sample the same tokens after a restart.
+        self.sampler = Sampler(make_generator(config.seed, self.device))
         self.limits = Limits(max_model_len=self.max_model_len, vocab_size=self.model_config.vocab_size,
                              max_kv_tokens=self.executor.num_blocks * config.block_size)
         tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else []
@@ -148,24 +151,39 @@ class LLMEngine:
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     priority: int = 0, cache_salt: str | None = None, arrival_time: float | None = None) -> str:
-        """Validate and queue a request; returns its id. Raises RequestError naming the bad field."""
+        """Tokenize, validate and queue a request; returns its id. Raises RequestError naming the bad field."""
         params = params or SamplingParams()
-        request_id = request_id or f"req-{next(self._ids)}"
         try:
+            request = GenerationRequest.validated(self.encode_prompt(prompt), params, self.limits,
+                                                  request_id or f"req-{next(self._ids)}", priority, cache_salt)
+        except RequestError as e:
+            if self.metrics is not None:
+                self.metrics.on_reject(e.code)
+            raise
+        return self.submit(request, arrival_time)
+
+    def submit(self, request: GenerationRequest, arrival_time: float | None = None) -> str:
+        """Queue a request validated at the edge (GenerationRequest.validated, against these same
+        limits); returns its id. Raises RequestError for what only the engine knows: a duplicate id,
+        a full queue, or n > 1 (the caller runs each choice as its own request: request.choice(i))."""
+        params = request.params
+        request_id = request.request_id
+        try:
+            if params.n != 1:
+                raise RequestError("n", f"the engine runs one choice per request; submit request.choice(i) for each of the {params.n}")
             if request_id in self._tracked:
                 raise RequestError("request_id", f"{request_id!r} is already in flight")
-            token_ids = self.encode_prompt(prompt)
-            max_tokens = validate_request(token_ids, params, self.limits)
-            if self.scheduler.num_waiting >= self.config.max_queue_len:
+            if self.scheduler.num_waiting + len(self._compiling) >= self.config.max_queue_len:
                 raise RequestError("", f"the engine's queue is full ({self.config.max_queue_len} waiting requests); "
                                    "retry later", code="resource_exhausted")
         except RequestError as e:
             if self.metrics is not None:
                 self.metrics.on_reject(e.code)
             raise
+        token_ids = request.prompt_token_ids
         now = time.monotonic()
-        req = Request(request_id, token_ids, params, arrival_time=arrival_time or now, priority=priority,
-                      cache_salt=cache_salt, max_tokens=max_tokens)
+        req = Request(request_id, token_ids, params, arrival_time=arrival_time or now, priority=request.priority,
+                      cache_salt=request.cache_salt, max_tokens=request.max_tokens)
         block = [] if params.ignore_eos else list(self.eos_token_ids)
         detok = IncrementalDetokenizer(self.tokenizer, token_ids, params) if self.tokenizer is not None else None
         tracked = _Tracked(req, detok, make_generator(params.seed, self.device),
@@ -472,6 +490,11 @@ class LLMEngine:
         return [results[i] for i in ids]
 
     # ---- introspection ----------------------------------------------------------------------------
+
+    def params_in_flight(self) -> dict[str, SamplingParams]:
+        """The SamplingParams of every request the engine holds, by request id (what the engine
+        actually samples with: for inspecting a running server and for tests of the request path)."""
+        return {rid: t.request.params for rid, t in list(self._tracked.items())}
 
     def stats(self) -> dict[str, Any]:
         bm = self.block_manager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -58,6 +59,14 @@ class SamplingParams:
     logprobs: int | None = None  # top-n logprobs per generated token (0: only the sampled token's)
     skip_special_tokens: bool = True
     structured_output: StructuredOutput | None = None
+    n: int = 1  # choices of one prompt; choice i samples with seed + i (see for_choice)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI)
+
+    def for_choice(self, index: int) -> "SamplingParams":
+        """The parameters of choice `index` of an n-choice request: n = 1 and, when seeded, seed +
+        index (vLLM's convention), so choice i equals a single request with that seed."""
+        seed = None if self.seed is None else self.seed + index
+        return dataclasses.replace(self, n=1, seed=seed)
 
     @property
     def greedy(self) -> bool:
@@ -87,9 +96,12 @@ class SamplingParams:
         data = dict(data)
         if isinstance(data.get("stop"), str):
             data["stop"] = [data["stop"]]
-        if isinstance(data.get("structured_output"), dict):
-            so = dict(data["structured_output"])
-            if isinstance(so.get("value"), list):
-                so["value"] = tuple(so["value"])
-            data["structured_output"] = StructuredOutput(**so)
-        return cls(**data)
+        try:
+            if isinstance(data.get("structured_output"), dict):
+                so = dict(data["structured_output"])
+                if isinstance(so.get("value"), list):
+                    so["value"] = tuple(so["value"])
+                data["structured_output"] = StructuredOutput(**so)
+            return cls(**data)
+        except TypeError as e:
+            raise RequestError("sampling", str(e)) from None

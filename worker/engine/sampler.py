@@ -3,9 +3,11 @@ top-k / top-p / min-p, and seeded sampling that does not depend on the rest of t
 
 The order of operations for one step (every stage is one batched tensor op over all rows):
 
-1. logits to fp32 (columns past `vocab_size`, e.g. a padded LM head, are dropped); the grammar
-   mask of constrained rows (structured outputs) sets their disallowed tokens to -inf, so every
-   later stage, logprobs included, sees only what the grammar allows;
+1. logits to fp32 (columns past `vocab_size`, e.g. a padded LM head, are dropped);
+1b. logit_bias (OpenAI): each row's biases added to its token ids' logits, one scattered add over the
+   batch's (row, id, bias) triples; skipped when no row has a bias;
+1c. the grammar mask of constrained rows (structured outputs) sets their disallowed tokens to -inf,
+   so every later stage, logprobs included, sees only what the grammar allows;
 2. repetition penalty over prompt + output tokens (positive logits divided, negative multiplied);
 3. frequency and presence penalties over output token counts (OpenAI: logit -= f * count + p * [count > 0]);
 4. min_tokens: the row's EOS / stop token ids are set to -inf while it has fewer than min_tokens outputs;
@@ -83,6 +85,7 @@ class SamplingBatch:
     seen_mask: torch.Tensor | None  # [N, V] bool: token in prompt or output (repetition penalty)
     output_counts: torch.Tensor | None  # [N, V] float32 (frequency / presence)
     min_tokens_index: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) to set to -inf
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # ([K] rows, [K] ids int64, [K] biases f32)
     generators: list[torch.Generator | None]
     num_logprobs: list[int | None]
     max_num_logprobs: int | None  # the largest top-n asked, None when no row asks for logprobs
@@ -161,6 +164,13 @@ class SamplingBatch:
             if rows:
                 min_tokens_index = (column(rows, torch.int64), column(cols, torch.int64))
 
+        logit_bias = None
+        if any(p.logit_bias for p in params):
+            bias_rows = [i for i, p in enumerate(params) for _ in p.logit_bias]
+            bias_ids = [int(t) for p in params for t in p.logit_bias]
+            bias_values = [float(v) for p in params for v in p.logit_bias.values()]
+            logit_bias = (column(bias_rows, torch.int64), column(bias_ids, torch.int64), column(bias_values))
+
         asked = [p.logprobs for p in params]
         max_asked = max((a for a in asked if a is not None), default=None)
         return cls(
@@ -178,6 +188,7 @@ class SamplingBatch:
             seen_mask=seen,
             output_counts=counts,
             min_tokens_index=min_tokens_index,
+            logit_bias=logit_bias,
             generators=list(generators),
             num_logprobs=asked,
             max_num_logprobs=max_asked,
@@ -243,6 +254,9 @@ class Sampler:
     @torch.inference_mode()  # the logits are inference tensors; masking them in place needs this mode
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         logits = logits[:, : batch.vocab_size].to(torch.float32)
+        if batch.logit_bias is not None:
+            rows, ids, biases = batch.logit_bias
+            logits = logits.index_put((rows, ids), biases, accumulate=True)  # a copy: the input may be the model's
         if batch.token_bitmask is not None:
             batch.token_bitmask.apply(logits)
         logits = apply_penalties(logits, batch)

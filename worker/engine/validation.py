@@ -21,6 +21,8 @@ class Limits:
     max_stop_strings: int = 16
     max_stop_string_len: int = 256
     max_logprobs: int = 20
+    max_n: int = 16  # choices per request (each one is a running sequence)
+    max_logit_bias: int = 1024  # entries of logit_bias per request (each one is a scattered add)
     max_kv_tokens: int | None = None  # total KV cache capacity in tokens
 
 
@@ -67,15 +69,15 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, limits
 
 def _validate_prompt(prompt_token_ids: list[int], limits: Limits) -> int:
     if not isinstance(prompt_token_ids, (list, tuple)):
-        raise RequestError("prompt_token_ids", f"must be a list of token ids, got {type(prompt_token_ids).__name__}")
+        raise RequestError("prompt", f"must be a list of token ids, got {type(prompt_token_ids).__name__}")
     if len(prompt_token_ids) == 0:
         raise RequestError("prompt", "must not be empty")
     for position, token in enumerate(prompt_token_ids):
         if not _is_int(token):
-            raise RequestError("prompt_token_ids", f"token at position {position} must be an integer, got {token!r}")
+            raise RequestError("prompt", f"token at position {position} must be an integer, got {token!r}")
         if not 0 <= token < limits.vocab_size:
             raise RequestError(
-                "prompt_token_ids",
+                "prompt",
                 f"token {token} at position {position} is outside the vocabulary [0, {limits.vocab_size})",
             )
     prompt_len = len(prompt_token_ids)
@@ -152,6 +154,24 @@ def _validate_sampling(params: SamplingParams, max_tokens: int, limits: Limits) 
             raise RequestError("logprobs", f"must be in [0, {limits.max_logprobs}], got {logprobs}")
     for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
         _bool(name, getattr(params, name))
+    n = _int("n", params.n)
+    if not 1 <= n <= limits.max_n:
+        raise RequestError("n", f"must be in [1, {limits.max_n}], got {n}")
+    _validate_logit_bias(params.logit_bias, limits)
+
+
+def _validate_logit_bias(bias: object, limits: Limits) -> None:
+    """OpenAI's logit_bias: token id -> bias in [-100, 100], ids inside the vocabulary."""
+    if not isinstance(bias, dict):
+        raise RequestError("logit_bias", f"must be an object of token id -> bias, got {type(bias).__name__}")
+    if len(bias) > limits.max_logit_bias:
+        raise RequestError("logit_bias", f"at most {limits.max_logit_bias} entries are allowed, got {len(bias)}")
+    for token, value in bias.items():
+        if not _is_int(token) or not 0 <= token < limits.vocab_size:
+            raise RequestError("logit_bias", f"token {token!r} is not an id in the vocabulary [0, {limits.vocab_size})")
+        value = _finite("logit_bias", value)
+        if not -100 <= value <= 100:
+            raise RequestError("logit_bias", f"the bias of token {token} must be in [-100, 100], got {value}")
 
 
 def _validate_stops(params: SamplingParams, limits: Limits) -> None:
