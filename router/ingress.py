@@ -37,7 +37,7 @@ from shardline.router.routing_hint import RoutingHint
 from shardline.router.sampling_defaults import load_sampling_defaults
 from shardline.router.streams import merge_streams
 from shardline.worker.engine.generation import GenerationRequest, StreamItem
-from shardline.worker.engine.params import RequestError, SamplingParams
+from shardline.worker.engine.params import RequestError, SamplingParams, StructuredOutput
 from shardline.worker.engine.validation import Limits
 from shardline.worker.tokenizer import encode_prompt, load_tokenizer
 
@@ -94,7 +94,10 @@ def sampling_from_proto(msg: pb.SamplingParams, defaults: dict[str, Any], chat: 
     model's defaults; max_tokens unset: the rest of the context for chat input, 16 otherwise."""
     values: dict[str, Any] = dict(defaults)
     values["max_tokens"] = None if chat else 16
+    values["structured_output"] = structured_output_from_proto(msg)
     for fd in msg.DESCRIPTOR.fields:
+        if fd.containing_oneof is not None and fd.containing_oneof.name == "structured_output":
+            continue
         if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
             if fd.name == "logit_bias" and len(msg.logit_bias):
                 values["logit_bias"] = {int(k): float(v) for k, v in msg.logit_bias.items()}
@@ -107,6 +110,24 @@ def sampling_from_proto(msg: pb.SamplingParams, defaults: dict[str, Any], chat: 
         elif msg.HasField(fd.name):
             values[fd.name] = getattr(msg, fd.name)
     return SamplingParams(**values)
+
+
+def structured_output_from_proto(msg: pb.SamplingParams) -> StructuredOutput | None:
+    """The `structured_output` oneof as a checked StructuredOutput (errors name sampling.<kind>)."""
+    from shardline.worker.structured.grammar import checked_as
+
+    kind = msg.WhichOneof("structured_output")
+    if kind is None or (kind == "json_object" and not msg.json_object):
+        return None
+    if kind == "json_object":
+        constraint = StructuredOutput("json_object")
+    elif kind == "json_schema":
+        constraint = StructuredOutput("json_schema", msg.json_schema.schema, strict=msg.json_schema.strict)
+    elif kind == "choice":
+        constraint = StructuredOutput("choice", tuple(msg.choice.choices))
+    else:
+        constraint = StructuredOutput(kind, getattr(msg, kind))
+    return checked_as(constraint, f"sampling.{kind}")
 
 
 def chat_from_proto(chat: pb.Chat) -> list[dict[str, Any]]:

@@ -343,3 +343,62 @@ def test_sampling_with_a_token_bitmask_reads_nothing_from_the_device():
         out = Sampler()(torch.empty(3, VOCAB, device=META), batch)
     assert copies.seen + built.seen == []
     assert out.token_ids.device == META and out.token_ids.shape == (3,)
+
+
+# ---- the front ends' spellings (the cluster test runs them end to end) ----
+
+@pytest.mark.parametrize("body, expected", [
+    ({"response_format": {"type": "json_object"}}, StructuredOutput("json_object")),
+    ({"response_format": {"type": "text"}}, None),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}, "strict": True}}},
+     StructuredOutput("json_schema", '{"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}', strict=True)),
+    ({"structured_outputs": {"json": {"type": "array"}}}, StructuredOutput("json_schema", '{"type": "array"}')),
+    ({"structured_outputs": {"regex": "[a-z]+"}}, StructuredOutput("regex", "[a-z]+")),
+    ({"structured_outputs": {"choice": ["a", "b"]}}, StructuredOutput("choice", ("a", "b"))),
+    ({"structured_outputs": {"grammar": 'root ::= "x"'}}, StructuredOutput("grammar", 'root ::= "x"')),
+    ({"guided_regex": "[0-9]"}, StructuredOutput("regex", "[0-9]")),
+    ({"guided_json": '{"type": "object"}'}, StructuredOutput("json_schema", '{"type": "object"}')),
+])
+def test_http_bodies_become_the_engines_constraint(body, expected):
+    from shardline.router import openai_api, openai_protocol
+
+    for model, extra in ((openai_protocol.ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}]}),
+                         (openai_protocol.CompletionRequest, {"prompt": "x"})):
+        req = openai_protocol.parse(model, {**extra, **body})
+        assert openai_api.sampling_params(req, model is openai_protocol.ChatCompletionRequest, {}).structured_output == expected
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "nope"}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"structured_outputs": {"regex": "a("}}, "structured_outputs.regex"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "x"}, "guided_regex"),
+])
+def test_http_constraint_errors_name_the_bodys_field(body, field):
+    from shardline.router import openai_api, openai_protocol
+
+    req = openai_protocol.parse(openai_protocol.ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}], **body})
+    with pytest.raises(RequestError) as e:
+        openai_api.sampling_params(req, True, {})
+    assert e.value.field == field and e.value.code == "invalid_argument"
+
+
+def test_the_grpc_oneof_becomes_the_engines_constraint_and_errors_name_sampling_kind():
+    from shardline.proto import generation_pb2 as pb
+    from shardline.router.ingress import sampling_from_proto
+
+    cases = [(pb.SamplingParams(json_object=True), StructuredOutput("json_object")),
+             (pb.SamplingParams(json_schema=pb.JsonSchema(schema='{"type": "object"}', strict=True)),
+              StructuredOutput("json_schema", '{"type": "object"}', strict=True)),
+             (pb.SamplingParams(regex="[a-z]"), StructuredOutput("regex", "[a-z]")),
+             (pb.SamplingParams(choice=pb.Choices(choices=["x", "y"])), StructuredOutput("choice", ("x", "y"))),
+             (pb.SamplingParams(grammar='root ::= "a"'), StructuredOutput("grammar", 'root ::= "a"')),
+             (pb.SamplingParams(temperature=0.5), None)]
+    for msg, expected in cases:
+        wire = pb.SamplingParams.FromString(msg.SerializeToString())
+        assert sampling_from_proto(wire, {}, chat=False).structured_output == expected
+    with pytest.raises(RequestError) as e:
+        sampling_from_proto(pb.SamplingParams(grammar="root ::="), {}, chat=False)
+    assert e.value.field == "sampling.grammar"

@@ -54,6 +54,16 @@ def validate_structured_output(constraint: object) -> None:
     parse_grammar(constraint)
 
 
+def checked_as(constraint: StructuredOutput, field: str) -> StructuredOutput:
+    """Validate a constraint a front end built from its own field (e.g. response_format.json_schema):
+    the same checks, with errors naming that field. Returns the constraint."""
+    try:
+        validate_structured_output(constraint)
+    except RequestError as e:
+        raise RequestError(field, e.detail) from None
+    return constraint
+
+
 @functools.lru_cache(maxsize=256)
 def parse_grammar(constraint: StructuredOutput) -> "xgrammar.Grammar":
     """The constraint's grammar (not yet compiled against a vocabulary). Cached by the constraint,
