@@ -32,7 +32,7 @@ from shardline.cluster.config import ClusterConfig
 from shardline.logging import configure_logging
 from shardline.metrics import RouterMetrics, merge_expositions
 from shardline.proto import generation_pb2 as pb
-from shardline.router import openai_api, openai_protocol
+from shardline.router import openai_api, openai_protocol, tool_calls
 from shardline.router.routing_hint import RoutingHint
 from shardline.router.sampling_defaults import load_sampling_defaults
 from shardline.router.streams import merge_streams
@@ -572,6 +572,9 @@ class Ingress:
             req = await self._body(request, openai_protocol.ChatCompletionRequest if chat
                                    else openai_protocol.CompletionRequest)
             params = openai_api.sampling_params(req, chat, self.sampling_defaults)
+            tool_plan = None
+            if chat:
+                tool_plan, params = tool_calls.plan(req, params)
             rid = ("chatcmpl-" if chat else "cmpl-") + (req.request_id or uuid.uuid4().hex[:24])
             echo: list[str] | None = None
             if chat:
@@ -596,6 +599,7 @@ class Ingress:
         n = params.n
         builder = openai_api.ResponseBuilder(rid, self.model_name, chat, n, n * len(prompts), self._decode_token,
                                              want_logprobs=params.logprobs is not None, echo=echo)
+        builder.tools = tool_plan
         if not req.stream:
             try:
                 position, item = first

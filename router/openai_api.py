@@ -191,6 +191,7 @@ class ResponseBuilder:
         self.created = int(time.time())
         self.want_logprobs = want_logprobs
         self.choices = [Choice(i) for i in range(num_choices)]
+        self.tools: Any = None  # a tool_calls.ToolPlan when the chat request has tools
         for i, choice in enumerate(self.choices):
             if echo is not None:
                 choice.prefix = echo[i // n]
@@ -205,8 +206,9 @@ class ResponseBuilder:
         for c in self.choices:
             text = "".join(c.text)
             if self.chat:
-                out.append({"index": c.index, "message": {"role": "assistant", "content": text},
-                            "finish_reason": c.finish_reason,
+                message, finish = ({"role": "assistant", "content": text}, c.finish_reason) if self.tools is None \
+                    else self.tools.message(text, c.finish_reason)
+                out.append({"index": c.index, "message": message, "finish_reason": finish,
                             "logprobs": chat_logprobs(c.logprobs, self.decode) if self.want_logprobs else None})
             else:
                 lps = completion_logprobs(c.logprobs, self.decode, len(c.prefix)) if self.want_logprobs else None
@@ -246,8 +248,10 @@ class ResponseBuilder:
             entries = item.logprobs or []
             if self.chat:
                 lps = chat_logprobs(entries, self.decode) if self.want_logprobs else None
-                chunks.append(self._chunk([{"index": index, "delta": {"content": item.text}, "logprobs": lps,
-                                            "finish_reason": None}], usage))
+                delta = {"content": item.text} if self.tools is None else self.tools.delta(index, item.text)
+                if delta is not None:
+                    chunks.append(self._chunk([{"index": index, "delta": delta, "logprobs": lps,
+                                                "finish_reason": None}], usage))
             else:
                 lps = completion_logprobs(entries, self.decode, c.offset) if self.want_logprobs else None
                 if lps is not None and lps["tokens"]:
@@ -255,9 +259,15 @@ class ResponseBuilder:
                 chunks.append(self._chunk([{"index": index, "text": item.text, "logprobs": lps,
                                             "finish_reason": None}], usage))
         if item.finish_reason is not None:
+            finish = c.finish_reason
+            if self.chat and self.tools is not None:
+                owed, finish = self.tools.final_delta(index, finish)
+                if owed is not None:
+                    chunks.append(self._chunk([{"index": index, "delta": owed, "logprobs": None,
+                                                "finish_reason": None}], usage))
             empty = {"delta": {}} if self.chat else {"text": ""}
             chunks.append(self._chunk([{"index": index, **empty, "logprobs": None,
-                                        "finish_reason": c.finish_reason}], usage))
+                                        "finish_reason": finish}], usage))
         return chunks
 
     def usage_chunk(self) -> str:

@@ -142,7 +142,8 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: StrictBool = False
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tool_choice: Any = None  # checked by router/tool_calls.py
+    parallel_tool_calls: StrictBool | None = None
 
 
 class TokenizeRequest(OpenAIModel):

@@ -110,3 +110,49 @@ def test_grpc_structured_output_oneof(cluster) -> None:
             collect(stub.Generate(pb.GenerateRequest(text="x", sampling=pb.SamplingParams(regex="a(")),
                                   metadata=(("application", "shardline"),), timeout=60))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("sampling.regex")
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+
+
+def test_tool_choice_required_and_named_return_calls_whose_arguments_validate(client) -> None:
+    import jsonschema
+
+    required = client.chat.completions.create(model="smollm2-135m", messages=ASK_WEATHER, tools=[WEATHER],
+                                              tool_choice="required", temperature=0, max_tokens=80)
+    named = client.chat.completions.create(model="smollm2-135m", messages=ASK_WEATHER, tools=[WEATHER],
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                           temperature=0, max_tokens=80)
+    for reply in (required, named):
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+        for call in choice.message.tool_calls:
+            assert call.function.name == "get_weather" and call.id.startswith("call_")
+            jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+
+
+def test_streamed_tool_calls_reassemble_to_the_same_call_and_a_tool_result_continues(client) -> None:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    whole = client.chat.completions.create(model="smollm2-135m", messages=ASK_WEATHER, tools=[WEATHER],
+                                           tool_choice=named, temperature=0, max_tokens=80).choices[0].message
+    chunks = list(client.chat.completions.create(model="smollm2-135m", messages=ASK_WEATHER, tools=[WEATHER],
+                                                 tool_choice=named, temperature=0, max_tokens=80, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(deltas) > 1  # the arguments arrive in pieces, as OpenAI streams them
+    assert deltas[0].tool_calls[0].function.name == "get_weather" and deltas[0].tool_calls[0].id
+    arguments = "".join(d.tool_calls[0].function.arguments or "" for d in deltas)
+    assert arguments == whole.tool_calls[0].function.arguments
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    call = whole.tool_calls[0]
+    follow_up = client.chat.completions.create(model="smollm2-135m", temperature=0, max_tokens=30, tools=[WEATHER], messages=[
+        *ASK_WEATHER,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "clear"}'}])
+    answer = follow_up.choices[0]
+    assert answer.message.content and not answer.message.tool_calls and answer.finish_reason in ("stop", "length")
