@@ -578,7 +578,7 @@ class Ingress:
             rid = ("chatcmpl-" if chat else "cmpl-") + (req.request_id or uuid.uuid4().hex[:24])
             echo: list[str] | None = None
             if chat:
-                prompts: list[Any] = [self.encode_chat([m.template_dict() for m in req.messages],
+                prompts: list[Any] = [self.encode_chat(tool_calls.for_template([m.template_dict() for m in req.messages]),
                                                        req.add_generation_prompt, req.continue_final_message,
                                                        req.tools, req.chat_template_kwargs)]
             else:

@@ -76,6 +76,30 @@ def plan(req: Any, params: SamplingParams) -> "tuple[ToolPlan | None, SamplingPa
     return tool_plan, dataclasses.replace(params, structured_output=checked_as(constraint, "tools"))
 
 
+def for_template(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as chat templates expect them: an assistant's tool_calls arguments as a mapping
+    (OpenAI clients send a JSON string; Qwen-style templates apply `tojson` to it, which would
+    encode the string a second time). Arguments that are not a JSON object stay as they are."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls")
+        if message.get("role") == "assistant" and isinstance(calls, list):
+            message = dict(message, tool_calls=[_parsed_arguments(c) for c in calls])
+        out.append(message)
+    return out
+
+
+def _parsed_arguments(call: Any) -> Any:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except json.JSONDecodeError:
+        return call
+    return dict(call, function=dict(function, arguments=arguments)) if isinstance(arguments, dict) else call
+
+
 def _call(name: str, arguments: str) -> dict[str, Any]:
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": arguments}}
 

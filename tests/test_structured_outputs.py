@@ -134,13 +134,14 @@ def test_eos_only_where_the_grammar_is_complete_even_under_ignore_eos(engine):
 
 
 def test_logprobs_see_the_masked_logits(engine):
-    """Top-n logprobs of a constrained row include only tokens the grammar allows (the rest is -inf),
-    and they are normalized over the allowed tokens."""
+    """Top-n logprobs of a constrained row include only tokens the grammar allows (masked ones are
+    impossible, so not listed), and they are normalized over the allowed tokens."""
     so = StructuredOutput("choice", ("yes", "no"))
     [r] = engine.generate(["hello"], SamplingParams(max_tokens=8, temperature=0.0, logprobs=5, structured_output=so))
     first = r.logprobs[0]
     hf = engine.tokenizer.hf
-    finite = {t: lp for t, lp in first.top.items() if lp > float("-inf")}
+    finite = first.top
+    assert len(finite) < 5 and all(lp > float("-inf") for lp in finite.values())
     assert finite and all("yes".startswith(hf.decode([t])) or "no".startswith(hf.decode([t])) for t in finite)
     assert sum(torch.tensor(list(finite.values())).exp()) == pytest.approx(1.0, abs=1e-5)
 

@@ -91,3 +91,44 @@ def test_bad_tools_and_tool_choice_name_the_field(tools, choice, field):
     with pytest.raises(RequestError) as e:
         ToolPlan.from_request(tools, choice, None)
     assert e.value.field == field
+
+
+def test_assistant_tool_call_arguments_reach_the_template_as_a_mapping():
+    from shardline.router.tool_calls import for_template
+
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}},
+                    {"id": "call_2", "type": "function", "function": {"name": "g", "arguments": "not json"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "2"}]
+    out = for_template(messages)
+    assert out[1]["tool_calls"][0]["function"]["arguments"] == {"a": 1}
+    assert out[1]["tool_calls"][1]["function"]["arguments"] == "not json"
+    assert out[0] == messages[0] and out[2] == messages[2]
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'  # the input is not changed
+
+
+def test_a_qwen_style_template_renders_tools_calls_and_results(tmp_path):
+    """A template in Qwen2.5's shape (tools in the system turn, <tool_call> JSON for calls,
+    <tool_response> for results) renders what the chat route passes it."""
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from shardline.router.tool_calls import for_template
+
+    raw = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
+    hf.chat_template = (
+        "{% if tools %}<tools>{% for t in tools %}{{ t.function | tojson }}{% endfor %}</tools>{% endif %}"
+        "{% for m in messages %}{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>"
+        '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}</tool_call>'
+        "{% endfor %}{% elif m.role == 'tool' %}<tool_response>{{ m.content }}</tool_response>"
+        "{% else %}[{{ m.role }}] {{ m.content }}{% endif %}{% endfor %}")
+    messages = for_template([{"role": "user", "content": "weather?"},
+                             {"role": "assistant", "content": "", "tool_calls": [
+                                 {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                             {"role": "tool", "tool_call_id": "c", "content": "sunny"}])
+    text = hf.apply_chat_template(messages, tools=[WEATHER], tokenize=False)
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in text
+    assert "<tool_response>sunny</tool_response>" in text and '"name": "get_weather"' in text.split("</tools>")[0]

@@ -225,7 +225,9 @@ class LogprobTensors:
             if n is None:
                 out.append(None)
                 continue
-            top = dict(zip(top_ids[i][:n], top_values[i][:n]))
+            # Tokens at -inf (masked by a grammar or logit_bias) are impossible, not alternatives;
+            # JSON cannot carry -inf either.
+            top = {t: v for t, v in zip(top_ids[i][:n], top_values[i][:n]) if v != float("-inf")}
             out.append(TokenLogprob(token_id=ids[i], logprob=sampled[i], top=top))
         return out
 
