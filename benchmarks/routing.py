@@ -160,7 +160,7 @@ def run_router(spec: str, model_dir: Path, workload: dict[str, list[Prompt]], ar
     app_args = dict(model=str(model_dir), router=router, replicas=2, cpus_per_rank=0.5,
                     engine=dict(num_kv_blocks=args.kv_blocks, block_size=BLOCK, max_num_seqs=8,
                                 max_num_batched_tokens=512, device="cpu"),
-                    routing_stats_period_s=0.2, metrics_period_s=0.2, served_model_name="tiny",
+                    routing_stats_period_s=0.2, metrics_period_s=0.2, served_model_names=["tiny"],
                     routing=knobs)
     serve.run(build_app(app_args), name="shardline", route_prefix="/", blocking=False)
     wait_serving(grpc_port)
