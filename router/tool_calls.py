@@ -58,7 +58,7 @@ class NamedToolChoice(BaseModel):
 
 
 _TOOLS = TypeAdapter(list[ToolSpec])
-_CHOICE = TypeAdapter(Literal["none", "auto", "required"] | NamedToolChoice)
+_CHOICE: TypeAdapter[Any] = TypeAdapter(Literal["none", "auto", "required"] | NamedToolChoice)
 _PARALLEL = TypeAdapter(StrictBool)
 
 

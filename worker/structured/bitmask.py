@@ -54,5 +54,8 @@ class TokenBitmask:
             full = torch.empty((logits.shape[0], words.shape[1]), dtype=torch.int32, device=device)
             words = full.index_copy_(0, index, words)
             indices = self.rows if device.type in ("cpu", "meta") else index
-        backend = "auto" if device.type in ("cpu", "cuda") else "torch_native"
-        apply_token_bitmask_inplace(logits, words, vocab_size=self.vocab_size, indices=indices, backend=backend)
+        if device.type in ("cpu", "cuda"):  # xgrammar's C++ (CPU) or Triton (CUDA) kernel
+            apply_token_bitmask_inplace(logits, words, vocab_size=self.vocab_size, indices=indices)
+        else:  # other devices (and the meta device the tests stand in with): plain torch ops
+            apply_token_bitmask_inplace(logits, words, vocab_size=self.vocab_size, indices=indices,
+                                        backend="torch_native")
