@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup serve test clean
+.PHONY: setup serve test typecheck clean
 
 setup: $(VENV)/.installed
 
@@ -20,8 +20,13 @@ $(VENV)/.installed: pyproject.toml
 serve: setup
 	$(BIN)/shardline serve
 
-test: setup
+test: setup typecheck
 	$(BIN)/python -m pytest -q
 
+# mypy over worker/, cluster/, router/ and shardline/ under their installed `shardline.*` names
+# (.ci/typecheck.py says why mypy is not pointed at the folders directly).
+typecheck: setup
+	$(BIN)/python .ci/typecheck.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache

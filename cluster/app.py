@@ -27,6 +27,6 @@ def build_app(args: dict[str, Any] | ClusterConfig | None = None) -> Application
 
     config = args if isinstance(args, ClusterConfig) else ClusterConfig.from_dict(args)
     replica_group = replica_group_deployment(config)
-    ingress = serve.deployment(Ingress, name="Ingress").options(
+    ingress = serve.deployment(name="Ingress")(Ingress).options(
         ray_actor_options={"num_cpus": 0}, max_ongoing_requests=max(1024, 2 * config.max_in_flight))
     return ingress.bind(replica_group.bind(config), config)

@@ -49,5 +49,6 @@ def hub_name(app_name: str) -> str:
 
 def get_or_create_hub(app_name: str, ttl_s: float = 15.0):
     """The application's hub, created on first use (detached: it outlives any one replica)."""
-    return MetricsHub.options(name=hub_name(app_name), namespace="shardline", get_if_exists=True,
-                              lifetime="detached").remote(ttl_s)
+    # ray.remote's typing hands back the class itself; the actor class it makes has .options.
+    return MetricsHub.options(name=hub_name(app_name), namespace="shardline",  # type: ignore[attr-defined]
+                              get_if_exists=True, lifetime="detached").remote(ttl_s)

@@ -75,7 +75,8 @@ class RayRankLauncher:
             if pg is not None:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=rank)
-            actor = RankActor.options(**options).remote()
+            # ray.remote's typing hands back the class itself; the actor class it makes has .options.
+            actor = RankActor.options(**options).remote()  # type: ignore[attr-defined]
             self._actors.append(actor)
             self._runs.append(actor.run.remote(rank, world_size, args, threads))
             self._handles.append(RankHandle(rank, None, actor))

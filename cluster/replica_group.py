@@ -54,7 +54,7 @@ class ReplicaGroup:
         self.engine = AsyncEngine(engine, stall_timeout_s=config.stall_timeout_s)
         self._last_stats: dict[str, Any] = {}
         self._stop = threading.Event()
-        self._hub = None
+        self._hub: Any = None  # the application's MetricsHub actor handle, once reached
         self._pusher = threading.Thread(target=self._push_loop, name="shardline-metrics-push", daemon=True)
         self._pusher.start()
 
@@ -175,13 +175,15 @@ def replica_group_deployment(config: ClusterConfig):
     placement and scaling."""
     from ray.serve.config import RequestRouterConfig
 
-    router = RequestRouterConfig(
+    # NOTE: passed as a mapping because Ray's pydantic-compat model types every keyword as a dict.
+    router_fields: dict[str, Any] = {
         # by import path, so the router and the ingress share the real module (see request_router.py)
-        request_router_class=ROUTERS[config.router],
-        request_router_kwargs=dict(config.routing),
-        request_routing_stats_period_s=config.routing_stats_period_s,
-        request_routing_stats_timeout_s=max(5.0, 5 * config.routing_stats_period_s),
-    )
+        "request_router_class": ROUTERS[config.router],
+        "request_router_kwargs": dict(config.routing),
+        "request_routing_stats_period_s": config.routing_stats_period_s,
+        "request_routing_stats_timeout_s": max(5.0, 5 * config.routing_stats_period_s),
+    }
+    router = RequestRouterConfig(**router_fields)
     options = config.replica_group_deployment_options()
-    return serve.deployment(ReplicaGroup, name="ReplicaGroup").options(request_router_config=router, **options)
+    return serve.deployment(name="ReplicaGroup")(ReplicaGroup).options(request_router_config=router, **options)
 

@@ -25,7 +25,7 @@ blocks of prompts it sent to a replica in the last moments count as held there.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 SUMMARY_HASH_BYTES = 8
@@ -63,7 +63,7 @@ def prompt_block_hashes(token_ids: Sequence[int], block_size: int, extra_key: st
     return hash_prompt_blocks(token_ids, block_size, extra_key)
 
 
-def matched_blocks(prompt_hashes: Sequence[bytes], summary: frozenset[int]) -> int:
+def matched_blocks(prompt_hashes: Sequence[bytes], summary: Container[int]) -> int:
     """Length of the longest leading run of prompt blocks present in a replica's summary."""
     for count, block_hash in enumerate(prompt_hashes):
         if truncate_hash(block_hash) not in summary:
@@ -79,7 +79,7 @@ class ReplicaLoad:
     num_blocks: int
     running: int
     waiting: int
-    summary: frozenset[int] = field(default_factory=frozenset)
+    summary: Container[int] = field(default_factory=frozenset)  # membership is all the scorer asks
 
 
 @dataclass(frozen=True)

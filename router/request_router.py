@@ -17,7 +17,7 @@ import importlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
@@ -91,11 +91,11 @@ class _ReportedOrRouted:
 
     __slots__ = ("reported", "routed")
 
-    def __init__(self, reported: frozenset[int], routed: dict[int, float]) -> None:
+    def __init__(self, reported: Container[int], routed: dict[int, float]) -> None:
         self.reported = reported
         self.routed = routed
 
-    def __contains__(self, block_hash: int) -> bool:
+    def __contains__(self, block_hash: object) -> bool:
         return block_hash in self.reported or block_hash in self.routed
 
 
@@ -110,7 +110,7 @@ class KVAwareRouter(FIFOMixin, RequestRouter):
         self._knobs = knobs
         self._rng = random.Random(kwargs.get("seed"))
         self._routed_ttl_s = float(kwargs.get("routed_ttl_s", 3.0))
-        self._summaries: dict[str, tuple[bytes, frozenset[int]]] = {}  # replica -> (packed, unpacked) cache
+        self._summaries: dict[str, tuple[bytes, Container[int]]] = {}  # replica -> (packed, unpacked) cache
         self._routed: dict[str, dict[int, float]] = {}  # replica -> {truncated block hash: expiry}
 
     async def choose_replicas(

@@ -5,7 +5,7 @@ their own and are interleaved as their items come."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
+from collections.abc import Sequence
 from typing import AsyncIterator, TypeVar
 
 T = TypeVar("T")
@@ -13,14 +13,19 @@ T = TypeVar("T")
 _DONE = object()
 
 
-async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+async def merge_streams(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
     """Yield (stream position, item) from every stream as items arrive. An exception in one stream
     is raised here; leaving the iteration early cancels every stream still running (which closes
     it: a replica's stream then aborts its request)."""
     if len(streams) == 1:  # the common case costs no task
-        async with contextlib.aclosing(streams[0]) as only:  # type: ignore[type-var]
+        only = streams[0]
+        try:
             async for item in only:
                 yield 0, item
+        finally:
+            close = getattr(only, "aclose", None)
+            if close is not None:
+                await close()
         return
     queue: asyncio.Queue = asyncio.Queue()
 

@@ -269,7 +269,7 @@ def mode_prefill(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def mode_prefix(args: argparse.Namespace) -> list[dict[str, Any]]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for cache_on in (True, False):
         engine = _make_engine(args, enable_prefix_caching=cache_on)
         _warmup(engine)

@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from shardline import serve_cli
     except ImportError:  # the cluster extra (Ray) is not installed
-        serve_cli = None
-    if serve_cli is not None:
+        pass
+    else:
         serve_cli.add_parsers(sub)
     return parser
 

@@ -221,3 +221,28 @@ def test_only_set_proto_sampling_fields_are_sent_over_the_defaults() -> None:
         max_tokens=4, temperature=0.0, stop=["a"], top_p=0.8, n=2, logit_bias={5: -100.0})
     assert sampling_from_proto(pb.SamplingParams(), {}, chat=False) == SamplingParams(max_tokens=16)
     assert sampling_from_proto(pb.SamplingParams(), {}, chat=True) == SamplingParams(max_tokens=None)
+
+
+def test_stream_items_and_their_request_errors_survive_ray_pickling() -> None:
+    from ray import cloudpickle
+
+    from shardline.worker.engine.generation import StreamItem, Usage
+    from shardline.worker.engine.outputs import TokenLogprob
+
+    failure = cloudpickle.loads(cloudpickle.dumps(StreamItem.failure(RequestError("n", "too many", "invalid_argument"))))
+    assert isinstance(failure.error, RequestError) and failure.finished
+    assert (failure.error.field, failure.error.code, str(failure.error)) == ("n", "invalid_argument", "n: too many")
+    item = StreamItem(1, [5], "x", Usage(3, 1, 2), [TokenLogprob(5, -0.5, {5: -0.5, 6: -1.0})], "length")
+    assert cloudpickle.loads(cloudpickle.dumps(item)) == item
+    typed = _typed([1, 2, 3], "salt")
+    assert cloudpickle.loads(cloudpickle.dumps(typed)) == typed
+
+
+def test_choices_of_a_request_have_their_own_ids_and_seed_streams() -> None:
+    request = GenerationRequest.validated([1, 2, 3], SamplingParams(n=3, seed=7), Limits(64, 100), "r")
+    choices = [request.choice(i) for i in range(3)]
+    assert [c.request_id for c in choices] == ["r-0", "r-1", "r-2"]
+    assert [(c.params.n, c.params.seed) for c in choices] == [(1, 7), (1, 8), (1, 9)]
+    assert all(c.prompt_token_ids == [1, 2, 3] and c.max_tokens == request.max_tokens for c in choices)
+    single = GenerationRequest.validated([1, 2, 3], SamplingParams(), Limits(64, 100), "s")
+    assert single.choice(0) is single

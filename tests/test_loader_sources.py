@@ -397,3 +397,15 @@ def test_auto_dtype_on_cpu_is_bf16_only_where_the_cpu_has_bf16_math(monkeypatch)
     monkeypatch.setenv("SHARDLINE_CPU_DTYPE", "int8")
     with pytest.raises(ConfigError, match="dtype: unsupported value 'int8'"):
         EngineConfig(device="cpu").resolved_dtype()
+
+
+@pytest.mark.parametrize("layer", ["column", "row"])
+def test_a_checkpoint_bias_for_a_layer_without_one_is_named(layer):
+    from shardline.worker.layers.linear import ColumnParallelLinear, RowParallelLinear
+    from shardline.worker.loader.weights import LazyWeight
+    from shardline.worker.parallel.context import SINGLE
+
+    cls = ColumnParallelLinear if layer == "column" else RowParallelLinear
+    linear = cls(4, 4, False, SINGLE, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"weight model\.layers\.0\.mlp\.down_proj\.bias: the layer has no bias"):
+        linear.load("model.layers.0.mlp.down_proj.bias", LazyWeight.from_tensor(torch.zeros(4)))

@@ -261,6 +261,16 @@ def test_grpc_n_and_logit_bias_match_http(cluster, client) -> None:
     assert sorted(r.index for r in replies if r.finish_reason) == [0, 1]
 
 
+def test_n_choices_compute_the_prompt_once(cluster) -> None:
+    fresh = prompts(1, seed=4040, min_len=20, max_len=20)[0]  # two full blocks and a partial one
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=fresh), sampling=pb.SamplingParams(
+        max_tokens=3, ignore_eos=True, n=3, seed=1))
+    with generation_stub(cluster["grpc_port"]) as stub:
+        replies = list(stub.Generate(request, metadata=tuple(AUTH.items()), timeout=60))
+    cached = {r.index: r.usage.cached_prompt_tokens for r in replies if r.finish_reason}
+    assert cached == {0: 0, 1: 16, 2: 16}  # choices 1 and 2 reuse choice 0's two full blocks
+
+
 def test_the_engine_samples_with_the_params_the_edge_built(cluster) -> None:
     import threading
 
@@ -280,3 +290,17 @@ def test_the_engine_samples_with_the_params_the_edge_built(cluster) -> None:
         seen = replica.params_in_flight.remote().result(timeout_s=30)
     sender.join()
     assert seen == {"cmpl-typed-path": edge}
+
+
+def test_langchain_chat_openai_invoke_stream_and_batch_unchanged(cluster, client) -> None:
+    langchain_openai = pytest.importorskip("langchain_openai")
+
+    chat = langchain_openai.ChatOpenAI(base_url=cluster["url"] + "/v1", api_key=KEY, model="tiny", temperature=0.0,
+                                       max_tokens=4, max_retries=0, extra_body={"ignore_eos": True})
+    questions = ["hello world", "what is the capital of france"]
+    expected = [client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": q}],
+                                               temperature=0.0, max_tokens=4, extra_body={"ignore_eos": True})
+                .choices[0].message.content for q in questions]
+    assert chat.invoke(questions[0]).content == expected[0]
+    assert "".join(str(part.content) for part in chat.stream(questions[0])) == expected[0]
+    assert [m.content for m in chat.batch(questions)] == expected

@@ -5,6 +5,8 @@ embeddings."""
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -50,7 +52,7 @@ class Attention(nn.Module):
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         self.backend.write_kv(k, v, kv_cache, meta)
@@ -123,12 +125,12 @@ class LlamaForCausalLM(nn.Module):
             self._share_rope_cache()
         for module in self.modules():
             if hasattr(module, "impl"):
-                module.impl = mode
+                setattr(module, "impl", mode)
         self.fused_kernels = mode
 
     def _share_rope_cache(self) -> None:
         """One cos/sin table for every layer (they share head_dim, theta and scaling)."""
-        rotaries = [layer.self_attn.rotary for layer in self.layers]
+        rotaries = [layer.self_attn.rotary for layer in self.decoder_layers]
         if not rotaries or rotaries[0].cos_sin_cache is not None:
             return
         cache = rotaries[0].build_cache(self.config.max_position_embeddings)
@@ -136,8 +138,13 @@ class LlamaForCausalLM(nn.Module):
             rotary.cos_sin_cache = cache
 
     @property
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """The layers with their type (to a type checker nn.ModuleList's items are plain Modules)."""
+        return cast("list[DecoderLayer]", list(self.layers))
+
+    @property
     def num_kv_heads_per_rank(self) -> int:
-        return self.layers[0].self_attn.num_kv_heads
+        return self.decoder_layers[0].self_attn.num_kv_heads
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -170,9 +177,9 @@ class LlamaForCausalLM(nn.Module):
                     modules[mod_name.replace(hf, "qkv_proj")].load_part(part, name, w)
                     break
             else:
-                for hf, part in (("gate_proj", 0), ("up_proj", 1)):
+                for hf, index in (("gate_proj", 0), ("up_proj", 1)):
                     if mod_name.endswith("mlp." + hf):
-                        modules[mod_name.replace(hf, "gate_up_proj")].load_part(part, name, w)
+                        modules[mod_name.replace(hf, "gate_up_proj")].load_part(index, name, w)
                         break
                 else:
                     module = modules.get(mod_name)

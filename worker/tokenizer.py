@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .loader.source import ModelLoadError, ModelSource
 
@@ -63,7 +63,8 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`."""
-        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        text = self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return text if isinstance(text, str) else "".join(text)  # one flat id list gives one string
 
     @property
     def has_chat_template(self) -> bool:
@@ -86,13 +87,14 @@ class Tokenizer:
                              "add_generation_prompt to false to continue the last message")
         from jinja2 import TemplateError
 
+        tool_list: list[dict[Any, Any] | Callable[..., Any]] | None = list(tools) if tools is not None else None
         try:
             text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
-                                               continue_final_message=continue_final_message, tools=tools,
+                                               continue_final_message=continue_final_message, tools=tool_list,
                                                **(template_kwargs or {}))
         except TemplateError as e:  # templates raise for e.g. roles that do not alternate
             raise ValueError(f"messages: rejected by the model's chat template: {e}") from None
-        return text if isinstance(text, str) else text[0]
+        return text if isinstance(text, str) else str(text[0])
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered chat prompt; the template places special tokens, none are added."""

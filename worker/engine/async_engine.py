@@ -9,7 +9,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator
 
 from shardline.worker.config import EngineConfig
 from shardline.worker.engine.engine import LLMEngine, Prompt
@@ -48,7 +48,7 @@ class AsyncEngine:
 
     async def generate(self, prompt: Prompt | GenerationRequest, params: SamplingParams | None = None,
                        request_id: str | None = None, priority: int = 0,
-                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       cache_salt: str | None = None) -> AsyncGenerator[RequestOutput, None]:
         """Submit a request and yield its deltas; the last one has finished=True. Leaving the
         iteration early (cancel, disconnect) aborts the request and frees its blocks. A
         GenerationRequest (validated at the edge) is submitted as it is; the other arguments are

@@ -22,11 +22,15 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shardline.worker.attention.metadata import AttentionMetadata
 from shardline.worker.engine.model_runner import StepInputs
+
+if TYPE_CHECKING:
+    from shardline.worker.model import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ class DecodeGraphRunner:
     `run(inputs)` returns the logits of inputs.sample_rows (fp32), like ModelRunner.execute.
     """
 
-    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int,
+    def __init__(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor], block_size: int,
                  max_model_len: int, batch_sizes: list[int], device: torch.device, use_graphs: bool = True) -> None:
         if not batch_sizes:
             raise ValueError("batch_sizes: need at least one size to capture")
@@ -72,7 +76,7 @@ class DecodeGraphRunner:
             self.block_tables = torch.zeros(b, self.max_blocks, dtype=torch.int32, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
-        self._pool = None
+        self._pool: Any = None  # graph.pool() of the first capture, shared by the later ones
         self.capture_seconds = 0.0
 
     def padded_size(self, n: int) -> int:

@@ -484,6 +484,7 @@ class LLMEngine:
                 if out.logprobs:
                     a["lps"].extend(out.logprobs)
                 if out.finished:
+                    assert out.finish_reason is not None  # a finished output always carries its reason
                     results[out.request_id] = CompletionResult(
                         out.request_id, prompt_ids[out.request_id], a["ids"], "".join(a["text"]), out.finish_reason, out.prompt_tokens,
                         out.completion_tokens, out.cached_tokens, a["lps"] or None)

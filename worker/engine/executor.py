@@ -58,6 +58,8 @@ def build_model(spec: ModelSpec, ctx: ParallelContext = SINGLE, show_progress: b
     model = LlamaForCausalLM(spec.model_config, ctx, backend, spec.dtype, spec.device)
     if spec.load_format == "dummy" or spec.source_path is None:
         initialize_dummy_weights(model, seed=spec.seed)
+    elif spec.source_kind is None:
+        raise ValueError(f"ModelSpec: source_path {spec.source_path!r} comes without its source_kind")
     else:
         from shardline.worker.loader.source import ModelSource
 

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from shardline.worker.attention.metadata import AttentionMetadata
 from shardline.worker.config import ModelConfig
 from shardline.worker.engine.transfer import to_device
+
+if TYPE_CHECKING:
+    from shardline.worker.engine.cuda_graphs import DecodeGraphRunner
+    from shardline.worker.model import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +139,12 @@ class ModelRunner:
     """Runs the model on a step's inputs and returns the logits of the sampling rows (fp32).
     Pure-decode steps go through captured CUDA graphs once `enable_cuda_graphs` has run."""
 
-    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int, device: torch.device) -> None:
+    def __init__(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor], block_size: int, device: torch.device) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
-        self.graphs = None  # a cuda_graphs.DecodeGraphRunner once enabled
+        self.graphs: DecodeGraphRunner | None = None  # set by enable_cuda_graphs
 
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int, use_graphs: bool = True) -> bool:
         """Capture decode graphs for batch sizes up to max_batch; returns False (and stays eager)
@@ -147,7 +152,8 @@ class ModelRunner:
         reference reads lengths on the host). use_graphs=False: the padded path, eagerly (tests)."""
         from shardline.worker.engine.cuda_graphs import DecodeGraphRunner, capture_batch_sizes
 
-        backend = self.model.layers[0].self_attn.backend if len(self.model.layers) else None
+        layers = self.model.decoder_layers
+        backend = layers[0].self_attn.backend if layers else None
         if use_graphs and getattr(backend, "name", None) != "triton":
             log.info("CUDA graphs off: attention backend %r cannot be captured", getattr(backend, "name", None))
             return False

@@ -143,9 +143,9 @@ class SamplingBatch:
                 has = (pending_token_ids >= 0) & (pending_token_ids < vocab_size)
                 ids = torch.where(has, pending_token_ids, torch.zeros_like(pending_token_ids)).unsqueeze(1)
                 counts.scatter_add_(1, ids, has.to(torch.float32).unsqueeze(1))
-        if use_repetition:
-            repetition = column([float(p.repetition_penalty) for p in params]).unsqueeze(1)
-            seen = (_token_counts(prompt_token_ids, vocab_size, device) > 0) | (counts > 0)
+            if use_repetition:
+                repetition = column([float(p.repetition_penalty) for p in params]).unsqueeze(1)
+                seen = (_token_counts(prompt_token_ids, vocab_size, device) > 0) | (counts > 0)
         if use_additive:
             frequency = column([float(p.frequency_penalty) for p in params]).unsqueeze(1)
             presence = column([float(p.presence_penalty) for p in params]).unsqueeze(1)
@@ -158,9 +158,9 @@ class SamplingBatch:
             cols: list[int] = []
             for i, (p, out, block) in enumerate(zip(params, output_token_ids, min_tokens_block)):
                 if len(out) < p.min_tokens:
-                    ids = [t for t in block if 0 <= t < vocab_size]
-                    rows.extend([i] * len(ids))
-                    cols.extend(ids)
+                    stop_ids = [t for t in block if 0 <= t < vocab_size]
+                    rows.extend([i] * len(stop_ids))
+                    cols.extend(stop_ids)
             if rows:
                 min_tokens_index = (column(rows, torch.int64), column(cols, torch.int64))
 
@@ -209,7 +209,8 @@ class LogprobTensors:
 
     def to_host(self) -> "LogprobTensors":
         """The same tensors copied to pinned host memory without blocking (see host_copy)."""
-        top = (host_copy(self.top_values), host_copy(self.top_ids)) if self.top_values is not None else (None, None)
+        top = ((host_copy(self.top_values), host_copy(self.top_ids))
+               if self.top_values is not None and self.top_ids is not None else (None, None))
         return LogprobTensors(host_copy(self.token_ids), host_copy(self.sampled), top[0], top[1], self.num_logprobs)
 
     def tolist(self) -> list[TokenLogprob | None]:
@@ -309,7 +310,7 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         penalty = batch.repetition_penalty.expand_as(logits)
         penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits = torch.where(batch.seen_mask, penalized, logits)
-    if batch.output_counts is not None and batch.frequency_penalty is not None:
+    if batch.output_counts is not None and batch.frequency_penalty is not None and batch.presence_penalty is not None:
         counts = batch.output_counts
         logits = logits - batch.frequency_penalty * counts - batch.presence_penalty * (counts > 0).to(logits.dtype)
     return logits

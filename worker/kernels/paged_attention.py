@@ -116,7 +116,8 @@ def _paged_attention_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D_PAD], dtype=tl.float32)
-    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    # NOTE: traced by Triton, `seq` is a tl tensor (mypy reads the Python `lo - 1` as an int).
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt  # type: ignore[attr-defined]
     head_off = kv_head.to(tl.int64) * stride_ch
     for start in range(kv_lo, kv_hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)

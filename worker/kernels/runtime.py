@@ -12,7 +12,7 @@ imported in any order.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, overload
 
 import torch
 
@@ -24,8 +24,8 @@ try:
 
     HAS_TRITON = True
 except ImportError:  # CPU-only installs: every kernel module falls back to torch
-    triton = None  # type: ignore[assignment]
-    tl = None  # type: ignore[assignment]
+    triton = None
+    tl = None
     HAS_TRITON = False
 
 IMPLS = ("auto", "triton", "torch")
@@ -128,6 +128,10 @@ class Kernel:
         return self._interpreted
 
 
+@overload
+def kernel(fn: Callable[..., Any], *, do_not_specialize: tuple[str, ...] = ()) -> Kernel: ...
+@overload
+def kernel(fn: None = None, *, do_not_specialize: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Kernel]: ...
 def kernel(
     fn: Callable[..., Any] | None = None, *, do_not_specialize: tuple[str, ...] = ()
 ) -> Kernel | Callable[[Callable[..., Any]], Kernel]:

@@ -39,6 +39,16 @@ def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
     dst.copy_(src.to(dst.dtype))
 
 
+def _load_target(weight: nn.Parameter, bias: nn.Parameter | None, name: str) -> nn.Parameter:
+    """The parameter a checkpoint tensor fills: the weight, or the bias (a ValueError naming the
+    tensor when the layer was built without one, i.e. checkpoint and config disagree)."""
+    if name.endswith("weight"):
+        return weight
+    if bias is None:
+        raise ValueError(f"weight {name}: the layer has no bias (the model's config says none)")
+    return bias
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T (+ b), with W's rows (output features) split evenly across ranks."""
 
@@ -55,7 +65,7 @@ class ColumnParallelLinear(nn.Module):
         return linear(x, self.weight, self.bias, self.impl)
 
     def load(self, name: str, w: LazyWeight) -> None:
-        target = self.weight if name.endswith("weight") else self.bias
+        target = _load_target(self.weight, self.bias, name)
         _copy_checked(target, w.read(0, self.out_start, self.out_size), name)
 
 
@@ -79,7 +89,7 @@ class MergedColumnParallelLinear(nn.Module):
 
     def load_part(self, part: int, name: str, w: LazyWeight) -> None:
         start, size = self.shards[part]
-        target = self.weight if name.endswith("weight") else self.bias
+        target = _load_target(self.weight, self.bias, name)
         _copy_checked(target.narrow(0, self.offsets[part], size), w.read(0, start, size), name)
 
 
@@ -126,7 +136,7 @@ class QKVParallelLinear(nn.Module):
         else:
             offset = self.q_size if part == "k" else self.q_size + self.kv_size
             start, size = self.kv_head_start * d, self.kv_size
-        target = self.weight if name.endswith("weight") else self.bias
+        target = _load_target(self.weight, self.bias, name)
         _copy_checked(target.narrow(0, offset, size), w.read(0, start, size), name)
 
 
@@ -151,4 +161,4 @@ class RowParallelLinear(nn.Module):
         if name.endswith("weight"):
             _copy_checked(self.weight, w.read(1, self.in_start, self.in_size), name)
         else:
-            _copy_checked(self.bias, w.read(), name)
+            _copy_checked(_load_target(self.weight, self.bias, name), w.read(), name)

@@ -43,6 +43,8 @@ class RotaryEmbedding(nn.Module):
     shares between layers (`cos_sin_cache`, None until then). `impl` is 'auto' | 'triton' | 'torch'.
     """
 
+    inv_freq: torch.Tensor  # [head_dim // 2] float32, a non-persistent buffer
+
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None,
                  device: torch.device | str | None = None) -> None:
         super().__init__()

@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Protocol
 
 from shardline.worker.config import EngineConfig
@@ -118,6 +119,7 @@ class ProcessLauncher:
     def __init__(self) -> None:
         self._ctx = mp.get_context("spawn")
         self._handles: list[RankHandle] = []
+        self._processes: list[BaseProcess] = []  # the same ranks' processes, typed
         self._pipes: list[Connection] = []
         self._stopped = False
         self._lock = threading.Lock()
@@ -131,10 +133,11 @@ class ProcessLauncher:
             writer.close()  # the child holds the only write end: EOF once it is gone
             self._pipes.append(reader)
             self._handles.append(RankHandle(rank, p.pid, p))
+            self._processes.append(p)
         return list(self._handles)
 
     def alive(self) -> list[bool]:
-        return [h.process.is_alive() for h in self._handles]  # type: ignore[union-attr]
+        return [p.is_alive() for p in self._processes]
 
     def errors(self) -> list[RankError]:
         out: list[RankError] = []
@@ -152,16 +155,16 @@ class ProcessLauncher:
                 return
             self._stopped = True
             deadline = time.monotonic() + timeout
-            procs = [h.process for h in self._handles]
+            procs = self._processes
             for p in procs:
-                p.join(max(0.0, deadline - time.monotonic()))  # type: ignore[union-attr]
+                p.join(max(0.0, deadline - time.monotonic()))
             for p in procs:
-                if p.is_alive():  # type: ignore[union-attr]
-                    p.terminate()  # type: ignore[union-attr]
+                if p.is_alive():
+                    p.terminate()
             for p in procs:
-                p.join(2.0)  # type: ignore[union-attr]
-                if p.is_alive():  # type: ignore[union-attr]
-                    p.kill()  # type: ignore[union-attr]
-                    p.join(2.0)  # type: ignore[union-attr]
+                p.join(2.0)
+                if p.is_alive():
+                    p.kill()
+                    p.join(2.0)
             for conn in self._pipes:
                 conn.close()

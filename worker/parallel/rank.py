@@ -126,7 +126,10 @@ class RankRuntime:
 
     def _setup(self, spec: ModelSpec, config: EngineConfig, timeout: datetime.timedelta, show_progress: bool) -> None:
         rank = self.rank
-        self.data_group = dist.group.WORLD
+        world = dist.group.WORLD
+        if world is None:  # init_process_group (the caller's) sets it
+            raise RuntimeError("torch.distributed: no default process group after init_process_group")
+        self.data_group: dist.ProcessGroup = world
         self.control_group = dist.new_group(backend="gloo", timeout=timeout)
         self.control_group.set_timeout(_IDLE_TIMEOUT)
         self.ctx = ParallelContext(rank, self.world_size, self.data_group)
