@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -46,14 +47,16 @@ class TokenBitmask:
 
         device = logits.device
         words = to_device(self.words, torch.int32, device)
-        indices = None
+        indices: Any = None  # xgrammar annotates a list; its Triton path also takes a device tensor
         if len(self.rows) != logits.shape[0]:
             # xgrammar indexes the mask by the logits' row: scatter the rows into a full-height buffer
             # (the other rows stay uninitialized; the kernel reads only the listed rows).
             index = to_device(self.rows, torch.int64, device)
             full = torch.empty((logits.shape[0], words.shape[1]), dtype=torch.int32, device=device)
             words = full.index_copy_(0, index, words)
-            indices = self.rows if device.type in ("cpu", "meta") else index
+            # On CUDA the indices stay a device tensor: a list would be copied from pageable host
+            # memory, which may synchronize the stream (transfer.py).
+            indices = index if device.type == "cuda" else self.rows
         if device.type in ("cpu", "cuda"):  # xgrammar's C++ (CPU) or Triton (CUDA) kernel
             apply_token_bitmask_inplace(logits, words, vocab_size=self.vocab_size, indices=indices)
         else:  # other devices (and the meta device the tests stand in with): plain torch ops
