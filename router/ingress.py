@@ -34,7 +34,7 @@ from shardline.cluster.config import ClusterConfig
 from shardline.logging import configure_logging
 from shardline.metrics import RouterMetrics, merge_expositions
 from shardline.proto import generation_pb2 as pb
-from shardline.router import openai_api, openai_protocol
+from shardline.router import openai_api, openai_protocol, tool_calls
 from shardline.router.health import HubClient, Readiness
 from shardline.router.limits import RequestLimitsMiddleware, check_prompt_chars, request_label
 from shardline.router.offload import TokenizerPool
@@ -44,7 +44,7 @@ from shardline.router.sampling_defaults import load_sampling_defaults
 from shardline.router.streams import merge_streams
 from shardline.router.tenancy import cache_salt_for
 from shardline.worker.engine.generation import GenerationRequest, StreamItem
-from shardline.worker.engine.params import RequestError, SamplingParams
+from shardline.worker.engine.params import RequestError, SamplingParams, StructuredOutput
 from shardline.worker.engine.validation import Limits
 from shardline.worker.tokenizer import encode_prompt, load_tokenizer
 
@@ -107,7 +107,10 @@ def sampling_from_proto(msg: pb.SamplingParams, defaults: dict[str, Any], chat: 
     model's defaults; max_tokens unset: the rest of the context for chat input, 16 otherwise."""
     values: dict[str, Any] = dict(defaults)
     values["max_tokens"] = None if chat else 16
+    values["structured_output"] = structured_output_from_proto(msg)
     for fd in msg.DESCRIPTOR.fields:
+        if fd.containing_oneof is not None and fd.containing_oneof.name == "structured_output":
+            continue
         if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
             if fd.name == "logit_bias" and len(msg.logit_bias):
                 values["logit_bias"] = {int(k): float(v) for k, v in msg.logit_bias.items()}
@@ -120,6 +123,24 @@ def sampling_from_proto(msg: pb.SamplingParams, defaults: dict[str, Any], chat: 
         elif msg.HasField(fd.name):
             values[fd.name] = getattr(msg, fd.name)
     return SamplingParams(**values)
+
+
+def structured_output_from_proto(msg: pb.SamplingParams) -> StructuredOutput | None:
+    """The `structured_output` oneof as a checked StructuredOutput (errors name sampling.<kind>)."""
+    from shardline.worker.structured.grammar import checked_as
+
+    kind = msg.WhichOneof("structured_output")
+    if kind is None or (kind == "json_object" and not msg.json_object):
+        return None
+    if kind == "json_object":
+        constraint = StructuredOutput("json_object")
+    elif kind == "json_schema":
+        constraint = StructuredOutput("json_schema", msg.json_schema.schema, strict=msg.json_schema.strict)
+    elif kind == "choice":
+        constraint = StructuredOutput("choice", tuple(msg.choice.choices))
+    else:
+        constraint = StructuredOutput(kind, getattr(msg, kind))
+    return checked_as(constraint, f"sampling.{kind}")
 
 
 def chat_from_proto(chat: pb.Chat) -> list[dict[str, Any]]:
@@ -639,13 +660,16 @@ class Ingress:
             tenant, req = await self._body(request, openai_protocol.ChatCompletionRequest if chat
                                            else openai_protocol.CompletionRequest)
             params = openai_api.sampling_params(req, chat, self.sampling_defaults)
+            tool_plan = None
+            if chat:
+                tool_plan, params = tool_calls.plan(req, params)
             request_label(req.request_id, self.config.max_request_id_chars)  # validated; never the engine's id
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
             echo: list[str] | None = None
             if chat:
                 prompts: list[Any] = [await self.encode_chat_off_loop(
-                    [m.template_dict() for m in req.messages], req.add_generation_prompt, req.continue_final_message,
-                    req.tools, req.chat_template_kwargs)]
+                    tool_calls.for_template([m.template_dict() for m in req.messages]), req.add_generation_prompt,
+                    req.continue_final_message, req.tools, req.chat_template_kwargs)]
             else:
                 raw = openai_api.completion_prompts(req)
                 prompts = [await self.encode_off_loop(p) for p in raw]
@@ -664,6 +688,7 @@ class Ingress:
         n = params.n
         builder = openai_api.ResponseBuilder(rid, self.model_name, chat, n, n * len(prompts), self._decode_token,
                                              want_logprobs=params.logprobs is not None, echo=echo)
+        builder.tools = tool_plan
         if not req.stream:
             try:
                 position, item = first

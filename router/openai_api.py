@@ -16,7 +16,7 @@ from typing import Any, Callable
 from shardline.router.openai_protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from shardline.worker.engine.generation import StreamItem, Usage
 from shardline.worker.engine.outputs import TokenLogprob
-from shardline.worker.engine.params import RequestError, SamplingParams
+from shardline.worker.engine.params import RequestError, SamplingParams, StructuredOutput
 
 # SamplingParams fields an OpenAI body sets under the same name (None in the body: unset).
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
@@ -72,7 +72,45 @@ def sampling_params(req: SamplingFields, chat: bool, defaults: dict[str, Any]) -
             raise RequestError("top_logprobs", "needs logprobs: true")
     elif isinstance(req, CompletionRequest) and req.logprobs is not None:
         values["logprobs"] = req.logprobs
+    values["structured_output"] = structured_output(req)
     return SamplingParams(**values)
+
+
+def structured_output(req: SamplingFields) -> StructuredOutput | None:
+    """The one output constraint of a body: OpenAI's response_format, vLLM's structured_outputs
+    extra, or vLLM's older guided_* fields. Checked here (the schema, regex or grammar parsed),
+    so an error names the body's own field; more than one constraint is an error."""
+    from shardline.worker.structured.grammar import checked_as
+
+    found: list[tuple[str, StructuredOutput]] = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        found.append(("response_format", StructuredOutput("json_object")))
+    elif fmt is not None and fmt.type == "json_schema":
+        spec = fmt.json_schema
+        if spec is None or spec.schema_ is None:
+            raise RequestError("response_format.json_schema", 'type "json_schema" needs json_schema.schema')
+        found.append(("response_format.json_schema.schema",
+                      StructuredOutput("json_schema", json.dumps(spec.schema_), strict=bool(spec.strict))))
+    so = req.structured_outputs
+    named = [("json", so.json_ if so else None, req.guided_json), ("regex", so.regex if so else None, req.guided_regex),
+             ("choice", so.choice if so else None, req.guided_choice),
+             ("grammar", so.grammar if so else None, req.guided_grammar)]
+    for name, value, guided in named:
+        for field_name, v in ((f"structured_outputs.{name}", value), (f"guided_{name}", guided)):
+            if v is None:
+                continue
+            if name == "json":
+                found.append((field_name, StructuredOutput("json_schema", v if isinstance(v, str) else json.dumps(v))))
+            elif name == "choice":
+                found.append((field_name, StructuredOutput("choice", tuple(v))))
+            else:
+                found.append((field_name, StructuredOutput(name, v)))  # type: ignore[arg-type]
+    if so is not None and so.json_object:
+        found.append(("structured_outputs.json_object", StructuredOutput("json_object")))
+    if len(found) > 1:
+        raise RequestError(found[1][0], f"only one output constraint per request; {found[0][0]} is already set")
+    return checked_as(found[0][1], found[0][0]) if found else None
 
 
 def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
@@ -153,6 +191,7 @@ class ResponseBuilder:
         self.created = int(time.time())
         self.want_logprobs = want_logprobs
         self.choices = [Choice(i) for i in range(num_choices)]
+        self.tools: Any = None  # a tool_calls.ToolPlan when the chat request has tools
         for i, choice in enumerate(self.choices):
             if echo is not None:
                 choice.prefix = echo[i // n]
@@ -167,8 +206,9 @@ class ResponseBuilder:
         for c in self.choices:
             text = "".join(c.text)
             if self.chat:
-                out.append({"index": c.index, "message": {"role": "assistant", "content": text},
-                            "finish_reason": c.finish_reason,
+                message, finish = ({"role": "assistant", "content": text}, c.finish_reason) if self.tools is None \
+                    else self.tools.message(text, c.finish_reason)
+                out.append({"index": c.index, "message": message, "finish_reason": finish,
                             "logprobs": chat_logprobs(c.logprobs, self.decode) if self.want_logprobs else None})
             else:
                 lps = completion_logprobs(c.logprobs, self.decode, len(c.prefix)) if self.want_logprobs else None
@@ -208,8 +248,10 @@ class ResponseBuilder:
             entries = item.logprobs or []
             if self.chat:
                 lps = chat_logprobs(entries, self.decode) if self.want_logprobs else None
-                chunks.append(self._chunk([{"index": index, "delta": {"content": item.text}, "logprobs": lps,
-                                            "finish_reason": None}], usage))
+                delta = {"content": item.text} if self.tools is None else self.tools.delta(index, item.text)
+                if delta is not None:
+                    chunks.append(self._chunk([{"index": index, "delta": delta, "logprobs": lps,
+                                                "finish_reason": None}], usage))
             else:
                 lps = completion_logprobs(entries, self.decode, c.offset) if self.want_logprobs else None
                 if lps is not None and lps["tokens"]:
@@ -217,9 +259,15 @@ class ResponseBuilder:
                 chunks.append(self._chunk([{"index": index, "text": item.text, "logprobs": lps,
                                             "finish_reason": None}], usage))
         if item.finish_reason is not None:
+            finish = c.finish_reason
+            if self.chat and self.tools is not None:
+                owed, finish = self.tools.final_delta(index, finish)
+                if owed is not None:
+                    chunks.append(self._chunk([{"index": index, "delta": owed, "logprobs": None,
+                                                "finish_reason": None}], usage))
             empty: dict[str, Any] = {"delta": {}} if self.chat else {"text": ""}
             chunks.append(self._chunk([{"index": index, **empty, "logprobs": None,
-                                        "finish_reason": c.finish_reason}], usage))
+                                        "finish_reason": finish}], usage))
         return chunks
 
     def usage_chunk(self) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from shardline.worker.engine.params import RequestError
 
@@ -31,6 +31,32 @@ class OpenAIModel(BaseModel):
 class StreamOptions(OpenAIModel):
     include_usage: StrictBool = False
     continuous_usage_stats: StrictBool = False  # vLLM: usage on every chunk
+
+
+class JsonSchemaFormat(OpenAIModel):
+    """response_format.json_schema: OpenAI's named schema; `strict` forbids properties beyond it."""
+
+    name: StrictStr | None = None
+    description: StrictStr | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    """OpenAI's response_format: text (no constraint), any JSON object, or a JSON schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(OpenAIModel):
+    """vLLM's `structured_outputs` extra: exactly one of these constraints."""
+
+    json_: dict[str, Any] | StrictStr | None = Field(default=None, alias="json")
+    regex: StrictStr | None = None
+    choice: list[StrictStr] | None = None
+    grammar: StrictStr | None = None
+    json_object: StrictBool | None = None
 
 
 class SamplingFields(OpenAIModel):
@@ -63,6 +89,13 @@ class SamplingFields(OpenAIModel):
     priority: StrictInt = 0
     cache_salt: StrictStr | None = None
     request_id: StrictStr | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    # vLLM's older spellings of the same constraints (still sent by many clients).
+    guided_json: dict[str, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -109,7 +142,8 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: StrictBool = False
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tool_choice: Any = None  # checked by router/tool_calls.py
+    parallel_tool_calls: StrictBool | None = None
 
 
 class TokenizeRequest(OpenAIModel):

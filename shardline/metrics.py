@@ -42,6 +42,9 @@ SPEC_DECODE_NUM_DRAFTS = PREFIX + "spec_decode_num_drafts_total"
 SPEC_DECODE_NUM_DRAFT_TOKENS = PREFIX + "spec_decode_num_draft_tokens_total"
 SPEC_DECODE_NUM_ACCEPTED_TOKENS = PREFIX + "spec_decode_num_accepted_tokens_total"
 SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS = PREFIX + "spec_decode_num_accepted_tokens_per_pos_total"
+STRUCTURED_OUTPUT_REQUESTS = PREFIX + "structured_output_requests_total"
+GRAMMAR_CACHE_HITS = PREFIX + "grammar_cache_hits_total"
+GRAMMAR_COMPILE_SECONDS = PREFIX + "grammar_compile_seconds"
 
 ENGINE_METRIC_NAMES: tuple[str, ...] = (
     NUM_REQUESTS_RUNNING,
@@ -62,6 +65,9 @@ ENGINE_METRIC_NAMES: tuple[str, ...] = (
     SPEC_DECODE_NUM_DRAFT_TOKENS,
     SPEC_DECODE_NUM_ACCEPTED_TOKENS,
     SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS,
+    STRUCTURED_OUTPUT_REQUESTS,
+    GRAMMAR_CACHE_HITS,
+    GRAMMAR_COMPILE_SECONDS,
 )
 ROUTER_METRIC_NAMES: tuple[str, ...] = (ROUTER_DECISIONS, REQUEST_REJECTED)
 
@@ -79,6 +85,8 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
                0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
 # Whole requests and queueing: up to an hour for long generations.
+# Grammar compiles: a small schema in ms, a large schema on a busy CPU in seconds.
+COMPILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                    50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 3600.0)
 
@@ -160,6 +168,10 @@ class EngineMetrics:
             "Speculative decoding: proposed tokens accepted, by position in the proposal (0 first).",
             _ENGINE_LABELS + ("position",), registry=reg,
         )
+        self._structured = counter(STRUCTURED_OUTPUT_REQUESTS, "Admitted requests with a structured-output constraint.")
+        self._grammar_hits = counter(GRAMMAR_CACHE_HITS, "Constrained requests whose grammar was compiled or compiling already.")
+        self._compile = histogram(GRAMMAR_COMPILE_SECONDS, "Time to compile one grammar against the vocabulary.",
+                                  COMPILE_BUCKETS)
         self._labels = labels
 
     def on_step(self, num_running: int, num_waiting: int, kv_usage: float,
@@ -223,6 +235,16 @@ class EngineMetrics:
     def on_reject(self, reason: str) -> None:
         """Record a request refused before it ran (overloaded, invalid, draining, ...)."""
         self._rejected.labels(reason=reason, **self._labels).inc()
+
+    def on_structured_request(self, cache_hit: bool) -> None:
+        """Record an admitted constrained request and whether its grammar came from the cache."""
+        self._structured.inc()
+        if cache_hit:
+            self._grammar_hits.inc()
+
+    def on_grammar_compiled(self, seconds: float) -> None:
+        """Record one grammar compile's duration (called from the compile thread)."""
+        self._compile.observe(seconds)
 
     def exposition(self) -> bytes:
         """These metrics in the Prometheus text format (version 0.0.4)."""

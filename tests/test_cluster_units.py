@@ -181,8 +181,9 @@ def test_max_tokens_unset_or_null_is_the_rest_of_the_context_for_chat_and_16_for
 
 def test_unknown_openai_fields_are_kept_aside_not_rejected() -> None:
     req = openai_protocol.parse(openai_protocol.ChatCompletionRequest, {
-        "messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "low", "parallel_tool_calls": False})
-    assert req.unknown_fields() == ["parallel_tool_calls", "reasoning_effort"]
+        "messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "low", "store": False,
+        "parallel_tool_calls": False})  # read by the tool-call plan (router/tool_calls.py)
+    assert req.unknown_fields() == ["reasoning_effort", "store"]
 
 
 @pytest.mark.parametrize("body, param", [

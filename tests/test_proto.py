@@ -98,8 +98,11 @@ def test_sampling_params_distinguish_unset_from_zero() -> None:
 def test_sampling_params_has_every_engine_field() -> None:
     from shardline.worker.engine.params import SamplingParams
 
-    proto_fields = set(pb.SamplingParams.DESCRIPTOR.fields_by_name)
-    assert proto_fields == set(SamplingParams.__dataclass_fields__)
+    descriptor = pb.SamplingParams.DESCRIPTOR
+    constraint = descriptor.oneofs_by_name["structured_output"]  # the engine's one structured_output field
+    proto_fields = {f.name for f in descriptor.fields if f.containing_oneof is not constraint}
+    assert proto_fields | {constraint.name} == set(SamplingParams.__dataclass_fields__)
+    assert {f.name for f in constraint.fields} == {"json_object", "json_schema", "regex", "choice", "grammar"}
 
 
 def test_last_generate_response_carries_finish_reason_usage_and_logprobs() -> None:

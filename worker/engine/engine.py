@@ -19,6 +19,16 @@ output is what decoding without speculation produces (greedy: the same tokens; s
 distribution). It runs with overlapped scheduling off: a proposal needs the previous step's
 tokens on the host.
 
+Structured outputs (worker/structured/): a constrained request waits outside the scheduler until
+its grammar is compiled (on a worker thread), then queues with its arrival time. Each step fills
+the constrained rows' token mask on the host after queueing the forward and applies it on the
+device in the sampler. Its matcher must have seen every earlier token, but under overlap the
+previous step's token is still pending: so a step with a constrained row that has a pending token
+first waits for the *previous* step's tokens (its event, recorded before this step's forward was
+queued), advances the matcher with them, then fills the mask while this step's forward runs. The
+device never idles for it unless filling takes longer than the forward; steps without constrained
+rows never wait. docs/structured-outputs.md has the whole argument.
+
 It imports neither Ray nor gRPC, so it runs alone (offline `generate`, the CLI, benchmarks)."""
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import Any, Sequence, Union
 
@@ -39,6 +50,7 @@ from shardline.worker.engine.generation import GenerationRequest
 from shardline.worker.engine.model_runner import SeqSlice, build_step_inputs
 from shardline.worker.engine.outputs import (
     FINISH_ABORT,
+    FINISH_ERROR,
     FINISH_LENGTH,
     FINISH_STOP,
     FINISH_STOP_STRING,
@@ -53,6 +65,9 @@ from shardline.worker.engine.transfer import host_copy, to_device
 from shardline.worker.engine.validation import Limits
 from shardline.worker.spec_decode.rejection_sampler import DraftTokens, RejectionSampler, VerifiedTokens
 from shardline.worker.spec_decode.stats import SpecDecodeStats
+from shardline.worker.structured.bitmask import TokenBitmask
+from shardline.worker.structured.compiler import GrammarCompilerPool
+from shardline.worker.structured.matcher import GrammarState
 from shardline.worker.tokenizer import encode_prompt
 
 log = logging.getLogger(__name__)
@@ -76,6 +91,7 @@ class _Tracked:
     pending: list[int] = field(default_factory=list)
     spec_k: int = 0  # speculative decoding: how many tokens to propose next (adapts to acceptance)
     draft_probs: torch.Tensor | None = None  # [len(request.spec_token_ids), V]: q of the proposal; None: one-hot
+    grammar: GrammarState | None = None  # structured output: set once its grammar is compiled
 
 
 @dataclass
@@ -141,6 +157,8 @@ class LLMEngine:
                             "on the host before it proposes the next", config.speculative_method)
             self.proposer = build_proposer(config, self)
             self.rejection_sampler = RejectionSampler()
+        self._grammars: GrammarCompilerPool | None = None  # built with the first constrained request
+        self._compiling: dict[str, Future] = {}  # request id -> its grammar's compile, not yet queued
 
     def _make_executor(self, spec: ModelSpec, show_progress: bool) -> Executor:
         if self.config.load_format == "stand-in":
@@ -183,7 +201,7 @@ class LLMEngine:
                 raise RequestError("n", f"the engine runs one choice per request; submit request.choice(i) for each of the {params.n}")
             if request_id in self._tracked:
                 raise RequestError("request_id", f"{request_id!r} is already in flight")
-            if self.scheduler.num_waiting >= self.config.max_queue_len:
+            if self.scheduler.num_waiting + len(self._compiling) >= self.config.max_queue_len:
                 raise RequestError("", f"the engine's queue is full ({self.config.max_queue_len} waiting requests); "
                                    "retry later", code="resource_exhausted")
         except RequestError as e:
@@ -199,13 +217,50 @@ class LLMEngine:
         tracked = _Tracked(req, detok, make_generator(params.seed, self.device),
                            sorted(set(block) | set(params.stop_token_ids)), now,
                            spec_k=self.config.num_speculative_tokens or 0)
-        self.scheduler.add_request(req)  # first: if it refuses, nothing is left registered
+        if params.structured_output is not None:
+            self.scheduler.check_request(req)  # first: if it refuses, nothing is left registered
+            # Queued by _admit_compiled once compiled; until then only this request waits.
+            future, cache_hit = self._grammar_pool().submit(params.structured_output)
+            self._compiling[request_id] = future
+            if self.metrics is not None:
+                self.metrics.on_structured_request(cache_hit)
+        else:
+            self.scheduler.add_request(req)  # first: if it refuses, nothing is left registered
         self._tracked[request_id] = tracked
         return request_id
+
+    def _grammar_pool(self) -> GrammarCompilerPool:
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise RequestError("structured_output", "this model has no tokenizer, so its output cannot be constrained")
+            self._grammars = GrammarCompilerPool(
+                self.tokenizer.hf, self.model_config.vocab_size, self.eos_token_ids,
+                on_compiled=self.metrics.on_grammar_compiled if self.metrics is not None else None)
+        return self._grammars
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Queue the requests whose grammar is compiled; end those whose compile failed."""
+        outputs = []
+        for request_id, future in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[request_id]
+            t = self._tracked.get(request_id)
+            if t is None:
+                continue
+            try:
+                t.grammar = GrammarState(future.result())
+            except Exception as e:  # noqa: BLE001 - the request's own input failed to compile
+                self._tracked.pop(request_id, None)
+                outputs.append(self._final(t, FINISH_ERROR, [], "", error=f"structured_output: {e}"))
+                continue
+            self.scheduler.add_request(t.request)
+        return outputs
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final (abort) output if it was live."""
         tracked = self._tracked.pop(request_id, None)
+        self._compiling.pop(request_id, None)
         self.scheduler.abort_request(request_id)
         if tracked is None:
             return None
@@ -215,13 +270,18 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------------------
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished or self._inflight is not None
+        return self.scheduler.has_unfinished or self._inflight is not None or bool(self._compiling)
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; returns a delta for every request that produced a token or ended.
         With overlapped scheduling the deltas are those of the previous step, finished while this
         one runs on the device."""
         outputs: list[RequestOutput] = []
+        if self._compiling:
+            if not self.scheduler.has_unfinished and self._inflight is None:
+                # Nothing else to run: wait a little for a grammar rather than spin.
+                wait(list(self._compiling.values()), timeout=0.02, return_when=FIRST_COMPLETED)
+            outputs += self._admit_compiled()
         if self.proposer is not None:
             self._propose()
         sched = self.scheduler.schedule()
@@ -261,14 +321,16 @@ class LLMEngine:
         if samplers:
             tracked = [self._tracked[r.request_id] for r in samplers]
             # The token sampled now is output number len(outputs) + pending (the pending ones are in flight).
-            block = [t.min_tokens_block if r.num_output_tokens + r.num_pending_tokens < r.params.min_tokens else []
-                     for r, t in zip(samplers, tracked)]
+            # A constrained request's end is the grammar's: min_tokens does not mask its EOS.
+            block = [t.min_tokens_block if r.num_output_tokens + r.num_pending_tokens < r.params.min_tokens
+                     and t.grammar is None else [] for r, t in zip(samplers, tracked)]
             batch = SamplingBatch.build(
                 [r.params for r in samplers], [t.generator for t in tracked],
                 [r.prompt_token_ids for r in samplers], [r.output_token_ids for r in samplers],
                 self.model_config.vocab_size, logits.device, min_tokens_block=block,
                 pending_token_ids=self._pending_token_ids(samplers, logits.device),
             )
+            batch.token_bitmask = self._token_bitmask(samplers, tracked, logits.device)
             out = self.sampler(logits, batch)
             token_ids, logprobs = out.token_ids, out.logprob_tensors
         self.num_steps += 1
@@ -301,6 +363,8 @@ class LLMEngine:
             t = self._tracked.get(r.request_id)
             if t is None or r.num_pending_tokens or r.num_computed_tokens != r.num_tokens - 1:
                 continue
+            if r.params.structured_output is not None:
+                continue  # NOTE: a grammar masks one position per step; proposals would need k + 1 masks
             k = min(t.spec_k, r.max_tokens - r.num_output_tokens - 1, self.max_model_len - r.num_tokens - 1)
             if k >= 1:
                 requests.append(r)
@@ -319,17 +383,22 @@ class LLMEngine:
         penalties and min_tokens see what a step-by-step decode would), then the rejection sampler
         keeps each request's accepted run and one token from the target."""
         entries: list[ScheduledRequest] = [s for s in sched.scheduled if s.samples]
-        params, prompts, outputs, blocks = [], [], [], []
+        params: list[SamplingParams] = []
+        prompts, outputs, blocks = [], [], []
         generators, ks, draft_ids, draft_probs = [], [], [], []
+        grammar_rows: list[tuple[int, GrammarState]] = []  # constrained requests: never a proposal, one row
         for e in entries:
             r, t = e.request, self._tracked[e.request.request_id]
             spec = e.spec_token_ids
+            if t.grammar is not None and not spec:
+                t.grammar.advance(r.output_token_ids)  # no pending token: speculation runs synchronously
+                grammar_rows.append((len(params), t.grammar))
             for j in range(len(spec) + 1):
                 out = r.output_token_ids + spec[:j]
                 params.append(r.params)
                 prompts.append(r.prompt_token_ids)
                 outputs.append(out)
-                blocks.append(t.min_tokens_block if len(out) < r.params.min_tokens else [])
+                blocks.append(t.min_tokens_block if len(out) < r.params.min_tokens and t.grammar is None else [])
             generators.append(t.generator)
             ks.append(len(spec))
             draft_ids.extend(spec)
@@ -337,6 +406,7 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         batch = SamplingBatch.build(params, [None] * len(params), prompts, outputs, vocab, logits.device,
                                     min_tokens_block=blocks)
+        batch.token_bitmask = TokenBitmask.fill(grammar_rows, vocab, logits.device) if grammar_rows else None
         probs = None
         if any(p is not None for p in draft_probs):
             probs = torch.cat([p if p is not None else torch.nn.functional.one_hot(
@@ -407,6 +477,29 @@ class LLMEngine:
         idx = to_device(src, torch.int64, device)
         tokens = inflight.token_ids.to(device).index_select(0, idx.clamp(min=0))
         return torch.where(idx >= 0, tokens, torch.full_like(tokens, -1))
+
+    def _token_bitmask(self, samplers: list[Request], tracked: list[_Tracked], device: torch.device) -> TokenBitmask | None:
+        """The constrained rows' mask for this step (None without constrained rows). Each matcher
+        first takes the tokens it has not seen, the one pending in the in-flight step included:
+        reading that one waits for the in-flight step's tokens (see the module docstring)."""
+        rows = [(i, t.grammar) for i, t in enumerate(tracked) if t.grammar is not None]
+        if not rows:
+            return None
+        inflight_tokens: list[int] | None = None
+        for i, state in rows:
+            r = samplers[i]
+            known = r.output_token_ids
+            if r.num_pending_tokens:
+                inflight = self._inflight
+                if inflight is None or id(r) not in inflight.row_of:
+                    raise RuntimeError(f"request {r.request_id}: a token is pending but no launched step holds it")
+                if inflight_tokens is None:
+                    if inflight.ready is not None:
+                        inflight.ready.synchronize()  # the previous step's tokens, not this step's forward
+                    inflight_tokens = inflight.host_token_ids.tolist()
+                known = known + [inflight_tokens[inflight.row_of[id(r)]]]
+            state.advance(known)
+        return TokenBitmask.fill(rows, self.model_config.vocab_size, device)
 
     def _finish_step(self, step: _LaunchedStep) -> list[RequestOutput]:
         """Wait for the step's tokens, hand them to the scheduler, detokenize, check stops."""
@@ -489,8 +582,16 @@ class LLMEngine:
         may_stop = len(req.output_token_ids) >= p.min_tokens
         text, stop_str = t.detok.step([token], check_stop=may_stop) if t.detok else ("", None)
         reason = None
+        grammar = t.grammar
+        if grammar is not None and not grammar.advance(req.output_token_ids):
+            self._tracked.pop(req.request_id, None)
+            self.scheduler.finish_request(req, FINISH_ERROR)
+            return self._final(t, FINISH_ERROR, [token], text, error=(
+                f"structured_output: token {grammar.rejected_token} does not match the grammar"))
         if stop_str is not None:
             reason = FINISH_STOP_STRING
+        elif grammar is not None and grammar.is_terminated:
+            reason = FINISH_STOP  # the grammar is complete and took an EOS (even under ignore_eos)
         elif may_stop and ((not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids):
             reason = FINISH_STOP
         elif len(req.output_token_ids) >= req.max_tokens or req.num_known_tokens >= self.max_model_len:
@@ -508,7 +609,7 @@ class LLMEngine:
         out.logprobs = lps
         return out
 
-    def _final(self, t: _Tracked, reason: str, new_ids: list[int], text: str) -> RequestOutput:
+    def _final(self, t: _Tracked, reason: str, new_ids: list[int], text: str, error: str | None = None) -> RequestOutput:
         r = t.request
         if self.proposer is not None:
             self.proposer.release(r.request_id)
@@ -521,7 +622,7 @@ class LLMEngine:
             "e2e_s": round(e2e, 4)})
         return RequestOutput(r.request_id, new_ids, text, finished=True, finish_reason=reason,
                              prompt_tokens=r.num_prompt_tokens, completion_tokens=len(r.output_token_ids),
-                             cached_tokens=r.num_cached_tokens)
+                             cached_tokens=r.num_cached_tokens, error=error)
 
     # ---- offline API ----------------------------------------------------------------------------
 
@@ -567,9 +668,15 @@ class LLMEngine:
             "num_steps": self.num_steps,
             "num_overlapped_steps": self.num_overlapped_steps,
             **self.spec_stats.totals(),
+            "num_grammars_compiling": len(self._compiling),
+            "grammar_cache_hits": self._grammars.stats.cache_hits if self._grammars else 0,
+            "grammar_compiles": self._grammars.stats.compiles if self._grammars else 0,
+            "grammar_compile_seconds": self._grammars.stats.compile_seconds if self._grammars else 0.0,
         }
 
     def shutdown(self) -> None:
+        if self._grammars is not None:
+            self._grammars.shutdown()
         self.executor.shutdown()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 class RequestError(ValueError):
@@ -23,6 +24,22 @@ class RequestError(ValueError):
 
     def __reduce__(self):  # survives pickling across Ray processes with its field and code
         return (type(self), (self.field, self.detail, self.code))
+
+
+StructuredOutputKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint the output must match, enforced by a token mask each step (worker/structured/).
+    `value`: the JSON schema's text (json_schema), the regex, the EBNF grammar (grammar), the
+    allowed strings (choice), nothing (json_object: any JSON object). `strict` (json_schema only,
+    OpenAI's flag): no object properties beyond the schema's. Frozen and hashable: it is the key of
+    the compiled-grammar cache."""
+
+    kind: StructuredOutputKind
+    value: str | tuple[str, ...] | None = None
+    strict: bool = False
 
 
 @dataclass
@@ -46,6 +63,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token (0: only the sampled token's)
     skip_special_tokens: bool = True
+    structured_output: StructuredOutput | None = None
     n: int = 1  # choices of one prompt; choice i samples with seed + i (see for_choice)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI)
 
@@ -84,6 +102,11 @@ class SamplingParams:
         if isinstance(data.get("stop"), str):
             data["stop"] = [data["stop"]]
         try:
+            if isinstance(data.get("structured_output"), dict):
+                so = dict(data["structured_output"])
+                if isinstance(so.get("value"), list):
+                    so["value"] = tuple(so["value"])
+                data["structured_output"] = StructuredOutput(**so)
             return cls(**data)
         except TypeError as e:
             raise RequestError("sampling", str(e)) from None

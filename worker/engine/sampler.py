@@ -6,6 +6,8 @@ The order of operations for one step (every stage is one batched tensor op over 
 1. logits to fp32 (columns past `vocab_size`, e.g. a padded LM head, are dropped);
 1b. logit_bias (OpenAI): each row's biases added to its token ids' logits, one scattered add over the
    batch's (row, id, bias) triples; skipped when no row has a bias;
+1c. the grammar mask of constrained rows (structured outputs) sets their disallowed tokens to -inf,
+   so every later stage, logprobs included, sees only what the grammar allows;
 2. repetition penalty over prompt + output tokens (positive logits divided, negative multiplied);
 3. frequency and presence penalties over output token counts (OpenAI: logit -= f * count + p * [count > 0]);
 4. min_tokens: the row's EOS / stop token ids are set to -inf while it has fewer than min_tokens outputs;
@@ -24,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from shardline.worker.structured.bitmask import TokenBitmask
 
 from .outputs import TokenLogprob
 from .params import SamplingParams
@@ -85,6 +89,7 @@ class SamplingBatch:
     generators: list[torch.Generator | None]
     num_logprobs: list[int | None]
     max_num_logprobs: int | None  # the largest top-n asked, None when no row asks for logprobs
+    token_bitmask: TokenBitmask | None = None  # structured outputs: the constrained rows' allowed tokens
 
     @property
     def num_rows(self) -> int:
@@ -221,7 +226,9 @@ class LogprobTensors:
             if n is None:
                 out.append(None)
                 continue
-            top = dict(zip(top_ids[i][:n], top_values[i][:n]))
+            # Tokens at -inf (masked by a grammar or logit_bias) are impossible, not alternatives;
+            # JSON cannot carry -inf either.
+            top = {t: v for t, v in zip(top_ids[i][:n], top_values[i][:n]) if v != float("-inf")}
             out.append(TokenLogprob(token_id=ids[i], logprob=sampled[i], top=top))
         return out
 
@@ -296,6 +303,8 @@ def processed_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
     if batch.logit_bias is not None:
         rows, ids, biases = batch.logit_bias
         logits = logits.index_put((rows, ids), biases, accumulate=True)  # a copy: the input may be the model's
+    if batch.token_bitmask is not None:
+        batch.token_bitmask.apply(logits)
     logits = apply_penalties(logits, batch)
     if batch.min_tokens_index is not None:
         logits[batch.min_tokens_index] = float("-inf")

@@ -119,8 +119,18 @@ class Scheduler:
             del self._waiting[i]
 
     def add_request(self, request: Request) -> None:
-        """Queue a new request. Its output limit is clamped to the context; a request that could
-        never fit the block pool is rejected here so that scheduling can never stall on it."""
+        """Queue a new request (check_request first)."""
+        self.check_request(request)
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self._keys[request.request_id] = (request.priority, request.arrival_time, next(self._order))
+        self._enqueue(request)
+
+    def check_request(self, request: Request) -> None:
+        """Raise RequestError unless the request can be queued; clamp its output limit to the
+        context. A request that could never fit the block pool is rejected here so that scheduling
+        can never stall on it. (The engine calls this alone for a request that must wait for its
+        grammar before it is queued.)"""
         if request.request_id in self.requests:
             raise RequestError("request_id", f"{request.request_id!r} is already in flight")
         if request.num_prompt_tokens == 0:
@@ -140,10 +150,6 @@ class Scheduler:
                 "prompt_token_ids",
                 f"needs up to {max_blocks} KV blocks but the pool has {self.block_manager.num_blocks}",
             )
-        request.status = RequestStatus.WAITING
-        self.requests[request.request_id] = request
-        self._keys[request.request_id] = (request.priority, request.arrival_time, next(self._order))
-        self._enqueue(request)
 
     def finish_request(self, request: Request, reason: str) -> None:
         """Take the request out of the queues, free its blocks and mark it FINISHED with `reason`."""

@@ -60,6 +60,10 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, limits
     max_tokens = _resolve_max_tokens(prompt_len, params.max_tokens, limits)
     _validate_sampling(params, max_tokens, limits)
     _validate_stops(params, limits)
+    if params.structured_output is not None:
+        from shardline.worker.structured.grammar import validate_structured_output  # imports xgrammar
+
+        validate_structured_output(params.structured_output)
     return max_tokens
 
 
