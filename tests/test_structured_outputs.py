@@ -6,6 +6,7 @@ byte-level BPE tokenizer (tests/structured_fixtures.py); two slow tests use the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -199,6 +200,23 @@ def test_grammar_state_survives_preemption_chunked_prefill_and_overlap(tiny, reg
         assert engine.num_overlapped_steps > 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert not engine.has_unfinished_requests()
+
+
+def test_speculative_decoding_leaves_constrained_and_plain_greedy_rows_unchanged(tiny):
+    """ngram proposals for the plain rows and none for the constrained ones (a grammar masks one
+    position a step), in the same verification steps: a greedy mixed batch gives exactly the
+    tokens of a run without speculation, and every constrained output still validates."""
+    prompts, params = _mixed_batch()
+    params = [dataclasses.replace(p, temperature=0.0) for p in params]
+    plain = make_engine(tiny[0]).generate(prompts, params)
+    engine = make_engine(tiny[0], speculative_method="ngram", num_speculative_tokens=3, prompt_lookup_min=1)
+    got = engine.generate(prompts, params)
+    assert [r.token_ids for r in got] == [r.token_ids for r in plain]
+    assert engine.spec_stats.totals()["spec_decode_num_drafts"] > 0
+    for r, p in zip(got, params):
+        if p.structured_output is not None:
+            json.loads(r.text)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
 def test_a_compiling_request_waits_while_the_batch_runs_and_can_be_aborted(tiny):
