@@ -200,18 +200,31 @@ def _stream_one(engine, prompt: list[int], output_len: int) -> tuple[float, list
 
 
 def mode_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
-    engine = _make_engine(args)
-    _warmup(engine)
-    prompt = random_prompts(1, args.input_len, engine.model_config.vocab_size, args.seed)[0]
+    # --compare-quantization: one engine per scheme in the same process, iterations interleaved so
+    # that load from elsewhere falls on every scheme alike; ratios against the first engine.
+    engines = [_make_engine(args)] + [_make_engine(args, quantization=q) for q in args.compare_quantization or []]
+    for engine in engines:
+        _warmup(engine)
+    prompt = random_prompts(1, args.input_len, engines[0].model_config.vocab_size, args.seed)[0]
     rows = []
     for i in range(args.iters):
-        ttft, stamps, elapsed = _stream_one(engine, prompt, args.output_len)
-        # Decode rate between the second and the last token (the first is the prefill's).
-        per_tok = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else elapsed / max(1, args.output_len)
-        rows.append({"iter": i, "input_len": args.input_len, "output_len": args.output_len, "ttft_ms": ttft * 1e3,
-                     "ms_per_output_token": per_tok * 1e3, "output_tokens_per_s": 1.0 / per_tok,
-                     "requests_per_s": 1.0 / elapsed, "total_tokens_per_s": (len(prompt) + args.output_len) / elapsed})
-    engine.shutdown()
+        for engine in engines:
+            ttft, stamps, elapsed = _stream_one(engine, prompt, args.output_len)
+            # Decode rate between the second and the last token (the first is the prefill's).
+            per_tok = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else elapsed / max(1, args.output_len)
+            row = {"iter": i, "input_len": args.input_len, "output_len": args.output_len, "ttft_ms": ttft * 1e3,
+                   "ms_per_output_token": per_tok * 1e3, "output_tokens_per_s": 1.0 / per_tok,
+                   "requests_per_s": 1.0 / elapsed, "total_tokens_per_s": (len(prompt) + args.output_len) / elapsed}
+            if len(engines) > 1:
+                row["quantization"] = engine.quantization.name
+                row["weight_mb"] = (engine.weight_bytes or 0) / 1e6
+            rows.append(row)
+    for engine in engines:
+        engine.shutdown()
+    if len(engines) > 1:  # decode speed of each scheme over the first's, iteration by iteration
+        for i in range(0, len(rows), len(engines)):
+            for r in rows[i : i + len(engines)]:
+                r["speed_vs_first"] = rows[i]["ms_per_output_token"] / r["ms_per_output_token"]
     return rows
 
 
@@ -480,6 +493,8 @@ def add_parser(sub: argparse._SubParsersAction, add_engine_args: Callable[[argpa
     p.add_argument("--shared-fractions", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75], help="prefix")
     p.add_argument("--request-rates", type=float, nargs="+", default=[float("inf")], help="serve: Poisson rates (req/s)")
     p.add_argument("--iters", type=int, default=3, help="latency / prefill repetitions")
+    p.add_argument("--compare-quantization", nargs="+", default=None, metavar="NAME",
+                   help="latency: also run these --quantization schemes (none, gguf, int4, int8, fp8) in the same run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare-hf", action="store_true", help="offline: transformers' generate on the same workload")
     p.add_argument("--hf-max-batch", type=int, default=None, help="largest padded batch to try for --compare-hf")

@@ -25,6 +25,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA and on CPUs with native bf16 math, else float32; "
                    "$SHARDLINE_CPU_DTYPE overrides the CPU choice), float32, bfloat16, float16")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--quantization", default=None, choices=["none", "gguf", "int4", "int8", "fp8"],
+                   help="weight quantization (default: the checkpoint's; GGUF files on CPU stay quantized: gguf)")
     g.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1)
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (overrides the memory budget)")
@@ -45,6 +47,7 @@ def engine_config_from_args(args: argparse.Namespace):
 
     return EngineConfig(
         model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
+        quantization=args.quantization,
         tensor_parallel_size=args.tensor_parallel_size, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
         gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,

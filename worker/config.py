@@ -180,6 +180,10 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bfloat16 on CUDA; on CPU see default_cpu_dtype
     device: str = "auto"  # auto: cuda when available, else cpu
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    # Weight quantization (vLLM's --quantization): none | gguf | int4 | int8 | fp8. None: the
+    # checkpoint's quantization_config, else for GGUF files on CPU 'gguf' (keep Q4_0/Q4_1/Q8_0 packed),
+    # else none. 'none' dequantizes a GGUF file to the model dtype. See docs/quantization.md.
+    quantization: str | None = None
     tensor_parallel_size: int = 1
     block_size: int = 16
     num_kv_blocks: int | None = None  # explicit pool size; overrides the memory budget
@@ -225,6 +229,10 @@ class EngineConfig:
             raise ConfigError(f"attention_backend: {self.attention_backend!r} is not one of auto, torch, triton")
         if self.dtype != "auto":
             parse_dtype(self.dtype)
+        from shardline.worker.layers.quantization.config import QUANTIZATION_NAMES
+
+        if self.quantization is not None and self.quantization not in QUANTIZATION_NAMES:
+            raise ConfigError(f"quantization: {self.quantization!r} is not one of {', '.join(QUANTIZATION_NAMES)}")
 
     def resolved_device(self) -> torch.device:
         """The device the engine runs on: cuda when present (or asked), else cpu."""
