@@ -10,6 +10,7 @@ its value (round to nearest), and y within about 2 * 2^-4 * sum_k |x_k| |w_k|.""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .base import LoadedPiece, QuantMethod, as_float
 from .group_quantized import GroupQuantized
@@ -55,6 +56,8 @@ class Fp8Linear(QuantMethod):
         self.out_features, self.in_features = rows.shape
         self.register_buffer("weight", rows.codes.contiguous().to(device))
         self.register_buffer("weight_scale", rows.scales.float().reshape(1, -1).contiguous().to(device))
+        # cuBLASLt's FP8 GEMM needs both dimensions in multiples of 16; other shapes dequantize.
+        self.scaled_mm_fits = self.in_features % 16 == 0 and self.out_features % 16 == 0
 
     @classmethod
     def from_pieces(cls, pieces: list[LoadedPiece], device: torch.device | str | None) -> "Fp8Linear":
@@ -66,6 +69,8 @@ class Fp8Linear(QuantMethod):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        if not self.scaled_mm_fits:
+            return F.linear(x, self.dequantized().to(x.dtype))
         a = x.reshape(-1, self.in_features)
         a_scale = (a.abs().amax(1, keepdim=True).float() / FP8_MAX).clamp_min(_TINY)
         qa = (a.float() / a_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
