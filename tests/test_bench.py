@@ -71,3 +71,13 @@ def test_bench_runs_on_a_config_only_directory_with_dummy_weights(capsys, checkp
     (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
     result = run_bench(capsys, "latency", tmp_path)
     assert result["rows"][0]["output_tokens_per_s"] > 0
+
+
+def test_latency_compares_quantization_schemes_in_the_same_run(capsys, checkpoint):
+    """Dummy weights quantized at load: one engine per scheme, rows interleaved, ratios to the first."""
+    result = run_bench(capsys, "latency", checkpoint, "--compare-quantization", "int8", "int4")
+    rows = result["rows"]
+    assert [r["quantization"] for r in rows] == ["none", "int8", "int4"]
+    assert rows[0]["speed_vs_first"] == 1.0
+    assert rows[1]["speed_vs_first"] == pytest.approx(rows[0]["ms_per_output_token"] / rows[1]["ms_per_output_token"])
+    assert rows[2]["weight_mb"] < rows[1]["weight_mb"] < rows[0]["weight_mb"]
