@@ -283,23 +283,28 @@ def latency_prompt(engine, workload: str, input_len: int, seed: int) -> list[int
     return engine.encode_prompt({"messages": [{"role": "user", "content": text}]})
 
 
+def _latency_row(t: StreamTiming, prompt_len: int, args: argparse.Namespace, label: str, i: int) -> dict[str, Any]:
+    """One `bench latency` row from one timed request."""
+    per_tok = t.seconds_per_decode_token(args.output_len)
+    return {"engine": label, "iter": i, "input_len": prompt_len, "output_len": args.output_len,
+            "ttft_ms": t.ttft_s * 1e3, "ms_per_output_token": per_tok * 1e3,
+            "output_tokens_per_s": 1.0 / per_tok, "requests_per_s": 1.0 / t.elapsed_s,
+            "total_tokens_per_s": (prompt_len + args.output_len) / t.elapsed_s}
+
+
 def _latency_rows(engine, prompt: list[int], args: argparse.Namespace, label: str) -> list[dict[str, Any]]:
-    rows = []
-    for i in range(args.iters):
-        t = stream_one(engine, prompt, args.output_len)
-        per_tok = t.seconds_per_decode_token(args.output_len)
-        rows.append({"engine": label, "iter": i, "input_len": len(prompt), "output_len": args.output_len,
-                     "ttft_ms": t.ttft_s * 1e3, "ms_per_output_token": per_tok * 1e3,
-                     "output_tokens_per_s": 1.0 / per_tok, "requests_per_s": 1.0 / t.elapsed_s,
-                     "total_tokens_per_s": (len(prompt) + args.output_len) / t.elapsed_s})
-    return rows
+    return [_latency_row(stream_one(engine, prompt, args.output_len), len(prompt), args, label, i)
+            for i in range(args.iters)]
 
 
 
 def mode_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Batch 1. With --speculative-config the same prompt also runs without speculation first (same
     process, same flags otherwise), and the speculative rows carry the speedup over that baseline
-    (ratio of median decode tok/s), the acceptance rate and the mean accepted length."""
+    (ratio of median decode tok/s), the acceptance rate and the mean accepted length. With
+    --compare-quantization, one engine per scheme instead (_latency_by_quantization)."""
+    if getattr(args, "compare_quantization", None):
+        return _latency_by_quantization(args)
     speculative = bool(getattr(args, "speculative_config", None))
     off = dict(speculative_method=None, num_speculative_tokens=None, speculative_model=None,
                speculative_draft_layers=None)
@@ -327,6 +332,29 @@ def mode_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
         r["acceptance_rate"] = accepted / proposed if proposed else 0.0
         r["mean_accepted_length"] = 1.0 + accepted / drafts if drafts else 1.0
     return rows + spec_rows
+
+
+def _latency_by_quantization(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """--compare-quantization: one engine per scheme in the same process (the first with the
+    flags as given), iterations interleaved so that load from elsewhere falls on every scheme
+    alike; each row carries its decode speed over the first engine's in the same iteration."""
+    engines = [_make_engine(args)] + [_make_engine(args, quantization=q) for q in args.compare_quantization]
+    for engine in engines:
+        warm_up(engine)
+    prompt = latency_prompt(engines[0], args.workload, args.input_len, args.seed)
+    rows = []
+    for i in range(args.iters):
+        first = None
+        for engine in engines:
+            row = _latency_row(stream_one(engine, prompt, args.output_len), len(prompt), args, "engine", i)
+            row["quantization"] = engine.quantization.name
+            row["weight_mb"] = (engine.weight_bytes or 0) / 1e6
+            first = first or row
+            row["speed_vs_first"] = first["ms_per_output_token"] / row["ms_per_output_token"]
+            rows.append(row)
+    for engine in engines:
+        engine.shutdown()
+    return rows
 
 
 def mode_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -657,6 +685,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workload", choices=["random", "grounded", "free"], default="random",
                    help="latency: random ids of --input-len, or a chat prompt that copies a passage (grounded) "
                         "or asks for a story (free); with --speculative-config both run with and without it")
+    p.add_argument("--compare-quantization", nargs="+", default=None, metavar="NAME",
+                   help="latency: also run these --quantization schemes (none, gguf, int4, int8, fp8) in the same run")
     p.add_argument("--compare-hf", action="store_true", help="offline: transformers' generate on the same workload")
     p.add_argument("--hf-max-batch", type=int, default=None, help="largest padded batch to try for --compare-hf")
     p.add_argument("--roofline", action="store_true", help="measure the device's bandwidth and matmul rate; add %% of floor")

@@ -22,8 +22,6 @@ from shardline.worker.config import EngineConfig, speculative_fields_from_json
 # vLLM flags shardline does not implement, and why (the error says it). Spellings as `vllm serve
 # --help` prints them (vLLM 0.11); a short alias maps to the same message.
 UNSUPPORTED_VLLM_FLAGS: dict[str, str] = {
-    "--quantization": "weights are loaded unquantized (GGUF files are dequantized); see README's model list",
-    "-q": "weights are loaded unquantized (GGUF files are dequantized); see README's model list",
     "--kv-cache-dtype": "the KV cache is kept in the model's dtype",
     "--enable-lora": "LoRA adapters are not implemented",
     "--lora-modules": "LoRA adapters are not implemented",

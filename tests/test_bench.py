@@ -89,3 +89,13 @@ def test_verify_reports_each_query_length_against_one(capsys, checkpoint):
     assert [(r["batch"], r["query_len"]) for r in rows] == [(1, 1), (1, 3), (2, 1), (2, 3)]
     assert rows[0]["step_cost_vs_1"] == 1.0
     assert rows[1]["step_cost_vs_1"] == pytest.approx(rows[1]["ms_per_step"] / rows[0]["ms_per_step"])
+
+
+def test_latency_compares_quantization_schemes_in_the_same_run(capsys, checkpoint):
+    """Dummy weights quantized at load: one engine per scheme, rows interleaved, ratios to the first."""
+    result = run_bench(capsys, "latency", checkpoint, "--compare-quantization", "int8", "int4")
+    rows = result["rows"]
+    assert [r["quantization"] for r in rows] == ["none", "int8", "int4"]
+    assert rows[0]["speed_vs_first"] == 1.0
+    assert rows[1]["speed_vs_first"] == pytest.approx(rows[0]["ms_per_output_token"] / rows[1]["ms_per_output_token"])
+    assert rows[2]["weight_mb"] < rows[1]["weight_mb"] < rows[0]["weight_mb"]

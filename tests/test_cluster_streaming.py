@@ -33,7 +33,7 @@ def cluster(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("tiny-streaming-model")
     write_tiny_model_with_tokenizer(model_dir)
     grpc_port, http_port = free_port(), free_port()
-    args = dict(model=str(model_dir), engine=ENGINE, replicas=1, cpus_per_rank=0.5, served_model_name="tiny",
+    args = dict(model=str(model_dir), engine=ENGINE, replicas=1, cpus_per_rank=0.5, served_model_names=["tiny"],
                 metrics_period_s=0.2, replica_group_options={"graceful_shutdown_timeout_s": 5})
     with running_cluster(args, grpc_port, http_port):
         yield {"grpc_port": grpc_port, "http_port": http_port, "model_dir": model_dir}

@@ -1,5 +1,6 @@
-"""The default model end to end: loaded from its GGUF, chat prompts give transformers' greedy tokens,
-and the CLI answers the README's question."""
+"""The default model end to end: loaded from its GGUF, kept quantized (Q4_1 / Q8_0 codes, the
+default on CPU) it answers the README's question and follows its dequantized float32 self;
+dequantized (`quantization="none"`) its chat prompts give transformers' greedy tokens."""
 
 from __future__ import annotations
 
@@ -29,12 +30,48 @@ def engine():
     eng.shutdown()
 
 
-def test_three_chat_prompts_match_transformers_on_the_same_gguf(engine, smollm2_source, smollm2_tokenizer):
+@pytest.fixture(scope="module")
+def dense_engine():
+    eng = LLMEngine(EngineConfig(model="smollm2-135m", num_kv_blocks=256, quantization="none"), show_progress=False)
+    yield eng
+    eng.shutdown()
+
+
+HELD_OUT = [
+    [{"role": "user", "content": "Name three colours of the rainbow."}],
+    [{"role": "user", "content": "What does a compiler do?"}],
+    [{"role": "user", "content": "Give me a tip for sleeping well."}],
+    [{"role": "user", "content": "How many legs does a spider have?"}],
+]
+
+
+def test_default_model_stays_quantized_and_follows_its_dequantized_self(engine, dense_engine):
+    """Greedy tokens equal the dequantized float32 path's until a position where the dense model's
+    two best tokens are within the quantization's error (measured: see docs/quantization.md)."""
+    assert engine.quantization.name == "gguf" and dense_engine.quantization.name == "none"
+    assert engine.weight_bytes < dense_engine.weight_bytes / 4  # ~95 MB packed against ~540 MB float32
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2)
+    quant = engine.generate([{"messages": m} for m in CHATS + HELD_OUT], params)
+    dense = dense_engine.generate([{"messages": m} for m in CHATS + HELD_OUT], params)
+    equal = 0
+    for q, d in zip(quant, dense):
+        n = next((i for i, (a, b) in enumerate(zip(q.token_ids, d.token_ids)) if a != b), len(d.token_ids))
+        equal += n
+        if n < len(d.token_ids):  # the first divergence must be a near tie in the dense model
+            top = sorted(d.logprobs[n].top.values(), reverse=True)
+            assert top[0] - top[1] < 0.5, f"diverged at {n} with a dense margin of {top[0] - top[1]:.3f} nats"
+    total = sum(len(d.token_ids) for d in dense)
+    print(f"quantized default model: {equal}/{total} greedy tokens before the first divergence")
+    assert equal >= 0.5 * total
+
+
+def test_three_chat_prompts_match_transformers_on_the_same_gguf(dense_engine, smollm2_source, smollm2_tokenizer):
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(smollm2_source.path.parent), gguf_file=smollm2_source.path.name,
                                               dtype=torch.float32).eval()
-    results = engine.generate([{"messages": m} for m in CHATS], SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
+    results = dense_engine.generate([{"messages": m} for m in CHATS],
+                                    SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
     for messages, res in zip(CHATS, results):
         ids = smollm2_tokenizer.apply_chat_template(messages)
         assert res.prompt_token_ids == ids

@@ -36,7 +36,7 @@ def cluster(tmp_path_factory):
     write_tiny_model_with_tokenizer(model_dir)
     grpc_port, http_port = free_port(), free_port()
     args = dict(model=str(model_dir), engine=ENGINE, replicas=1, cpus_per_rank=0.5, metrics_period_s=0.2,
-                routing_stats_period_s=0.2, served_model_name="tiny", max_request_body_bytes=LIMIT_BYTES,
+                routing_stats_period_s=0.2, served_model_names=["tiny"], max_request_body_bytes=LIMIT_BYTES,
                 max_grpc_message_bytes=LIMIT_BYTES,
                 replica_group_options={"max_queued_requests": QUEUED, "health_check_period_s": 1,
                                        "health_check_timeout_s": 10, "graceful_shutdown_timeout_s": 30})

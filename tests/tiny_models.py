@@ -117,9 +117,11 @@ def llama3_rope_freqs(head_dim: int, theta: float, factor: float, low: float, hi
     return np.array(out, dtype=np.float32)
 
 
-def write_tiny_gguf(model, path: Path, rope_freqs=None) -> Path:
-    """Write a transformers Llama model as a float32 GGUF the way llama.cpp's converter lays it out
-    (its tensor names, q/k rows permuted), optionally with a `rope_freqs` tensor."""
+def write_tiny_gguf(model, path: Path, rope_freqs=None, qtype: str | None = None, embed_qtype: str | None = None) -> Path:
+    """Write a transformers Llama model as a GGUF the way llama.cpp's converter lays it out (its
+    tensor names, q/k rows permuted), optionally with a `rope_freqs` tensor. Float32 unless `qtype`
+    (a GGML type name such as "Q4_1") quantizes every matrix with the gguf package's quantizer;
+    `embed_qtype` does the same for the token embedding (default: like the other matrices)."""
     import gguf
     import numpy as np
 
@@ -154,7 +156,13 @@ def write_tiny_gguf(model, path: Path, rope_freqs=None) -> Path:
                 array = llama_cpp_permute(array, cfg.num_attention_heads)
             elif part == "self_attn.k_proj":
                 array = llama_cpp_permute(array, cfg.num_key_value_heads)
-        writer.add_tensor(gguf_name, np.ascontiguousarray(array, dtype=np.float32))
+        kind = (embed_qtype or qtype) if gguf_name in ("token_embd.weight", "output.weight") else qtype
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if kind is not None and array.ndim == 2:
+            qt = gguf.GGMLQuantizationType[kind]
+            writer.add_tensor(gguf_name, gguf.quants.quantize(array, qt), raw_dtype=qt)
+        else:
+            writer.add_tensor(gguf_name, array)
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
     writer.write_header_to_file()

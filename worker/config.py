@@ -246,6 +246,10 @@ class EngineConfig:
                             help="how weights are read; dummy: random weights from the config (benchmarks); "
                             "stand-in: no model, tokens at a set rate with no compute, to measure the serving path "
                             "apart from the model (worker/engine/stand_in.py; extra.stand_in_step_ms sets its step time)")
+    quantization: str | None = knob(None, help="weight quantization (vLLM's --quantization): none, gguf (keep a GGUF "
+                                     "file's Q4_0/Q4_1/Q8_0 packed), int4, int8 (weight-only, CPU), fp8 (e4m3, "
+                                     "CUDA); default: the checkpoint's quantization_config, else gguf for GGUF files "
+                                     "on CPU, else none (docs/quantization.md)")
     tensor_parallel_size: int = knob(1, aliases=("-tp", "--tp"), help="ranks the model is sharded over")
     block_size: int = knob(16, help="tokens per KV-cache block (a power of two)")
     num_kv_blocks: int | None = knob(None, aliases=("--num-gpu-blocks-override",),
@@ -373,6 +377,10 @@ class EngineConfig:
     def stream_policy(self) -> StreamPolicy:
         """The StreamPolicy of this engine's streams (worker/engine/stream_coalescer.py)."""
         return StreamPolicy(interval_s=self.stream_interval_ms / 1e3, items_per_s=self.stream_items_per_s)
+        from shardline.worker.layers.quantization.config import QUANTIZATION_NAMES
+
+        if self.quantization is not None and self.quantization not in QUANTIZATION_NAMES:
+            raise ConfigError(f"quantization: {self.quantization!r} is not one of {', '.join(QUANTIZATION_NAMES)}")
 
     def resolved_device(self) -> torch.device:
         """The device the engine runs on: cuda when present (or asked), else cpu."""

@@ -21,6 +21,7 @@ from shardline.worker.layers.linear import (
     RowParallelLinear,
 )
 from shardline.worker.layers.norm import RMSNorm
+from shardline.worker.layers.quantization import QuantizationConfig
 from shardline.worker.layers.rotary import RotaryEmbedding
 from shardline.worker.loader.weights import WeightStream
 from shardline.worker.parallel.context import ParallelContext
@@ -30,12 +31,13 @@ class Attention(nn.Module):
     """Self-attention over the paged cache: one QKV matmul, optional q/k norms, RoPE, cache write, attend."""
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, backend: AttentionBackend,
-                 dtype: torch.dtype, device) -> None:
+                 dtype: torch.dtype, device, quant: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.backend = backend
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads,
-                                          cfg.num_key_value_heads, cfg.qkv_bias, ctx, dtype, device)
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, False, ctx, dtype, device)
+                                          cfg.num_key_value_heads, cfg.qkv_bias, ctx, dtype, device, quant)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, False, ctx, dtype,
+                                        device, quant)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device)
@@ -63,24 +65,26 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """The gated MLP: one gate/up matmul, SiLU-and-multiply (one kernel on the Triton path), down."""
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device) -> None:
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device,
+                 quant: QuantizationConfig | None = None) -> None:
         super().__init__()
         i = cfg.intermediate_size
         self.impl = "auto"
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [i, i], cfg.mlp_bias, ctx, dtype, device)
-        self.down_proj = RowParallelLinear(i, cfg.hidden_size, cfg.mlp_bias, ctx, dtype, device)
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [i, i], cfg.mlp_bias, ctx, dtype, device, quant)
+        self.down_proj = RowParallelLinear(i, cfg.hidden_size, cfg.mlp_bias, ctx, dtype, device, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x), impl=self.impl))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, backend: AttentionBackend, dtype: torch.dtype, device) -> None:
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, backend: AttentionBackend, dtype: torch.dtype, device,
+                 quant: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attn = Attention(cfg, ctx, backend, dtype, device)
+        self.self_attn = Attention(cfg, ctx, backend, dtype, device, quant)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = MLP(cfg, ctx, dtype, device)
+        self.mlp = MLP(cfg, ctx, dtype, device, quant)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,17 +102,21 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """forward() runs a flat mixed batch through the decoder and returns hidden states; the caller
-    picks the rows it samples from and calls compute_logits() on those alone."""
+    picks the rows it samples from and calls compute_logits() on those alone. `quant` (an active
+    QuantizationConfig) makes every linear, the embedding and the LM head keep quantized weights."""
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, backend: AttentionBackend,
-                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype, device: torch.device | str | None = None,
+                 quant: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.config = cfg
         self.ctx = ctx
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx, dtype, device)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, ctx, backend, dtype, device) for _ in range(cfg.num_hidden_layers))
+        self.quantization = quant if quant is not None else QuantizationConfig()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx, dtype, device, quant)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ctx, backend, dtype, device, quant)
+                                    for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ctx, dtype, device)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ctx, dtype, device, quant)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.fused_kernels = "auto"
@@ -194,7 +202,31 @@ class LlamaForCausalLM(nn.Module):
                         getattr(module, leaf).copy_(w.read().to(getattr(module, leaf).dtype))
             seen.add(name)
         self._check_complete(seen)
+        self.finish_loading()
         return seen
+
+    def finish_loading(self) -> None:
+        """Pack every quantized layer's staged weight once (a no-op for float models); a tied LM
+        head shares the embedding's packed rows."""
+        for module in self.modules():
+            if module is not self.lm_head or not self.config.tie_word_embeddings:
+                finish = getattr(module, "finish_loading", None)
+                if finish is not None and module is not self:
+                    finish()
+        if self.config.tie_word_embeddings and self.embed_tokens.quant_method is not None:
+            self.lm_head.quant_method = self.embed_tokens.quant_method
+            self.lm_head.stager = None
+
+    def weight_bytes(self) -> int:
+        """Bytes of this rank's weights as held in memory (packed quantized buffers included, a tied
+        head counted once)."""
+        seen: set[int] = set()
+        total = 0
+        for t in list(self.parameters()) + list(self.buffers()):
+            if id(t) not in seen and t.device.type != "meta":
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
 
     def expected_weight_names(self) -> set[str]:
         cfg = self.config
@@ -225,6 +257,12 @@ def initialize_dummy_weights(model: nn.Module, seed: int = 0, low: float = -1e-3
     """Random weights for benchmarks at real shapes (as vLLM's --load-format dummy): uniform in a
     small range so activations stay finite; norms get 1."""
     generators: dict[torch.device, torch.Generator] = {}
+    cpu_gen = torch.Generator().manual_seed(seed)
+    tied_head = getattr(model, "lm_head", None) if getattr(model.config, "tie_word_embeddings", False) else None
+    for module in model.modules():  # quantized layers: random float rows, quantized by finish_loading
+        stager = getattr(module, "stager", None)
+        if stager is not None and module is not tied_head:
+            stager.add(0, torch.empty(stager.rows, stager.cols).uniform_(low, high, generator=cpu_gen), "dummy")
     for name, p in model.named_parameters():
         if p.device.type == "meta":
             continue

@@ -115,6 +115,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, show_progress: bool = True, metrics: Any = None,
                  launcher: Any = None) -> None:
+        from shardline.worker.layers.quantization import resolve_quantization
         from shardline.worker.loader.source import resolve_model
         from shardline.worker.tokenizer import load_tokenizer
 
@@ -127,10 +128,15 @@ class LLMEngine:
         self.model_config = ModelConfig.from_hf_config(source.hf_config())
         self.tokenizer = load_tokenizer(source, special_tokens_in_content=config.special_tokens_in_content)
         load_format = config.load_format if config.load_format != "auto" else source.kind
+        self.quantization = resolve_quantization(config.quantization, source.kind if load_format != "dummy" else None,
+                                                 source.hf_config(), self.device)
         spec = ModelSpec(self.model_config, str(source.path), source.kind, load_format, self.dtype, self.device,
-                         seed=config.seed, attention_backend=config.attention_backend)
+                         seed=config.seed, attention_backend=config.attention_backend, quantization=self.quantization)
         self.max_model_len = config.resolved_max_model_len(self.model_config)
         self.executor: Executor = self._make_executor(spec, show_progress)
+        # Rank 0's weights as held in memory (None where the executor does not report them).
+        self.weight_bytes: int | None = getattr(self.executor, "weight_bytes", None)
+        log.info("model loaded", extra={"quantization": self.quantization.name, "weight_bytes": self.weight_bytes})
         self.block_manager = BlockManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
         # Unseeded requests draw from one generator seeded by config.seed (vLLM's --seed): the same

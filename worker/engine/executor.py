@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +22,7 @@ from shardline.worker.engine.model_runner import (
     build_step_inputs,
     kv_bytes_per_block,
 )
+from shardline.worker.layers.quantization import QuantizationConfig
 from shardline.worker.model import LlamaForCausalLM, initialize_dummy_weights
 from shardline.worker.parallel.context import SINGLE, ParallelContext
 
@@ -50,14 +51,16 @@ class ModelSpec:
     device: torch.device
     attention_backend: str = "auto"
     seed: int = 0
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)  # resolved scheme (none: float)
 
 
 def build_model(spec: ModelSpec, ctx: ParallelContext = SINGLE, show_progress: bool = True) -> LlamaForCausalLM:
     """Construct the model for this rank and fill its shard of the weights."""
     backend = get_attention_backend(spec.attention_backend, spec.device)
-    model = LlamaForCausalLM(spec.model_config, ctx, backend, spec.dtype, spec.device)
+    model = LlamaForCausalLM(spec.model_config, ctx, backend, spec.dtype, spec.device, spec.quantization)
     if spec.load_format == "dummy" or spec.source_path is None:
         initialize_dummy_weights(model, seed=spec.seed)
+        model.finish_loading()
     elif spec.source_kind is None:
         raise ValueError(f"ModelSpec: source_path {spec.source_path!r} comes without its source_kind")
     else:
@@ -178,6 +181,7 @@ class LocalExecutor:
             # Graph capture, the memory profile and Triton launches use the current device.
             torch.cuda.set_device(spec.device)
         self.model = build_model(spec, SINGLE, show_progress)
+        self.weight_bytes = self.model.weight_bytes()  # this rank's weights as held (packed when quantized)
         self.model.set_fused_kernels(str(config.extra.get("fused_kernels", "auto")))
         kv_heads = self.model.num_kv_heads_per_rank
         profile = profile_peak_memory(self.model, config, kv_heads, spec.dtype, spec.device)

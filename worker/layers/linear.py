@@ -1,6 +1,10 @@
 """Megatron-style linear layers. Column-parallel layers split the output features across ranks;
 row-parallel layers split the input features and all-reduce their partial sums. With world size 1
-they are plain linear layers. Each layer pulls only its rank's slice from a LazyWeight."""
+they are plain linear layers. Each layer pulls only its rank's slice from a LazyWeight.
+
+With an active QuantizationConfig a layer holds no float weight: it stages its rank's pieces (GGUF
+codes as they are, float slices to be quantized) and, once loaded, `finish_loading` packs them into
+the scheme's QuantMethod, which then does the matmul (worker/layers/quantization)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from torch import nn
 from shardline.worker.kernels.linear_choice import pick_linear_impl
 from shardline.worker.kernels.matvec import MAX_M, matvec
 from shardline.worker.kernels.runtime import use_triton
+from shardline.worker.layers.quantization import QuantizationConfig, QuantizedWeightStager, QuantMethod
 from shardline.worker.loader.weights import LazyWeight
 from shardline.worker.parallel.context import ParallelContext
 
@@ -39,67 +44,117 @@ def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
     dst.copy_(src.to(dst.dtype))
 
 
-def _load_target(weight: nn.Parameter, bias: nn.Parameter | None, name: str) -> nn.Parameter:
-    """The parameter a checkpoint tensor fills: the weight, or the bias (a ValueError naming the
-    tensor when the layer was built without one, i.e. checkpoint and config disagree)."""
-    if name.endswith("weight"):
-        return weight
+def _bias_target(bias: nn.Parameter | None, name: str) -> nn.Parameter:
+    """The bias a checkpoint's bias tensor fills (a ValueError naming the tensor when the layer
+    was built without one, i.e. checkpoint and config disagree)."""
     if bias is None:
         raise ValueError(f"weight {name}: the layer has no bias (the model's config says none)")
     return bias
 
 
-class ColumnParallelLinear(nn.Module):
+class _QuantizableLinear(nn.Module):
+    """What the parallel linears share: a float weight parameter, or (quantized) a stager and then
+    the packed QuantMethod."""
+
+    def _init_weight(self, rows: int, cols: int, dtype: torch.dtype, device,
+                     quant: QuantizationConfig | None) -> None:
+        self.impl = "auto"
+        self.quant = quant if quant is not None and quant.active else None
+        self.dtype, self.device = dtype, device
+        self.weight = _param((rows, cols), dtype, device) if self.quant is None else None
+        self.stager = QuantizedWeightStager(rows, cols) if self.quant is not None else None
+        self.quant_method: QuantMethod | None = None
+
+    def float_weight(self) -> nn.Parameter:
+        """The float weight; a RuntimeError on a quantized layer (its weight is quant_method)."""
+        if self.weight is None:
+            raise RuntimeError("a quantized layer has no float weight: use its quant_method")
+        return self.weight
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quant_method is None:
+            return linear(x, self.float_weight(), bias, self.impl)
+        y = self.quant_method(x)
+        return y if bias is None else y + bias
+
+    def _load_rows(self, row_offset: int, name: str, w: LazyWeight, dim: int, start: int, size: int | None) -> None:
+        """Copy (or stage) the slice [start, start+size) along `dim` of checkpoint tensor `w` at
+        row `row_offset` of this rank's weight."""
+        if self.stager is None:
+            weight = self.float_weight()
+            rows = size if size is not None else weight.shape[0] - row_offset
+            target = weight.narrow(0, row_offset, rows) if dim == 0 else weight
+            _copy_checked(target, w.read(dim, start, size), name)
+            return
+        piece = w.read_quantized(dim, start, size)
+        self.stager.add(row_offset, piece if piece is not None else w.read(dim, start, size), name)
+
+    def finish_loading(self) -> None:
+        """Pack the staged pieces into the scheme's QuantMethod (no-op for float layers)."""
+        if self.stager is None or self.quant is None:
+            return
+        if not self.stager.pieces:
+            raise ValueError("quantized linear finished loading without any weight")
+        self.quant_method = self.quant.build(self.stager.ordered(), self.dtype, self.device)
+        self.stager = None
+
+
+class ColumnParallelLinear(_QuantizableLinear):
     """y = x W^T (+ b), with W's rows (output features) split evenly across ranks."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, ctx: ParallelContext,
-                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype, device: torch.device | str | None = None,
+                 quant: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.ctx = ctx
         self.out_start, self.out_size = ctx.shard(out_features, "output features")
-        self.weight = _param((self.out_size, in_features), dtype, device)
+        self._init_weight(self.out_size, in_features, dtype, device, quant)
         self.bias = _param((self.out_size,), dtype, device) if bias else None
-        self.impl = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.impl)
+        return self._matmul(x, self.bias)
 
     def load(self, name: str, w: LazyWeight) -> None:
-        target = _load_target(self.weight, self.bias, name)
-        _copy_checked(target, w.read(0, self.out_start, self.out_size), name)
+        if name.endswith("weight"):
+            self._load_rows(0, name, w, 0, self.out_start, self.out_size)
+        else:
+            _copy_checked(_bias_target(self.bias, name), w.read(0, self.out_start, self.out_size), name)
 
 
-class MergedColumnParallelLinear(nn.Module):
+class MergedColumnParallelLinear(_QuantizableLinear):
     """Several column-parallel projections of the same input fused into one matmul (gate and up):
     each rank holds its slice of every part, concatenated."""
 
     def __init__(self, in_features: int, part_sizes: list[int], bias: bool, ctx: ParallelContext,
-                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype, device: torch.device | str | None = None,
+                 quant: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.ctx = ctx
         self.shards = [ctx.shard(p, "output features") for p in part_sizes]
         local = [size for _, size in self.shards]
         self.offsets = [sum(local[:i]) for i in range(len(local))]
-        self.weight = _param((sum(local), in_features), dtype, device)
+        self._init_weight(sum(local), in_features, dtype, device, quant)
         self.bias = _param((sum(local),), dtype, device) if bias else None
-        self.impl = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.impl)
+        return self._matmul(x, self.bias)
 
     def load_part(self, part: int, name: str, w: LazyWeight) -> None:
         start, size = self.shards[part]
-        target = _load_target(self.weight, self.bias, name)
-        _copy_checked(target.narrow(0, self.offsets[part], size), w.read(0, start, size), name)
+        if name.endswith("weight"):
+            self._load_rows(self.offsets[part], name, w, 0, start, size)
+        else:
+            _copy_checked(_bias_target(self.bias, name).narrow(0, self.offsets[part], size), w.read(0, start, size), name)
 
 
-class QKVParallelLinear(nn.Module):
+class QKVParallelLinear(_QuantizableLinear):
     """The fused query/key/value projection. Query heads split across ranks; key/value heads split
     too, or replicated when there are fewer KV heads than ranks (each rank keeps the KV head its
     query heads attend to)."""
 
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
-                 ctx: ParallelContext, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+                 ctx: ParallelContext, dtype: torch.dtype, device: torch.device | str | None = None,
+                 quant: QuantizationConfig | None = None) -> None:
         super().__init__()
         tp = ctx.world_size
         if num_heads % tp:
@@ -122,12 +177,11 @@ class QKVParallelLinear(nn.Module):
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
         total = self.q_size + 2 * self.kv_size
-        self.weight = _param((total, hidden), dtype, device)
+        self._init_weight(total, hidden, dtype, device, quant)
         self.bias = _param((total,), dtype, device) if bias else None
-        self.impl = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.impl)
+        return self._matmul(x, self.bias)
 
     def load_part(self, part: str, name: str, w: LazyWeight) -> None:
         d = self.head_dim
@@ -136,29 +190,31 @@ class QKVParallelLinear(nn.Module):
         else:
             offset = self.q_size if part == "k" else self.q_size + self.kv_size
             start, size = self.kv_head_start * d, self.kv_size
-        target = _load_target(self.weight, self.bias, name)
-        _copy_checked(target.narrow(0, offset, size), w.read(0, start, size), name)
+        if name.endswith("weight"):
+            self._load_rows(offset, name, w, 0, start, size)
+        else:
+            _copy_checked(_bias_target(self.bias, name).narrow(0, offset, size), w.read(0, start, size), name)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_QuantizableLinear):
     """y = all_reduce(x_local W_local^T) (+ b): W's columns (input features) split across ranks, so
     each rank consumes the column-parallel output it already has without any gather."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, ctx: ParallelContext,
-                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype, device: torch.device | str | None = None,
+                 quant: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.ctx = ctx
         self.in_start, self.in_size = ctx.shard(in_features, "input features")
-        self.weight = _param((out_features, self.in_size), dtype, device)
+        self._init_weight(out_features, self.in_size, dtype, device, quant)
         self.bias = _param((out_features,), dtype, device) if bias else None
-        self.impl = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ctx.all_reduce(linear(x, self.weight, None, self.impl))
+        y = self.ctx.all_reduce(self._matmul(x, None))
         return y if self.bias is None else y + self.bias
 
     def load(self, name: str, w: LazyWeight) -> None:
         if name.endswith("weight"):
-            _copy_checked(self.weight, w.read(1, self.in_start, self.in_size), name)
+            self._load_rows(0, name, w, 1, self.in_start, self.in_size)
         else:
-            _copy_checked(_load_target(self.weight, self.bias, name), w.read(), name)
+            _copy_checked(_bias_target(self.bias, name), w.read(), name)

@@ -308,4 +308,31 @@ def _lazy(path: Path, tensor, rope_heads: int | None) -> LazyWeight:
             out = _unpermute_rope(out, (hi - lo) // unit)
         return out[start - lo : stop - lo]
 
-    return LazyWeight(shape, reader)
+    return LazyWeight(shape, reader, _quantized_reader(path, tensor, rope_heads, shape))
+
+
+def _quantized_reader(path: Path, tensor, rope_heads: int | None, shape: tuple[int, ...]):
+    """For Q4_0 / Q4_1 / Q8_0 matrices: read a slice as codes and scales, rows restored to Hugging
+    Face order like the float reader (the rope permutation moves whole rows, scales with them)."""
+    from shardline.worker.layers.quantization.gguf_blocks import KEPT_GGUF_TYPES, decode_gguf_blocks
+
+    type_name = tensor.tensor_type.name
+    if type_name not in KEPT_GGUF_TYPES or len(shape) != 2:
+        return None
+
+    def read(dim: int | None, start: int, length: int | None):
+        whole = decode_gguf_blocks(np.asarray(tensor.data).reshape(shape[0], -1), type_name)
+        if rope_heads is not None:
+            whole = whole.map_rows(lambda t: _unpermute_rope(t, rope_heads))
+        if dim is None:
+            return whole
+        dim = dim % 2
+        n = shape[dim] - start if length is None else length
+        if start < 0 or start + n > shape[dim] or n < 0:
+            raise ValueError(f"{tensor.name}: slice [{start}, {start + n}) out of range for dim {dim} of shape {shape}")
+        try:
+            return whole.narrow(dim, start, n)
+        except ValueError as e:
+            raise ModelLoadError(f"{path}: tensor {tensor.name!r}: {e}") from None
+
+    return read

@@ -15,6 +15,9 @@ from .source import ModelLoadError
 from .weights import LazyWeight, WeightStream
 
 INDEX_FILE = "model.safetensors.index.json"
+# FP8 checkpoints (HF `fp8`, compressed-tensors float8) store each quantized weight's scales beside
+# it; input_scale (a static activation scale) is not used: activations are scaled per token.
+_FP8_COMPANIONS = (".weight_scale", ".input_scale")
 # Below this many bytes a load is instant and a progress bar is noise.
 _PROGRESS_MIN_BYTES = 50 * 1024 * 1024
 
@@ -60,8 +63,16 @@ def _stream(handles: list, total: int, show_progress: bool) -> WeightStream:
         disable=not show_progress,
     ) as bar:
         for path, handle in handles:
+            names = set(handle.keys())
             for name in handle.keys():
-                yield name, _lazy(path, handle, name)
+                if name.endswith(_FP8_COMPANIONS):  # read together with their weight
+                    bar.update(1)
+                    continue
+                scale_name = name.removesuffix("weight") + "weight_scale" if name.endswith(".weight") else None
+                if scale_name is not None and scale_name in names:
+                    yield name, _fp8_lazy(path, handle, name, scale_name)
+                else:
+                    yield name, _lazy(path, handle, name)
                 bar.update(1)
 
 
@@ -95,3 +106,25 @@ def _lazy(path: Path, handle, name: str) -> LazyWeight:
             raise ModelLoadError(f"{path}: tensor {name!r} cannot be read ({e})") from None
 
     return LazyWeight(shape, reader)
+
+
+def _fp8_lazy(path: Path, handle, name: str, scale_name: str) -> LazyWeight:
+    """An FP8 weight and its weight_scale (one per tensor, or one per output row): read_quantized
+    gives the e4m3 codes with their row scales, read() the dequantized float32 values."""
+    from shardline.worker.layers.quantization.fp8 import fp8_checkpoint_rows
+
+    codes = _lazy(path, handle, name)
+    scale = _lazy(path, handle, scale_name)
+    per_row = int(torch.tensor(scale.shape).prod().item()) == codes.shape[0] and codes.shape[0] > 1
+
+    def quantized(dim: int | None, start: int, length: int | None):
+        weight = codes.read(dim, start, length)
+        s = scale.read()
+        if per_row and dim == 0:
+            s = s.reshape(-1)[start : start + weight.shape[0]]
+        return fp8_checkpoint_rows(weight, s)
+
+    def reader(dim: int | None, start: int, length: int | None) -> torch.Tensor:
+        return quantized(dim, start, length).dequantize()
+
+    return LazyWeight(codes.shape, reader, quantized)
