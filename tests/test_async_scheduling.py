@@ -13,6 +13,7 @@ from shardline.worker.config import EngineConfig
 from shardline.worker.engine.async_engine import AsyncEngine
 from shardline.worker.engine.engine import LLMEngine
 from shardline.worker.engine.params import SamplingParams
+from engine_checks import assert_all_blocks_free
 from tiny_models import hf_greedy, prompts, write_tiny_checkpoint
 
 N_NEW = 12
@@ -35,12 +36,6 @@ def make_engine(directory, overlap: bool, **kw) -> LLMEngine:
 def greedy(n=N_NEW, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw)
 
-
-def assert_all_blocks_free(engine: LLMEngine) -> None:
-    bm = engine.block_manager
-    assert bm.num_free_blocks == bm.num_blocks
-    assert all(c == 0 for c in bm.ref_counts)
-    assert not engine.has_unfinished_requests()
 
 
 def summary(results):

@@ -12,6 +12,7 @@ from shardline.worker.config import EngineConfig
 from shardline.worker.engine.async_engine import AsyncEngine
 from shardline.worker.engine.engine import LLMEngine
 from shardline.worker.engine.params import RequestError, SamplingParams
+from engine_checks import assert_all_blocks_free, wait_until_idle
 from tiny_models import hf_greedy, prompts, write_tiny_checkpoint
 
 N_NEW = 12
@@ -37,12 +38,6 @@ def greedy(n=N_NEW) -> SamplingParams:
 def reference(hf, batch, n=N_NEW):
     return [hf_greedy(hf, p, n) for p in batch]
 
-
-def assert_all_blocks_free(engine: LLMEngine) -> None:
-    bm = engine.block_manager
-    assert bm.num_free_blocks == bm.num_blocks
-    assert all(c == 0 for c in bm.ref_counts)
-    assert not engine.has_unfinished_requests()
 
 
 def test_sixteen_concurrent_requests_match_transformers(tiny):
@@ -221,10 +216,7 @@ def test_async_engine_streams_and_cancels(tiny):
 
     try:
         assert asyncio.run(run()) == reference(hf, batch)
-        for _ in range(100):
-            if not aeng.engine.has_unfinished_requests():
-                break
-            asyncio.run(asyncio.sleep(0.02))
+        wait_until_idle(aeng)
         assert_all_blocks_free(aeng.engine)
     finally:
         aeng.shutdown()

@@ -19,6 +19,7 @@ from shardline.worker.engine.params import SamplingParams
 from shardline.worker.engine.sampler import SamplingBatch
 from shardline.worker.spec_decode.ngram import ngram_lookup
 from shardline.worker.spec_decode.rejection_sampler import DraftTokens, RejectionSampler
+from engine_checks import assert_all_blocks_free, wait_until_idle
 from tiny_models import hf_greedy, make_hf_model, prompts, write_tiny_checkpoint
 
 N_NEW = 16
@@ -63,14 +64,6 @@ def grounded_prompts(n: int, seed: int) -> list[list[int]]:
     """Prompts that repeat their own text, so prompt lookup finds matches."""
     return [p + p[:12] + p for p in prompts(n, seed=seed, min_len=6, max_len=20)]
 
-
-def assert_all_blocks_free(engine: LLMEngine) -> None:
-    bm = engine.block_manager
-    assert bm.num_free_blocks == bm.num_blocks and all(c == 0 for c in bm.ref_counts)
-    assert not engine.has_unfinished_requests()
-    draft_blocks = getattr(engine.proposer, "block_manager", None)
-    if draft_blocks is not None:
-        assert draft_blocks.num_free_blocks == draft_blocks.num_blocks
 
 
 def chi2_critical(df: int, z: float = 3.09) -> float:
@@ -352,10 +345,7 @@ def test_async_engine_streams_several_tokens_per_delta_and_cancels(tiny):
         results = asyncio.run(run())
         assert [tokens for tokens, _ in results] == [hf_greedy(hf, p, N_NEW) for p in batch]
         assert max(widest for _, widest in results) > 1
-        for _ in range(100):
-            if not aeng.engine.has_unfinished_requests():
-                break
-            asyncio.run(asyncio.sleep(0.02))
+        wait_until_idle(aeng)
         assert_all_blocks_free(aeng.engine)
     finally:
         aeng.shutdown()
