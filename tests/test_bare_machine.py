@@ -103,7 +103,7 @@ def test_every_suite_step_parses_and_fits_the_models_context(quick):
     assert plan["gpu_tests"][-len(GPU_TEST_FILES):] == GPU_TEST_FILES
     assert all((REPO / f).is_file() for f in GPU_TEST_FILES)
     benches = {name: argv for name, argv in plan.items() if name != "gpu_tests"}
-    assert len(benches) == 13
+    assert len(benches) == 14
     for name, argv in benches.items():
         assert argv[1:4] == ["-m", "shardline", "bench"], (name, argv)
         try:
