@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model_dir = Path(tmp) / "tiny"
         write_tiny_model_with_tokenizer(model_dir)
         grpc_port, http_port = free_port(), free_port()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never join a leftover cluster
         try:
             for router in args.routers:
                 serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),

@@ -279,7 +279,7 @@ def run_cluster(args: argparse.Namespace, prompts) -> list[RunResult]:
         os.environ[key] = value  # before ray.init: every Ray process inherits it
         if key in REPLICA_ENV:
             REPLICA_ENV[key] = value  # the replicas' own runtime_env would override it
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # never join a leftover cluster
     results = []
     try:
         serve.start(grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),

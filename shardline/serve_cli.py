@@ -130,7 +130,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"shardline: starting a local Ray cluster for {config.model} "
           f"(tp={config.tensor_parallel_size}, replicas={config.autoscaling or config.replicas})", file=sys.stderr)
     apply_proxy_environment(config)  # before ray.init: the proxies inherit the node's environment
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    # address="local": always a new local cluster (ray.init alone would join any Ray running here)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
 
     def on_signal(*_: Any) -> None:
         (give_up if stop.is_set() else stop).set()

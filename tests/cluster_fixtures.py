@@ -53,7 +53,7 @@ def start_cluster(app_args: dict[str, Any], grpc_port: int, http_port: int, app_
 
     config = ClusterConfig.from_dict(dict(app_args, grpc_port=grpc_port, http_port=http_port, host="127.0.0.1"))
     apply_proxy_environment(config)  # the same proxies as `shardline serve` starts
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never join a leftover cluster
     serve.start(**serve_start_options(config))
     serve.run(build_app(app_args), name=app_name, route_prefix="/", blocking=False)
     wait_serving(grpc_port)

@@ -131,7 +131,7 @@ class Ingress:
 @pytest.fixture(scope="module")
 def serve_app():
     grpc_port, http_port = _free_port(), _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never join a leftover cluster
     try:
         serve.start(
             grpc_options=gRPCOptions(

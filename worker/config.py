@@ -332,6 +332,10 @@ class EngineConfig:
             raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda")
         if self.dtype != "auto":
             parse_dtype(self.dtype)
+        from shardline.worker.layers.quantization.config import QUANTIZATION_NAMES
+
+        if self.quantization is not None and self.quantization not in QUANTIZATION_NAMES:
+            raise ConfigError(f"quantization: {self.quantization!r} is not one of {', '.join(QUANTIZATION_NAMES)}")
         self._check_speculative()
 
     def _check_speculative(self) -> None:
@@ -377,10 +381,6 @@ class EngineConfig:
     def stream_policy(self) -> StreamPolicy:
         """The StreamPolicy of this engine's streams (worker/engine/stream_coalescer.py)."""
         return StreamPolicy(interval_s=self.stream_interval_ms / 1e3, items_per_s=self.stream_items_per_s)
-        from shardline.worker.layers.quantization.config import QUANTIZATION_NAMES
-
-        if self.quantization is not None and self.quantization not in QUANTIZATION_NAMES:
-            raise ConfigError(f"quantization: {self.quantization!r} is not one of {', '.join(QUANTIZATION_NAMES)}")
 
     def resolved_device(self) -> torch.device:
         """The device the engine runs on: cuda when present (or asked), else cpu."""
