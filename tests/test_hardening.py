@@ -250,8 +250,9 @@ def test_a_non_finite_timeout_is_invalid_argument(stub) -> None:
 @pytest.mark.parametrize("body, field", [
     ({"prompt": [5], "max_tokens": 1, "request_id": 123}, "request_id"),
     ({"prompt": [5], "max_tokens": 1, "request_id": "a\nb"}, "request_id"),
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}], "max_tokens": 1}, "body"),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "logprobs": True, "top_logprobs": "x"}, "body"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}], "max_tokens": 1}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "logprobs": True, "top_logprobs": "x"},
+     "top_logprobs"),
 ])
 def test_malformed_http_fields_are_400_not_500(cluster, body, field) -> None:
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
