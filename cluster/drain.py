@@ -13,6 +13,7 @@ the local Ray node)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import threading
 import time
@@ -38,14 +39,20 @@ def drain_application(app_name: str, timeout_s: float, poll_s: float = 0.2,
                       give_up: threading.Event | None = None) -> DrainReport:
     """Close the application's ingress to new requests and wait (at most timeout_s, or until
     `give_up` is set, e.g. by a second Ctrl-C) for the requests in flight to finish."""
+    # NOTE: on an event loop of its own: with RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 (set for the
+    # proxies, cluster/proxies.py, and so inherited by this process) a handle only works inside one.
+    return asyncio.run(_drain(app_name, timeout_s, poll_s, give_up))
+
+
+async def _drain(app_name: str, timeout_s: float, poll_s: float, give_up: threading.Event | None) -> DrainReport:
     from ray import serve
 
     started = time.monotonic()
     ingress = serve.get_app_handle(app_name)
-    at_start = in_flight = ingress.drain.remote().result(timeout_s=30)
+    at_start = in_flight = await asyncio.wait_for(ingress.drain.remote(), 30)
     while in_flight > 0 and time.monotonic() - started < timeout_s and not (give_up and give_up.is_set()):
-        time.sleep(poll_s)
-        in_flight = ingress.in_flight.remote().result(timeout_s=30)
+        await asyncio.sleep(poll_s)
+        in_flight = await asyncio.wait_for(ingress.in_flight.remote(), 30)
     return DrainReport(at_start, in_flight, time.monotonic() - started)
 
 

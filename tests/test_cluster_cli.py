@@ -27,9 +27,14 @@ def test_shardline_serve_prints_endpoints_answers_and_stops_on_sigterm(tmp_path)
         [sys.executable, "-m", "shardline", "serve", str(model), "--replicas", "1", "--served-model-name", "tiny",
          "--grpc-port", str(grpc_port), "--port", str(http_port), "--num-kv-blocks", "64", "--device", "cpu",
          "--num-cpus", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        # stderr to a file: an unread pipe fills up (Ray and the replicas log there) and blocks the server
+        stdout=subprocess.PIPE, stderr=(tmp_path / "serve.log").open("w"), text=True, start_new_session=True)
     try:
-        wait_serving(grpc_port, timeout_s=180)
+        try:
+            wait_serving(grpc_port, timeout_s=180)
+        except TimeoutError as e:
+            raise AssertionError(f"{e}\n--- serve's stderr (tail) ---\n"
+                                 f"{(tmp_path / 'serve.log').read_text()[-4000:]}") from None
         banner = proc.stdout.readline() + proc.stdout.readline() + proc.stdout.readline()
         assert f":{grpc_port}" in banner and f"http://127.0.0.1:{http_port}/v1" in banner
         assert "serving tiny" in banner
