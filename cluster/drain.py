@@ -49,10 +49,20 @@ async def _drain(app_name: str, timeout_s: float, poll_s: float, give_up: thread
 
     started = time.monotonic()
     ingress = serve.get_app_handle(app_name)
-    at_start = in_flight = await asyncio.wait_for(ingress.drain.remote(), 30)
-    while in_flight > 0 and time.monotonic() - started < timeout_s and not (give_up and give_up.is_set()):
-        await asyncio.sleep(poll_s)
-        in_flight = await asyncio.wait_for(ingress.in_flight.remote(), 30)
+    try:
+        at_start = in_flight = await asyncio.wait_for(ingress.drain.remote(), 30)
+        while in_flight > 0 and time.monotonic() - started < timeout_s and not (give_up and give_up.is_set()):
+            await asyncio.sleep(poll_s)
+            in_flight = await asyncio.wait_for(ingress.in_flight.remote(), 30)
+    finally:
+        # The handle's router lives on this loop, which asyncio.run closes: shut it down and drop
+        # it from Serve's handle cache here, or serve.shutdown() later shuts it down on the closed
+        # loop ("Event loop is closed"). Serve's client exposes no public call for this.
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client()
+        if client is not None:
+            await client.shutdown_cached_handles_async()
     return DrainReport(at_start, in_flight, time.monotonic() - started)
 
 
