@@ -18,7 +18,8 @@ from shardline.worker.engine.async_engine import AsyncEngine
 from shardline.worker.engine.engine import LLMEngine
 from shardline.worker.engine.outputs import FINISH_LENGTH, FINISH_STOP_STRING, RequestOutput, TokenLogprob
 from shardline.worker.engine.params import SamplingParams
-from shardline.worker.engine.stream_coalescer import StreamPolicy, merge_into
+from shardline.worker.engine.outputs import merge_into
+from shardline.worker.engine.stream_coalescer import StreamPolicy
 from tiny_models import prompts
 
 ENGINE = dict(num_kv_blocks=256, block_size=8, max_num_batched_tokens=512, max_num_seqs=32, device="cpu")

@@ -56,6 +56,7 @@ from shardline.worker.engine.outputs import (
     FINISH_STOP_STRING,
     CompletionResult,
     RequestOutput,
+    merge_into,
 )
 from shardline.worker.engine.params import RequestError, SamplingParams
 from shardline.worker.engine.request import Request, RequestStatus
@@ -463,7 +464,8 @@ class LLMEngine:
                 else:
                     r.append_output_token(token)
                 out = self._after_token(r, lps[offsets[s] + j] if lps is not None else None)
-                delta = _merge_deltas(delta, out)
+                if out is not None:  # one delta for the step's tokens (a verification emits up to k + 1)
+                    delta = out if delta is None else merge_into(delta, out)
                 if r.status == RequestStatus.FINISHED:
                     break
             self.scheduler.rollback_speculation(r)
@@ -685,14 +687,3 @@ class LLMEngine:
             self._grammars.shutdown()
         self.executor.shutdown()
 
-
-def _merge_deltas(first: RequestOutput | None, later: RequestOutput | None) -> RequestOutput | None:
-    """One delta for several tokens of one request (a verification step emits up to k + 1): tokens,
-    text and logprobs concatenated, the state (finish, counts) of the later one."""
-    if first is None or later is None:
-        return later if first is None else first
-    later.new_token_ids = first.new_token_ids + later.new_token_ids
-    later.text_delta = first.text_delta + later.text_delta
-    if first.logprobs is not None or later.logprobs is not None:
-        later.logprobs = (first.logprobs or []) + (later.logprobs or [])
-    return later

@@ -38,6 +38,25 @@ class RequestOutput:
     error: str | None = None  # set with finish_reason "error"
 
 
+def merge_into(held: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Append `later` (the next delta of the same request) to `held` in place and return it.
+    Token ids, text and logprobs concatenate in order; the end state (finished, finish reason,
+    usage, error) is the later delta's, since usage counts are cumulative."""
+    held.new_token_ids.extend(later.new_token_ids)
+    held.text_delta += later.text_delta
+    if later.logprobs:
+        if held.logprobs is None:
+            held.logprobs = []
+        held.logprobs.extend(later.logprobs)
+    held.finished = later.finished
+    held.finish_reason = later.finish_reason
+    held.prompt_tokens = later.prompt_tokens
+    held.completion_tokens = later.completion_tokens
+    held.cached_tokens = later.cached_tokens
+    held.error = later.error
+    return held
+
+
 @dataclass
 class CompletionResult:
     """A finished request as the offline `generate` API returns it."""

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from shardline.worker.engine.outputs import RequestOutput
+from shardline.worker.engine.outputs import RequestOutput, merge_into
 
 
 @dataclass(frozen=True)
@@ -57,25 +57,6 @@ class StreamPolicy:
         if not self.enabled:
             return 0.0
         return min(self.interval_s, max(1, open_streams) / self.items_per_s)
-
-
-def merge_into(held: RequestOutput, later: RequestOutput) -> RequestOutput:
-    """Append `later` (the next delta of the same request) to `held` in place and return it.
-    Token ids, text and logprobs concatenate in order; the end state (finished, finish reason,
-    usage, error) is the later delta's, since usage counts are cumulative."""
-    held.new_token_ids.extend(later.new_token_ids)
-    held.text_delta += later.text_delta
-    if later.logprobs:
-        if held.logprobs is None:
-            held.logprobs = []
-        held.logprobs.extend(later.logprobs)
-    held.finished = later.finished
-    held.finish_reason = later.finish_reason
-    held.prompt_tokens = later.prompt_tokens
-    held.completion_tokens = later.completion_tokens
-    held.cached_tokens = later.cached_tokens
-    held.error = later.error
-    return held
 
 
 class CoalescingStream:
