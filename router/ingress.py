@@ -280,12 +280,12 @@ class Ingress:
         given = (key or "").encode()
         return any([hmac.compare_digest(given, k) for k in self._api_keys])
 
-    def tenant_of(self, key: str | None) -> str | None:
-        """The caller's tenant identity for cache isolation (router/tenancy.py): a digest of its
-        API key (the key itself is never kept or logged), None when anonymous."""
-        if not key or not self.authorized(key):
-            return None
-        return hashlib.sha256(key.encode()).hexdigest()[:32]
+    @staticmethod
+    def tenant_of(key: str | None) -> str | None:
+        """The tenant identity of a caller whose key passed `authorized`, for cache isolation
+        (router/tenancy.py): a digest of its API key (the key itself is never kept or logged),
+        None when anonymous."""
+        return hashlib.sha256(key.encode()).hexdigest()[:32] if key else None
 
     def check_model(self, model: str | None) -> None:
         """A request naming a model this server does not serve is 404 model_not_found."""
