@@ -11,6 +11,7 @@ import torch
 from shardline.worker.config import EngineConfig
 from shardline.worker.engine.async_engine import AsyncEngine
 from shardline.worker.engine.engine import LLMEngine
+from shardline.worker.engine.generation import GenerationRequest
 from shardline.worker.engine.params import RequestError, SamplingParams
 from engine_checks import assert_all_blocks_free, wait_until_idle
 from tiny_models import hf_greedy, prompts, write_tiny_checkpoint
@@ -323,3 +324,20 @@ def test_every_sampling_option_runs_through_the_engine(tiny):
     assert lps is not None and len(lps) == 6 and all(len(lp.top) == 3 for lp in lps)
     assert all(lp.token_id == t for lp, t in zip(lps, results[4].token_ids))
     assert_all_blocks_free(engine)
+
+
+def test_a_request_larger_than_the_block_pool_is_refused_once_by_the_validator(tiny):
+    """One validation per request: the engine's Limits carry the pool's capacity, so the edge's
+    validator refuses a request that could never fit, with the same error at the engine as at the
+    edge; the scheduler (which no longer checks) never sees it."""
+    d, _ = tiny
+    engine = make_engine(d, num_kv_blocks=4)  # 4 blocks of 8 = 32 KV tokens
+    params = SamplingParams(max_tokens=30)
+    prompt_ids = [10] * 10
+    with pytest.raises(RequestError) as at_edge:
+        GenerationRequest.validated(prompt_ids, params, engine.limits, "edge")
+    with pytest.raises(RequestError) as at_engine:
+        engine.add_request(prompt_ids, params)
+    assert (at_engine.value.field, str(at_engine.value)) == (at_edge.value.field, str(at_edge.value))
+    assert at_edge.value.field == "max_tokens" and "32" in str(at_edge.value)
+    assert not engine.scheduler.has_unfinished and engine.block_manager.num_free_blocks == 4

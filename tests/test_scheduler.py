@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from shardline.worker.config import ConfigError, EngineConfig
 from shardline.worker.engine.block_manager import BlockManager
 from shardline.worker.engine.outputs import FINISH_ABORT, FINISH_LENGTH
-from shardline.worker.engine.params import RequestError, SamplingParams
+from shardline.worker.engine.params import SamplingParams
 from shardline.worker.engine.request import Request, RequestStatus
 from shardline.worker.engine.scheduler import Scheduler, SchedulerOutput
 
@@ -225,10 +225,10 @@ def test_a_request_alone_in_a_pool_it_fits_always_finishes():
     assert all(r.num_output_tokens == 7 for r in reqs)
 
 
-def test_request_that_can_never_fit_the_pool_is_rejected():
-    engine = FakeEngine(num_blocks=3)
-    with pytest.raises(RequestError, match="blocks"):
-        engine.add("big", prompt(10), max_tokens=5)  # 14 KV tokens need 4 blocks
+def test_the_scheduler_does_not_validate_a_second_time():
+    """Requests are validated once, at the edge (validation.py; tests/test_engine.py checks that a
+    request too large for the pool is refused there): the scheduler has no check of its own."""
+    assert not hasattr(Scheduler, "check_request")
 
 
 # ---- aborts, limits, priorities -----------------------------------------------------------------
@@ -268,23 +268,12 @@ def test_request_aborted_while_its_step_runs_is_not_advanced():
     assert a.output_token_ids == [] and not engine.scheduler.has_unfinished
 
 
-def test_output_limit_is_clamped_to_the_context_and_overlong_prompts_rejected():
+def test_output_limit_is_clamped_to_the_context():
     engine = FakeEngine(max_model_len=16)
     req = engine.add("a", prompt(10), max_tokens=100)
     assert req.max_tokens == 6
     engine.run_until_done()
     assert req.num_tokens == 16
-    with pytest.raises(RequestError, match="max_model_len"):
-        engine.add("b", prompt(16))
-    with pytest.raises(RequestError, match="empty"):
-        engine.add("c", [])
-
-
-def test_duplicate_request_id_is_rejected():
-    engine = FakeEngine()
-    engine.add("a", prompt(4))
-    with pytest.raises(RequestError, match="already"):
-        engine.add("a", prompt(4))
 
 
 def test_lower_priority_value_is_admitted_first():

@@ -225,14 +225,13 @@ class LLMEngine:
                            sorted(set(block) | set(params.stop_token_ids)), now,
                            spec_k=self.config.num_speculative_tokens or 0)
         if params.structured_output is not None:
-            self.scheduler.check_request(req)  # first: if it refuses, nothing is left registered
             # Queued by _admit_compiled once compiled; until then only this request waits.
             future, cache_hit = self._grammar_pool().submit(params.structured_output)
             self._compiling[request_id] = future
             if self.metrics is not None:
                 self.metrics.on_structured_request(cache_hit)
         else:
-            self.scheduler.add_request(req)  # first: if it refuses, nothing is left registered
+            self.scheduler.add_request(req)
         self._tracked[request_id] = tracked
         return request_id
 

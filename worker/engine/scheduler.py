@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from shardline.worker.config import ConfigError, EngineConfig
 from shardline.worker.engine.block_manager import BlockManager
 from shardline.worker.engine.outputs import FINISH_ABORT
-from shardline.worker.engine.params import RequestError
 from shardline.worker.engine.request import Request, RequestStatus
 
 
@@ -119,37 +118,15 @@ class Scheduler:
             del self._waiting[i]
 
     def add_request(self, request: Request) -> None:
-        """Queue a new request (check_request first)."""
-        self.check_request(request)
+        """Queue a request. It was validated once at the edge (validation.py, against the engine's
+        Limits, whose max_kv_tokens is this block pool's capacity), so it fits the context and the
+        pool and scheduling can never stall on it; the scheduler does not check it again. A request
+        built without a resolved output limit (max_tokens None) gets the rest of the context."""
+        request.max_tokens = max(1, min(request.max_tokens, self.max_model_len - request.num_prompt_tokens))
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self._keys[request.request_id] = (request.priority, request.arrival_time, next(self._order))
         self._enqueue(request)
-
-    def check_request(self, request: Request) -> None:
-        """Raise RequestError unless the request can be queued; clamp its output limit to the
-        context. A request that could never fit the block pool is rejected here so that scheduling
-        can never stall on it. (The engine calls this alone for a request that must wait for its
-        grammar before it is queued.)"""
-        if request.request_id in self.requests:
-            raise RequestError("request_id", f"{request.request_id!r} is already in flight")
-        if request.num_prompt_tokens == 0:
-            raise RequestError("prompt_token_ids", "prompt is empty")
-        if request.num_prompt_tokens >= self.max_model_len:
-            raise RequestError(
-                "prompt_token_ids",
-                f"prompt has {request.num_prompt_tokens} tokens; it must be shorter than max_model_len "
-                f"({self.max_model_len})",
-            )
-        request.max_tokens = max(1, min(request.max_tokens, self.max_model_len - request.num_prompt_tokens))
-        # KV is needed for every token but the last sampled one.
-        max_kv_tokens = request.num_prompt_tokens + request.max_tokens - 1
-        max_blocks = -(-max_kv_tokens // self.block_manager.block_size)
-        if max_blocks > self.block_manager.num_blocks:
-            raise RequestError(
-                "prompt_token_ids",
-                f"needs up to {max_blocks} KV blocks but the pool has {self.block_manager.num_blocks}",
-            )
 
     def finish_request(self, request: Request, reason: str) -> None:
         """Take the request out of the queues, free its blocks and mark it FINISHED with `reason`."""
