@@ -47,7 +47,7 @@ from shardline.worker.engine.block_manager import BlockManager
 from shardline.worker.engine.detokenizer import IncrementalDetokenizer
 from shardline.worker.engine.executor import Executor, LocalExecutor, ModelSpec
 from shardline.worker.engine.generation import GenerationRequest
-from shardline.worker.engine.model_runner import SeqSlice, build_step_inputs
+from shardline.worker.engine.model_runner import SeqSlice, StepInputs, build_step_inputs
 from shardline.worker.engine.outputs import (
     FINISH_ABORT,
     FINISH_ERROR,
@@ -60,7 +60,7 @@ from shardline.worker.engine.outputs import (
 )
 from shardline.worker.engine.params import RequestError, SamplingParams
 from shardline.worker.engine.request import Request, RequestStatus
-from shardline.worker.engine.sampler import LogprobTensors, Sampler, SamplingBatch, make_generator
+from shardline.worker.engine.sampler import LogprobTensors, Sampler, SamplingBatch, make_generator, prompt_logprobs
 from shardline.worker.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from shardline.worker.engine.transfer import host_copy, to_device
 from shardline.worker.engine.validation import Limits
@@ -95,6 +95,16 @@ class _Tracked:
     grammar: GrammarState | None = None  # structured output: set once its grammar is compiled
 
 
+@dataclass(frozen=True)
+class _PromptLogprobRows:
+    """A request's prompt positions [first, end) whose logits a step returns after its sampled
+    rows; position p's logits give prompt token p + 1's logprob."""
+
+    request: Request
+    first: int
+    end: int
+
+
 @dataclass
 class _LaunchedStep:
     """A step whose forward and sampling are queued on the device; _finish_step reads its tokens."""
@@ -108,6 +118,9 @@ class _LaunchedStep:
     # A verification step (speculative decoding): per sampler its emitted tokens, on the host.
     verified: VerifiedTokens | None = None
     drafts: DraftTokens | None = None
+    # Prompt logprobs computed by this step: the rows, and their logprobs (on the host once `ready`).
+    prompt_rows: list[_PromptLogprobRows] = field(default_factory=list)
+    prompt_logprobs: LogprobTensors | None = None
 
 
 class LLMEngine:
@@ -298,10 +311,11 @@ class LLMEngine:
         if launched is not None:
             if not self.async_scheduling:
                 outputs += self._finish_step(launched)
-            elif any(r.status != RequestStatus.FINISHED for r in launched.samplers):
+            elif launched.prompt_rows or any(r.status != RequestStatus.FINISHED for r in launched.samplers):
                 self._inflight = launched
-            # else: no row samples, or every row stopped when the previous step was finished just
-            # now: nothing will read its tokens, and keeping it would report the engine busy.
+            # else: no row samples and no prompt logprobs, or every row stopped when the previous
+            # step was finished just now: nothing will read its results, and keeping it would
+            # report the engine busy.
         self._record_step()
         return outputs
 
@@ -319,9 +333,17 @@ class LLMEngine:
             if t is not None and t.scheduled_time is None:
                 t.scheduled_time = now
         samplers = [s.request for s in sched.scheduled if s.samples]
-        logits = self.executor.execute(self._inputs(sched))
+        inputs, prompt_rows = self._inputs(sched)
+        logits = self.executor.execute(inputs)
+        prompt_lps = None
+        if prompt_rows:  # the extra rows come after the sampled ones (StepInputs.sample_rows)
+            num_extra = sum(p.end - p.first for p in prompt_rows)
+            prompt_lps = self._prompt_logprobs(logits[logits.shape[0] - num_extra:], prompt_rows)
+            logits = logits[: logits.shape[0] - num_extra]
         if any(s.spec_token_ids for s in sched.scheduled):
-            return self._launch_verification(sched, logits)
+            step = self._launch_verification(sched, logits)
+            step.prompt_rows, step.prompt_logprobs = prompt_rows, prompt_lps
+            return step
         token_ids = torch.empty(0, dtype=torch.int64, device=logits.device)
         logprobs = None
         if samplers:
@@ -351,7 +373,31 @@ class LLMEngine:
             # as AsyncEngine's) may be another GPU, whose stream says nothing about these copies.
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(token_ids.device))
-        return _LaunchedStep(samplers, token_ids, host, ready, logprobs, {id(r): i for i, r in enumerate(samplers)})
+        return _LaunchedStep(samplers, token_ids, host, ready, logprobs, {id(r): i for i, r in enumerate(samplers)},
+                             prompt_rows=prompt_rows, prompt_logprobs=prompt_lps)
+
+    def _prompt_logprobs(self, logits: torch.Tensor, rows: list[_PromptLogprobRows]) -> LogprobTensors:
+        """Queue the prompt logprobs of `rows` ([E, V] logits in their order) and their copy to the host."""
+        targets: list[int] = []
+        num_logprobs: list[int | None] = []
+        for p in rows:
+            targets.extend(p.request.prompt_token_ids[p.first + 1: p.end + 1])
+            num_logprobs.extend([p.request.params.prompt_logprobs] * (p.end - p.first))
+        return prompt_logprobs(logits, to_device(targets, torch.int64, logits.device), num_logprobs).to_host()
+
+    def _collect_prompt_logprobs(self, step: _LaunchedStep) -> None:
+        """Append a finished step's prompt logprobs to their requests, in position order. A position
+        already held (computed again after a preemption) is skipped."""
+        if step.prompt_logprobs is None:
+            return
+        entries = step.prompt_logprobs.tolist()
+        row = 0
+        for p in step.prompt_rows:
+            held = p.request.prompt_logprobs
+            for position in range(p.first, p.end):
+                if held is not None and len(held) == position + 1:
+                    held.append(entries[row])
+                row += 1
 
     # ---- speculative decoding ------------------------------------------------------------------------
 
@@ -511,9 +557,14 @@ class LLMEngine:
     def _finish_step(self, step: _LaunchedStep) -> list[RequestOutput]:
         """Wait for the step's tokens, hand them to the scheduler, detokenize, check stops."""
         if not step.samplers:
+            if step.prompt_rows:  # a prefill chunk that samples nothing yet
+                if step.ready is not None:
+                    step.ready.synchronize()
+                self._collect_prompt_logprobs(step)
             return []
         if step.ready is not None:
             step.ready.synchronize()
+        self._collect_prompt_logprobs(step)
         if step.verified is not None:
             return self._finish_verification(step)
         tokens = step.host_token_ids.tolist()
@@ -539,12 +590,14 @@ class LLMEngine:
         if self.proposer is not None:
             self.metrics.on_spec_decode(self.spec_stats.take_delta())
 
-    def _inputs(self, sched: SchedulerOutput):
-        """The step's StepInputs. A token still pending (sampled by the in-flight step, id not on
-        the host) gets a placeholder id, then its sampled id is copied in on the device."""
+    def _inputs(self, sched: SchedulerOutput) -> tuple[StepInputs, list[_PromptLogprobRows]]:
+        """The step's StepInputs, and the prompt positions whose logits it returns after the sampled
+        rows (requests owing prompt logprobs). A token still pending (sampled by the in-flight step,
+        id not on the host) gets a placeholder id, then its sampled id is copied in on the device."""
         slices = []
         pending_rows: list[int] = []  # rows of the flat batch that take a pending token
         pending_src: list[int] = []  # their rows in the in-flight step's token_ids
+        prompt_rows: list[_PromptLogprobRows] = []
         row = 0
         for s in sched.scheduled:
             r = s.request
@@ -560,7 +613,13 @@ class LLMEngine:
                 pending_rows.append(row + len(ids))
                 pending_src.append(inflight.row_of[id(r)])
                 ids = ids + [0]
-            slices.append(SeqSlice(ids + s.spec_token_ids, c, r.block_ids, s.samples, len(s.spec_token_ids)))
+            owed_first, owed_end = r.prompt_logprob_positions
+            first, end = max(owed_first, c), min(owed_end, c + num_real)
+            extra = (0, 0)
+            if first < end:
+                extra = (first - c, end - c)
+                prompt_rows.append(_PromptLogprobRows(r, first, end))
+            slices.append(SeqSlice(ids + s.spec_token_ids, c, r.block_ids, s.samples, len(s.spec_token_ids), extra))
             row += s.num_new_tokens
         inputs = build_step_inputs(slices, self.config.block_size, self.device)
         if pending_rows:
@@ -568,7 +627,7 @@ class LLMEngine:
             dst = to_device(pending_rows, torch.int64, self.device)
             idx = to_device(pending_src, torch.int64, src.device)
             inputs.input_ids.index_copy_(0, dst, src.index_select(0, idx).to(inputs.input_ids.device))
-        return inputs
+        return inputs, prompt_rows
 
     def _after_token(self, req: Request, logprob) -> RequestOutput | None:
         t = self._tracked.get(req.request_id)
@@ -581,9 +640,17 @@ class LLMEngine:
                 self.metrics.on_first_token(now - t.arrival, queued)
             else:
                 self.metrics.on_token(now - (t.last_token_time or now))
-        if t.first_token_time is None:
+        first_delta = t.first_token_time is None
+        if first_delta:
             t.first_token_time = now
         t.last_token_time = now
+        out = self._token_delta(req, t, logprob)
+        if out is not None and first_delta and req.prompt_logprobs is not None:
+            out.prompt_logprobs = list(req.prompt_logprobs)
+        return out
+
+    def _token_delta(self, req: Request, t: _Tracked, logprob) -> RequestOutput | None:
+        """The delta of the request's newest token: detokenized, stop-checked, finished if it stops."""
         token = req.output_token_ids[-1]
         p = req.params
         may_stop = len(req.output_token_ids) >= p.min_tokens
@@ -639,7 +706,7 @@ class LLMEngine:
             params = [params or SamplingParams()] * len(prompts)
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
         prompt_ids = {i: self._tracked[i].request.prompt_token_ids for i in ids}
-        acc: dict[str, dict] = {i: {"ids": [], "text": [], "lps": []} for i in ids}
+        acc: dict[str, dict] = {i: {"ids": [], "text": [], "lps": [], "prompt_lps": None} for i in ids}
         results: dict[str, CompletionResult] = {}
         while len(results) < len(ids):
             for out in self.step():
@@ -648,11 +715,13 @@ class LLMEngine:
                 a["text"].append(out.text_delta)
                 if out.logprobs:
                     a["lps"].extend(out.logprobs)
+                if out.prompt_logprobs is not None:
+                    a["prompt_lps"] = out.prompt_logprobs
                 if out.finished:
                     assert out.finish_reason is not None  # a finished output always carries its reason
                     results[out.request_id] = CompletionResult(
                         out.request_id, prompt_ids[out.request_id], a["ids"], "".join(a["text"]), out.finish_reason, out.prompt_tokens,
-                        out.completion_tokens, out.cached_tokens, a["lps"] or None)
+                        out.completion_tokens, out.cached_tokens, a["lps"] or None, a["prompt_lps"])
         return [results[i] for i in ids]
 
     # ---- introspection ----------------------------------------------------------------------------

@@ -79,6 +79,8 @@ class StreamItem:
     finish_reason: set on the choice's last item (outputs.FINISH_*), else None.
     usage: the choice's counts so far (every item carries it).
     error: set on a terminal item when the request was refused or the engine failed.
+    prompt_logprobs: on the choice's first item when params.prompt_logprobs was set: one entry per
+        prompt token, the first None.
     """
 
     index: int
@@ -88,6 +90,7 @@ class StreamItem:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     error: RequestError | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -101,7 +104,8 @@ class StreamItem:
         return cls(index=index, token_ids=list(out.new_token_ids), text=out.text_delta,
                    usage=Usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens),
                    logprobs=list(out.logprobs) if out.logprobs else None,
-                   finish_reason=out.finish_reason if out.finished else None, error=error)
+                   finish_reason=out.finish_reason if out.finished else None, error=error,
+                   prompt_logprobs=out.prompt_logprobs)
 
     @classmethod
     def failure(cls, error: RequestError, index: int = 0) -> "StreamItem":

@@ -34,6 +34,9 @@ class SeqSlice:
     # Speculative decoding: the slice ends with this many proposed tokens, and each of the last
     # num_spec_tokens + 1 rows is sampled (the target's distribution after every prefix of the proposal).
     num_spec_tokens: int = 0
+    # [first, end) rows of this slice (0 = its first token) whose logits are also returned, after
+    # every slice's sampled rows: prompt positions whose logprobs the request asked for.
+    extra_logit_rows: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -47,7 +50,9 @@ class StepInputs:
     query_start_loc: torch.Tensor  # [S+1] int32
     seq_lens: torch.Tensor  # [S] int32
     block_tables: torch.Tensor  # [S, B] int32
-    sample_rows: torch.Tensor  # [N] int64: rows of the flat batch whose logits are sampled
+    # [N + E] int64: rows of the flat batch whose logits are returned: the N sampled rows in batch
+    # order, then the E extra rows (SeqSlice.extra_logit_rows) in batch order.
+    sample_rows: torch.Tensor
     # Host copies of the query and context lengths, when the builder had them (not broadcast under
     # tensor parallelism): metadata() then needs no device-to-host copy, i.e. no sync.
     query_lens_cpu: list[int] | None = None
@@ -108,6 +113,9 @@ def build_step_inputs(slices: list[SeqSlice], block_size: int, device: torch.dev
         if s.samples:
             sample_rows.extend(range(qsl[-1] - 1 - s.num_spec_tokens, qsl[-1]))
         tables.append(s.block_ids + [0] * (width - len(s.block_ids)))
+    for s, start in zip(slices, qsl):
+        first, end = s.extra_logit_rows
+        sample_rows.extend(range(start + first, start + end))
 
     def t(data, dtype):
         return to_device(data, dtype, device)
@@ -139,7 +147,7 @@ def kv_bytes_per_block(cfg: ModelConfig, num_kv_heads: int, block_size: int, dty
 
 
 class ModelRunner:
-    """Runs the model on a step's inputs and returns the logits of the sampling rows (fp32).
+    """Runs the model on a step's inputs and returns the logits of `sample_rows` (fp32).
     Pure-decode steps go through captured CUDA graphs once `enable_cuda_graphs` has run."""
 
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor], block_size: int, device: torch.device) -> None:

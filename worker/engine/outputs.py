@@ -36,6 +36,9 @@ class RequestOutput:
     cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None  # set with finish_reason "error"
+    # On the request's first delta when it asked for params.prompt_logprobs: one entry per prompt
+    # token, the first None (no logits precede it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def merge_into(held: RequestOutput, later: RequestOutput) -> RequestOutput:
@@ -48,6 +51,8 @@ def merge_into(held: RequestOutput, later: RequestOutput) -> RequestOutput:
         if held.logprobs is None:
             held.logprobs = []
         held.logprobs.extend(later.logprobs)
+    if held.prompt_logprobs is None:
+        held.prompt_logprobs = later.prompt_logprobs
     held.finished = later.finished
     held.finish_reason = later.finish_reason
     held.prompt_tokens = later.prompt_tokens
@@ -70,3 +75,4 @@ class CompletionResult:
     completion_tokens: int
     cached_tokens: int
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # params.prompt_logprobs: per prompt token

@@ -62,6 +62,10 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token (0: only the sampled token's)
+    # top-n logprobs of every prompt token after the first (vLLM's prompt_logprobs; 0: only the
+    # prompt token's own). Computed in the prefill from the model's raw logits; such a request
+    # takes no prefix-cache hit, since a cached position has no logits.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     structured_output: StructuredOutput | None = None
     n: int = 1  # choices of one prompt; choice i samples with seed + i (see for_choice)

@@ -7,6 +7,7 @@ import enum
 import sys
 import time
 
+from shardline.worker.engine.outputs import TokenLogprob
 from shardline.worker.engine.params import SamplingParams
 
 
@@ -60,6 +61,24 @@ class Request:
         # Speculative decoding: tokens a proposer guessed to follow all_token_ids, to be verified
         # by the next step (never part of output_token_ids until the target accepts them).
         self.spec_token_ids: list[int] = []
+        # Prompt logprobs (params.prompt_logprobs): entry p is prompt token p's, collected in order
+        # as prefill chunks compute the positions before it; entry 0 is None (nothing precedes it).
+        self.prompt_logprobs: list[TokenLogprob | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
+
+    @property
+    def prompt_logprob_positions(self) -> tuple[int, int]:
+        """[first, end) of the positions whose logits still owe a prompt logprob (position p's
+        logits give prompt token p + 1's); empty when none are asked or all are collected. After a
+        preemption the recompute does not collect them twice."""
+        if self.prompt_logprobs is None:
+            return (0, 0)
+        return (len(self.prompt_logprobs) - 1, len(self.prompt_token_ids) - 1)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        first, end = self.prompt_logprob_positions
+        return first < end
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -352,8 +352,23 @@ def gather_logprobs(logprobs: torch.Tensor | None, token_ids: torch.Tensor, batc
     back here: LogprobTensors.tolist does that when the step's results are read)."""
     if logprobs is None or batch.max_num_logprobs is None:
         return None
+    return token_logprobs(logprobs, token_ids, list(batch.num_logprobs))
+
+
+def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_logprobs: list[int | None]) -> LogprobTensors:
+    """Per row of `logprobs` ([N, V], log_softmax'ed), the logprob of its token in `token_ids` ([N]
+    int64) and its top-n (n the largest of `num_logprobs`, None for rows that did not ask), on the
+    device. Used for sampled tokens and for prompt tokens (prompt_logprobs) alike."""
     sampled = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
     top_values = top_ids = None
-    if batch.max_num_logprobs > 0:
-        top_values, top_ids = logprobs.topk(min(batch.max_num_logprobs, logprobs.shape[-1]), dim=-1)
-    return LogprobTensors(token_ids, sampled, top_values, top_ids, list(batch.num_logprobs))
+    max_n = max((n for n in num_logprobs if n is not None), default=0)
+    if max_n > 0:
+        top_values, top_ids = logprobs.topk(min(max_n, logprobs.shape[-1]), dim=-1)
+    return LogprobTensors(token_ids, sampled, top_values, top_ids, num_logprobs)
+
+
+def prompt_logprobs(logits: torch.Tensor, next_token_ids: torch.Tensor, num_logprobs: list[int | None]) -> LogprobTensors:
+    """Prompt logprobs from the model's raw logits ([E, V] fp32 of E prompt positions; row i
+    predicts next_token_ids[i], the prompt's next token): no penalties, bias, grammar or
+    temperature apply to a prompt (vLLM's convention)."""
+    return token_logprobs(torch.log_softmax(logits.float(), dim=-1), next_token_ids, num_logprobs)

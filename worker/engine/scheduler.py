@@ -221,7 +221,10 @@ class Scheduler:
             for _, request in self._waiting:
                 if budget <= 0 or len(self.running) >= self.max_num_seqs:
                     break
-                hits, num_hit_tokens = self.block_manager.get_computed_blocks(request, record_stats=False)
+                # NOTE: a cached position has no logits, so a request that still owes prompt
+                # logprobs computes its whole prompt (its blocks are still cached for others).
+                hits, num_hit_tokens = (([], 0) if request.wants_prompt_logprobs else
+                                        self.block_manager.get_computed_blocks(request, record_stats=False))
                 remaining = min(request.num_tokens, self.max_model_len) - num_hit_tokens
                 if self.enable_chunked_prefill:
                     num_new = min(remaining, budget)

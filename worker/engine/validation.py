@@ -148,10 +148,12 @@ def _validate_sampling(params: SamplingParams, max_tokens: int, limits: Limits) 
         seed = _int("seed", params.seed)
         if not _SEED_MIN <= seed < _SEED_END:
             raise RequestError("seed", f"must be in [{_SEED_MIN}, {_SEED_END}), got {seed}")
-    if params.logprobs is not None:
-        logprobs = _int("logprobs", params.logprobs)
-        if not 0 <= logprobs <= limits.max_logprobs:
-            raise RequestError("logprobs", f"must be in [0, {limits.max_logprobs}], got {logprobs}")
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(params, name)
+        if value is not None:
+            value = _int(name, value)
+            if not 0 <= value <= limits.max_logprobs:
+                raise RequestError(name, f"must be in [0, {limits.max_logprobs}], got {value}")
     for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
         _bool(name, getattr(params, name))
     n = _int("n", params.n)
