@@ -21,7 +21,7 @@ from shardline.worker.engine.params import RequestError, SamplingParams, Structu
 # SamplingParams fields an OpenAI body sets under the same name (None in the body: unset).
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
                    "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output",
-                   "skip_special_tokens", "n")
+                   "skip_special_tokens", "n", "prompt_logprobs")
 
 HTTP_STATUS = {"invalid_argument": 400, "unauthenticated": 401, "not_found": 404, "model_not_found": 404,
                "method_not_allowed": 405,
@@ -72,6 +72,11 @@ def sampling_params(req: SamplingFields, chat: bool, defaults: dict[str, Any]) -
             raise RequestError("top_logprobs", "needs logprobs: true")
     elif isinstance(req, CompletionRequest) and req.logprobs is not None:
         values["logprobs"] = req.logprobs
+        if req.echo:  # the echoed prompt's tokens get logprobs too (the first one null)
+            values["prompt_logprobs"] = max(req.logprobs, req.prompt_logprobs or 0)
+    if req.prompt_logprobs is not None and req.stream:
+        raise RequestError("prompt_logprobs", "is not available when streaming (vLLM's rule); "
+                           "completions' echo with logprobs streams the prompt's logprobs")
     values["structured_output"] = structured_output(req)
     return SamplingParams(**values)
 
@@ -118,9 +123,6 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
     the body checks that only completions has (suffix, echo with logprobs)."""
     if req.suffix:
         raise RequestError("suffix", "fill-in-the-middle (suffix) is not supported")
-    if req.echo and req.logprobs is not None:
-        raise RequestError("echo", "echo with logprobs would need the prompt's logprobs, which the engine does "
-                           "not compute; use echo or logprobs")
     prompt = req.prompt
     if isinstance(prompt, str):
         return [prompt]
@@ -150,16 +152,47 @@ def chat_logprobs(entries: list[TokenLogprob], decode: Decode) -> dict[str, Any]
                              top_logprobs=[one(k, v) for k, v in e.top.items()]) for e in entries]}
 
 
-def completion_logprobs(entries: list[TokenLogprob], decode: Decode, offset: int) -> dict[str, Any]:
+def completion_logprobs(entries: list[TokenLogprob], decode: Decode, offset: int,
+                        prompt: tuple[list[int], list[TokenLogprob | None]] | None = None) -> dict[str, Any]:
     """Completions' `logprobs` object; text_offset counts characters from the start of the
-    choice's text (after an echoed prompt) as the decoded tokens add up."""
-    tokens = [decode(e.token_id) for e in entries]
-    offsets = []
-    for text in tokens:
+    choice's text as the decoded tokens add up. `prompt` (echo with logprobs): the prompt's token
+    ids and their prompt logprobs, listed first from offset 0 (the first token's logprob and top
+    are null, as OpenAI and vLLM send them); `offset` is then where the generated text starts."""
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    if prompt is not None:
+        position = 0
+        for token_id, entry in zip(*prompt):
+            text = decode(token_id)
+            tokens.append(text)
+            token_logprobs.append(entry.logprob if entry is not None else None)
+            top_logprobs.append({decode(k): v for k, v in entry.top.items()} if entry is not None else None)
+            offsets.append(position)
+            position += len(text)
+    for e in entries:
+        text = decode(e.token_id)
+        tokens.append(text)
+        token_logprobs.append(e.logprob)
+        top_logprobs.append({decode(k): v for k, v in e.top.items()})
         offsets.append(offset)
         offset += len(text)
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{decode(k): v for k, v in e.top.items()} for e in entries], "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+def vllm_prompt_logprobs(token_ids: list[int], entries: list[TokenLogprob | None],
+                         decode: Decode) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {"logprob",
+    "decoded_token"}} holding the prompt token and its top-n alternatives."""
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for token_id, entry in zip(token_ids, entries):
+        if entry is None:
+            out.append(None)
+            continue
+        ranked = {entry.token_id: entry.logprob, **entry.top}
+        out.append({str(k): {"logprob": v, "decoded_token": decode(k)} for k, v in ranked.items()})
+    return out
 
 
 @dataclass
@@ -173,8 +206,12 @@ class Choice:
     finish_reason: str | None = None
     usage: Usage | None = None
     offset: int = 0  # characters of logprob tokens so far (text_offset of the next one)
+    prompt_token_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # from the choice's first item, when asked
 
     def add(self, item: StreamItem) -> None:
+        if item.prompt_logprobs is not None:
+            self.prompt_logprobs = item.prompt_logprobs
         self.text.append(item.text)
         self.logprobs.extend(item.logprobs or [])
         self.usage = item.usage
@@ -186,16 +223,33 @@ class ResponseBuilder:
     """Collects the choices of one request and renders OpenAI's whole response or its SSE chunks."""
 
     def __init__(self, rid: str, model: str, chat: bool, n: int, num_choices: int, decode: Decode,
-                 want_logprobs: bool, echo: list[str] | None = None) -> None:
+                 want_logprobs: bool, echo: list[str] | None = None, prompt_token_ids: list[list[int]] | None = None,
+                 want_prompt_logprobs: bool = False) -> None:
+        """`prompt_token_ids`: each prompt's tokens (for prompt logprobs); `want_prompt_logprobs`:
+        the body set vLLM's prompt_logprobs (the response then carries that field)."""
         self.rid, self.model, self.chat, self.n, self.decode = rid, model, chat, n, decode
         self.created = int(time.time())
         self.want_logprobs = want_logprobs
+        self.want_prompt_logprobs = want_prompt_logprobs
         self.choices = [Choice(i) for i in range(num_choices)]
         self.tools: Any = None  # a tool_calls.ToolPlan when the chat request has tools
         for i, choice in enumerate(self.choices):
+            if prompt_token_ids is not None:
+                choice.prompt_token_ids = prompt_token_ids[i // n]
             if echo is not None:
                 choice.prefix = echo[i // n]
                 choice.offset = len(choice.prefix)
+
+    def _echoed_prompt(self, c: Choice) -> tuple[list[int], list[TokenLogprob | None]] | None:
+        """The echoed prompt's tokens and logprobs of a completions choice with echo and logprobs."""
+        if self.chat or not c.prefix or not self.want_logprobs or c.prompt_logprobs is None:
+            return None
+        return c.prompt_token_ids, c.prompt_logprobs
+
+    def _prompt_logprobs_field(self, c: Choice) -> list[Any] | None:
+        if c.prompt_logprobs is None:
+            return None
+        return vllm_prompt_logprobs(c.prompt_token_ids, c.prompt_logprobs, self.decode)
 
     def usage(self) -> dict[str, Any]:
         return total_usage({c.index: c.usage for c in self.choices if c.usage is not None}, self.n)
@@ -211,11 +265,17 @@ class ResponseBuilder:
                 out.append({"index": c.index, "message": message, "finish_reason": finish,
                             "logprobs": chat_logprobs(c.logprobs, self.decode) if self.want_logprobs else None})
             else:
-                lps = completion_logprobs(c.logprobs, self.decode, len(c.prefix)) if self.want_logprobs else None
+                lps = (completion_logprobs(c.logprobs, self.decode, len(c.prefix), self._echoed_prompt(c))
+                       if self.want_logprobs else None)
                 out.append({"index": c.index, "text": c.prefix + text, "finish_reason": c.finish_reason,
                             "logprobs": lps})
-        return {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion",
+                if self.want_prompt_logprobs:
+                    out[-1]["prompt_logprobs"] = self._prompt_logprobs_field(c)
+        body = {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": out, "usage": self.usage()}
+        if self.chat and self.want_prompt_logprobs:  # vLLM puts chat's beside the choices (one prompt)
+            body["prompt_logprobs"] = self._prompt_logprobs_field(self.choices[0])
+        return body
 
     def add(self, index: int, item: StreamItem) -> None:
         self.choices[index].add(item)
@@ -235,6 +295,8 @@ class ResponseBuilder:
         if self.chat:
             return [self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                   "logprobs": None, "finish_reason": None}], usage) for c in self.choices]
+        if self.want_logprobs:
+            return []  # each echo goes out with its prompt's logprobs, when its first item brings them
         return [self._chunk([{"index": c.index, "text": c.prefix, "logprobs": None, "finish_reason": None}], usage)
                 for c in self.choices if c.prefix]
 
@@ -244,6 +306,10 @@ class ResponseBuilder:
         c = self.choices[index]
         usage = self.usage() if continuous_usage else None
         chunks = []
+        echoed = self._echoed_prompt(c) if item.prompt_logprobs is not None else None
+        if echoed is not None:  # completions, echo with logprobs: the prompt first, with its logprobs
+            chunks.append(self._chunk([{"index": index, "text": c.prefix, "finish_reason": None,
+                                        "logprobs": completion_logprobs([], self.decode, 0, echoed)}], usage))
         if item.text or item.token_ids:
             entries = item.logprobs or []
             if self.chat:

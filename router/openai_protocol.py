@@ -81,6 +81,7 @@ class SamplingFields(OpenAIModel):
     include_stop_str_in_output: StrictBool | None = None
     skip_special_tokens: StrictBool | None = None
     n: StrictInt | None = None
+    prompt_logprobs: StrictInt | None = None  # vLLM's: top-n logprobs of every prompt token
     best_of: StrictInt | None = None
     logit_bias: dict[str, Number] | None = None  # token id (as a JSON key string) -> bias
     stream: StrictBool | None = False

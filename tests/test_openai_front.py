@@ -156,10 +156,62 @@ def test_echo_prepends_the_prompt_and_fim_and_best_of_are_refused(client) -> Non
                                       extra_body={"ignore_eos": True})
     assert reply.choices[0].text == "hello world" + plain.choices[0].text
     for kwargs, param in (({"suffix": "x"}, "suffix"), ({"best_of": 3}, "best_of"),
-                          ({"echo": True, "logprobs": 1}, "echo")):
+                          ({"stream": True, "extra_body": {"prompt_logprobs": 1}}, "prompt_logprobs")):
         with pytest.raises(openai.BadRequestError) as error:
             client.completions.create(model="tiny", prompt="hello", max_tokens=2, **kwargs)
         assert error.value.body["param"] == param
+
+
+def test_auto_tool_choice_needs_the_flag_as_in_vllm(client) -> None:
+    """This cluster runs without --enable-auto-tool-choice: tools with tool_choice "auto" (the
+    default with tools) are a 400 naming the flag; "none" is served."""
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    for choice in (None, "auto"):
+        extra = {} if choice is None else {"tool_choice": choice}
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                           tools=[weather], **extra)
+        assert error.value.body["param"] == "tool_choice"
+        assert "--enable-auto-tool-choice" in error.value.body["message"]
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                           tools=[weather], tool_choice="none")
+    assert reply.choices[0].message.tool_calls is None
+
+
+def test_echo_with_logprobs_and_prompt_logprobs_equal_the_engines(cluster, client, offline) -> None:
+    """Echo with logprobs lists the prompt's tokens first (the first one null) then the generated
+    ones, streamed or not; vLLM's prompt_logprobs carries the same numbers; both equal the offline
+    engine's prompt logprobs (tests/test_prompt_logprobs.py checks those against transformers)."""
+    expected = offline.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, logprobs=2,
+                                                         prompt_logprobs=2))[0]
+    kwargs = dict(model="tiny", prompt=PROMPT, echo=True, logprobs=2, temperature=0.0, max_tokens=3,
+                  extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kwargs).choices[0]
+    lps = whole.logprobs
+    engine_prompt = [None] + [e.logprob for e in expected.prompt_logprobs[1:]]
+    assert len(lps.tokens) == len(PROMPT) + 3
+    assert lps.token_logprobs[0] is None and lps.top_logprobs[0] is None
+    assert lps.token_logprobs[1:] == pytest.approx(engine_prompt[1:] + [e.logprob for e in expected.logprobs], abs=1e-4)
+    assert all(len(top) == 2 for top in lps.top_logprobs[1:])
+    assert lps.text_offset[0] == 0 and whole.text.endswith(expected.text)
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kwargs) if c.choices]
+    assert chunks[0].text == whole.text[: len(whole.text) - len(expected.text)]  # the echo comes first
+    streamed = [v for c in chunks if c.logprobs for v in c.logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lps.token_logprobs[1:], abs=1e-5)
+    reply = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1, temperature=0.0,
+                                      extra_body={"prompt_logprobs": 0})
+    field = reply.choices[0].model_extra["prompt_logprobs"]
+    assert field[0] is None and len(field) == len(PROMPT)
+    assert [entry[str(token)]["logprob"] for entry, token in zip(field[1:], PROMPT[1:])] == pytest.approx(
+        engine_prompt[1:], abs=1e-4)
+    with generation_stub(cluster["grpc_port"]) as stub:
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=PROMPT), sampling=pb.SamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=2))
+        replies = list(stub.Generate(request, metadata=tuple(AUTH.items()), timeout=60))
+    over_grpc = [lp for r in replies for lp in r.prompt_logprobs]
+    assert [lp.token_id for lp in over_grpc] == PROMPT[1:]
+    assert [lp.logprob for lp in over_grpc] == pytest.approx(engine_prompt[1:], abs=1e-4)
+    assert all(len(lp.top) == 2 for lp in over_grpc)
 
 
 def test_streams_end_like_openai_with_usage_on_every_chunk_when_asked(cluster) -> None:
