@@ -99,6 +99,13 @@ class ClusterConfig:
     # text itself. A path is read once, here, so that after validation this holds the template's
     # text and replicas on other nodes need no copy of the file. None: the model's template.
     chat_template: str | None = None
+    # vLLM's --enable-auto-tool-choice: chat requests may use tool_choice "auto" (the default when
+    # `tools` are given), the model's calls read by tool_call_parser. Off: such a request is a 400
+    # naming the flag, as in vLLM.
+    enable_auto_tool_choice: bool = False
+    # vLLM's --tool-call-parser: "hermes" or "llama3_json" (router/tool_parsers.py). None: the one
+    # the chat template implies (llama3_json for Llama 3.x templates, hermes otherwise).
+    tool_call_parser: str | None = None
     grpc_port: int = 9000
     http_port: int = 8000
     host: str = "127.0.0.1"
@@ -171,6 +178,11 @@ class ClusterConfig:
             raise ConfigError(f"generation_config: must be auto, vllm or an existing directory, got {self.generation_config!r}")
         if self.chat_template is not None:
             object.__setattr__(self, "chat_template", read_chat_template(self.chat_template))
+        from shardline.router.tool_parsers import TOOL_CALL_PARSERS
+
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ConfigError(f"tool_call_parser: must be one of {', '.join(TOOL_CALL_PARSERS)}, "
+                              f"got {self.tool_call_parser!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "ClusterConfig":

@@ -34,7 +34,7 @@ from shardline.cluster.config import ClusterConfig
 from shardline.logging import configure_logging
 from shardline.metrics import RouterMetrics, merge_expositions
 from shardline.proto import generation_pb2 as pb
-from shardline.router import openai_api, openai_protocol, tool_calls
+from shardline.router import openai_api, openai_protocol, tool_calls, tool_parsers
 from shardline.router.health import HubClient, Readiness
 from shardline.router.limits import RequestLimitsMiddleware, check_prompt_chars, request_label
 from shardline.router.offload import TokenizerPool
@@ -44,6 +44,7 @@ from shardline.router.sampling_defaults import load_sampling_defaults
 from shardline.router.streams import merge_streams
 from shardline.router.tenancy import cache_salt_for
 from shardline.worker.engine.generation import GenerationRequest, StreamItem
+from shardline.worker.engine.outputs import TokenLogprob
 from shardline.worker.engine.params import RequestError, SamplingParams, StructuredOutput
 from shardline.worker.engine.validation import Limits
 from shardline.worker.tokenizer import encode_prompt, load_tokenizer
@@ -202,11 +203,15 @@ def _stream_owner():
         return None
 
 
+def _token_logprob_to_proto(lp: TokenLogprob) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                           top=[pb.TopLogprob(token_id=k, logprob=v) for k, v in lp.top.items()])
+
+
 def _to_proto(rid: str, item: StreamItem) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(request_id=rid, token_ids=item.token_ids, text=item.text, index=item.index)
-    for lp in item.logprobs or []:
-        msg.logprobs.append(pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
-                                            top=[pb.TopLogprob(token_id=k, logprob=v) for k, v in lp.top.items()]))
+    msg.logprobs.extend(_token_logprob_to_proto(lp) for lp in item.logprobs or [])
+    msg.prompt_logprobs.extend(_token_logprob_to_proto(lp) for lp in item.prompt_logprobs or [] if lp is not None)
     if item.finish_reason:
         msg.finish_reason = FINISH_ENUM.get(item.finish_reason, pb.FINISH_REASON_ERROR)
         msg.usage.CopyFrom(pb.Usage(prompt_tokens=item.usage.prompt_tokens,
@@ -258,6 +263,10 @@ class Ingress:
             config.generation_config, source.path if source.kind == "safetensors" else None)
         self._api_keys = [key.encode() for key in config.api_keys]
         self._warned_fields: set[str] = set()
+        template = getattr(self.tokenizer.hf, "chat_template", None) if self.tokenizer is not None else None
+        parser_name = config.tool_call_parser or tool_parsers.parser_for_template(template if isinstance(template, str) else None)
+        self.tool_parser = tool_parsers.make_parser(parser_name)  # reads tool_choice "auto" calls
+        log.info("tool-call parser: %s%s", parser_name, "" if config.tool_call_parser else " (from the chat template)")
 
     # ---- shared path ------------------------------------------------------------------------------
 
@@ -662,7 +671,7 @@ class Ingress:
             params = openai_api.sampling_params(req, chat, self.sampling_defaults)
             tool_plan = None
             if chat:
-                tool_plan, params = tool_calls.plan(req, params)
+                tool_plan, params = tool_calls.plan(req, params, self.tool_parser, self.config.enable_auto_tool_choice)
             request_label(req.request_id, self.config.max_request_id_chars)  # validated; never the engine's id
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
             echo: list[str] | None = None
@@ -687,7 +696,9 @@ class Ingress:
             return self._error(RequestError("", "the replica ended the stream without a result", code="internal"))
         n = params.n
         builder = openai_api.ResponseBuilder(rid, self.model_name, chat, n, n * len(prompts), self._decode_token,
-                                             want_logprobs=params.logprobs is not None, echo=echo)
+                                             want_logprobs=params.logprobs is not None, echo=echo,
+                                             prompt_token_ids=[list(ids) for ids in prompts],
+                                             want_prompt_logprobs=req.prompt_logprobs is not None)
         builder.tools = tool_plan
         if not req.stream:
             try:

@@ -6,13 +6,17 @@ into OpenAI `tool_calls`, whole or as streamed deltas.
   `parameters` schema, so the whole text is F's arguments (vLLM's convention); streamed, each text
   delta is an `arguments` delta of call 0, the first one carrying its id and name.
 - `tool_choice: "required"`: the output is constrained to a JSON array (one element unless
-  parallel_tool_calls) of `{"name": <one of the tools>, "parameters": <that tool's schema>}`;
-  streamed, the calls are sent whole when the array is complete.
-- `"auto"` (the default with tools): the model decides; its text is parsed with the Hermes format
-  (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, the format of the Qwen2.5/Qwen3 and
-  SmolLM2-style templates). Text before the first call is the message's content; streamed, content
-  flows until a call starts (a partial `<tool_call>` is held back) and the calls come at the end.
+  parallel_tool_calls) of `{"name": <one of the tools>, "parameters": <that tool's schema>}`.
+- `"auto"` (the default with tools, as in vLLM): the model decides; its text is parsed by the
+  server's tool-call parser (router/tool_parsers.py: `hermes` or `llama3_json`, vLLM's
+  `--tool-call-parser`). It needs `--enable-auto-tool-choice` (vLLM's rule: a 400 naming the flag
+  otherwise). Content before the first call is the message's content.
 - `"none"`: no parsing, no constraint.
+
+Streamed ("required" and "auto"), each call is sent as OpenAI sends it: a first delta with its
+index, id, type, the function's name and empty arguments as soon as the name is complete, then
+`arguments` fragments as the model writes them; the fragments concatenate to the non-streamed
+call's arguments (both are the raw JSON the model wrote). Content streams until a call starts.
 
 The arguments of every constrained call parse and validate against the function's schema, because
 the grammar allowed nothing else."""
@@ -28,11 +32,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, TypeAdapter, ValidationError
 
+from shardline.router.tool_parsers import HermesToolParser, ToolCallParser, complete_call, scan_calls
 from shardline.worker.engine.params import RequestError, SamplingParams, StructuredOutput
 
-HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
-_HERMES_CALL = re.compile(re.escape(HERMES_OPEN) + r"\s*(.*?)\s*" + re.escape(HERMES_CLOSE), re.S)
-
+AUTO_NEEDS_FLAG = ('"auto" tool choice requires --enable-auto-tool-choice (and a tool-call parser: '
+                   '--tool-call-parser, or the one the chat template implies) to be set')
 
 class FunctionSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -62,12 +66,18 @@ _CHOICE: TypeAdapter[Any] = TypeAdapter(Literal["none", "auto", "required"] | Na
 _PARALLEL = TypeAdapter(StrictBool)
 
 
-def plan(req: Any, params: SamplingParams) -> "tuple[ToolPlan | None, SamplingParams]":
+def plan(req: Any, params: SamplingParams, parser: ToolCallParser | None = None,
+         auto_tool_choice: bool = True) -> "tuple[ToolPlan | None, SamplingParams]":
     """The chat request's ToolPlan and its SamplingParams with the tool constraint (checked, errors
-    naming `tool_choice`); a tool constraint beside a response_format is an error."""
+    naming `tool_choice`); a tool constraint beside a response_format is an error. `parser` reads
+    "auto" calls (Hermes when None); `auto_tool_choice` is the server's --enable-auto-tool-choice."""
     from shardline.worker.structured.grammar import checked_as
 
     tool_plan, constraint = ToolPlan.from_request(req.tools, req.tool_choice, req.parallel_tool_calls)
+    if tool_plan is not None and tool_plan.mode == "auto":
+        if not auto_tool_choice:
+            raise RequestError("tool_choice", AUTO_NEEDS_FLAG)
+        tool_plan.parser = parser or HermesToolParser()
     if constraint is None:
         return tool_plan, params
     if params.structured_output is not None:
@@ -111,8 +121,9 @@ class ToolPlan:
     mode: str
     tools: list[ToolSpec]
     named: str | None = None
+    parser: ToolCallParser = field(default_factory=HermesToolParser)  # reads "auto" calls
     call_ids: dict[int, str] = field(default_factory=dict)  # choice index -> the streamed call's id (named)
-    held: dict[int, str] = field(default_factory=dict)  # choice index -> text not streamed yet (auto, required)
+    streams: dict[int, "_CallStream"] = field(default_factory=dict)  # choice index -> its stream (auto, required)
 
     @classmethod
     def from_request(cls, tools: Any, tool_choice: Any, parallel_tool_calls: Any) -> "tuple[ToolPlan | None, StructuredOutput | None]":
@@ -159,22 +170,13 @@ class ToolPlan:
             return None, [_call(self.named or "", text)]
         if self.mode == "required":
             try:
-                items = json.loads(text)
+                json.loads(text)
             except json.JSONDecodeError:
                 return text, []  # cut short by max_tokens: no complete call to report
-            return None, [_call(i["name"], json.dumps(i["parameters"], ensure_ascii=False)) for i in items]
-        calls = []
-        for body in _HERMES_CALL.findall(text):
-            try:
-                parsed = json.loads(body)
-                name, arguments = parsed["name"], parsed.get("arguments", parsed.get("parameters", {}))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # not a well-formed call: left in the content
-            calls.append(_call(str(name), arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)))
-        if not calls:
-            return text, []
-        content = text[: text.index(HERMES_OPEN)]  # as streamed: content flows before a call starts
-        return content or None, calls
+            found = [complete_call(text, c) for c in scan_calls(text, 0, call_depth=1)]
+            return None, [_call(name, arguments) for name, arguments in (f for f in found if f is not None)]
+        content, calls = self.parser.parse(text)
+        return content, [_call(name, arguments) for name, arguments in calls]
 
     def message(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
         """The assistant message and the finish reason of a whole choice."""
@@ -194,28 +196,72 @@ class ToolPlan:
                 return {"tool_calls": [{"index": 0, "id": self.call_ids[index], "type": "function",
                                         "function": {"name": self.named, "arguments": text}}]}
             return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else None
-        held = self.held.get(index, "") + text
-        if self.mode == "required" or HERMES_OPEN in held:
-            self.held[index] = held
-            return None
-        # auto: stream content, holding back a tail that may be the start of "<tool_call>"
-        keep = next((k for k in range(min(len(held), len(HERMES_OPEN) - 1), 0, -1)
-                     if HERMES_OPEN.startswith(held[-k:])), 0)
-        self.held[index] = held[len(held) - keep:] if keep else ""
-        out = held[: len(held) - keep]
-        return {"content": out} if out else None
+        stream = self.streams.setdefault(index, _CallStream(self.mode == "required", self.parser))
+        return stream.advance(text)
 
     def final_delta(self, index: int, finish_reason: str | None) -> tuple[dict[str, Any] | None, str | None]:
-        """What a choice still owes when it finishes (its held text or its calls) and its finish reason."""
-        held = self.held.pop(index, "")
+        """What a choice still owes when it finishes (held content, the rest of its calls) and its
+        finish reason ("tool_calls" when it called any and stopped by itself)."""
         if self.mode == "named":
             return None, "tool_calls" if finish_reason == "stop" else finish_reason
-        if self.mode == "auto" and HERMES_OPEN not in held:
-            return ({"content": held} if held else None), finish_reason
-        content, calls = self.calls(held)
-        if not calls:
-            return ({"content": held} if held else None), finish_reason
-        delta: dict[str, Any] = {"tool_calls": [dict(c, index=i) for i, c in enumerate(calls)]}
-        if content and self.mode == "auto":
-            delta["content"] = content
-        return delta, "tool_calls" if finish_reason == "stop" else finish_reason
+        stream = self.streams.pop(index, None) or _CallStream(self.mode == "required", self.parser)
+        owed = stream.finish()
+        return owed, "tool_calls" if stream.num_calls and finish_reason == "stop" else finish_reason
+
+
+@dataclass
+class _CallStream:
+    """One streamed choice of an "auto" or "required" request: content until the calls start, then
+    each call's header once its name is complete and its arguments as fragments."""
+
+    required: bool
+    parser: ToolCallParser
+    text: str = ""
+    content_sent: int = 0  # characters of text sent as content
+    calls_start: int | None = None  # where the calls begin, once known
+    ids: list[str] = field(default_factory=list)  # the announced calls' ids
+    arguments_sent: list[int] = field(default_factory=list)  # characters of each call's arguments sent
+
+    @property
+    def num_calls(self) -> int:
+        return len(self.ids)
+
+    def advance(self, text: str, final: bool = False) -> dict[str, Any] | None:
+        self.text += text
+        delta: dict[str, Any] = {}
+        if self.calls_start is None:
+            self.calls_start = 0 if self.required else self.parser.calls_start(self.text)
+        if self.calls_start is None:  # content only so far; hold a tail that may start a call
+            keep = 0 if final else self.parser.held_back(self.text)
+            end = len(self.text) - keep
+        else:
+            end = self.calls_start
+        if end > self.content_sent:
+            delta["content"] = self.text[self.content_sent:end]
+            self.content_sent = end
+        if self.calls_start is not None:
+            calls = self._call_deltas()
+            if calls:
+                delta["tool_calls"] = calls
+        return delta or None
+
+    def _call_deltas(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        assert self.calls_start is not None
+        for i, call in enumerate(scan_calls(self.text, self.calls_start, call_depth=1 if self.required else 0)):
+            if call.name is None:
+                break  # later calls cannot be announced before this one
+            if i == len(self.ids):
+                self.ids.append(f"call_{uuid.uuid4().hex[:24]}")
+                self.arguments_sent.append(0)
+                out.append({"index": i, "id": self.ids[i], "type": "function",
+                            "function": {"name": call.name, "arguments": ""}})
+            arguments = call.streamable_arguments(self.text)
+            if len(arguments) > self.arguments_sent[i]:
+                out.append({"index": i, "function": {"arguments": arguments[self.arguments_sent[i]:]}})
+                self.arguments_sent[i] = len(arguments)
+        return out
+
+    def finish(self) -> dict[str, Any] | None:
+        """The choice ended: send the held tail (content when no call started)."""
+        return self.advance("", final=True)

@@ -40,11 +40,9 @@ UNSUPPORTED_VLLM_FLAGS: dict[str, str] = {
     "--download-dir": "models are cached in ~/.cache/shardline",
     "--hf-overrides": "the model's config.json is used as it is",
     "--rope-scaling": "rope scaling is read from the model's config.json",
-    "--enable-auto-tool-choice": "tool calling is not implemented",
-    "--tool-call-parser": "tool calling is not implemented",
     "--reasoning-parser": "reasoning parsers are not implemented",
-    "--structured-outputs-config": "structured outputs are not implemented",
-    "--guided-decoding-backend": "structured outputs are not implemented",
+    "--structured-outputs-config": "structured outputs always use xgrammar (docs/structured-outputs.md)",
+    "--guided-decoding-backend": "structured outputs always use xgrammar (docs/structured-outputs.md)",
     "--limit-mm-per-prompt": "multimodal models are not supported",
 }
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from shardline.cluster.config import API_KEY_ENV
 from shardline.engine_args import add_engine_args, add_vllm_compatibility_flags, engine_overrides
+from shardline.router.tool_parsers import TOOL_CALL_PARSERS
 from shardline.worker.config import ConfigError
 
 if TYPE_CHECKING:
@@ -45,6 +46,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                             "vllm (the server's own), or a directory holding a generation_config.json")
     serve.add_argument("--chat-template", default=None, metavar="FILE",
                        help="a chat template (file, or the Jinja text) replacing the model's own")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true", default=None,
+                       help='chat requests may let the model decide to call tools (tool_choice "auto", the default '
+                            "with tools); without it such a request is a 400, as in vLLM")
+    serve.add_argument("--tool-call-parser", default=None, metavar="NAME", choices=sorted(TOOL_CALL_PARSERS),
+                       help="how the model's tool calls are read: hermes (<tool_call> JSON; Qwen, Hermes, "
+                            "SmolLM2) or llama3_json (Llama 3.x JSON); default: the one the chat template implies")
     serve.add_argument("--ssl-certfile", default=None, metavar="FILE", help="HTTPS for the HTTP API (with --ssl-keyfile); "
                        "gRPC TLS is terminated in front (docs/security.md)")
     serve.add_argument("--ssl-keyfile", default=None, metavar="FILE", help="the HTTPS private key (with --ssl-certfile)")
@@ -86,7 +93,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 # `serve` flags that are ClusterConfig fields of the same name (engine flags are handled apart).
 _CLUSTER_FLAGS = ("replicas", "grpc_port", "http_port", "host", "served_model_names", "api_keys",
-                  "generation_config", "chat_template", "ssl_certfile", "ssl_keyfile", "tenant_isolation",
+                  "generation_config", "chat_template", "enable_auto_tool_choice", "tool_call_parser", "ssl_certfile", "ssl_keyfile", "tenant_isolation",
                   "max_request_body_bytes", "max_grpc_message_bytes", "log_json", "log_level", "log_prompts")
 
 

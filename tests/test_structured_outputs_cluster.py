@@ -36,7 +36,7 @@ class Capital(BaseModel):
 def cluster():
     grpc_port, http_port = free_port(), free_port()
     args = dict(model="smollm2-135m", engine=ENGINE, replicas=1, cpus_per_rank=0.5,
-                routing_stats_period_s=0.5, metrics_period_s=0.5)
+                routing_stats_period_s=0.5, metrics_period_s=0.5, enable_auto_tool_choice=True)
     with running_cluster(args, grpc_port, http_port):
         yield {"grpc_port": grpc_port, "url": f"http://127.0.0.1:{http_port}"}
 
@@ -156,3 +156,43 @@ def test_streamed_tool_calls_reassemble_to_the_same_call_and_a_tool_result_conti
         {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "clear"}'}])
     answer = follow_up.choices[0]
     assert answer.message.content and not answer.message.tool_calls and answer.finish_reason in ("stop", "length")
+
+
+def reassembled(chunks) -> tuple[list[dict], list]:
+    """The tool calls a stream's deltas add up to (name and arguments per index), and the deltas."""
+    deltas = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    calls: dict[int, dict] = {}
+    for d in deltas:
+        for part in d.tool_calls:
+            slot = calls.setdefault(part.index, {"name": "", "arguments": ""})
+            slot["name"] += (part.function.name or "") if part.function else ""
+            slot["arguments"] += (part.function.arguments or "") if part.function else ""
+    return [calls[i] for i in sorted(calls)], deltas
+
+
+def test_streamed_required_calls_arrive_as_incremental_argument_deltas(client) -> None:
+    """As OpenAI streams a call: a first delta with index, id, type, name and empty arguments,
+    then argument fragments; they reassemble to the non-streamed call."""
+    kwargs = dict(model="smollm2-135m", messages=ASK_WEATHER, tools=[WEATHER], tool_choice="required",
+                  temperature=0, max_tokens=80)
+    whole = client.chat.completions.create(**kwargs).choices[0].message
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    calls, deltas = reassembled(chunks)
+    assert calls == [{"name": c.function.name, "arguments": c.function.arguments} for c in whole.tool_calls]
+    head = deltas[0].tool_calls[0]
+    assert head.id and head.type == "function" and head.function.name == "get_weather" and head.function.arguments == ""
+    fragments = [p for d in deltas[1:] for p in d.tool_calls]
+    assert len(fragments) > 1 and all(p.id is None and p.function.name is None for p in fragments)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+
+
+def test_auto_tool_choice_streams_like_the_whole_answer(client) -> None:
+    """With --enable-auto-tool-choice, tool_choice "auto" (the default with tools) parses the
+    model's own choice with the template's parser (hermes here); streamed equals whole."""
+    kwargs = dict(model="smollm2-135m", messages=ASK_WEATHER, tools=[WEATHER], temperature=0, max_tokens=60)
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    calls, _ = reassembled(chunks)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert calls == [{"name": c.function.name, "arguments": c.function.arguments} for c in whole.message.tool_calls or []]
+    assert (content or None) == whole.message.content

@@ -9,8 +9,9 @@ import json
 import jsonschema
 import pytest
 
-from shardline.router.tool_calls import ToolPlan
-from shardline.worker.engine.params import RequestError
+from shardline.router.tool_calls import ToolPlan, plan
+from shardline.router.tool_parsers import make_parser, parser_for_template
+from shardline.worker.engine.params import RequestError, SamplingParams
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -55,30 +56,115 @@ def test_auto_parses_hermes_tool_calls_and_keeps_plain_answers_as_content():
     assert ToolPlan.from_request([WEATHER], "none", None) == (None, None)
 
 
-@pytest.mark.parametrize("choice, text", [
-    ("auto", 'Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'),
-    ("auto", "No tools needed: <tool is a word>"),
-    ("required", '[{"name": "get_weather", "parameters": {"city": "Oslo"}}]'),
-    ({"type": "function", "function": {"name": "get_weather"}}, '{"city": "Oslo"}'),
-])
-def test_streamed_deltas_reassemble_to_the_whole_message(choice, text):
-    whole_plan, _ = ToolPlan.from_request([WEATHER], choice, None)
-    whole, whole_finish = whole_plan.message(text, "stop")
-    plan, _ = ToolPlan.from_request([WEATHER], choice, None)
-    deltas = [plan.delta(0, text[i:i + 3]) for i in range(0, len(text), 3)]
+def stream(plan: ToolPlan, text: str, size: int) -> tuple[list[dict], str | None]:
+    """Feed `text` to plan.delta in pieces of `size` characters; the deltas and the finish reason."""
+    deltas = [plan.delta(0, text[i:i + size]) for i in range(0, len(text), size)]
     owed, finish = plan.final_delta(0, "stop")
     deltas.append(owed)
-    content = "".join(d.get("content", "") for d in deltas if d)
+    return [d for d in deltas if d], finish
+
+
+def reassemble(deltas: list[dict]) -> tuple[str | None, list[dict]]:
+    content = "".join(d.get("content", "") for d in deltas)
     calls: dict[int, dict] = {}
     for d in deltas:
-        for c in (d or {}).get("tool_calls", []):
+        for c in d.get("tool_calls", []):
             slot = calls.setdefault(c["index"], {"name": "", "arguments": ""})
             slot["name"] += c.get("function", {}).get("name") or ""
             slot["arguments"] += c.get("function", {}).get("arguments") or ""
+    return content or None, [calls[i] for i in sorted(calls)]
+
+
+def plan_for(choice, parser: str = "hermes", tools=(WEATHER, TIME)) -> ToolPlan:
+    plan, _ = ToolPlan.from_request(list(tools), choice, None)
+    plan.parser = make_parser(parser)
+    return plan
+
+
+TWO_CALLS_HERMES = ('Checking both. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo, \\"NO\\" {x}"}}\n'
+                    '</tool_call>\n<tool_call>\n{"arguments": {"zone": "UTC"}, "name": "get_time"}\n</tool_call>')
+TWO_CALLS_LLAMA = ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo", "days": [1, {"n": 2}]}}; '
+                   '{"name": "get_time", "parameters": {"zone": "UTC"}}')
+
+
+@pytest.mark.parametrize("choice, parser, text", [
+    ("auto", "hermes", 'Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'),
+    ("auto", "hermes", "No tools needed: <tool is a word>"),
+    ("auto", "hermes", TWO_CALLS_HERMES),
+    ("auto", "llama3_json", TWO_CALLS_LLAMA),
+    ("auto", "llama3_json", '  {"name": "get_time", "parameters": {"zone": "CET"}}'),
+    ("auto", "llama3_json", "The weather is fine {really}."),
+    ("required", "hermes", '[{"name": "get_weather", "parameters": {"city": "Oslo"}}]'),
+    ("required", "hermes", '[{"name": "get_weather", "parameters": {"city": "]}"}}, {"name": "get_time", '
+                           '"parameters": {"zone": "UTC"}}]'),
+    ({"type": "function", "function": {"name": "get_weather"}}, "hermes", '{"city": "Oslo"}'),
+])
+@pytest.mark.parametrize("size", [1, 3, 1000])
+def test_streamed_deltas_reassemble_to_the_whole_message(choice, parser, text, size):
+    whole, whole_finish = plan_for(choice, parser).message(text, "stop")
+    deltas, finish = stream(plan_for(choice, parser), text, size)
+    content, calls = reassemble(deltas)
     assert finish == whole_finish
-    assert (content or None) == whole["content"]
-    assert [calls[i] for i in sorted(calls)] == [
-        {"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in whole.get("tool_calls", [])]
+    assert content == whole["content"]
+    assert calls == [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                     for c in whole.get("tool_calls", [])]
+    for call in whole.get("tool_calls", []):
+        json.loads(call["function"]["arguments"])
+
+
+@pytest.mark.parametrize("choice, parser, text", [
+    ("auto", "hermes", TWO_CALLS_HERMES),
+    ("auto", "llama3_json", TWO_CALLS_LLAMA),
+    ("required", "hermes", '[{"name": "get_weather", "parameters": {"city": "Oslo"}}, {"name": "get_time", '
+                           '"parameters": {"zone": "UTC"}}]'),
+])
+def test_streamed_calls_are_announced_then_their_arguments_grow_as_openai_sends_them(choice, parser, text):
+    deltas, _ = stream(plan_for(choice, parser), text, 2)
+    parts = [c for d in deltas for c in d.get("tool_calls", [])]
+    for index in (0, 1):
+        mine = [p for p in parts if p["index"] == index]
+        head, rest = mine[0], mine[1:]
+        assert head["id"].startswith("call_") and head["type"] == "function" and head["function"]["arguments"] == ""
+        assert head["function"]["name"] in ("get_weather", "get_time")
+        assert rest and all(set(p) == {"index", "function"} and set(p["function"]) == {"arguments"} for p in rest)
+        # Fragments, not the whole arguments at once (Hermes' second call writes its arguments before
+        # its name: they wait for the name, since the first delta must carry it).
+        assert len(rest) > 3 or (parser == "hermes" and index == 1)
+    whole, _ = plan_for(choice, parser).message(text, "stop")
+    assert [c["function"]["name"] for c in whole["tool_calls"]] == ["get_weather", "get_time"]
+
+
+def test_llama3_json_calls_parse_with_or_without_the_python_tag():
+    parser = make_parser("llama3_json")
+    assert parser.parse('{"name": "get_time", "parameters": {"zone": "UTC"}}') == (None, [("get_time", '{"zone": "UTC"}')])
+    content, calls = parser.parse(TWO_CALLS_LLAMA)
+    assert content is None and [name for name, _ in calls] == ["get_weather", "get_time"]
+    assert json.loads(calls[0][1]) == {"city": "Oslo", "days": [1, {"n": 2}]}
+    assert parser.parse("It is sunny in Oslo.") == ("It is sunny in Oslo.", [])
+    assert parser.parse('{"not": "a call"}') == ('{"not": "a call"}', [])  # no name: content
+    assert parser.parse('{"name": "get_time", "parameters": {"zone": ') == ('{"name": "get_time", "parameters": {"zone": ', [])
+
+
+def test_the_parser_follows_the_chat_template_unless_named():
+    assert parser_for_template("{% for t in tools %}<tool_call>{{ t }}</tool_call>{% endfor %}") == "hermes"
+    llama = '<|start_header_id|>ipython<|end_header_id|> {"name": function name, "parameters": ...} <|python_tag|>'
+    assert parser_for_template(llama) == "llama3_json"
+    assert parser_for_template(None) == "hermes"
+    with pytest.raises(ValueError, match="hermes, llama3_json"):
+        make_parser("mistral")
+
+
+def test_auto_needs_the_servers_flag():
+    class Body:
+        tools, tool_choice, parallel_tool_calls = [WEATHER], None, None
+
+    with pytest.raises(RequestError) as e:
+        plan(Body(), SamplingParams(), make_parser("llama3_json"), auto_tool_choice=False)
+    assert e.value.field == "tool_choice" and "--enable-auto-tool-choice" in str(e.value)
+    tool_plan, _ = plan(Body(), SamplingParams(), make_parser("llama3_json"), auto_tool_choice=True)
+    assert tool_plan.mode == "auto" and tool_plan.parser.name == "llama3_json"
+    Body.tool_choice = "required"
+    assert plan(Body(), SamplingParams(), None, auto_tool_choice=False)[0].mode == "required"
 
 
 @pytest.mark.parametrize("tools, choice, field", [
