@@ -231,3 +231,16 @@ def test_ask_sends_the_flags_key_or_the_environments_first(parser, monkeypatch) 
     assert ("authorization", "Bearer from-env") in ask_metadata(parser.parse_args(["ask", "hi"]))
     monkeypatch.delenv(API_KEY_ENV)
     assert [k for k, _ in ask_metadata(parser.parse_args(["ask", "hi", "--timeout", "2"]))] == ["timeout-ms"]
+
+
+def test_vllms_tool_calling_flags_reach_the_cluster_config(parser, capsys) -> None:
+    config = config_from_args(parser.parse_args(["serve", "m", "--enable-auto-tool-choice",
+                                                 "--tool-call-parser", "llama3_json"]))
+    assert config.enable_auto_tool_choice is True and config.tool_call_parser == "llama3_json"
+    plain = config_from_args(parser.parse_args(["serve", "m"]))
+    assert plain.enable_auto_tool_choice is False and plain.tool_call_parser is None  # the template decides
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "m", "--tool-call-parser", "mistral"])
+    assert "invalid choice: 'mistral'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="tool_call_parser"):
+        ClusterConfig(model="m", tool_call_parser="mistral")
