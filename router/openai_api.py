@@ -201,6 +201,7 @@ class Choice:
 
     index: int
     prefix: str = ""  # the echoed prompt (completions with echo)
+    echo: bool = False  # completions with echo (the prompt may decode to "")
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
@@ -237,12 +238,13 @@ class ResponseBuilder:
             if prompt_token_ids is not None:
                 choice.prompt_token_ids = prompt_token_ids[i // n]
             if echo is not None:
+                choice.echo = True
                 choice.prefix = echo[i // n]
                 choice.offset = len(choice.prefix)
 
     def _echoed_prompt(self, c: Choice) -> tuple[list[int], list[TokenLogprob | None]] | None:
         """The echoed prompt's tokens and logprobs of a completions choice with echo and logprobs."""
-        if self.chat or not c.prefix or not self.want_logprobs or c.prompt_logprobs is None:
+        if self.chat or not c.echo or not self.want_logprobs or c.prompt_logprobs is None:
             return None
         return c.prompt_token_ids, c.prompt_logprobs
 
