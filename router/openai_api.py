@@ -273,8 +273,8 @@ class ResponseBuilder:
                             "logprobs": lps})
                 if self.want_prompt_logprobs:
                     out[-1]["prompt_logprobs"] = self._prompt_logprobs_field(c)
-        body = {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": out, "usage": self.usage()}
+        body: dict[str, Any] = {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion",
+                                "created": self.created, "model": self.model, "choices": out, "usage": self.usage()}
         if self.chat and self.want_prompt_logprobs:  # vLLM puts chat's beside the choices (one prompt)
             body["prompt_logprobs"] = self._prompt_logprobs_field(self.choices[0])
         return body
