@@ -131,6 +131,36 @@ def generation_stub(grpc_port: int, credentials: Any = None):
         yield pb_grpc.GenerationStub(channel)
 
 
+class Drain:
+    """`drain_application(app, timeout_s)` on a thread of its own, started at once; `start()`
+    returns when readiness (gRPC Health through `stub`) has failed, `report()` joins it."""
+
+    def __init__(self, stub: Any, app: str = "shardline", timeout_s: float = 120.0) -> None:
+        import threading
+
+        from shardline.cluster.drain import drain_application
+
+        self._reports: list[Any] = []
+        self._thread = threading.Thread(target=lambda: self._reports.append(drain_application(app, timeout_s)))
+        self._stub = stub
+
+    def start(self, ready_fails_within_s: float = 30.0) -> "Drain":
+        from shardline.proto import generation_pb2 as pb
+
+        self._thread.start()
+        deadline = time.monotonic() + ready_fails_within_s
+        while self._stub.Health(pb.HealthRequest(), timeout=15).status == pb.HealthResponse.SERVING:
+            assert time.monotonic() < deadline, "readiness never failed"
+            time.sleep(0.1)
+        return self
+
+    def report(self, timeout_s: float = 120.0) -> Any:
+        """The DrainReport (cluster/drain.py)."""
+        self._thread.join(timeout_s)
+        assert self._reports, "the drain did not return"
+        return self._reports[0]
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     """PEM files of a test CA and of a server certificate it signed for 127.0.0.1 and localhost."""

@@ -17,7 +17,7 @@ httpx = pytest.importorskip("httpx")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from cluster_fixtures import collect, free_port, generation_stub, running_cluster, write_tiny_model_with_tokenizer  # noqa: E402
+from cluster_fixtures import Drain, collect, free_port, generation_stub, running_cluster, write_tiny_model_with_tokenizer  # noqa: E402
 from shardline.proto import generation_pb2 as pb  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -422,18 +422,10 @@ def test_health_comes_back_after_a_serve_replica_is_killed(cluster, stub, kind: 
 
 
 def test_a_drain_refuses_new_calls_and_lets_streams_in_flight_finish(cluster, stub) -> None:
-    from shardline.cluster.drain import drain_application
-
     wait_all_free(stub)
     call = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6, 7]), sampling=greedy(200)), timeout=300)
     first = next(call)
-    report: dict[str, object] = {}
-    drainer = threading.Thread(target=lambda: report.update(r=drain_application(APP, timeout_s=120)))
-    drainer.start()
-    deadline = time.monotonic() + 30
-    while stub.Health(pb.HealthRequest(), timeout=15).status == pb.HealthResponse.SERVING:
-        assert time.monotonic() < deadline, "readiness never failed"
-        time.sleep(0.1)
+    drain = Drain(stub, APP).start()
     assert httpx.get(f"{cluster['http']}/health", timeout=15).status_code == 503
     with pytest.raises(grpc.RpcError) as error:
         list(stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[4]), sampling=greedy(1)), timeout=60))
@@ -442,6 +434,6 @@ def test_a_drain_refuses_new_calls_and_lets_streams_in_flight_finish(cluster, st
     assert reply.status_code == 503 and reply.json()["error"]["code"] == "unavailable"
     rest = collect(call)  # the stream in flight finishes whole
     assert rest["finish"] == pb.FINISH_REASON_LENGTH and len(first.token_ids) + len(rest["ids"]) == 200
-    drainer.join(120)
-    assert report["r"].in_flight_at_start == 1 and report["r"].complete and report["r"].proxies_drained
-    assert report["r"].ingress_replicas == 1
+    report = drain.report()
+    assert report.in_flight_at_start == 1 and report.complete and report.proxies_drained
+    assert report.ingress_replicas == 1

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import threading
 import time
 
 import pytest
@@ -25,7 +24,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("cryptography")
 
 from cluster_fixtures import (  # noqa: E402
-    collect, free_port, generation_stub, running_cluster, write_test_certificates, write_tiny_model_with_tokenizer)
+    Drain, collect, free_port, generation_stub, running_cluster, write_test_certificates, write_tiny_model_with_tokenizer)
 from shardline.proto import generation_pb2 as pb  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -103,8 +102,6 @@ def running(stub) -> int:
 
 
 def test_a_drain_closes_every_ingress_replica_and_lets_their_streams_finish(stub) -> None:
-    from shardline.cluster.drain import drain_application
-
     tokens, streams = 300, 4
     calls = [stub.Generate(generate(tokens), timeout=300) for _ in range(streams)]
     firsts = [next(call) for call in calls]
@@ -112,13 +109,7 @@ def test_a_drain_closes_every_ingress_replica_and_lets_their_streams_finish(stub
     while running(stub) < streams:
         assert time.monotonic() < deadline, "the streams never all ran"
         time.sleep(0.1)
-    report: dict[str, object] = {}
-    drainer = threading.Thread(target=lambda: report.update(r=drain_application(APP, timeout_s=120)))
-    drainer.start()
-    deadline = time.monotonic() + 30
-    while stub.Health(pb.HealthRequest(), timeout=15).status == pb.HealthResponse.SERVING:
-        assert time.monotonic() < deadline, "readiness never failed"
-        time.sleep(0.1)
+    drain = Drain(stub, APP).start()
     # Each call goes to either Ingress replica: one left open would serve about half of them.
     for _ in range(10):
         with pytest.raises(grpc.RpcError) as error:
@@ -127,7 +118,6 @@ def test_a_drain_closes_every_ingress_replica_and_lets_their_streams_finish(stub
     for first, call in zip(firsts, calls):
         rest = collect(call)  # every stream in flight, on either replica, finishes whole
         assert rest["finish"] == pb.FINISH_REASON_LENGTH and len(first.token_ids) + len(rest["ids"]) == tokens
-    drainer.join(120)
-    drained = report["r"]
+    drained = drain.report()
     assert drained.ingress_replicas == 2 and drained.in_flight_at_start == streams
     assert drained.complete and drained.proxies_drained
