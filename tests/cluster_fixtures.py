@@ -8,9 +8,11 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from tiny_models import write_tiny_checkpoint
+
+T = TypeVar("T")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }} {{ m['content'] }}</s>{% endfor %}"
@@ -129,6 +131,21 @@ def generation_stub(grpc_port: int, credentials: Any = None):
 
     with channel_to(grpc_port, credentials) as channel:
         yield pb_grpc.GenerationStub(channel)
+
+
+def settled(read: Callable[[], T], apart_s: float = 1.0, timeout_s: float = 60.0) -> T:
+    """`read()` once two reads `apart_s` apart agree. For counters a replica pushes to the
+    MetricsHub: one push reads its counters and its idle state at slightly different moments, so
+    the first snapshot that shows the engine idle may still lack the last request's finish."""
+    deadline = time.monotonic() + timeout_s
+    last = read()
+    while True:
+        time.sleep(apart_s)
+        now = read()
+        if now == last:
+            return now
+        assert time.monotonic() < deadline, f"still moving after {timeout_s} s: {last} -> {now}"
+        last = now
 
 
 class Drain:

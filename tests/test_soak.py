@@ -23,7 +23,7 @@ httpx = pytest.importorskip("httpx")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from cluster_fixtures import free_port, running_cluster, write_tiny_model_with_tokenizer  # noqa: E402
+from cluster_fixtures import free_port, running_cluster, settled, write_tiny_model_with_tokenizer  # noqa: E402
 from shardline.proto import generation_pb2 as pb, generation_pb2_grpc as pb_grpc  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -125,7 +125,7 @@ def test_two_thousand_mixed_requests_leave_every_block_free_and_the_counters_add
     with grpc.insecure_channel(f"127.0.0.1:{cluster['grpc_port']}") as channel:
         stub_sync = pb_grpc.GenerationStub(channel)
         wait_idle(stub_sync)
-        before = counters(cluster)
+        before = settled(lambda: counters(cluster))
 
         async def run() -> Counter:
             seen: Counter = Counter()
@@ -147,8 +147,7 @@ def test_two_thousand_mixed_requests_leave_every_block_free_and_the_counters_add
         seen = asyncio.run(run())
         took = time.monotonic() - started
         replicas = wait_idle(stub_sync)  # every block back in the pool, nothing running or waiting
-        time.sleep(1.0)  # the replica's last metrics push
-        after = counters(cluster)
+        after = settled(lambda: counters(cluster))
     delta = {k: after[k] - before[k] for k in set(after) | set(before) if after[k] != before[k]}
     print(f"\nsoak: {REQUESTS} requests in {took:.1f} s; client saw {dict(seen)}; server counted {delta}")
     assert sum(seen.values()) == REQUESTS and seen["finished"] >= kinds.count("plain")
