@@ -121,9 +121,16 @@ class ClusterConfig:
     # token of max_model_len (no tokenizer here has longer tokens in ordinary text).
     max_prompt_chars: int | None = None
     tokenizer_threads: int = 4  # tokenization and chat templating run on this many threads, off the event loop
+    # Nesting of an HTTP JSON body (objects and arrays inside each other): deeper is a 400 naming
+    # this limit. OpenAI bodies nest ~6 deep; tool and response-format JSON schemas add their own.
+    max_json_depth: int = 64
     max_request_id_chars: int = 128  # a client-chosen request id is a label of at most this many printable characters
-    ssl_certfile: str | None = None  # HTTPS for the HTTP proxy (with ssl_keyfile); gRPC TLS: docs/security.md
+    ssl_certfile: str | None = None  # HTTPS for the HTTP proxy (with ssl_keyfile); gRPC TLS: grpc_ssl_certfile
     ssl_keyfile: str | None = None
+    # TLS for the gRPC proxy (PEM certificate chain and private key; Ray 2.60 has no option for it:
+    # router/grpc_proxy.py adds it). Read by the proxy on its node.
+    grpc_ssl_certfile: str | None = None
+    grpc_ssl_keyfile: str | None = None
     # Prefix-cache isolation per tenant: the cache salt comes from the caller's identity (API key),
     # never from the request, and cached_tokens reports only the caller's own hits.
     tenant_isolation: bool = False
@@ -142,13 +149,19 @@ class ClusterConfig:
         for name in ("grpc_port", "http_port"):
             if not 0 < getattr(self, name) < 65536:
                 raise ConfigError(f"{name}: must be a TCP port, got {getattr(self, name)}")
-        for name in ("max_request_body_bytes", "max_request_header_bytes", "max_grpc_message_bytes", "tokenizer_threads", "max_request_id_chars"):
+        for name in ("max_request_body_bytes", "max_request_header_bytes", "max_grpc_message_bytes", "tokenizer_threads", "max_request_id_chars",
+                     "max_json_depth"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
             raise ConfigError(f"max_prompt_chars: must be >= 1, got {self.max_prompt_chars}")
-        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
-            raise ConfigError("ssl_certfile: HTTPS needs both ssl_certfile and ssl_keyfile")
+        for prefix in ("ssl", "grpc_ssl"):
+            certfile, keyfile = getattr(self, f"{prefix}_certfile"), getattr(self, f"{prefix}_keyfile")
+            if (certfile is None) != (keyfile is None):
+                raise ConfigError(f"{prefix}_certfile: TLS needs both {prefix}_certfile and {prefix}_keyfile")
+            for name, path in ((f"{prefix}_certfile", certfile), (f"{prefix}_keyfile", keyfile)):
+                if path is not None and not Path(path).is_file():
+                    raise ConfigError(f"{name}: no such file: {path!r}")
         if self.router not in ROUTERS:
             raise ConfigError(f"router: must be one of {', '.join(ROUTERS)}, got {self.router!r}")
         for key in _ENGINE_TOP_LEVEL:

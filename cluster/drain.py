@@ -7,6 +7,14 @@ and only then may the caller stop Serve's proxies and Ray.
 stream ("Stream removed") and SSE response at once, however long the replicas' own
 graceful_shutdown_timeout_s is.
 
+Every Ingress replica is drained (Serve's `DeploymentHandle.broadcast`, one call per running
+replica; there may be several per node), again at each poll so that one started meanwhile is
+closed too. Then the proxies: an ingress counts a stream finished once it has yielded the last
+message, which may still be on its way through the proxy to the client; stopping the proxy then
+cuts the stream's tail. So the drain marks each Serve proxy draining and waits (same timeout)
+until it has no request open (Serve's own `is_drained`, after RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S,
+which cluster/proxies.py sets short).
+
 Run in a pod: `python -m shardline.cluster.drain --app shardline --timeout-s 120` (connects to
 the local Ray node)."""
 
@@ -18,16 +26,20 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
 class DrainReport:
-    """What a drain saw: requests in flight when admission closed and when it returned, and how
-    long it waited (seconds)."""
+    """What a drain saw: requests in flight (summed over every Ingress replica) when admission
+    closed and when it returned, how many Ingress replicas it closed, whether Serve's proxies had
+    no request open at the end (False when they could not be asked), and how long it waited (seconds)."""
 
     in_flight_at_start: int
     in_flight_at_end: int
     waited_s: float
+    ingress_replicas: int = 0
+    proxies_drained: bool = False
 
     @property
     def complete(self) -> bool:
@@ -48,12 +60,20 @@ async def _drain(app_name: str, timeout_s: float, poll_s: float, give_up: thread
     from ray import serve
 
     started = time.monotonic()
+
+    def waiting() -> bool:
+        return time.monotonic() - started < timeout_s and not (give_up and give_up.is_set())
+
     ingress = serve.get_app_handle(app_name)
     try:
-        at_start = in_flight = await asyncio.wait_for(ingress.drain.remote(), 30)
-        while in_flight > 0 and time.monotonic() - started < timeout_s and not (give_up and give_up.is_set()):
+        replies = await _drain_every_ingress(ingress)
+        at_start = in_flight = sum(replies)
+        replicas = len(replies)
+        while in_flight > 0 and waiting():
             await asyncio.sleep(poll_s)
-            in_flight = await asyncio.wait_for(ingress.in_flight.remote(), 30)
+            replies = await _drain_every_ingress(ingress)
+            in_flight, replicas = sum(replies), max(replicas, len(replies))
+        proxies_drained = in_flight == 0 and await _drain_proxies(waiting, poll_s)
     finally:
         # The handle's router lives on this loop, which asyncio.run closes: shut it down and drop
         # it from Serve's handle cache here, or serve.shutdown() later shuts it down on the closed
@@ -63,7 +83,36 @@ async def _drain(app_name: str, timeout_s: float, poll_s: float, give_up: thread
         client = _get_global_client()
         if client is not None:
             await client.shutdown_cached_handles_async()
-    return DrainReport(at_start, in_flight, time.monotonic() - started)
+    return DrainReport(at_start, in_flight, time.monotonic() - started, replicas, proxies_drained)
+
+
+async def _drain_every_ingress(ingress: Any) -> list[int]:
+    """`Ingress.drain` on every running Ingress replica (idempotent): each one's requests in flight."""
+    return list(await ingress.broadcast("drain").results_async(timeout_s=30))
+
+
+async def _drain_proxies(waiting: Callable[[], bool], poll_s: float) -> bool:
+    """Mark every Serve proxy draining and wait while `waiting()` until none has a request open.
+    Serve's ProxyActor methods `update_draining` / `is_drained` are the ones its controller uses
+    (not public API): on a Ray without them this returns False at once and the caller stops anyway."""
+    import ray
+
+    try:
+        from ray.serve._private.constants import SERVE_NAMESPACE, SERVE_PROXY_NAME
+
+        proxies = [ray.get_actor(a["name"], namespace=a["namespace"])
+                   for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["namespace"] == SERVE_NAMESPACE and a["name"].startswith(SERVE_PROXY_NAME)]
+        await asyncio.gather(*(p.update_draining.remote(True) for p in proxies))
+        while True:
+            if all(await asyncio.gather(*(p.is_drained.remote() for p in proxies))):
+                return True
+            if not waiting():
+                return False
+            await asyncio.sleep(poll_s)
+    except Exception as e:  # noqa: BLE001 - another Ray version, a proxy gone: stop without waiting for them
+        print(f"shardline drain: could not wait for Serve's proxies ({type(e).__name__}: {e})", file=sys.stderr)
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(address=args.address, log_to_driver=False)
     report = drain_application(args.app, args.timeout_s)
-    print(f"shardline drain: {report.in_flight_at_start} request(s) in flight, {report.in_flight_at_end} left "
-          f"after {report.waited_s:.1f} s", file=sys.stderr)
+    print(f"shardline drain: {report.in_flight_at_start} request(s) in flight on {report.ingress_replicas} ingress "
+          f"replica(s), {report.in_flight_at_end} left after {report.waited_s:.1f} s; proxies drained: "
+          f"{report.proxies_drained}", file=sys.stderr)
     return 0 if report.complete else 1
 
 

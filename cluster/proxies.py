@@ -1,10 +1,10 @@
-"""Serve's proxies as a ClusterConfig sets them up: ports, host, HTTPS files and the gRPC message
-size bound. Used by `shardline serve` and the tests, so both start the same proxies.
+"""Serve's proxies as a ClusterConfig sets them up: ports, host, HTTPS and gRPC TLS files and the
+gRPC message size bound. Used by `shardline serve` and the tests, so both start the same proxies.
 
 Ray 2.60's gRPC proxy reads its message size bound from the environment
-(RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, default 2 GiB) when its process starts, binds every interface
-(`[::]:port`, whatever the HTTP host) and has no TLS option; docs/security.md says how to put
-TLS and an interface bound in front of it."""
+(RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, default 2 GiB) when its process starts; it binds every
+interface (`[::]:port`) and has no TLS option, which `ProxyGrpcOptions` (router/grpc_proxy.py)
+adds: the gRPC proxy binds `host` too, with TLS when grpc_ssl_certfile is set."""
 
 from __future__ import annotations
 
@@ -12,6 +12,11 @@ import os
 from typing import Any
 
 from shardline.cluster.config import ROUTER_LOOP_ENV, ClusterConfig
+
+# How long Serve's proxy must have been draining before it reports itself drained (Serve's default
+# is 30 s); cluster/drain.py drains the proxies after the ingress and waits for their streams.
+PROXY_DRAIN_ENV = "RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S"
+PROXY_MIN_DRAINING_PERIOD_S = "0.5"
 
 # The gRPC services the proxy must register (serve.start(grpc_options=...) / the YAML's grpc_options).
 GRPC_SERVICER_FUNCTIONS = [
@@ -23,10 +28,13 @@ GRPC_SERVICER_FUNCTIONS = [
 
 def proxy_environment(config: ClusterConfig) -> dict[str, str]:
     """Environment the proxies' processes must inherit (set before ray.init starts the node): the
-    gRPC message bound, and the proxies' handles routing on their own loop (ROUTER_LOOP_ENV "0",
-    as the replicas' runtime_env sets it: cluster/config.py REPLICA_ENV)."""
+    gRPC message bound, the proxies' handles routing on their own loop (ROUTER_LOOP_ENV "0",
+    as the replicas' runtime_env sets it: cluster/config.py REPLICA_ENV), and a short minimum
+    draining period (a drain waits for the proxies' own open requests: cluster/drain.py).
+    deploy/kuberay sets the same variables in the pods' env (tests/test_deploy_manifests.py)."""
     return {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(config.max_grpc_message_bytes),
-            ROUTER_LOOP_ENV: config.replica_env()[ROUTER_LOOP_ENV]}
+            ROUTER_LOOP_ENV: config.replica_env()[ROUTER_LOOP_ENV],
+            PROXY_DRAIN_ENV: PROXY_MIN_DRAINING_PERIOD_S}
 
 
 def apply_proxy_environment(config: ClusterConfig) -> None:
@@ -35,10 +43,15 @@ def apply_proxy_environment(config: ClusterConfig) -> None:
 
 
 def serve_start_options(config: ClusterConfig) -> dict[str, Any]:
-    """Keyword arguments of `serve.start` for this config: HTTP (host, port, HTTPS files) and gRPC."""
-    from ray.serve.config import HTTPOptions, gRPCOptions
+    """Keyword arguments of `serve.start` for this config: HTTP (host, port, HTTPS files) and gRPC
+    (port, the same host, TLS files)."""
+    from ray.serve.config import HTTPOptions
+
+    from shardline.router.grpc_proxy import ProxyGrpcOptions
 
     http = HTTPOptions(host=config.host, port=config.http_port, ssl_certfile=config.ssl_certfile,
                        ssl_keyfile=config.ssl_keyfile)
-    grpc = gRPCOptions(port=config.grpc_port, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS))
+    grpc = ProxyGrpcOptions(port=config.grpc_port, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS),
+                            host=config.host, ssl_certfile=config.grpc_ssl_certfile,
+                            ssl_keyfile=config.grpc_ssl_keyfile)
     return {"http_options": http, "grpc_options": grpc}

@@ -36,7 +36,7 @@ from shardline.metrics import RouterMetrics, merge_expositions
 from shardline.proto import generation_pb2 as pb
 from shardline.router import openai_api, openai_protocol, tool_calls, tool_parsers
 from shardline.router.health import HubClient, Readiness
-from shardline.router.limits import RequestLimitsMiddleware, check_prompt_chars, request_label
+from shardline.router.limits import RequestLimitsMiddleware, check_prompt_chars, json_body, request_label
 from shardline.router.offload import TokenizerPool
 from shardline.router.replica_stream import cancel_replica_stream
 from shardline.router.routing_hint import RoutingHint
@@ -557,10 +557,7 @@ class Ingress:
         """Authorize, read the JSON body and parse it as `model` (unknown fields logged once);
         returns (the caller's tenant, the parsed body)."""
         tenant = self._http_authorize(request)
-        try:
-            body = await request.json()
-        except (ValueError, RecursionError):  # nesting past Python's recursion limit too
-            raise RequestError("body", "not valid JSON (or nested too deeply)") from None
+        body = json_body(await request.body(), self.config.max_json_depth)  # hardening: depth bounded
         parsed = openai_protocol.parse(model, body)
         self.warn_unknown(parsed.unknown_fields())
         self.check_model(getattr(parsed, "model", None))

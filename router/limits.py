@@ -6,6 +6,7 @@
   reading the rest) and headers over max_request_header_bytes (431), in OpenAI's error shape.
 - `check_prompt_chars`: a prompt's characters against a bound derived from max_model_len,
   checked before the tokenizer sees it (a 50 MiB prompt used to take 40 s to tokenize and refuse).
+- `json_body`: an HTTP body parsed as JSON with its nesting bounded by max_json_depth.
 - `request_label`: a client-chosen request id becomes a bounded, printable label; the engine
   always uses the server's own id (router/ingress.py).
 """
@@ -151,3 +152,33 @@ def request_label(client_id: Any, max_chars: int) -> str | None:
     if not all("!" <= c <= "~" for c in client_id):
         raise RequestError("request_id", "must be printable ASCII without spaces or control characters")
     return client_id
+
+
+def json_nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether a parsed JSON value nests objects and arrays more than `limit` deep (a scalar is 0
+    deep, `[]` 1). Iterative, and it stops at the first path past the limit."""
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def json_body(raw: bytes, max_depth: int) -> Any:
+    """An HTTP body parsed as JSON, nested at most `max_depth` deep; RequestError (field body,
+    400) when it is not JSON or is nested deeper (the parser itself gives up past Python's
+    recursion limit: that is reported as deeper than the limit too)."""
+    too_deep = RequestError("body", f"JSON nested more than {max_depth} levels deep; the limit is {max_depth} "
+                            "(max_json_depth)")
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise too_deep from None
+    except ValueError as e:
+        raise RequestError("body", f"not valid JSON: {str(e)[:200]}") from None
+    if json_nested_deeper_than(value, max_depth):
+        raise too_deep
+    return value

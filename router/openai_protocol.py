@@ -8,6 +8,7 @@ once the request is a GenerationRequest. openai_api.py turns these models into t
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
@@ -167,6 +168,9 @@ class DetokenizeRequest(OpenAIModel):
     tokens: TokenIds
 
 
+_SHORT_REPR = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 80
+_SHORT_REPR.maxlist = _SHORT_REPR.maxdict = 8
 _PROMPT_SHAPES = "a string, a list of token ids (integers), a list of strings or a list of token-id lists"
 
 
@@ -181,6 +185,7 @@ def parse(model: type[OpenAIModel], body: Any) -> Any:
         loc = [str(part) for part in first["loc"]]
         field = loc[0] if loc else "body"
         if field == "prompt":
-            raise RequestError("prompt", f"must be {_PROMPT_SHAPES}; got {body.get('prompt')!r}") from None
+            raise RequestError("prompt", f"must be {_PROMPT_SHAPES}; got {_SHORT_REPR.repr(body.get('prompt'))}") from None
         path = loc[0] + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:]) if loc else "body"
-        raise RequestError(field, f"{path}: {first['msg']} (got {first.get('input')!r})") from None
+        # hardening: a bounded repr (reprlib), never the whole of a large value
+        raise RequestError(field, f"{path}: {first['msg']} (got {_SHORT_REPR.repr(first.get('input'))})") from None

@@ -52,9 +52,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--tool-call-parser", default=None, metavar="NAME", choices=sorted(TOOL_CALL_PARSERS),
                        help="how the model's tool calls are read: hermes (<tool_call> JSON; Qwen, Hermes, "
                             "SmolLM2) or llama3_json (Llama 3.x JSON); default: the one the chat template implies")
-    serve.add_argument("--ssl-certfile", default=None, metavar="FILE", help="HTTPS for the HTTP API (with --ssl-keyfile); "
-                       "gRPC TLS is terminated in front (docs/security.md)")
+    serve.add_argument("--ssl-certfile", default=None, metavar="FILE", help="HTTPS for the HTTP API (with --ssl-keyfile)")
     serve.add_argument("--ssl-keyfile", default=None, metavar="FILE", help="the HTTPS private key (with --ssl-certfile)")
+    serve.add_argument("--grpc-ssl-certfile", default=None, metavar="FILE",
+                       help="TLS for the gRPC API: PEM certificate chain (with --grpc-ssl-keyfile)")
+    serve.add_argument("--grpc-ssl-keyfile", default=None, metavar="FILE",
+                       help="the gRPC TLS private key (with --grpc-ssl-certfile)")
     serve.add_argument("--tenant-isolation", action="store_true", default=None,
                        help="each API key gets its own prefix-cache partition: cache hits, cached_tokens and TTFT "
                             "never reveal another tenant's prompts (docs/security.md)")
@@ -93,7 +96,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 # `serve` flags that are ClusterConfig fields of the same name (engine flags are handled apart).
 _CLUSTER_FLAGS = ("replicas", "grpc_port", "http_port", "host", "served_model_names", "api_keys",
-                  "generation_config", "chat_template", "enable_auto_tool_choice", "tool_call_parser", "ssl_certfile", "ssl_keyfile", "tenant_isolation",
+                  "generation_config", "chat_template", "enable_auto_tool_choice", "tool_call_parser",
+                  "ssl_certfile", "ssl_keyfile", "grpc_ssl_certfile", "grpc_ssl_keyfile", "tenant_isolation",
                   "max_request_body_bytes", "max_grpc_message_bytes", "log_json", "log_level", "log_prompts")
 
 
@@ -148,12 +152,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         serve.start(**serve_start_options(config))
         serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
-        _wait_ready(f"127.0.0.1:{config.grpc_port}", stop)
+        _wait_ready(config, stop)
         if not stop.is_set():
             host = config.host if config.host not in ("0.0.0.0", "::") else "localhost"
             scheme = "https" if config.ssl_certfile else "http"
             print(f"shardline: serving {config.model_name}\n"
-                  f"  gRPC    {host}:{config.grpc_port}   (shardline.v1.Generation; try: shardline ask "
+                  f"  gRPC    {host}:{config.grpc_port}{' (TLS)' if config.grpc_ssl_certfile else ''}   "
+                  "(shardline.v1.Generation; try: shardline ask "
                   f"--address {host}:{config.grpc_port} \"What is the capital of France?\")\n"
                   f"  HTTP    {scheme}://{host}:{config.http_port}/v1   (OpenAI-compatible)\n"
                   f"  metrics {scheme}://{host}:{config.http_port}/metrics\n"
@@ -165,8 +170,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "Ctrl-C again to stop now)", file=sys.stderr, flush=True)
         try:
             report = drain_application(config.app_name, timeout_s, give_up=give_up)
-            print(f"shardline: drained: {report.in_flight_at_start} request(s) were in flight, "
-                  f"{report.in_flight_at_end} left after {report.waited_s:.1f} s; shutting down",
+            print(f"shardline: drained: {report.in_flight_at_start} request(s) were in flight on "
+                  f"{report.ingress_replicas} ingress replica(s), {report.in_flight_at_end} left after "
+                  f"{report.waited_s:.1f} s (proxies drained: {report.proxies_drained}); shutting down",
                   file=sys.stderr, flush=True)
         except Exception as e:  # noqa: BLE001 - the application never came up: nothing to drain
             print(f"shardline: nothing to drain ({type(e).__name__}: {e}); shutting down", file=sys.stderr, flush=True)
@@ -176,17 +182,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_ready(address: str, stop: threading.Event, timeout_s: float = 900.0) -> None:
+def _wait_ready(config: ClusterConfig, stop: threading.Event, timeout_s: float = 900.0) -> None:
+    """Until the application can serve: gRPC Health answers SERVING through the proxy, on the host it
+    binds. With gRPC TLS the CLI cannot know which root the certificate chains to (nor a name it
+    matches on this host), so it waits for Serve to report the application RUNNING instead."""
     import grpc
+    from ray import serve
 
     from shardline.proto import generation_pb2 as pb, generation_pb2_grpc as pb_grpc
 
     deadline = time.monotonic() + timeout_s
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    address = f"[{host}]:{config.grpc_port}" if ":" in host else f"{host}:{config.grpc_port}"
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.GenerationStub(channel)
         while not stop.is_set():
             try:
-                if stub.Health(pb.HealthRequest(), timeout=15).status == pb.HealthResponse.SERVING:
+                if config.grpc_ssl_certfile:
+                    app = serve.status().applications.get(config.app_name)
+                    if app is not None and app.status == "RUNNING":
+                        return
+                elif stub.Health(pb.HealthRequest(), timeout=15).status == pb.HealthResponse.SERVING:
                     return
             except grpc.RpcError:
                 pass

@@ -6,10 +6,13 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from tiny_models import write_tiny_checkpoint
+
+T = TypeVar("T")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }} {{ m['content'] }}</s>{% endfor %}"
@@ -18,13 +21,14 @@ CHAT_TEMPLATE = (
 WORDS = "the capital of france is paris what hello world user assistant system".split()
 
 
-def write_tiny_model_with_tokenizer(directory: Path, seed: int = 7):
-    """A tiny random Llama (vocab 384) plus a word-level tokenizer over its first ids; returns the
-    transformers model (the reference for greedy tokens)."""
+def write_tiny_model_with_tokenizer(directory: Path, seed: int = 7, **overrides: Any):
+    """A tiny random Llama (vocab 384; `overrides` change its config, e.g. max_position_embeddings)
+    plus a word-level tokenizer over its first ids; returns the transformers model (the reference
+    for greedy tokens)."""
     from tokenizers import Tokenizer as RawTokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    model = write_tiny_checkpoint("llama", directory, seed=seed)
+    model = write_tiny_checkpoint("llama", directory, seed=seed, **overrides)
     vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", "<eot>", *WORDS])}
     raw = RawTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -41,9 +45,9 @@ def free_port() -> int:
 
 
 def start_cluster(app_args: dict[str, Any], grpc_port: int, http_port: int, app_name: str = "shardline",
-                  from_yaml: dict[str, Any] | None = None) -> None:
+                  from_yaml: dict[str, Any] | None = None, grpc_credentials: Any = None) -> None:
     """ray.init on 2 CPUs, Serve's proxies on the given ports, and the application; returns when
-    its Health says SERVING."""
+    its Health says SERVING (over TLS with `grpc_credentials`)."""
     import ray
     from ray import serve
 
@@ -56,7 +60,7 @@ def start_cluster(app_args: dict[str, Any], grpc_port: int, http_port: int, app_
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never join a leftover cluster
     serve.start(**serve_start_options(config))
     serve.run(build_app(app_args), name=app_name, route_prefix="/", blocking=False)
-    wait_serving(grpc_port)
+    wait_serving(grpc_port, credentials=grpc_credentials)
 
 
 def stop_cluster() -> None:
@@ -69,13 +73,21 @@ def stop_cluster() -> None:
         ray.shutdown()
 
 
-def wait_serving(port: int, timeout_s: float = 180.0) -> None:
+def channel_to(port: int, credentials: Any = None) -> Any:
+    """A grpcio channel to this machine's port: TLS with `credentials`, else plaintext."""
+    import grpc
+
+    target = f"127.0.0.1:{port}"
+    return grpc.secure_channel(target, credentials) if credentials is not None else grpc.insecure_channel(target)
+
+
+def wait_serving(port: int, timeout_s: float = 180.0, credentials: Any = None) -> None:
     import grpc
 
     from shardline.proto import generation_pb2 as pb, generation_pb2_grpc as pb_grpc
 
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with channel_to(port, credentials) as channel:
         stub = pb_grpc.GenerationStub(channel)
         last = None
         while time.monotonic() < deadline:
@@ -103,9 +115,9 @@ def collect(responses) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def running_cluster(app_args: dict[str, Any], grpc_port: int, http_port: int):
+def running_cluster(app_args: dict[str, Any], grpc_port: int, http_port: int, grpc_credentials: Any = None):
     """The application running for the duration of the block (a module fixture's body)."""
-    start_cluster(app_args, grpc_port, http_port)
+    start_cluster(app_args, grpc_port, http_port, grpc_credentials=grpc_credentials)
     try:
         yield
     finally:
@@ -113,11 +125,104 @@ def running_cluster(app_args: dict[str, Any], grpc_port: int, http_port: int):
 
 
 @contextlib.contextmanager
-def generation_stub(grpc_port: int):
-    """A grpcio client of the Generation service on this machine's gRPC port."""
-    import grpc
-
+def generation_stub(grpc_port: int, credentials: Any = None):
+    """A grpcio client of the Generation service on this machine's gRPC port (TLS with `credentials`)."""
     from shardline.proto import generation_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+    with channel_to(grpc_port, credentials) as channel:
         yield pb_grpc.GenerationStub(channel)
+
+
+def settled(read: Callable[[], T], apart_s: float = 1.0, timeout_s: float = 60.0) -> T:
+    """`read()` once two reads `apart_s` apart agree. For counters a replica pushes to the
+    MetricsHub: one push reads its counters and its idle state at slightly different moments, so
+    the first snapshot that shows the engine idle may still lack the last request's finish."""
+    deadline = time.monotonic() + timeout_s
+    last = read()
+    while True:
+        time.sleep(apart_s)
+        now = read()
+        if now == last:
+            return now
+        assert time.monotonic() < deadline, f"still moving after {timeout_s} s: {last} -> {now}"
+        last = now
+
+
+class Drain:
+    """`drain_application(app, timeout_s)` on a thread of its own, started at once; `start()`
+    returns when readiness (gRPC Health through `stub`) has failed, `report()` joins it."""
+
+    def __init__(self, stub: Any, app: str = "shardline", timeout_s: float = 120.0) -> None:
+        import threading
+
+        from shardline.cluster.drain import drain_application
+
+        self._reports: list[Any] = []
+        self._thread = threading.Thread(target=lambda: self._reports.append(drain_application(app, timeout_s)))
+        self._stub = stub
+
+    def start(self, ready_fails_within_s: float = 30.0) -> "Drain":
+        from shardline.proto import generation_pb2 as pb
+
+        self._thread.start()
+        deadline = time.monotonic() + ready_fails_within_s
+        while self._stub.Health(pb.HealthRequest(), timeout=15).status == pb.HealthResponse.SERVING:
+            assert time.monotonic() < deadline, "readiness never failed"
+            time.sleep(0.1)
+        return self
+
+    def report(self, timeout_s: float = 120.0) -> Any:
+        """The DrainReport (cluster/drain.py)."""
+        self._thread.join(timeout_s)
+        assert self._reports, "the drain did not return"
+        return self._reports[0]
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a test CA and of a server certificate it signed for 127.0.0.1 and localhost."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def write_test_certificates(directory: Path) -> TlsFiles:
+    """A fresh CA (EC P-256) and a server certificate for IP 127.0.0.1 and DNS localhost, valid
+    for a day, written as PEM files under `directory` (the key unencrypted, as the proxies read it)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject: str, key, issuer: str, issuer_key, ca: bool) -> x509.Certificate:
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            builder = builder.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                                            critical=True)
+        else:
+            builder = (builder.add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_cert = certificate("shardline test CA", ca_key, "shardline test CA", ca_key, ca=True)
+    server_cert = certificate("localhost", server_key, "shardline test CA", ca_key, ca=False)
+    files = TlsFiles(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    files.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+    return files

@@ -40,6 +40,8 @@ NON_DEFAULT_FLAG_VALUES: dict[str, tuple[str, ...]] = {
     "async_scheduling": ("--async-scheduling",),
     "seed": ("--seed", "7"),
     "max_queue_len": ("--max-queue-len", "16"),
+    "max_stop_strings": ("--max-stop-strings", "4"),
+    "max_stop_string_len": ("--max-stop-string-len", "32"),
     "extra": ("--extra", '{"fused_kernels": "torch"}'),
     "speculative_method": ("--speculative-method", "ngram", "--num-speculative-tokens", "3"),
     "num_speculative_tokens": ("--speculative-method", "ngram", "--num-speculative-tokens", "3"),

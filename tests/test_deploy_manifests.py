@@ -222,6 +222,41 @@ def test_head_prestop_drains_the_ingress_within_the_grace_period(tree: Path) -> 
     assert ingress.get("graceful_shutdown_timeout_s", 20) <= int(drain[2]) and waits < pod["terminationGracePeriodSeconds"]
 
 
+def pod_envs(cluster_spec: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Each Ray container's env (name -> value) of a RayCluster spec: the head and every worker group."""
+    pods = [cluster_spec["headGroupSpec"]["template"]["spec"]]
+    pods += [g["template"]["spec"] for g in cluster_spec["workerGroupSpecs"]]
+    return {c["name"]: {e["name"]: e.get("value") for e in c.get("env", [])} for p in pods for c in p["containers"]}
+
+
+def dev_raycluster() -> dict[str, Any]:
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "kuberay" / "dev" / "raycluster.yaml").read_text()) if d]
+    [cluster] = [d for d in docs if d["kind"] == "RayCluster"]
+    return cluster
+
+
+@pytest.mark.parametrize("tree", ALL_TREES + ["dev"], ids=TREE_IDS + ["dev"])
+def test_every_pod_gives_the_proxies_the_environment_shardline_serve_sets(tree, tmp_path: Path) -> None:
+    """Serve's proxies run on every node and read their gRPC message bound (Serve's default:
+    2 GiB), handle loop and draining period from the pod's environment: the same values
+    `shardline serve` gives them for the deployed Serve config (cluster/proxies.py)."""
+    from shardline.cluster.config import ClusterConfig
+    from shardline.cluster.proxies import proxy_environment
+
+    if tree == "dev":
+        spec, serve_config = dev_raycluster()["spec"], DEPLOY / "serve.yaml"
+    else:
+        service = rayservice(rendered(tree))["spec"]
+        spec, serve_config = service["rayClusterConfig"], tmp_path / "serve.yaml"
+        serve_config.write_text(service["serveConfigV2"])
+    expected = proxy_environment(ClusterConfig.from_file(serve_config))
+    assert expected["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(8 * 2**20)  # not Serve's 2 GiB
+    envs = pod_envs(spec)
+    assert len(envs) >= 2
+    for container, env in envs.items():
+        assert {k: env.get(k) for k in expected} == expected, container
+
+
 def test_grpc_service_selects_serving_pods_on_the_named_port() -> None:
     docs = rendered(DEPLOY / "kuberay" / "base")
     [service] = [d for d in docs if d["kind"] == "Service"]

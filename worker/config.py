@@ -272,6 +272,9 @@ class EngineConfig:
                                          "tokens feed N+1 there); default: on CUDA, off on CPU, where nothing overlaps")
     seed: int = knob(0, help="seed of the generator unseeded requests sample from, and of dummy weights")
     max_queue_len: int = knob(1024, help="waiting requests beyond this are rejected as overload")
+    max_stop_strings: int = knob(16, help="most stop strings one request may carry (each is checked against every "
+                                 "new piece of text; docs/security.md)")
+    max_stop_string_len: int = knob(256, help="longest stop string, in characters (docs/security.md)")
     # Speculative decoding (worker/spec_decode/, docs/speculative-decoding.md). vLLM spells the same
     # settings as the JSON --speculative-config; `speculative_fields_from_json` maps that JSON onto
     # these flat fields (the CLI and the serve YAML accept both forms).
@@ -311,6 +314,8 @@ class EngineConfig:
             ("gpu_memory_utilization", 0.0 < self.gpu_memory_utilization <= 1.0, "in (0, 1]"),
             ("cpu_kv_cache_fraction", 0.0 < self.cpu_kv_cache_fraction <= 1.0, "in (0, 1]"),
             ("max_queue_len", self.max_queue_len >= 1, ">= 1"),
+            ("max_stop_strings", self.max_stop_strings >= 0, ">= 0"),
+            ("max_stop_string_len", self.max_stop_string_len >= 1, ">= 1"),
             ("stream_interval_ms", 0.0 <= self.stream_interval_ms < float("inf"), ">= 0 and finite"),
             ("stream_items_per_s", 0.0 < self.stream_items_per_s < float("inf"), "> 0 and finite"),
         ]

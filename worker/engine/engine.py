@@ -157,7 +157,8 @@ class LLMEngine:
         # requests in the same order sample the same tokens after a restart.
         self.sampler = Sampler(make_generator(config.seed, self.device))
         self.limits = Limits(max_model_len=self.max_model_len, vocab_size=self.model_config.vocab_size,
-                             max_kv_tokens=self.executor.num_blocks * config.block_size)
+                             max_kv_tokens=self.executor.num_blocks * config.block_size,
+                             max_stop_strings=config.max_stop_strings, max_stop_string_len=config.max_stop_string_len)
         tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else []
         self.eos_token_ids = sorted(set(tokenizer_eos) | set(self.model_config.eos_token_ids))
         self._tracked: dict[str, _Tracked] = {}

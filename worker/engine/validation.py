@@ -181,7 +181,8 @@ def _validate_stops(params: SamplingParams, limits: Limits) -> None:
     if not isinstance(stop, (list, tuple)):
         raise RequestError("stop", f"must be a list of strings, got {type(stop).__name__}")
     if len(stop) > limits.max_stop_strings:
-        raise RequestError("stop", f"at most {limits.max_stop_strings} stop strings are allowed, got {len(stop)}")
+        raise RequestError("stop", f"at most {limits.max_stop_strings} stop strings are allowed (max_stop_strings), "
+                           f"got {len(stop)}")
     for index, text in enumerate(stop):
         if not isinstance(text, str):
             raise RequestError("stop", f"stop[{index}] must be a string, got {type(text).__name__} {text!r}")
@@ -189,7 +190,8 @@ def _validate_stops(params: SamplingParams, limits: Limits) -> None:
             raise RequestError("stop", f"stop[{index}] must not be empty")
         if len(text) > limits.max_stop_string_len:
             raise RequestError(
-                "stop", f"stop[{index}] has {len(text)} characters, the limit is {limits.max_stop_string_len}"
+                "stop", f"stop[{index}] has {len(text)} characters, the limit is {limits.max_stop_string_len} "
+                "(max_stop_string_len)"
             )
     stop_ids = params.stop_token_ids
     if not isinstance(stop_ids, (list, tuple)):
