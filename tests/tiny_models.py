@@ -8,6 +8,10 @@ from pathlib import Path
 import torch
 
 ARCHITECTURES = ("llama", "llama31", "mistral", "qwen2", "qwen3", "tied")
+# Mixture-of-experts families (tests/test_moe*.py): 8 experts, top 2. The Qwen3-MoE one has a dense
+# layer among its sparse ones (mlp_only_layers) and renormalises its top-k (norm_topk_prob, as
+# Qwen3-30B-A3B does); Mixtral always renormalises.
+MOE_ARCHITECTURES = ("qwen3_moe", "mixtral")
 
 _COMMON = dict(
     vocab_size=384,
@@ -25,7 +29,7 @@ _COMMON = dict(
 
 def hf_config(arch: str, **overrides):
     """A transformers config object of the named tiny architecture."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     kw = dict(_COMMON)
     kw.update(overrides)
@@ -46,6 +50,13 @@ def hf_config(arch: str, **overrides):
         return Qwen3Config(**kw)
     if arch == "tied":
         return LlamaConfig(tie_word_embeddings=True, **kw)
+    if arch == "qwen3_moe":
+        moe = dict(num_hidden_layers=3, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                   norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1])
+        return Qwen3MoeConfig(**{**kw, **moe, **overrides})
+    if arch == "mixtral":
+        moe = dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32)
+        return MixtralConfig(sliding_window=None, **{**kw, **moe, **overrides})
     raise ValueError(arch)
 
 
@@ -170,3 +181,25 @@ def write_tiny_gguf(model, path: Path, rope_freqs=None, qtype: str | None = None
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+CHAT_WORDS = "the capital of france is paris what hello world user assistant system tell me a story".split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant{% endif %}"
+)
+
+
+def write_chat_tokenizer(directory: Path):
+    """Save a word-level tokenizer with a chat template beside a tiny checkpoint (ids 0-2 are
+    <unk>, <s>, </s>, as the tiny configs' bos/eos say); returns transformers' tokenizer."""
+    from tokenizers import Tokenizer as RawTokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", *CHAT_WORDS])}
+    raw = RawTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(directory)
+    return tok
