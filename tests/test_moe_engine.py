@@ -5,7 +5,9 @@ One prompt set per family, its 32-token reference computed once."""
 from __future__ import annotations
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from shardline.metrics import EngineMetrics
 from shardline.worker.config import EngineConfig
 from shardline.worker.engine.engine import LLMEngine
 from shardline.worker.engine.params import SamplingParams
@@ -74,3 +76,22 @@ def test_chat_prompts_give_transformers_tokens(family):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert result.prompt_token_ids == ids and len(ids) > 8
         assert result.token_ids == hf_greedy(hf, ids, N_NEW)
+
+
+def test_expert_load_histogram_counts_every_routed_token_once_per_step(family):
+    """shardline:moe_expert_tokens: one sample per (sparse layer, expert) per step that ran, summing
+    to tokens computed x top_k x sparse layers."""
+    d, hf, _, _ = family
+    metrics = EngineMetrics("tiny-moe", "0")
+    engine = LLMEngine(EngineConfig(model=str(d), num_kv_blocks=64, block_size=8, max_num_batched_tokens=16,
+                                    enable_prefix_caching=False), show_progress=False, metrics=metrics)
+    batch = BATCH[3:]
+    engine.generate(batch, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    moe = engine.model_config.moe
+    assert moe is not None
+    sparse = sum(moe.is_sparse_layer(i) for i in range(engine.model_config.num_hidden_layers))
+    samples = {s.name: s.value for f in text_string_to_metric_families(metrics.exposition().decode())
+               for s in f.samples if s.name.startswith("shardline:moe_expert_tokens") and "le" not in s.labels}
+    computed = sum(len(p) + 4 - 1 for p in batch)  # every prompt token, then each generated token but the last
+    assert samples["shardline:moe_expert_tokens_count"] == engine.num_steps * sparse * moe.num_experts
+    assert samples["shardline:moe_expert_tokens_sum"] == computed * moe.num_experts_per_tok * sparse

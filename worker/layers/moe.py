@@ -16,6 +16,7 @@ adds the ranks' partial sums. How the experts are split is ExpertPlacement's cho
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -112,21 +113,37 @@ class FusedExperts(nn.Module):
 
 
 class ExpertLoad:
-    """Tokens routed to each expert of each sparse layer since the last `take()`, counted on the
-    device ([num_sparse_layers, num_experts] int64, index_add_: no host sync, CUDA-graph safe)."""
+    """Tokens routed to each expert of each sparse layer, counted on the device
+    ([num_sparse_layers, num_experts] int64, index_add_: no host sync, CUDA-graph safe) until the
+    engine takes them once per step for the `shardline:moe_expert_tokens` histogram."""
 
     def __init__(self, num_sparse_layers: int, num_experts: int, device) -> None:
         self.counts = torch.zeros(num_sparse_layers, num_experts, dtype=torch.int64, device=device)
+        self._in_flight: tuple[torch.Tensor, Any] | None = None  # CUDA: (pinned host copy, its event)
 
     def add(self, slot: int, expert_ids: torch.Tensor) -> None:
         flat = expert_ids.reshape(-1)
         self.counts[slot].index_add_(0, flat, torch.ones_like(flat))
 
-    def take(self) -> torch.Tensor:
-        """The counts so far (a copy), resetting them to zero."""
-        out = self.counts.clone()
+    def take_host(self) -> list[int] | None:
+        """The counts since the previous take, flattened layer by layer, and reset to zero. On CPU
+        at once. On CUDA without waiting for the step in flight: this take's copy to pinned memory
+        is queued behind it and returned by the next take (one step late; None the first time)."""
+        if self.counts.device.type != "cuda":
+            out = self.counts.flatten().tolist()
+            self.counts.zero_()
+            return out
+        previous = self._in_flight
+        host = torch.empty(self.counts.shape, dtype=self.counts.dtype, pin_memory=True)
+        host.copy_(self.counts, non_blocking=True)
         self.counts.zero_()
-        return out
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.counts.device))
+        self._in_flight = (host, event)
+        if previous is None:
+            return None
+        previous[1].synchronize()  # queued before the newest step's forward: does not wait for it
+        return previous[0].flatten().tolist()
 
 
 class SparseMoeBlock(nn.Module):
