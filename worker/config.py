@@ -269,6 +269,14 @@ class ModelConfig:
         emb = v * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * per_layer + mlps + emb + h
 
+    @property
+    def num_active_params(self) -> int:
+        """Parameters one token's forward reads: num_params less the experts a mixture of experts
+        does not run for it (equal to num_params for dense models). FLOPs per token and the decode
+        floor's bytes per step at batch 1 follow this, not the parameter count."""
+        inactive = sum(self.mlp_params(n) - self.mlp_params(n, active=True) for n in range(self.num_hidden_layers))
+        return self.num_params - inactive
+
     def mlp_params(self, layer: int, active: bool = False) -> int:
         """Parameters of layer `layer`'s MLP: the dense one, or every expert plus the router
         (active=True: only the experts one token runs, num_experts_per_tok of them)."""

@@ -6,7 +6,7 @@ rows, `w2` [E, H, I] its down projection; `topk_ids` [T, k] names experts in the
 numbering, and only experts first_expert .. first_expert + E - 1 live here (expert parallelism:
 pairs routed to other ranks' experts contribute zero, the caller's all-reduce adds them).
 
-- torch (CPU, reference): pairs sorted by expert, one matmul per expert that received tokens.
+- torch (CPU, reference): pairs sorted by expert, then torch's grouped matmul over all experts.
 - Triton (GPU): no loop over experts and no host sync. `align_pairs_to_experts` sorts the pairs
   by expert on the device and pads each expert's run to a multiple of BLOCK_M rows, into a buffer
   of a size known from T, k and E alone (T*k + E*(BLOCK_M-1), rounded up), so one launch grid
@@ -35,23 +35,30 @@ def _local_pair_experts(topk_ids: torch.Tensor, first_expert: int, num_local: in
 def fused_moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                         topk_ids: torch.Tensor, first_expert: int = 0) -> torch.Tensor:
     """The torch path: x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k] (float32),
-    topk_ids [T, k] -> [T, H] in x's dtype. Reads the per-expert counts on the host (fine on CPU)."""
+    topk_ids [T, k] -> [T, H] in x's dtype. The held pairs, sorted by expert, go through torch's
+    grouped matmul (one call per projection for all experts, torch >= 2.10) or, without it, one
+    matmul per expert that received tokens. Reads the number of held pairs on the host (fine on CPU)."""
     num_tokens, top_k = topk_ids.shape
-    num_local = w13.shape[0]
+    num_local, inter = w13.shape[0], w2.shape[2]
     pair_expert = _local_pair_experts(topk_ids, first_expert, num_local)
     order = torch.argsort(pair_expert, stable=True)
-    counts = torch.bincount(pair_expert, minlength=num_local + 1)[:num_local].tolist()
-    weights = topk_weights.reshape(-1)
+    counts = torch.bincount(pair_expert, minlength=num_local + 1)[:num_local]
+    pairs = order[: int(counts.sum())]  # the pairs whose expert is held here, grouped by expert
+    rows = x[pairs // top_k]
+    if hasattr(F, "grouped_mm"):
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        h = F.grouped_mm(rows, w13.transpose(1, 2), offs=offsets)
+        y = F.grouped_mm(F.silu(h[:, :inter]) * h[:, inter:], w2.transpose(1, 2), offs=offsets)
+    else:
+        y = torch.empty(rows.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+        start = 0
+        for expert, n in enumerate(counts.tolist()):
+            if n:
+                h = F.linear(rows[start : start + n], w13[expert])
+                y[start : start + n] = F.linear(F.silu(h[:, :inter]) * h[:, inter:], w2[expert])
+            start += n
     out = torch.zeros(num_tokens * top_k, x.shape[1], dtype=torch.float32, device=x.device)
-    start = 0
-    for expert, n in enumerate(counts):
-        if n:
-            pairs = order[start : start + n]
-            h = F.linear(x[pairs // top_k], w13[expert])
-            half = h.shape[1] // 2
-            y = F.linear(F.silu(h[:, :half]) * h[:, half:], w2[expert])
-            out[pairs] = y.float() * weights[pairs, None].float()
-        start += n
+    out[pairs] = y.float() * topk_weights.reshape(-1)[pairs, None].float()
     return out.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
 
 
