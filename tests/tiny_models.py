@@ -190,16 +190,18 @@ CHAT_TEMPLATE = (
 )
 
 
-def write_chat_tokenizer(directory: Path):
-    """Save a word-level tokenizer with a chat template beside a tiny checkpoint (ids 0-2 are
-    <unk>, <s>, </s>, as the tiny configs' bos/eos say); returns transformers' tokenizer."""
+def write_chat_tokenizer(directory: Path, words: list[str] = CHAT_WORDS, chat_template: str = CHAT_TEMPLATE,
+                         specials: tuple[str, ...] = ("<unk>", "<s>", "</s>")):
+    """Save a word-level tokenizer with a chat template beside a tiny checkpoint: `specials` take
+    the first ids (<unk>, <s>, </s> are 0-2, as the tiny configs' bos/eos say), then `words`;
+    returns transformers' tokenizer."""
     from tokenizers import Tokenizer as RawTokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", *CHAT_WORDS])}
+    vocab = {tok: i for i, tok in enumerate([*specials, *words])}
     raw = RawTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = chat_template
     tok.save_pretrained(directory)
     return tok
