@@ -123,3 +123,29 @@ def test_a_checkpoint_missing_an_expert_is_refused_naming_it(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="experts.5.w3"):
         _load(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_a_gguf_of_the_family_gives_transformers_logits(arch, tmp_path, monkeypatch):
+    """llama.cpp's layout: Mixtral as a `llama` file with experts, Qwen3-MoE as `qwen3moe`, each
+    part of all experts stacked in one tensor; loaded, the model computes what transformers computes
+    from the safetensors of the same weights."""
+    from shardline.worker.attention.torch_backend import TorchAttentionBackend
+    from shardline.worker.loader.source import resolve_model
+    from shardline.worker.model import LlamaForCausalLM
+    from shardline.worker.parallel.context import SINGLE
+    from tiny_models import make_hf_model, write_tiny_gguf
+
+    monkeypatch.setenv("SHARDLINE_CACHE_DIR", str(tmp_path / "cache"))
+    hf = make_hf_model(arch)
+    source = resolve_model(str(write_tiny_gguf(hf, tmp_path / f"{arch}.gguf")))
+    cfg = ModelConfig.from_hf_config(source.hf_config())
+    assert cfg.architecture == {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}[arch]
+    assert cfg.moe is not None and (cfg.moe.num_experts, cfg.moe.num_experts_per_tok) == (8, 2)
+    model = LlamaForCausalLM(cfg, SINGLE, TorchAttentionBackend(), torch.float32, "cpu")
+    model.load_weights(source.iter_weights(show_progress=False))
+    batch = prompts(3, seed=4)
+    logits = _Greedy(model.eval(), batch).logits_all_positions(batch)
+    with torch.no_grad():
+        ref = torch.cat([hf(torch.tensor([p])).logits[0] for p in batch])
+    assert (logits - ref).abs().max().item() <= 1e-4

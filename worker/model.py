@@ -25,7 +25,12 @@ from shardline.worker.layers.linear import (
 from shardline.worker.layers.norm import RMSNorm
 from shardline.worker.layers.quantization import QuantizationConfig
 from shardline.worker.layers.rotary import RotaryEmbedding
-from shardline.worker.loader.expert_names import expected_moe_weight_names, model_module_name, parse_expert_weight
+from shardline.worker.loader.expert_names import (
+    expected_moe_weight_names,
+    expert_part_names,
+    model_module_name,
+    parse_expert_weight,
+)
 from shardline.worker.loader.weights import WeightStream
 from shardline.worker.parallel.context import ParallelContext
 
@@ -197,10 +202,15 @@ class LlamaForCausalLM(nn.Module):
             expert = parse_expert_weight(name)
             if expert is not None:
                 experts = modules.get(expert.module)
-                if not isinstance(experts, FusedExperts):
+                if not isinstance(experts, FusedExperts) or self.config.moe is None:
                     raise ValueError(f"weight {name}: layer {expert.layer} of this model has no experts")
-                experts.load_expert(expert.expert, expert.part, name, w)
-                seen.add(name)
+                if expert.expert is None:  # every expert's part in one tensor (GGUF)
+                    experts.load_stacked(expert.part, name, w)
+                    seen |= expert_part_names(self.config.architecture, expert.layer, self.config.moe.num_experts,
+                                              expert.part)
+                else:
+                    experts.load_expert(expert.expert, expert.part, name, w)
+                    seen.add(name)
                 continue
             hf_prefix, _, leaf = name.rpartition(".")
             mod_name = model_module_name(hf_prefix.removeprefix("model."))

@@ -101,12 +101,24 @@ class FusedExperts(nn.Module):
         local = expert - p.first_expert
         if not 0 <= local < p.num_local_experts:
             return
-        i, start = p.intermediate_size, p.intermediate_start
+        piece = w.read(1 if part == "down" else 0, p.intermediate_start, p.intermediate_size)
+        self._copy(part, local, piece.unsqueeze(0), name)
+
+    def load_stacked(self, part: str, name: str, w: LazyWeight) -> None:
+        """Copy this rank's experts (and slice) from one tensor stacking every expert's `part`
+        ([E, I, hidden] for gate and up, [E, hidden, I] for down: a GGUF file's layout)."""
+        p = self.placement
+        rows = w.read(0, p.first_expert, p.num_local_experts)
+        piece = rows.narrow(2 if part == "down" else 1, p.intermediate_start, p.intermediate_size)
+        self._copy(part, 0, piece, name)
+
+    def _copy(self, part: str, first_local: int, piece: torch.Tensor, name: str) -> None:
+        """piece [n, ...]: this rank's slice of `part` for local experts first_local .. + n - 1."""
+        i, n = self.placement.intermediate_size, piece.shape[0]
         if part == "down":
-            target, piece = self.w2[local], w.read(1, start, i)
+            target = self.w2[first_local : first_local + n]
         else:
-            target = self.w13[local].narrow(0, 0 if part == "gate" else i, i)
-            piece = w.read(0, start, i)
+            target = self.w13[first_local : first_local + n].narrow(1, 0 if part == "gate" else i, i)
         if tuple(target.shape) != tuple(piece.shape):
             raise ValueError(f"weight {name}: expected shape {tuple(target.shape)} for this rank, got {tuple(piece.shape)}")
         target.copy_(piece.to(target.dtype))

@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass
 
 _EXPERT = re.compile(
-    r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$"
+    r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(?:(\d+)\.)?(gate_proj|up_proj|down_proj|w1|w3|w2)"
+    r"(\.weight)?$"
 )
 _PARTS = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 _MIXTRAL_NAMES = {"gate": "w1", "up": "w3", "down": "w2"}
@@ -25,7 +26,7 @@ class ExpertWeightName:
     """One expert matrix of a checkpoint: its layer, its expert and which of the three it is."""
 
     layer: int
-    expert: int
+    expert: int | None  # None: every expert's matrix stacked in one [E, ...] tensor (GGUF)
     part: str  # "gate" | "up" | "down"
 
     @property
@@ -37,9 +38,9 @@ class ExpertWeightName:
 def parse_expert_weight(name: str) -> ExpertWeightName | None:
     """The expert a checkpoint tensor belongs to, or None when it is not an expert matrix."""
     m = _EXPERT.match(name)
-    if m is None:
+    if m is None or (m.group(2) is None) == (m.group(4) is not None):  # per-expert names end in .weight
         return None
-    return ExpertWeightName(int(m.group(1)), int(m.group(2)), _PARTS[m.group(3)])
+    return ExpertWeightName(int(m.group(1)), int(m.group(2)) if m.group(2) is not None else None, _PARTS[m.group(3)])
 
 
 def model_module_name(module: str) -> str:
@@ -47,16 +48,18 @@ def model_module_name(module: str) -> str:
     return re.sub(r"(^|\.)block_sparse_moe(\.|$)", r"\1mlp\2", module)
 
 
+def expert_part_names(architecture: str, layer: int, num_experts: int, part: str) -> set[str]:
+    """The per-expert checkpoint names of one part ('gate', 'up', 'down') of a sparse layer."""
+    if architecture == "MixtralForCausalLM":
+        return {f"model.layers.{layer}.block_sparse_moe.experts.{e}.{_MIXTRAL_NAMES[part]}.weight"
+                for e in range(num_experts)}
+    return {f"model.layers.{layer}.mlp.experts.{e}.{part}_proj.weight" for e in range(num_experts)}
+
+
 def expected_moe_weight_names(architecture: str, layer: int, num_experts: int) -> set[str]:
     """Every checkpoint name a sparse layer needs: its router and each expert's three matrices."""
-    if architecture == "MixtralForCausalLM":
-        prefix = f"model.layers.{layer}.block_sparse_moe."
-        names = {prefix + "gate.weight"}
-        for e in range(num_experts):
-            names |= {f"{prefix}experts.{e}.{_MIXTRAL_NAMES[p]}.weight" for p in ("gate", "up", "down")}
-        return names
-    prefix = f"model.layers.{layer}.mlp."
-    names = {prefix + "gate.weight"}
-    for e in range(num_experts):
-        names |= {f"{prefix}experts.{e}.{p}_proj.weight" for p in ("gate", "up", "down")}
+    block = "block_sparse_moe" if architecture == "MixtralForCausalLM" else "mlp"
+    names = {f"model.layers.{layer}.{block}.gate.weight"}
+    for part in ("gate", "up", "down"):
+        names |= expert_part_names(architecture, layer, num_experts, part)
     return names
