@@ -127,7 +127,10 @@ class FusedExperts(nn.Module):
 class ExpertLoad:
     """Tokens routed to each expert of each sparse layer, counted on the device
     ([num_sparse_layers, num_experts] int64, index_add_: no host sync, CUDA-graph safe) until the
-    engine takes them once per step for the `shardline:moe_expert_tokens` histogram."""
+    engine takes them once per step for the `shardline:moe_expert_tokens` histogram.
+
+    NOTE: a decode step replayed from a CUDA graph runs padding rows up to the captured batch size;
+    they are routed, computed and counted like real tokens (the graph cannot tell them apart)."""
 
     def __init__(self, num_sparse_layers: int, num_experts: int, device) -> None:
         self.counts = torch.zeros(num_sparse_layers, num_experts, dtype=torch.int64, device=device)
