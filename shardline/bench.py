@@ -110,10 +110,10 @@ def run_offline_once(engine, prompts: list[list[int]], output_lens: list[int],
     params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in output_lens]
     hits0, queries0 = engine.block_manager.prefix_cache_hits, engine.block_manager.prefix_cache_queries
     _sync(engine.device)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     results = run_to_completion(engine, prompts, params, check)
     _sync(engine.device)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     out_tokens = sum(r.completion_tokens for r in results)
     in_tokens = sum(len(p) for p in prompts)
     hits = engine.block_manager.prefix_cache_hits - hits0
@@ -125,6 +125,9 @@ def run_offline_once(engine, prompts: list[list[int]], output_lens: list[int],
         "total_tokens_per_s": (out_tokens + in_tokens) / dt,
         "prefix_cache_hit_rate": hits / queries if queries else 0.0,
         "cached_prompt_tokens": float(sum(r.cached_tokens for r in results)),
+        # This process's CPU seconds (every thread) per output token: on a shared CPU host a steadier
+        # figure than the wall clock.
+        "cpu_ms_per_output_token": 1e3 * cpu / max(out_tokens, 1),
     }
 
 
@@ -160,7 +163,7 @@ def hf_generate_throughput(device: torch.device, dtype: torch.dtype, prompts: li
     while True:
         try:
             _sync(device)
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             out_tokens = 0
             for i in range(0, len(prompts), batch):
                 chunk = prompts[i : i + batch]
@@ -172,7 +175,7 @@ def hf_generate_throughput(device: torch.device, dtype: torch.dtype, prompts: li
                                          do_sample=False, eos_token_id=None, pad_token_id=0)
                 out_tokens += (gen.shape[1] - width) * len(chunk)
             _sync(device)
-            dt = time.perf_counter() - t0
+            dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
             break
         except torch.OutOfMemoryError:
             if batch == 1:
@@ -181,7 +184,8 @@ def hf_generate_throughput(device: torch.device, dtype: torch.dtype, prompts: li
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     del model
-    return {"hf_batch_size": batch, "hf_elapsed_s": dt, "hf_output_tokens_per_s": out_tokens / dt}
+    return {"hf_batch_size": batch, "hf_elapsed_s": dt, "hf_output_tokens_per_s": out_tokens / dt,
+            "hf_cpu_ms_per_output_token": 1e3 * cpu / max(out_tokens, 1)}
 
 
 def mode_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -214,6 +218,7 @@ def mode_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
     for row, prompts, output_len in hf_pending:
         row.update(hf_generate_throughput(device, dtype, prompts, output_len, args.model, args.load_format, args.hf_max_batch))
         row["speedup_vs_hf"] = row["output_tokens_per_s"] / row["hf_output_tokens_per_s"]
+        row["cpu_speedup_vs_hf"] = row["hf_cpu_ms_per_output_token"] / row["cpu_ms_per_output_token"]
     return rows
 
 
@@ -572,12 +577,13 @@ def measure_roofline(device: torch.device) -> dict[str, float]:
 def prefill_flops(cfg, n: int) -> float:
     """FLOPs of one n-token prefill: the projections (2 per parameter per token) plus QK^T and PV
     over the causal half of the n x n scores."""
-    return 2 * cfg.num_params * n + 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * n * n / 2
+    return 2 * cfg.num_active_params * n + 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * n * n / 2
 
 
 def decode_floor_tokens_per_s(cfg, batch: int, context: int, bandwidth: float, dtype_bytes: int) -> float:
-    """Memory-bound ceiling: each decode step streams the weights and every sequence's KV once."""
-    return decode_floor_from_bytes(cfg.num_params * dtype_bytes, kv_bytes_per_token(cfg, dtype_bytes), batch, context, bandwidth)
+    """Memory-bound ceiling: each decode step streams the weights and every sequence's KV once (a
+    mixture of experts: the weights of the experts a token runs, the batch-1 floor)."""
+    return decode_floor_from_bytes(cfg.num_active_params * dtype_bytes, kv_bytes_per_token(cfg, dtype_bytes), batch, context, bandwidth)
 
 
 def kv_bytes_per_token(cfg, dtype_bytes: int) -> int:

@@ -45,6 +45,7 @@ SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS = PREFIX + "spec_decode_num_accepted_tok
 STRUCTURED_OUTPUT_REQUESTS = PREFIX + "structured_output_requests_total"
 GRAMMAR_CACHE_HITS = PREFIX + "grammar_cache_hits_total"
 GRAMMAR_COMPILE_SECONDS = PREFIX + "grammar_compile_seconds"
+MOE_EXPERT_TOKENS = PREFIX + "moe_expert_tokens"
 
 ENGINE_METRIC_NAMES: tuple[str, ...] = (
     NUM_REQUESTS_RUNNING,
@@ -68,6 +69,7 @@ ENGINE_METRIC_NAMES: tuple[str, ...] = (
     STRUCTURED_OUTPUT_REQUESTS,
     GRAMMAR_CACHE_HITS,
     GRAMMAR_COMPILE_SECONDS,
+    MOE_EXPERT_TOKENS,
 )
 ROUTER_METRIC_NAMES: tuple[str, ...] = (ROUTER_DECISIONS, REQUEST_REJECTED)
 
@@ -89,6 +91,10 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.0
 COMPILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                    50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 3600.0)
+
+# Tokens one expert of one layer received in one step (mixture-of-experts models): 0 (an idle
+# expert) up to a whole prefill budget's worth.
+EXPERT_TOKEN_BUCKETS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0)
 
 _ENGINE_LABELS = ("model_name", "replica_group")
 
@@ -172,7 +178,16 @@ class EngineMetrics:
         self._grammar_hits = counter(GRAMMAR_CACHE_HITS, "Constrained requests whose grammar was compiled or compiling already.")
         self._compile = histogram(GRAMMAR_COMPILE_SECONDS, "Time to compile one grammar against the vocabulary.",
                                   COMPILE_BUCKETS)
+        self._expert_tokens = histogram(MOE_EXPERT_TOKENS, "Mixture-of-experts load: tokens one expert of one "
+                                        "layer received in one step (one sample per expert and layer).",
+                                        EXPERT_TOKEN_BUCKETS)
         self._labels = labels
+
+    def on_expert_load(self, tokens_per_expert: Iterable[int]) -> None:
+        """Record one step's expert load: the tokens each (layer, expert) pair received."""
+        for n in tokens_per_expert:
+            _check_delta("tokens_per_expert", n)
+            self._expert_tokens.observe(n)
 
     def on_step(self, num_running: int, num_waiting: int, kv_usage: float,
                 prefix_queries_delta: int = 0, prefix_hits_delta: int = 0,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from tiny_models import write_tiny_checkpoint
+from tiny_models import write_chat_tokenizer, write_tiny_checkpoint
 
 T = TypeVar("T")
 
@@ -25,16 +25,8 @@ def write_tiny_model_with_tokenizer(directory: Path, seed: int = 7, **overrides:
     """A tiny random Llama (vocab 384; `overrides` change its config, e.g. max_position_embeddings)
     plus a word-level tokenizer over its first ids; returns the transformers model (the reference
     for greedy tokens)."""
-    from tokenizers import Tokenizer as RawTokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     model = write_tiny_checkpoint("llama", directory, seed=seed, **overrides)
-    vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", "<eot>", *WORDS])}
-    raw = RawTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    hf = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    hf.chat_template = CHAT_TEMPLATE
-    hf.save_pretrained(directory)
+    write_chat_tokenizer(directory, WORDS, CHAT_TEMPLATE, specials=("<unk>", "<s>", "</s>", "<eot>"))
     return model
 
 

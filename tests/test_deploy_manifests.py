@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 import yaml
 
-from shardline.metrics import ENGINE_METRIC_NAMES, METRIC_NAMES, TTFT_BUCKETS
+from shardline.metrics import ENGINE_METRIC_NAMES, METRIC_NAMES, MOE_EXPERT_TOKENS, TTFT_BUCKETS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -298,7 +298,7 @@ def test_build_refuses_kustomize_features_it_does_not_implement(tmp_path: Path) 
 
 # --- dashboards and alerts --------------------------------------------------------------------
 
-_HISTOGRAM_FAMILIES = {n for n in ENGINE_METRIC_NAMES if n.endswith("_seconds")}
+_HISTOGRAM_FAMILIES = {n for n in ENGINE_METRIC_NAMES if n.endswith("_seconds")} | {MOE_EXPERT_TOKENS}
 _METRIC_IN_PROMQL = re.compile(r"shardline:[A-Za-z0-9_:]+")
 
 

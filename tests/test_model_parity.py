@@ -14,7 +14,7 @@ from shardline.worker.engine.model_runner import ModelRunner, SeqSlice, allocate
 from shardline.worker.loader.weights import LazyWeight
 from shardline.worker.model import LlamaForCausalLM
 from shardline.worker.parallel.context import SINGLE
-from tiny_models import ARCHITECTURES, hf_greedy, prompts, write_tiny_checkpoint
+from tiny_models import ARCHITECTURES, MOE_ARCHITECTURES, hf_greedy, prompts, write_tiny_checkpoint
 
 BLOCK = 8
 
@@ -62,7 +62,7 @@ class _Greedy:
         return outs
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHITECTURES + MOE_ARCHITECTURES)
 def test_logits_match_transformers_fp32(arch, tmp_path):
     hf = write_tiny_checkpoint(arch, tmp_path)
     model = _load(tmp_path)
@@ -77,7 +77,7 @@ def test_logits_match_transformers_fp32(arch, tmp_path):
         assert (ours - ref).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHITECTURES + MOE_ARCHITECTURES)
 def test_32_greedy_tokens_match_transformers(arch, tmp_path):
     hf = write_tiny_checkpoint(arch, tmp_path)
     model = _load(tmp_path)

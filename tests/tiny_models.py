@@ -4,10 +4,15 @@ for tests that compare shardline with transformers on the same files."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 ARCHITECTURES = ("llama", "llama31", "mistral", "qwen2", "qwen3", "tied")
+# Mixture-of-experts families (tests/test_moe*.py): 8 experts, top 2. The Qwen3-MoE one has a dense
+# layer among its sparse ones (mlp_only_layers) and renormalises its top-k (norm_topk_prob, as
+# Qwen3-30B-A3B does); Mixtral always renormalises.
+MOE_ARCHITECTURES = ("qwen3_moe", "mixtral")
 
 _COMMON = dict(
     vocab_size=384,
@@ -25,7 +30,7 @@ _COMMON = dict(
 
 def hf_config(arch: str, **overrides):
     """A transformers config object of the named tiny architecture."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     kw = dict(_COMMON)
     kw.update(overrides)
@@ -46,6 +51,13 @@ def hf_config(arch: str, **overrides):
         return Qwen3Config(**kw)
     if arch == "tied":
         return LlamaConfig(tie_word_embeddings=True, **kw)
+    if arch == "qwen3_moe":
+        moe = dict(num_hidden_layers=3, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                   norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1])
+        return Qwen3MoeConfig(**{**kw, **moe, **overrides})
+    if arch == "mixtral":
+        moe = dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32)
+        return MixtralConfig(sliding_window=None, **{**kw, **moe, **overrides})
     raise ValueError(arch)
 
 
@@ -121,18 +133,31 @@ def write_tiny_gguf(model, path: Path, rope_freqs=None, qtype: str | None = None
     """Write a transformers Llama model as a GGUF the way llama.cpp's converter lays it out (its
     tensor names, q/k rows permuted), optionally with a `rope_freqs` tensor. Float32 unless `qtype`
     (a GGML type name such as "Q4_1") quantizes every matrix with the gguf package's quantizer;
-    `embed_qtype` does the same for the token embedding (default: like the other matrices)."""
+    `embed_qtype` does the same for the token embedding (default: like the other matrices).
+    Mixtral (as llama.cpp writes it: a `llama` file with experts) and Qwen3-MoE (`qwen3moe`) get
+    their expert metadata and each part of all experts stacked into one [E, ...] tensor."""
     import gguf
     import numpy as np
 
     cfg = model.config
+    arch = "qwen3moe" if cfg.model_type == "qwen3_moe" else "llama"
+    num_experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    stacked: dict[str, Any] = {}
     rope = getattr(cfg, "rope_parameters", None) or {}
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     block = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    writer = gguf.GGUFWriter(str(path), "llama")
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp",
+             "block_sparse_moe.gate": "ffn_gate_inp"}
+    writer = gguf.GGUFWriter(str(path), arch)
+    if num_experts:
+        writer.add_expert_count(num_experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
+        if arch == "qwen3moe":
+            writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+            writer.add_key_length(cfg.head_dim)
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_feed_forward_length(cfg.intermediate_size)
@@ -151,10 +176,18 @@ def write_tiny_gguf(model, path: Path, rope_freqs=None, qtype: str | None = None
         else:
             layer, rest = name.removeprefix("model.layers.").split(".", 1)
             part = rest.removesuffix(".weight")
+            if part.endswith("experts.gate_up_proj"):  # transformers 5 holds experts stacked, gate rows first
+                half = array.shape[1] // 2
+                stacked[f"blk.{layer}.ffn_gate_exps.weight"] = array[:, :half]
+                stacked[f"blk.{layer}.ffn_up_exps.weight"] = array[:, half:]
+                continue
+            if part.endswith("experts.down_proj"):
+                stacked[f"blk.{layer}.ffn_down_exps.weight"] = array
+                continue
             gguf_name = f"blk.{layer}.{block[part]}.weight"
-            if part == "self_attn.q_proj":
+            if part == "self_attn.q_proj" and arch == "llama":
                 array = llama_cpp_permute(array, cfg.num_attention_heads)
-            elif part == "self_attn.k_proj":
+            elif part == "self_attn.k_proj" and arch == "llama":
                 array = llama_cpp_permute(array, cfg.num_key_value_heads)
         kind = (embed_qtype or qtype) if gguf_name in ("token_embd.weight", "output.weight") else qtype
         array = np.ascontiguousarray(array, dtype=np.float32)
@@ -163,6 +196,8 @@ def write_tiny_gguf(model, path: Path, rope_freqs=None, qtype: str | None = None
             writer.add_tensor(gguf_name, gguf.quants.quantize(array, qt), raw_dtype=qt)
         else:
             writer.add_tensor(gguf_name, array)
+    for gguf_name, experts in stacked.items():
+        writer.add_tensor(gguf_name, np.ascontiguousarray(experts, dtype=np.float32))
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
     writer.write_header_to_file()
@@ -170,3 +205,27 @@ def write_tiny_gguf(model, path: Path, rope_freqs=None, qtype: str | None = None
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+CHAT_WORDS = "the capital of france is paris what hello world user assistant system tell me a story".split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant{% endif %}"
+)
+
+
+def write_chat_tokenizer(directory: Path, words: list[str] = CHAT_WORDS, chat_template: str = CHAT_TEMPLATE,
+                         specials: tuple[str, ...] = ("<unk>", "<s>", "</s>")):
+    """Save a word-level tokenizer with a chat template beside a tiny checkpoint: `specials` take
+    the first ids (<unk>, <s>, </s> are 0-2, as the tiny configs' bos/eos say), then `words`;
+    returns transformers' tokenizer."""
+    from tokenizers import Tokenizer as RawTokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([*specials, *words])}
+    raw = RawTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = chat_template
+    tok.save_pretrained(directory)
+    return tok

@@ -18,6 +18,8 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "MixtralForCausalLM",
 )
 
 _DTYPES = {
@@ -114,6 +116,55 @@ def default_cpu_dtype() -> torch.dtype:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """The sparse MLP of a mixture-of-experts decoder (Qwen3-MoE, Mixtral): `num_experts` gated
+    MLPs of `intermediate_size` each, of which a softmax router picks `num_experts_per_tok` per
+    token. `renormalize`: the chosen experts' probabilities are divided by their sum (Mixtral always,
+    Qwen3-MoE when its config says norm_topk_prob). Layer i is sparse unless it is listed in
+    `dense_layers` or (i + 1) is not a multiple of `sparse_step` (Qwen3-MoE's decoder_sparse_step and
+    mlp_only_layers); its dense layers use ModelConfig.intermediate_size."""
+
+    num_experts: int
+    num_experts_per_tok: int
+    intermediate_size: int
+    renormalize: bool
+    sparse_step: int = 1
+    dense_layers: tuple[int, ...] = ()
+
+    def is_sparse_layer(self, index: int) -> bool:
+        """Whether decoder layer `index` (0-based) holds the experts rather than a dense MLP."""
+        return index not in self.dense_layers and (index + 1) % self.sparse_step == 0
+
+    @classmethod
+    def from_hf_config(cls, arch: str, cfg: dict[str, Any]) -> "MoEConfig | None":
+        """The MoE shape of a Qwen3MoeForCausalLM / MixtralForCausalLM config.json (None for dense
+        architectures); raises ConfigError naming a missing or out-of-range field."""
+        if arch not in MOE_ARCHITECTURES:
+            return None
+        # Qwen3-MoE's files say num_experts, Mixtral's num_local_experts (transformers 5 writes both spellings).
+        experts = cfg.get("num_experts", cfg.get("num_local_experts"))
+        top_k = cfg.get("num_experts_per_tok")
+        if experts is None or top_k is None:
+            raise ConfigError("config.json: a mixture-of-experts model needs num_experts (or num_local_experts) "
+                              "and num_experts_per_tok")
+        experts, top_k = int(experts), int(top_k)
+        if experts < 1 or not 1 <= top_k <= experts:
+            raise ConfigError(f"config.json: num_experts_per_tok must be in [1, num_experts={experts}], got {top_k}")
+        if arch == "MixtralForCausalLM":
+            return cls(experts, top_k, int(cfg["intermediate_size"]), renormalize=True)
+        if "moe_intermediate_size" not in cfg:
+            raise ConfigError("config.json: required field 'moe_intermediate_size' is missing")
+        step = int(cfg.get("decoder_sparse_step", 1) or 1)
+        if step < 1:
+            raise ConfigError(f"config.json: decoder_sparse_step must be >= 1, got {step}")
+        return cls(experts, top_k, int(cfg["moe_intermediate_size"]), renormalize=bool(cfg.get("norm_topk_prob", False)),
+                   sparse_step=step, dense_layers=tuple(int(i) for i in cfg.get("mlp_only_layers") or ()))
+
+
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The shape of a Llama-family decoder, read from a Hugging Face config.json (or GGUF metadata)."""
 
@@ -136,6 +187,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "bfloat16"
+    moe: MoEConfig | None = None  # the experts of a mixture-of-experts model (None: dense)
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelConfig":
@@ -147,6 +199,8 @@ class ModelConfig:
             "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM",
+            "qwen3_moe": "Qwen3MoeForCausalLM",
+            "mixtral": "MixtralForCausalLM",
         }.get(model_type, model_type or "<missing>")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
@@ -180,7 +234,7 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((int(eos),) if eos is not None else ())
         is_qwen2 = arch == "Qwen2ForCausalLM"
-        is_qwen3 = arch == "Qwen3ForCausalLM"
+        is_qwen3 = arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
         return cls(
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
@@ -201,6 +255,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+            moe=MoEConfig.from_hf_config(arch, cfg),
         )
 
     @property
@@ -209,10 +264,27 @@ class ModelConfig:
         h, i, v, d = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
         attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0) + (2 * d if self.qk_norm else 0)
-        mlp = 3 * h * i
-        per_layer = attn + mlp + 2 * h
+        per_layer = attn + 2 * h
+        mlps = sum(self.mlp_params(n) for n in range(self.num_hidden_layers))
         emb = v * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * per_layer + emb + h
+        return self.num_hidden_layers * per_layer + mlps + emb + h
+
+    @property
+    def num_active_params(self) -> int:
+        """Parameters one token's forward reads: num_params less the experts a mixture of experts
+        does not run for it (equal to num_params for dense models). FLOPs per token and the decode
+        floor's bytes per step at batch 1 follow this, not the parameter count."""
+        inactive = sum(self.mlp_params(n) - self.mlp_params(n, active=True) for n in range(self.num_hidden_layers))
+        return self.num_params - inactive
+
+    def mlp_params(self, layer: int, active: bool = False) -> int:
+        """Parameters of layer `layer`'s MLP: the dense one, or every expert plus the router
+        (active=True: only the experts one token runs, num_experts_per_tok of them)."""
+        h = self.hidden_size
+        if self.moe is None or not self.moe.is_sparse_layer(layer):
+            return 3 * h * self.intermediate_size
+        experts = self.moe.num_experts_per_tok if active else self.moe.num_experts
+        return experts * 3 * h * self.moe.intermediate_size + self.moe.num_experts * h
 
 
 def knob(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,

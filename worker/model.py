@@ -1,7 +1,8 @@
 """The Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2) over a paged KV
 cache, tensor-parallel by construction. The differences between the family members are flags of
 ModelConfig: qkv bias (Qwen2), per-head q/k RMSNorm (Qwen3), rope scaling (Llama 3.1+), tied
-embeddings."""
+embeddings. Mixture-of-experts members (Qwen3-MoE, Mixtral: ModelConfig.moe) swap the dense MLP
+of their sparse layers for worker/layers/moe.py's SparseMoeBlock."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from shardline.worker.config import ModelConfig
 from shardline.worker.kernels.activation import silu_and_mul
 from shardline.worker.kernels.runtime import IMPLS
 from shardline.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from shardline.worker.layers.moe import ExpertLoad, FusedExperts, SparseMoeBlock
 from shardline.worker.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -23,6 +25,12 @@ from shardline.worker.layers.linear import (
 from shardline.worker.layers.norm import RMSNorm
 from shardline.worker.layers.quantization import QuantizationConfig
 from shardline.worker.layers.rotary import RotaryEmbedding
+from shardline.worker.loader.expert_names import (
+    expected_moe_weight_names,
+    expert_part_names,
+    model_module_name,
+    parse_expert_weight,
+)
 from shardline.worker.loader.weights import WeightStream
 from shardline.worker.parallel.context import ParallelContext
 
@@ -79,12 +87,19 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, backend: AttentionBackend, dtype: torch.dtype, device,
-                 quant: QuantizationConfig | None = None) -> None:
+                 quant: QuantizationConfig | None = None, layer_index: int = 0,
+                 expert_load: ExpertLoad | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.self_attn = Attention(cfg, ctx, backend, dtype, device, quant)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = MLP(cfg, ctx, dtype, device, quant)
+        self.mlp: MLP | SparseMoeBlock
+        if cfg.moe is not None and cfg.moe.is_sparse_layer(layer_index):
+            # The experts stay in float even when `quant` is active (no quantized expert kernels yet).
+            slot = sum(cfg.moe.is_sparse_layer(i) for i in range(layer_index))
+            self.mlp = SparseMoeBlock(cfg.hidden_size, cfg.moe, ctx, dtype, device, expert_load, slot)
+        else:
+            self.mlp = MLP(cfg, ctx, dtype, device, quant)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +128,11 @@ class LlamaForCausalLM(nn.Module):
         self.ctx = ctx
         self.quantization = quant if quant is not None else QuantizationConfig()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx, dtype, device, quant)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, ctx, backend, dtype, device, quant)
-                                    for _ in range(cfg.num_hidden_layers))
+        # Tokens per expert per sparse layer, counted on the device until the engine takes them.
+        self.expert_load = ExpertLoad(sum(cfg.moe.is_sparse_layer(i) for i in range(cfg.num_hidden_layers)),
+                                      cfg.moe.num_experts, device) if cfg.moe is not None else None
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ctx, backend, dtype, device, quant, i, self.expert_load)
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ctx, dtype, device, quant)
         if cfg.tie_word_embeddings:
@@ -181,8 +199,21 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
+            expert = parse_expert_weight(name)
+            if expert is not None:
+                experts = modules.get(expert.module)
+                if not isinstance(experts, FusedExperts) or self.config.moe is None:
+                    raise ValueError(f"weight {name}: layer {expert.layer} of this model has no experts")
+                if expert.expert is None:  # every expert's part in one tensor (GGUF)
+                    experts.load_stacked(expert.part, name, w)
+                    seen |= expert_part_names(self.config.architecture, expert.layer, self.config.moe.num_experts,
+                                              expert.part)
+                else:
+                    experts.load_expert(expert.expert, expert.part, name, w)
+                    seen.add(name)
+                continue
             hf_prefix, _, leaf = name.rpartition(".")
-            mod_name = hf_prefix.removeprefix("model.")
+            mod_name = model_module_name(hf_prefix.removeprefix("model."))
             for hf, part in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")):
                 if mod_name.endswith("self_attn." + hf):
                     modules[mod_name.replace(hf, "qkv_proj")].load_part(part, name, w)
@@ -241,7 +272,10 @@ class LlamaForCausalLM(nn.Module):
                 names |= {p + f"self_attn.{x}.bias" for x in ("q_proj", "k_proj", "v_proj")}
             if cfg.qk_norm:
                 names |= {p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"}
-            names |= {p + f"mlp.{x}.weight" for x in ("gate_proj", "up_proj", "down_proj")}
+            if cfg.moe is not None and cfg.moe.is_sparse_layer(i):
+                names |= expected_moe_weight_names(cfg.architecture, i, cfg.moe.num_experts)
+            else:
+                names |= {p + f"mlp.{x}.weight" for x in ("gate_proj", "up_proj", "down_proj")}
             names |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
         return names
 

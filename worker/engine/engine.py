@@ -590,6 +590,10 @@ class LLMEngine:
                              prefix_queries_delta=queries, prefix_hits_delta=hits, preemptions_delta=preemptions)
         if self.proposer is not None:
             self.metrics.on_spec_decode(self.spec_stats.take_delta())
+        take_expert_load = getattr(self.executor, "take_expert_load", None)  # MoE-capable executors
+        expert_load = take_expert_load() if take_expert_load is not None else None
+        if expert_load is not None and any(expert_load):  # all zero: no forward ran since the last take
+            self.metrics.on_expert_load(expert_load)
 
     def _inputs(self, sched: SchedulerOutput) -> tuple[StepInputs, list[_PromptLogprobRows]]:
         """The step's StepInputs, and the prompt positions whose logits it returns after the sampled

@@ -196,6 +196,11 @@ class LocalExecutor:
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         return self.runner.execute(inputs)
 
+    def take_expert_load(self) -> list[int] | None:
+        """Tokens per (sparse layer, expert) since the last call (MoE models; None for dense ones)."""
+        load = self.model.expert_load
+        return load.take_host() if load is not None else None
+
     def check_health(self) -> None:
         return None
 

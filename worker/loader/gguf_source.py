@@ -23,7 +23,10 @@ SUPPORTED_GGUF_ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
 }
+# A `llama` file with {arch}.expert_count > 0 is a Mixtral (llama.cpp writes Mixtral as llama).
+_MIXTRAL = "MixtralForCausalLM"
 # llama.cpp's converter interleaves the two rotary halves of each Q/K head for these architectures.
 _PERMUTED_QK_ARCHITECTURES = ("llama", "mistral")
 
@@ -44,6 +47,12 @@ _BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    # Mixture of experts: the router, and each part of all experts stacked [E, ...] (no `.weight`
+    # in the model's name for those, see worker/loader/expert_names.py).
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # Tensors llama.cpp adds that have no Hugging Face parameter (llama3 rope frequency divisors: read
@@ -59,7 +68,9 @@ def hf_tensor_name(gguf_name: str) -> str | None:
         return _GLOBAL_NAMES[gguf_name]
     m = _BLOCK_TENSOR.match(gguf_name)
     if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+        part = _BLOCK_NAMES[m.group(2)]
+        suffix = "" if part.startswith("mlp.experts.") else f".{m.group(3)}"
+        return f"model.layers.{m.group(1)}.{part}{suffix}"
     return None
 
 
@@ -160,6 +171,9 @@ def _read_gguf_hf_config(path: Path) -> dict[str, Any]:
     heads = key("attention.head_count")
     layers = key("block_count")
     ffn = key("feed_forward_length")
+    experts = key("expert_count")
+    if ffn is None and experts:  # a MoE file may give only the experts' width
+        ffn = key("expert_feed_forward_length")
     for name, value in (("embedding_length", hidden), ("attention.head_count", heads), ("block_count", layers),
                         ("feed_forward_length", ffn)):
         if value is None:
@@ -195,6 +209,16 @@ def _read_gguf_hf_config(path: Path) -> dict[str, Any]:
     }
     if arch == "qwen2" or any(name.endswith("attn_q.bias") for name in tensors):
         cfg["attention_bias"] = True
+    if experts:
+        cfg["num_experts"] = int(experts)
+        cfg["num_experts_per_tok"] = int(key("expert_used_count", 1))
+        if arch == "llama":
+            cfg.update(architectures=[_MIXTRAL], model_type="mixtral")
+        else:  # qwen3moe: llama.cpp renormalises the top-k weights unless the file says otherwise
+            cfg["moe_intermediate_size"] = int(key("expert_feed_forward_length", ffn))
+            cfg["norm_topk_prob"] = bool(key("expert_weights_norm", True))
+            # Layers without a router hold a dense MLP (Qwen3-MoE's mlp_only_layers).
+            cfg["mlp_only_layers"] = [i for i in range(int(layers)) if f"blk.{i}.ffn_gate_inp.weight" not in tensors]
     scaling_type = key("rope.scaling.type")
     if scaling_type not in (None, "none"):
         scaling: dict[str, Any] = {"rope_type": scaling_type, "factor": float(key("rope.scaling.factor", 1.0))}
@@ -218,6 +242,7 @@ def iter_gguf_weights(path: Path, show_progress: bool = True) -> WeightStream:
     kv_heads = _field(reader, f"{arch}.attention.head_count_kv", heads)
     kv_heads = int(max(kv_heads) if isinstance(kv_heads, list) else kv_heads)
     permute = arch in _PERMUTED_QK_ARCHITECTURES
+    mixtral = bool(_field(reader, f"{arch}.expert_count")) and arch == "llama"
     entries = []
     for tensor in reader.tensors:
         if tensor.name in _IGNORED:
@@ -226,8 +251,10 @@ def iter_gguf_weights(path: Path, show_progress: bool = True) -> WeightStream:
         if name is None:
             raise ModelLoadError(
                 f"{path}: tensor {tensor.name!r} has no counterpart in the supported Llama-family models "
-                "(mixture-of-experts and other variants are not supported)"
+                "(variants beyond the supported families are not supported)"
             )
+        if mixtral and name.endswith(".mlp.gate.weight"):
+            name = name.replace(".mlp.gate.", ".block_sparse_moe.gate.")  # Mixtral's spelling of the router
         _check_type(path, tensor)
         rope_heads = None
         if permute and ".attn_q." in tensor.name:

@@ -83,6 +83,12 @@ class TensorParallelExecutor:
             self._step += 1
             return logits
 
+    def take_expert_load(self) -> list[int] | None:
+        """Tokens per (sparse layer, expert) since the last call, from rank 0 (the router is
+        replicated, so rank 0 counts every expert's tokens; None for dense models)."""
+        load = self._runtime().model.expert_load
+        return load.take_host() if load is not None else None
+
     def check_health(self) -> None:
         """Raise TensorParallelError if any rank has failed or died."""
         if self._failure is None and not self._closed:

@@ -64,8 +64,17 @@ def validate_tensor_parallel(cfg: ModelConfig, tp: int, device: torch.device) ->
     if kv < tp and tp % kv:
         raise ConfigError(f"tensor_parallel_size {tp}: not a multiple of num_key_value_heads {kv}, "
                           "so key/value heads cannot be replicated evenly")
-    if cfg.intermediate_size % tp:
+    moe = cfg.moe
+    has_dense_mlp = moe is None or not all(moe.is_sparse_layer(i) for i in range(cfg.num_hidden_layers))
+    if has_dense_mlp and cfg.intermediate_size % tp:
         raise ConfigError(f"tensor_parallel_size {tp}: intermediate_size {cfg.intermediate_size} is not divisible by it")
+    if moe is not None:
+        from shardline.worker.layers.moe import ExpertPlacement
+
+        try:
+            ExpertPlacement.plan(moe, ParallelContext(0, tp))
+        except ValueError as e:
+            raise ConfigError(f"tensor_parallel_size {tp}: {e}") from None
     if device.type == "cuda":
         n = torch.cuda.device_count()
         if tp > n:
