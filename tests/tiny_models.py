@@ -8,6 +8,12 @@ from pathlib import Path
 import torch
 
 ARCHITECTURES = ("llama", "llama31", "mistral", "qwen2", "qwen3", "tied")
+# Sliding-window families, with a 16-token window so that short sequences already leave it:
+# Gemma 2 (alternating local/global layers, both soft-caps, query_pre_attn_scalar != head_dim),
+# Gemma 3 text (local, local, global; q/k norms; its own rope base on local layers) and Mistral with
+# a window on every layer (the case whose out-of-window KV blocks are released).
+SLIDING_ARCHITECTURES = ("gemma2", "gemma3", "mistral_sw")
+SLIDING_WINDOW = 16
 
 _COMMON = dict(
     vocab_size=384,
@@ -25,7 +31,7 @@ _COMMON = dict(
 
 def hf_config(arch: str, **overrides):
     """A transformers config object of the named tiny architecture."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     kw = dict(_COMMON)
     kw.update(overrides)
@@ -46,6 +52,18 @@ def hf_config(arch: str, **overrides):
         return Qwen3Config(**kw)
     if arch == "tied":
         return LlamaConfig(tie_word_embeddings=True, **kw)
+    if arch == "mistral_sw":
+        return MistralConfig(**{"sliding_window": SLIDING_WINDOW, **kw})
+    if arch in ("gemma2", "gemma3"):
+        kw = {**_COMMON, "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": SLIDING_WINDOW,
+              "pad_token_id": 0}
+        if arch == "gemma2":  # small caps, so that tanh bends the values these weights produce
+            kw.update(attn_logit_softcapping=4.0, final_logit_softcapping=8.0)
+        else:
+            kw.update(num_hidden_layers=3, sliding_window_pattern=3, rope_theta=1_000_000.0,
+                      rope_local_base_freq=10_000.0)
+        kw.update(overrides)
+        return (Gemma2Config if arch == "gemma2" else Gemma3TextConfig)(**kw)
     raise ValueError(arch)
 
 
