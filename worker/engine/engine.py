@@ -138,7 +138,8 @@ class LLMEngine:
         # Rank 0's weights as held in memory (None where the executor does not report them).
         self.weight_bytes: int | None = getattr(self.executor, "weight_bytes", None)
         log.info("model loaded", extra={"quantization": self.quantization.name, "weight_bytes": self.weight_bytes})
-        self.block_manager = BlockManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching,
+                                          release_window=self.model_config.kv_release_window)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
         # Unseeded requests draw from one generator seeded by config.seed (vLLM's --seed): the same
         # requests in the same order sample the same tokens after a restart.
