@@ -196,3 +196,15 @@ def test_triton_backend_in_the_engine_matches_transformers_on_gemma2(tmp_path):
     batch = prompts(2, seed=1, min_len=SLIDING_WINDOW + 4, max_len=SLIDING_WINDOW + 8)
     results = engine.generate(batch, greedy(6))
     assert [r.token_ids for r in results] == [hf_greedy(hf, p, 6) for p in batch]
+
+
+@pytest.mark.slow
+def test_gemma3_tp2_logits_match_one_rank(tmp_path):
+    """Sharded heads (with their q/k norms, both rope bases and the windows) on two gloo ranks."""
+    from test_tensor_parallel import _assert_all_gone, _compare_with_local
+
+    write_tiny_checkpoint("gemma3", tmp_path)
+    executor = _compare_with_local(tmp_path, 2)
+    pids = executor.rank_pids
+    executor.shutdown()
+    _assert_all_gone(pids)
