@@ -171,11 +171,13 @@ def test_engine_matches_transformers_under_chunking_preemption_prefix_hits_and_c
     assert_all_blocks_free(engine)
 
 
-def test_released_blocks_let_long_decodes_share_a_pool_too_small_for_their_contexts(tmp_path):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlapped"])
+def test_released_blocks_let_long_decodes_share_a_pool_too_small_for_their_contexts(tmp_path, overlap):
     """Mistral with a window on every layer: four requests whose whole contexts (10 blocks each)
-    would need 40 blocks decode side by side in 20, without preemption, and match transformers."""
+    would need 40 blocks decode side by side in 20, without preemption, and match transformers
+    (overlapped: blocks are released while the previous step, which read them, is still in flight)."""
     hf = write_tiny_checkpoint("mistral_sw", tmp_path, seed=6)
-    engine = make_engine(tmp_path, num_kv_blocks=20)
+    engine = make_engine(tmp_path, num_kv_blocks=20, async_scheduling=overlap)
     batch = prompts(4, seed=10, min_len=40, max_len=40)
     results = engine.generate(batch, greedy(40))
     assert [r.token_ids for r in results] == [hf_greedy(hf, p, 40) for p in batch]
