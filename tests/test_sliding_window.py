@@ -59,6 +59,17 @@ def test_logits_match_transformers_past_the_window(checkpoint):
     assert (_Greedy(unwindowed.eval(), batch).logits_all_positions(batch) - ref).abs().max().item() > 1e-3
 
 
+def test_qwen2_use_sliding_window_windows_the_layers_from_max_window_layers(tmp_path):
+    hf = write_tiny_checkpoint("qwen2", tmp_path, use_sliding_window=True, sliding_window=SLIDING_WINDOW,
+                               max_window_layers=1)
+    model = _load(tmp_path)
+    assert model.config.layer_sliding_windows == (None, SLIDING_WINDOW)
+    batch = prompts(2, seed=1, min_len=3 * SLIDING_WINDOW, max_len=3 * SLIDING_WINDOW)
+    with torch.no_grad():
+        ref = torch.cat([hf(torch.tensor([p])).logits[0] for p in batch])
+    assert (_Greedy(model, batch).logits_all_positions(batch) - ref).abs().max().item() <= 1e-4
+
+
 # ---- the paged cache: blocks out of every layer's window ---------------------------------------
 
 def _request(rid: str, tokens: list[int]):
