@@ -95,6 +95,12 @@ def test_blocks_out_of_the_window_are_released_reused_and_stay_cached():
     again = _request("again", list(range(3, 23)))
     hits, num_hit = bm.get_computed_blocks(again)
     assert hits == owned[:4] and num_hit == 16
+    # taking them, it skips those before its first new token's window (position 16 sees 11..16)
+    assert bm.allocate_slots(again, 4, hits)
+    assert again.block_ids[:4] == [0, 0, owned[2], owned[3]] and again.num_released_blocks == 2
+    assert bm.ref_counts[owned[0]] == 0 and bm.ref_counts[owned[2]] == 1 and bm.ref_counts[owned[3]] == 2
+    bm.free(again)
+    assert bm.num_free_blocks == 6
     # fresh allocations take the uncached free blocks first, then evict released cached ones
     other = _request("other", list(range(100, 124)))  # 24 tokens: 6 blocks
     assert bm.allocate_slots(other, 24)
@@ -221,3 +227,18 @@ def test_gemma3_tp2_logits_match_one_rank(tmp_path):
     pids = executor.rank_pids
     executor.shutdown()
     _assert_all_gone(pids)
+
+
+def test_a_context_longer_than_the_whole_pool_runs_when_every_layer_is_windowed(tmp_path):
+    """Six blocks (48 token slots) serve 60-token prompts plus 20 generated tokens: each request
+    holds only its window's blocks, and the repeated prompt's prefix hits before its window are
+    never taken. A pool this small refuses the same request for a model with a global layer."""
+    hf = write_tiny_checkpoint("mistral_sw", tmp_path, seed=4)
+    engine = make_engine(tmp_path, num_kv_blocks=6, max_num_batched_tokens=16)
+    batch = prompts(2, seed=12, min_len=60, max_len=60)
+    results = engine.generate(batch + [batch[0]], greedy(20))
+    assert [r.token_ids for r in results] == [hf_greedy(hf, p, 20) for p in batch + [batch[0]]]
+    assert_all_blocks_free(engine)
+    from shardline.worker.engine.block_manager import BlockManager
+
+    assert BlockManager(6, 8).max_blocks_held(79, 16) == 10  # without a window: all 10 blocks at once

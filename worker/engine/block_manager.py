@@ -20,6 +20,9 @@ Design:
   each schedule (`release_out_of_window`), so a long decode holds about window / block_size + 1
   blocks instead of its whole context. Released blocks are a prefix of the block table; their
   entries become the placeholder 0 (attention never reads them: both backends start at the window).
+  Prefix-cache hits wholly before the new tokens' window are not taken at all (they enter the
+  table as released placeholders), so a request never holds more than
+  `max_blocks_held` blocks, and a context longer than the whole pool can run.
   A released block keeps its prefix-cache key and joins the free list like any freed block (cached
   ones at the tail, stay hittable until evicted; uncached ones at the head): a later request with
   the same prefix still hits the whole chain. Models with some global layer (Gemma 2/3) release
@@ -214,12 +217,18 @@ class BlockManager:
         num_tokens = request.num_computed_tokens + len(new_computed_blocks) * self.block_size + num_new_tokens
         num_needed = -(-num_tokens // self.block_size)
         num_fresh = max(0, num_needed - len(request.block_ids) - len(new_computed_blocks))
+        # With a release window, hits wholly before the first new token's window are not taken: they
+        # enter the table as released placeholders.
+        skip = self.num_out_of_window_blocks(len(new_computed_blocks) * self.block_size)
         # Hits at ref 0 sit in the free list: taking them shrinks what fresh allocation can use.
-        num_revived = sum(1 for b in new_computed_blocks if self.ref_counts[b] == 0)
+        num_revived = sum(1 for b in new_computed_blocks[skip:] if self.ref_counts[b] == 0)
         if num_fresh + num_revived > len(self._free):
             return False
         now = self._tick()
-        for block in new_computed_blocks:
+        if skip:
+            request.block_ids.extend([0] * skip)
+            request.num_released_blocks = skip
+        for block in new_computed_blocks[skip:]:
             if self.ref_counts[block] == 0:
                 del self._free[block]
             self.ref_counts[block] += 1
@@ -238,14 +247,27 @@ class BlockManager:
             request.block_ids.append(block)
         return True
 
+    def num_out_of_window_blocks(self, num_computed_tokens: int) -> int:
+        """Leading blocks of a sequence with this many computed tokens that no later query reads
+        (0 without a release window)."""
+        if self.release_window is None:
+            return 0
+        return max(0, num_computed_tokens - self.release_window + 1) // self.block_size
+
+    def max_blocks_held(self, num_tokens: int, max_step_tokens: int) -> int:
+        """The most blocks a sequence of up to num_tokens tokens holds at once when each step adds at
+        most max_step_tokens: all of them, or with a release window those from its window's first
+        block to its newest (plus one for alignment)."""
+        whole = -(-num_tokens // self.block_size)
+        if self.release_window is None:
+            return whole
+        return min(whole, -(-(self.release_window - 1 + max_step_tokens) // self.block_size) + 1)
+
     def release_out_of_window(self, request: Request) -> int:
         """Release the request's blocks that hold only positions before num_computed_tokens -
         release_window + 1, the oldest key its next query can see (a no-op without a release
         window). Their table entries become 0; returns how many blocks were released now."""
-        if self.release_window is None:
-            return 0
-        oldest_needed = request.num_computed_tokens - self.release_window + 1
-        end = min(max(0, oldest_needed) // self.block_size, len(request.block_ids))
+        end = min(self.num_out_of_window_blocks(request.num_computed_tokens), len(request.block_ids))
         begin = request.num_released_blocks
         if end <= begin:
             return 0

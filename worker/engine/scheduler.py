@@ -144,9 +144,10 @@ class Scheduler:
                 f"({self.max_model_len})",
             )
         request.max_tokens = max(1, min(request.max_tokens, self.max_model_len - request.num_prompt_tokens))
-        # KV is needed for every token but the last sampled one.
+        # KV is needed for every token but the last sampled one (with a release window, only its
+        # window's worth at a time).
         max_kv_tokens = request.num_prompt_tokens + request.max_tokens - 1
-        max_blocks = -(-max_kv_tokens // self.block_manager.block_size)
+        max_blocks = self.block_manager.max_blocks_held(max_kv_tokens, self.max_num_batched_tokens)
         if max_blocks > self.block_manager.num_blocks:
             raise RequestError(
                 "prompt_token_ids",
