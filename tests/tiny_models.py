@@ -13,6 +13,12 @@ ARCHITECTURES = ("llama", "llama31", "mistral", "qwen2", "qwen3", "tied")
 # layer among its sparse ones (mlp_only_layers) and renormalises its top-k (norm_topk_prob, as
 # Qwen3-30B-A3B does); Mixtral always renormalises.
 MOE_ARCHITECTURES = ("qwen3_moe", "mixtral")
+# Sliding-window families, with a 16-token window so that short sequences already leave it:
+# Gemma 2 (alternating local/global layers, both soft-caps, query_pre_attn_scalar != head_dim),
+# Gemma 3 text (local, local, global; q/k norms; its own rope base on local layers) and Mistral with
+# a window on every layer (the case whose out-of-window KV blocks are released).
+SLIDING_ARCHITECTURES = ("gemma2", "gemma3", "mistral_sw")
+SLIDING_WINDOW = 16
 
 _COMMON = dict(
     vocab_size=384,
@@ -30,7 +36,8 @@ _COMMON = dict(
 
 def hf_config(arch: str, **overrides):
     """A transformers config object of the named tiny architecture."""
-    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config,
+                              Qwen3Config, Qwen3MoeConfig)
 
     kw = dict(_COMMON)
     kw.update(overrides)
@@ -58,6 +65,18 @@ def hf_config(arch: str, **overrides):
     if arch == "mixtral":
         moe = dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32)
         return MixtralConfig(sliding_window=None, **{**kw, **moe, **overrides})
+    if arch == "mistral_sw":
+        return MistralConfig(**{"sliding_window": SLIDING_WINDOW, **kw})
+    if arch in ("gemma2", "gemma3"):
+        kw = {**_COMMON, "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": SLIDING_WINDOW,
+              "pad_token_id": 0}
+        if arch == "gemma2":  # small caps, so that tanh bends the values these weights produce
+            kw.update(attn_logit_softcapping=4.0, final_logit_softcapping=8.0)
+        else:
+            kw.update(num_hidden_layers=3, sliding_window_pattern=3, rope_theta=1_000_000.0,
+                      rope_local_base_freq=10_000.0)
+        kw.update(overrides)
+        return (Gemma2Config if arch == "gemma2" else Gemma3TextConfig)(**kw)
     raise ValueError(arch)
 
 

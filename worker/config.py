@@ -20,7 +20,12 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM",
     "MixtralForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
 )
+
+# The gated MLP's activation, by its Hugging Face name (config `hidden_act` / `hidden_activation`).
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -188,6 +193,19 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "bfloat16"
     moe: MoEConfig | None = None  # the experts of a mixture-of-experts model (None: dense)
+    # Sliding-window attention: per layer, the window in tokens (a query at position p sees keys
+    # p - window < k <= p, as transformers' sliding masks) or None for a global layer; () = all global.
+    layer_sliding_windows: tuple[int | None, ...] = ()
+    # Gemma 2 / Gemma 3 text (defaults: the Llama family's choices).
+    hidden_act: str = "silu"  # the gated MLP's activation (gelu_pytorch_tanh: Gemma)
+    norm_unit_offset: bool = False  # RMSNorms scale by (1 + weight); the loader stores 1 + weight
+    embed_scale: float | None = None  # token embeddings times this (Gemma: sqrt(hidden_size), in the weights' dtype)
+    sandwich_norms: bool = False  # norms on the attention and MLP outputs too (Gemma's pre/post feed-forward norms)
+    query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 (default: head_dim ** -0.5)
+    attn_logit_softcapping: float | None = None  # attention scores become cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # so do the LM head's logits
+    rope_local_theta: float | None = None  # Gemma 3: the rope base of sliding-window layers (global: rope_theta)
+    rope_local_scaling: dict[str, Any] | None = None  # and their rope scaling
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelConfig":
@@ -201,6 +219,8 @@ class ModelConfig:
             "qwen3": "Qwen3ForCausalLM",
             "qwen3_moe": "Qwen3MoeForCausalLM",
             "mixtral": "MixtralForCausalLM",
+            "gemma2": "Gemma2ForCausalLM",
+            "gemma3_text": "Gemma3ForCausalLM",
         }.get(model_type, model_type or "<missing>")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
@@ -213,28 +233,44 @@ class ModelConfig:
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         head_dim = cfg.get("head_dim") or hidden // heads
-        # transformers >= 5 nests rope settings in `rope_parameters`; older files use rope_theta / rope_scaling.
+        # transformers >= 5 nests rope settings in `rope_parameters` (Gemma 3: one dict per layer
+        # type); older files use rope_theta / rope_scaling (Gemma 3: rope_local_base_freq).
         rope_params = dict(cfg.get("rope_parameters") or {})
-        rope_theta = float(rope_params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-        rope_scaling = cfg.get("rope_scaling") or None
-        if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
-            rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
-        if rope_scaling is not None:
-            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-            if rope_type == "default":
-                rope_scaling = None
-            elif rope_type == "freq_factors":  # shardline's own: a GGUF's rope_freqs divisors, one per rotated pair
-                factors = rope_scaling.get("freq_factors")
-                if not isinstance(factors, list) or len(factors) != int(head_dim) // 2 or not all(
-                        isinstance(f, (int, float)) and f > 0 for f in factors):
-                    raise ConfigError(f"rope_scaling: freq_factors must be {int(head_dim) // 2} positive numbers "
-                                      f"(head_dim / 2), got {factors!r:.80}")
-            elif rope_type not in ("llama3", "linear"):
-                raise ConfigError(f"rope_scaling: rope_type {rope_type!r} is not supported; supported: llama3, linear")
+        is_gemma = arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+        is_gemma3 = arch == "Gemma3ForCausalLM"
+        rope_local_theta, rope_local_scaling = None, None
+        if "full_attention" in rope_params or "sliding_attention" in rope_params:
+            local = dict(rope_params.get("sliding_attention") or {})
+            rope_params = dict(rope_params.get("full_attention") or {})
+            if is_gemma3:
+                rope_local_theta, rope_local_scaling = _rope_settings(local, float(
+                    cfg.get("rope_local_base_freq", 10000.0)), None, int(head_dim))
+        elif is_gemma3:
+            rope_local_theta = float(cfg.get("rope_local_base_freq", 10000.0))
+        default_theta = 1_000_000.0 if is_gemma3 else 10000.0
+        rope_theta, rope_scaling = _rope_settings(rope_params, float(cfg.get("rope_theta", default_theta)),
+                                                  cfg.get("rope_scaling") or None, int(head_dim))
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((int(eos),) if eos is not None else ())
         is_qwen2 = arch == "Qwen2ForCausalLM"
         is_qwen3 = arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+        num_layers = int(cfg["num_hidden_layers"])
+        hidden_act = str(cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu")
+        if is_gemma and cfg.get("hidden_activation") is None and hidden_act == "gelu":
+            hidden_act = "gelu_pytorch_tanh"  # transformers' Gemma ignores an old file's exact "gelu"
+        if hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ConfigError(f"hidden_act: {hidden_act!r} is not supported; supported: {', '.join(SUPPORTED_ACTIVATIONS)}")
+        if cfg.get("use_bidirectional_attention"):
+            raise ConfigError("use_bidirectional_attention: true makes an encoder, not a causal LM; not supported")
+        softcaps = {}
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            value = cfg.get(key) if is_gemma else None
+            if value is not None and not float(value) > 0:
+                raise ConfigError(f"{key}: must be > 0 or null, got {value!r}")
+            softcaps[key] = float(value) if value is not None else None
+        if is_gemma3:  # transformers' Gemma 3 reads the key but never passes it to attention
+            softcaps["attn_logit_softcapping"] = None
+        scalar = cfg.get("query_pre_attn_scalar") if is_gemma else None
         return cls(
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
@@ -250,13 +286,42 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=True if is_qwen2 else bool(cfg.get("attention_bias", False)),
-            qk_norm=is_qwen3,
+            qk_norm=is_qwen3 or is_gemma3,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
             moe=MoEConfig.from_hf_config(arch, cfg),
+            layer_sliding_windows=_layer_sliding_windows(cfg, arch, num_layers),
+            hidden_act=hidden_act,
+            norm_unit_offset=is_gemma,
+            embed_scale=hidden ** 0.5 if is_gemma else None,
+            sandwich_norms=is_gemma,
+            query_pre_attn_scalar=float(scalar) if scalar is not None else None,
+            attn_logit_softcapping=softcaps["attn_logit_softcapping"],
+            final_logit_softcapping=softcaps["final_logit_softcapping"],
+            rope_local_theta=rope_local_theta,
+            rope_local_scaling=rope_local_scaling,
         )
+
+    def sliding_window(self, layer: int) -> int | None:
+        """Layer `layer`'s attention window in tokens, or None for a global layer."""
+        return self.layer_sliding_windows[layer] if self.layer_sliding_windows else None
+
+    def layer_rope(self, layer: int) -> tuple[float, dict[str, Any] | None]:
+        """(rope base, rope scaling) of layer `layer`: Gemma 3's sliding layers have their own."""
+        if self.rope_local_theta is not None and self.sliding_window(layer) is not None:
+            return self.rope_local_theta, self.rope_local_scaling
+        return self.rope_theta, self.rope_scaling
+
+    @property
+    def kv_release_window(self) -> int | None:
+        """The window past which a sequence's KV blocks are never read again, when every layer is
+        windowed (the largest window); None when some layer attends globally and needs them all."""
+        windows = self.layer_sliding_windows
+        if not windows or any(w is None for w in windows):
+            return None
+        return max(w for w in windows if w is not None)
 
     @property
     def num_params(self) -> int:
@@ -264,7 +329,7 @@ class ModelConfig:
         h, i, v, d = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
         attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0) + (2 * d if self.qk_norm else 0)
-        per_layer = attn + 2 * h
+        per_layer = attn + (4 if self.sandwich_norms else 2) * h
         mlps = sum(self.mlp_params(n) for n in range(self.num_hidden_layers))
         emb = v * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * per_layer + mlps + emb + h
@@ -285,6 +350,62 @@ class ModelConfig:
             return 3 * h * self.intermediate_size
         experts = self.moe.num_experts_per_tok if active else self.moe.num_experts
         return experts * 3 * h * self.moe.intermediate_size + self.moe.num_experts * h
+
+
+def _rope_settings(params: dict[str, Any], theta: float, scaling: dict[str, Any] | None,
+                   head_dim: int) -> tuple[float, dict[str, Any] | None]:
+    """(rope base, rope scaling or None) from a rope_parameters dict (transformers >= 5), falling
+    back on the older rope_theta / rope_scaling fields; raises ConfigError for an unsupported kind."""
+    theta = float(params.get("rope_theta", theta))
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling is None:
+        return theta, None
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "freq_factors":  # shardline's own: a GGUF's rope_freqs divisors, one per rotated pair
+        factors = scaling.get("freq_factors")
+        if not isinstance(factors, list) or len(factors) != head_dim // 2 or not all(
+                isinstance(f, (int, float)) and f > 0 for f in factors):
+            raise ConfigError(f"rope_scaling: freq_factors must be {head_dim // 2} positive numbers "
+                              f"(head_dim / 2), got {factors!r:.80}")
+    elif rope_type not in ("llama3", "linear"):
+        raise ConfigError(f"rope_scaling: rope_type {rope_type!r} is not supported; supported: llama3, linear")
+    return theta, scaling
+
+
+def _layer_sliding_windows(cfg: dict[str, Any], arch: str, num_layers: int) -> tuple[int | None, ...]:
+    """Per layer, its attention window (None: global), as transformers reads the config: an explicit
+    `layer_types` list wins; else Mistral windows every layer when `sliding_window` is set, Qwen2/3
+    the layers from max_window_layers on when use_sliding_window is set, Gemma 2 every other layer
+    from the first, Gemma 3 all but every `sliding_window_pattern`-th (default 6). () when none is."""
+    window = cfg.get("sliding_window")
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM") and not cfg.get("use_sliding_window", False):
+        window = None
+    if window is None or arch == "LlamaForCausalLM":
+        return ()
+    if not isinstance(window, int) or window < 1:
+        raise ConfigError(f"sliding_window: must be a positive integer or null, got {window!r}")
+    layer_types = cfg.get("layer_types")
+    if layer_types is not None:
+        if len(layer_types) != num_layers or not set(layer_types) <= {"sliding_attention", "full_attention"}:
+            raise ConfigError(f"layer_types: need {num_layers} entries of sliding_attention / full_attention, "
+                              f"got {layer_types!r:.120}")
+        sliding = [t == "sliding_attention" for t in layer_types]
+    elif arch == "MistralForCausalLM":
+        sliding = [True] * num_layers
+    elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        first = int(cfg.get("max_window_layers", num_layers))
+        sliding = [i >= first for i in range(num_layers)]
+    elif arch == "Gemma2ForCausalLM":
+        sliding = [(i + 1) % 2 == 1 for i in range(num_layers)]
+    else:  # Gemma 3
+        pattern = int(cfg.get("sliding_window_pattern", 6))
+        sliding = [(i + 1) % pattern != 0 for i in range(num_layers)]
+    if not any(sliding):
+        return ()
+    return tuple(window if s else None for s in sliding)
 
 
 def knob(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,

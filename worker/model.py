@@ -1,8 +1,12 @@
-"""The Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2) over a paged KV
-cache, tensor-parallel by construction. The differences between the family members are flags of
-ModelConfig: qkv bias (Qwen2), per-head q/k RMSNorm (Qwen3), rope scaling (Llama 3.1+), tied
-embeddings. Mixture-of-experts members (Qwen3-MoE, Mixtral: ModelConfig.moe) swap the dense MLP
-of their sparse layers for worker/layers/moe.py's SparseMoeBlock."""
+"""The Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2, Gemma 2, Gemma 3
+text) over a paged KV cache, tensor-parallel by construction. The differences between the family
+members are flags of ModelConfig: qkv bias (Qwen2), per-head q/k RMSNorm (Qwen3, Gemma 3), rope
+scaling (Llama 3.1+), tied embeddings, per-layer sliding windows (Mistral, Gemma 2/3), and Gemma's
+pieces: embeddings scaled by sqrt(hidden), RMSNorm by (1 + weight) (stored as 1 + weight at load),
+GELU-tanh MLP, norms on the attention and MLP outputs ("sandwich"), query_pre_attn_scalar,
+attention- and final-logit soft-capping, and Gemma 3's own rope base for its local layers.
+Mixture-of-experts members (Qwen3-MoE, Mixtral: ModelConfig.moe) swap the dense MLP of their
+sparse layers for worker/layers/moe.py's SparseMoeBlock."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from torch import nn
 
 from shardline.worker.attention.metadata import AttentionBackend, AttentionMetadata
 from shardline.worker.config import ModelConfig
-from shardline.worker.kernels.activation import silu_and_mul
+from shardline.worker.kernels.activation import act_and_mul
 from shardline.worker.kernels.runtime import IMPLS
 from shardline.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardline.worker.layers.moe import ExpertLoad, FusedExperts, SparseMoeBlock
@@ -39,7 +43,7 @@ class Attention(nn.Module):
     """Self-attention over the paged cache: one QKV matmul, optional q/k norms, RoPE, cache write, attend."""
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, backend: AttentionBackend,
-                 dtype: torch.dtype, device, quant: QuantizationConfig | None = None) -> None:
+                 dtype: torch.dtype, device, quant: QuantizationConfig | None = None, layer_index: int = 0) -> None:
         super().__init__()
         self.backend = backend
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads,
@@ -48,11 +52,14 @@ class Attention(nn.Module):
                                         device, quant)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device)
+        self.rope = cfg.layer_rope(layer_index)  # (base, scaling): layers with equal ones share a cos/sin cache
+        self.rotary = RotaryEmbedding(cfg.head_dim, self.rope[0], self.rope[1], device)
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
-        self.scale = cfg.head_dim ** -0.5
+        self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+        self.sliding_window = cfg.sliding_window(layer_index)
+        self.logit_softcap = cfg.attn_logit_softcapping
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
@@ -66,32 +73,42 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         self.backend.write_kv(k, v, kv_cache, meta)
-        out = self.backend.forward(q, kv_cache, meta, self.scale)
+        if self.sliding_window is None and self.logit_softcap is None:
+            out = self.backend.forward(q, kv_cache, meta, self.scale)
+        else:
+            out = self.backend.forward(q, kv_cache, meta, self.scale, sliding_window=self.sliding_window,
+                                       logit_softcap=self.logit_softcap)
         return self.o_proj(out.reshape(t, q_size))
 
 
 class MLP(nn.Module):
-    """The gated MLP: one gate/up matmul, SiLU-and-multiply (one kernel on the Triton path), down."""
+    """The gated MLP: one gate/up matmul, activation-and-multiply (SiLU, or GELU-tanh for Gemma; one
+    kernel on the Triton path), down."""
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device,
                  quant: QuantizationConfig | None = None) -> None:
         super().__init__()
         i = cfg.intermediate_size
         self.impl = "auto"
+        self.act = cfg.hidden_act
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [i, i], cfg.mlp_bias, ctx, dtype, device, quant)
         self.down_proj = RowParallelLinear(i, cfg.hidden_size, cfg.mlp_bias, ctx, dtype, device, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x), impl=self.impl))
+        return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act, impl=self.impl))
 
 
 class DecoderLayer(nn.Module):
+    """Attention and MLP with pre-norms; with cfg.sandwich_norms (Gemma) the attention output is
+    normed before its residual add (post_attention_layernorm), pre_feedforward_layernorm is the MLP's
+    pre-norm and post_feedforward_layernorm norms the MLP output."""
+
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, backend: AttentionBackend, dtype: torch.dtype, device,
                  quant: QuantizationConfig | None = None, layer_index: int = 0,
                  expert_load: ExpertLoad | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attn = Attention(cfg, ctx, backend, dtype, device, quant)
+        self.self_attn = Attention(cfg, ctx, backend, dtype, device, quant, layer_index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp: MLP | SparseMoeBlock
         if cfg.moe is not None and cfg.moe.is_sparse_layer(layer_index):
@@ -100,6 +117,11 @@ class DecoderLayer(nn.Module):
             self.mlp = SparseMoeBlock(cfg.hidden_size, cfg.moe, ctx, dtype, device, expert_load, slot)
         else:
             self.mlp = MLP(cfg, ctx, dtype, device, quant)
+        self.pre_feedforward_layernorm: RMSNorm | None = None
+        self.post_feedforward_layernorm: RMSNorm | None = None
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,8 +133,12 @@ class DecoderLayer(nn.Module):
         else:
             h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(positions, h, kv_cache, meta)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        if self.pre_feedforward_layernorm is None or self.post_feedforward_layernorm is None:
+            h, residual = self.post_attention_layernorm(h, residual)
+            return self.mlp(h), residual
+        h = self.post_attention_layernorm(h)
+        h, residual = self.pre_feedforward_layernorm(h, residual)
+        return self.post_feedforward_layernorm(self.mlp(h)), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -137,6 +163,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ctx, dtype, device, quant)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # Gemma: sqrt(hidden) rounded to the weights' dtype first, as transformers does (55.4256 is 55.5 in bf16).
+        self.embed_scale = float(torch.tensor(cfg.embed_scale, dtype=dtype)) if cfg.embed_scale is not None else None
         self.fused_kernels = "auto"
         if torch.device(device or "cpu").type == "cuda":
             self._share_rope_cache()
@@ -155,13 +183,16 @@ class LlamaForCausalLM(nn.Module):
         self.fused_kernels = mode
 
     def _share_rope_cache(self) -> None:
-        """One cos/sin table for every layer (they share head_dim, theta and scaling)."""
-        rotaries = [layer.self_attn.rotary for layer in self.decoder_layers]
-        if not rotaries or rotaries[0].cos_sin_cache is not None:
-            return
-        cache = rotaries[0].build_cache(self.config.max_position_embeddings)
-        for rotary in rotaries:
-            rotary.cos_sin_cache = cache
+        """One cos/sin table per distinct (theta, scaling) (one for the whole model, two for Gemma 3)."""
+        caches: dict[str, torch.Tensor] = {}
+        for layer in self.decoder_layers:
+            rotary = layer.self_attn.rotary
+            if rotary.cos_sin_cache is not None:
+                continue
+            key = repr(layer.self_attn.rope)
+            if key not in caches:
+                caches[key] = rotary.build_cache(self.config.max_position_embeddings)
+            rotary.cos_sin_cache = caches[key]
 
     @property
     def decoder_layers(self) -> list[DecoderLayer]:
@@ -177,6 +208,8 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states after the final norm. `num_layers` runs only the first that many layers
         (the layer-skip self-draft of speculative decoding); kv_caches then needs only as many."""
         h = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            h = h * self.embed_scale
         residual = None
         layers = self.layers if num_layers is None else self.layers[:num_layers]
         for layer, cache in zip(layers, kv_caches):
@@ -187,7 +220,13 @@ class LlamaForCausalLM(nn.Module):
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.logits(hidden)
+        """Vocabulary logits of hidden rows [N, hidden] -> [N, vocab]; soft-capped (cap * tanh(x / cap))
+        when the config says so (Gemma 2)."""
+        logits = self.lm_head.logits(hidden)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def load_weights(self, weights: WeightStream) -> set[str]:
         """Copy this rank's slices from a stream of Hugging Face-named tensors; returns the names used.
@@ -229,8 +268,12 @@ class LlamaForCausalLM(nn.Module):
                         raise ValueError(f"weight {name}: the model has no such parameter")
                     if hasattr(module, "load"):
                         module.load(name, w)
-                    else:  # norms
-                        getattr(module, leaf).copy_(w.read().to(getattr(module, leaf).dtype))
+                    else:  # norms; Gemma's scale by (1 + weight), so the stored weight is 1 + the file's
+                        target = getattr(module, leaf)
+                        value = w.read().float()
+                        if self.config.norm_unit_offset:
+                            value = value + 1.0
+                        target.copy_(value.to(target.dtype))
             seen.add(name)
         self._check_complete(seen)
         self.finish_loading()
@@ -277,6 +320,8 @@ class LlamaForCausalLM(nn.Module):
             else:
                 names |= {p + f"mlp.{x}.weight" for x in ("gate_proj", "up_proj", "down_proj")}
             names |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
+            if cfg.sandwich_norms:
+                names |= {p + "pre_feedforward_layernorm.weight", p + "post_feedforward_layernorm.weight"}
         return names
 
     def _check_complete(self, seen: set[str]) -> None:

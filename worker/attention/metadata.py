@@ -49,9 +49,13 @@ class AttentionBackend(Protocol):
         ...
 
     def forward(
-        self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+        self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+        sliding_window: int | None = None, logit_softcap: float | None = None,
     ) -> torch.Tensor:
-        """query: [num_tokens, num_heads, head_dim] -> output of the same shape (causal, GQA)."""
+        """query: [num_tokens, num_heads, head_dim] -> output of the same shape (causal, GQA). With
+        `sliding_window` w a query at position p sees keys p - w < k <= p only (blocks older than
+        its window may have been released and must not be read); `logit_softcap` c turns each
+        scaled score s into c * tanh(s / c) before the softmax (Gemma 2)."""
         ...
 
 

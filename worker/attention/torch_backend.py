@@ -1,5 +1,9 @@
 """The reference attention over the paged cache, in plain torch: runs on CPU and CUDA, and is what
-the Triton kernels are tested against."""
+the Triton kernels are tested against.
+
+Sliding-window layers gather only the blocks their window reaches (from the block holding the
+oldest visible key), so they never read blocks the block manager may have released; soft-capped
+layers (Gemma 2) compute the scores by hand, since SDPA has no soft-cap."""
 
 from __future__ import annotations
 
@@ -20,6 +24,24 @@ def gather_context(kv_cache: torch.Tensor, block_tables: torch.Tensor, max_len: 
     return kv[0], kv[1]
 
 
+def gather_window(kv_cache: torch.Tensor, block_tables: torch.Tensor, first_pos: list[int],
+                  end_pos: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys and values of each row's positions from the start of the block holding first_pos[i] up
+    to end_pos[i] (exclusive), padded to a common length: two [num_seqs, L, kv_heads, dim] and the
+    [num_seqs, L] int64 positions they hold (positions past end_pos[i] are padding, read from block 0)."""
+    block_size = kv_cache.shape[2]
+    first_blocks = [p // block_size for p in first_pos]
+    width = max(-(-e // block_size) - f for f, e in zip(first_blocks, end_pos))
+    device = block_tables.device
+    cols = torch.tensor(first_blocks, device=device)[:, None] + torch.arange(width, device=device)[None, :]
+    inside = cols < block_tables.shape[1]
+    tables = torch.where(inside, block_tables.gather(1, cols.clamp(max=block_tables.shape[1] - 1).long()),
+                         torch.zeros((), dtype=block_tables.dtype, device=device))
+    k, v = gather_context(kv_cache, tables, width * block_size)
+    positions = cols[:, :, None] * block_size + torch.arange(block_size, device=device)[None, None, :]
+    return k, v, positions.reshape(len(first_pos), width * block_size)
+
+
 class TorchAttentionBackend:
     """Decodes are attended to as one padded batch; each prefill chunk on its own."""
 
@@ -35,7 +57,13 @@ class TorchAttentionBackend:
         flat_k.index_copy_(0, slots, key.to(kv_cache.dtype))
         flat_v.index_copy_(0, slots, value.to(kv_cache.dtype))
 
-    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                sliding_window: int | None = None, logit_softcap: float | None = None) -> torch.Tensor:
+        """query [T, H, d] -> [T, H, d]: causal GQA attention; a query at position p sees keys
+        p - sliding_window < k <= p when a window is set; scores become cap * tanh(s / cap) with
+        logit_softcap."""
+        if sliding_window is not None or logit_softcap is not None:
+            return self._windowed(query, kv_cache, meta, scale, sliding_window, logit_softcap)
         out = torch.empty_like(query)
         qlens, slens = meta.query_lens_cpu, meta.seq_lens_cpu
         decode_idx = [i for i, q in enumerate(qlens) if q == 1]
@@ -63,6 +91,52 @@ class TorchAttentionBackend:
             return out.reshape(b, h, 1, d)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                               enable_gqa=h != kvh)
+
+    @staticmethod
+    def _softcapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                    cap: float | None) -> torch.Tensor:
+        """Attention by hand, in transformers' eager order: q [B, H, Lq, d]; k, v [B, kvh, Lk, d];
+        mask [B, 1, Lq, Lk] bool; scores * scale, soft-capped, masked, softmax in fp32."""
+        b, h, lq, d = q.shape
+        kvh, lk = k.shape[1], k.shape[2]
+        qg = q.reshape(b, kvh, h // kvh, lq, d)
+        scores = torch.matmul(qg, k.to(q.dtype).unsqueeze(2).transpose(-1, -2)) * scale  # [B, kvh, g, Lq, Lk]
+        if cap is not None:
+            scores = torch.tanh(scores / cap) * cap
+        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v.to(q.dtype).unsqueeze(2)).reshape(b, h, lq, d)
+
+    def _windowed(self, query, kv_cache, meta, scale, window: int | None, cap: float | None) -> torch.Tensor:
+        """Every sequence of the step (decodes batched, prefill chunks alone) over only the keys its
+        window reaches; the masked scores go through SDPA, or by hand when soft-capped."""
+        out = torch.empty_like(query)
+        qlens, slens = meta.query_lens_cpu, meta.seq_lens_cpu
+        starts = [0]
+        for q in qlens:
+            starts.append(starts[-1] + q)
+        decode_idx = [i for i, q in enumerate(qlens) if q == 1]
+        groups = [decode_idx] if decode_idx else []
+        groups += [[i] for i, q in enumerate(qlens) if q != 1]
+        dev = query.device
+        for idx in groups:
+            qlen = qlens[idx[0]]  # 1 for the decode group
+            first_q = [slens[i] - qlen for i in idx]
+            first_k = [max(0, p - window + 1) if window is not None else 0 for p in first_q]
+            rows = torch.tensor(idx, device=dev)
+            k, v, pos_k = gather_window(kv_cache, meta.block_tables.index_select(0, rows), first_k,
+                                        [slens[i] for i in idx])
+            tok = torch.tensor([starts[i] for i in idx], device=dev)[:, None] + torch.arange(qlen, device=dev)
+            q = query[tok.reshape(-1)].reshape(len(idx), qlen, *query.shape[1:]).transpose(1, 2)  # [B, H, q, d]
+            pos_q = torch.tensor(first_q, device=dev)[:, None] + torch.arange(qlen, device=dev)  # [B, q]
+            mask = pos_k[:, None, :] <= pos_q[:, :, None]  # [B, q, L]
+            if window is not None:
+                mask &= pos_k[:, None, :] > pos_q[:, :, None] - window
+            mask = mask[:, None]
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            o = self._softcapped(q, k, v, mask, scale, cap) if cap is not None else self._sdpa(q, k, v, mask, scale)
+            out[tok.reshape(-1)] = o.transpose(1, 2).reshape(-1, *query.shape[1:])
+        return out
 
     def _decode(self, query, kv_cache, meta, scale, idx, starts, out) -> None:
         rows = torch.tensor([starts[i] for i in idx], device=query.device)

@@ -37,8 +37,10 @@ class TritonAttentionBackend:
         """key, value: [num_tokens, num_kv_heads, head_dim]; stored at meta.slot_mapping (-1 skipped)."""
         write_kv(key, value, kv_cache, meta.slot_mapping, impl="triton")
 
-    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """query: [num_tokens, num_heads, head_dim] -> causal GQA attention output of the same shape."""
+    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                sliding_window: int | None = None, logit_softcap: float | None = None) -> torch.Tensor:
+        """query: [num_tokens, num_heads, head_dim] -> causal GQA attention output of the same shape
+        (within the last `sliding_window` positions when set; scores soft-capped with logit_softcap)."""
         splits = self.choose_num_splits(query, kv_cache, meta)
         return paged_attention(
             query,
@@ -51,6 +53,8 @@ class TritonAttentionBackend:
             scale,
             num_splits=splits,
             block_n=self.block_n,
+            sliding_window=sliding_window,
+            logit_softcap=logit_softcap,
         )
 
     def choose_num_splits(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> int:

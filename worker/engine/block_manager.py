@@ -15,6 +15,18 @@ Design:
 - A request's freed blocks go to the tail in reverse order, so its last blocks (the least shared
   part of a prefix) are evicted before its first ones. Freed blocks that hold no hash go to the
   head instead: they carry nothing worth keeping, so they are reused before any cached block.
+- Sliding windows (`release_window`, set when every layer of the model is windowed): a running
+  request's blocks that lie wholly before the oldest key its next query can see are released at
+  each schedule (`release_out_of_window`), so a long decode holds about window / block_size + 1
+  blocks instead of its whole context. Released blocks are a prefix of the block table; their
+  entries become the placeholder 0 (attention never reads them: both backends start at the window).
+  Prefix-cache hits wholly before the new tokens' window are not taken at all (they enter the
+  table as released placeholders), so a request never holds more than
+  `max_blocks_held` blocks, and a context longer than the whole pool can run.
+  A released block keeps its prefix-cache key and joins the free list like any freed block (cached
+  ones at the tail, stay hittable until evicted; uncached ones at the head): a later request with
+  the same prefix still hits the whole chain. Models with some global layer (Gemma 2/3) release
+  nothing: a block shared by all layers is needed as long as any layer reads it.
 """
 
 from __future__ import annotations
@@ -64,14 +76,19 @@ class BlockManager:
     All operations the scheduler calls each step are O(blocks touched): allocation pops the
     free-list head, freeing appends, and a cache hit removes a block from the middle by id."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 release_window: int | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks: must be >= 1, got {num_blocks}")
         if block_size < 1:
             raise ValueError(f"block_size: must be >= 1, got {block_size}")
+        if release_window is not None and release_window < 1:
+            raise ValueError(f"release_window: must be >= 1 or None, got {release_window}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.release_window = release_window  # ModelConfig.kv_release_window: None keeps every block
+        self.num_released_blocks_total = 0
         self.ref_counts: list[int] = [0] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self._block_hash: list[bytes | None] = [None] * num_blocks
@@ -149,7 +166,8 @@ class BlockManager:
             return
         num_full = min(num_computed_tokens, request.num_known_tokens, len(request.block_ids) * self.block_size)
         num_full //= self.block_size
-        start = self._num_registered.get(request.request_id, 0)
+        # Released blocks may already serve another request: never register them.
+        start = max(self._num_registered.get(request.request_id, 0), request.num_released_blocks)
         if num_full <= start:
             return
         self._ensure_block_hashes(request, num_full)
@@ -199,12 +217,18 @@ class BlockManager:
         num_tokens = request.num_computed_tokens + len(new_computed_blocks) * self.block_size + num_new_tokens
         num_needed = -(-num_tokens // self.block_size)
         num_fresh = max(0, num_needed - len(request.block_ids) - len(new_computed_blocks))
+        # With a release window, hits wholly before the first new token's window are not taken: they
+        # enter the table as released placeholders.
+        skip = self.num_out_of_window_blocks(len(new_computed_blocks) * self.block_size)
         # Hits at ref 0 sit in the free list: taking them shrinks what fresh allocation can use.
-        num_revived = sum(1 for b in new_computed_blocks if self.ref_counts[b] == 0)
+        num_revived = sum(1 for b in new_computed_blocks[skip:] if self.ref_counts[b] == 0)
         if num_fresh + num_revived > len(self._free):
             return False
         now = self._tick()
-        for block in new_computed_blocks:
+        if skip:
+            request.block_ids.extend([0] * skip)
+            request.num_released_blocks = skip
+        for block in new_computed_blocks[skip:]:
             if self.ref_counts[block] == 0:
                 del self._free[block]
             self.ref_counts[block] += 1
@@ -223,11 +247,54 @@ class BlockManager:
             request.block_ids.append(block)
         return True
 
+    def num_out_of_window_blocks(self, num_computed_tokens: int) -> int:
+        """Leading blocks of a sequence with this many computed tokens that no later query reads
+        (0 without a release window)."""
+        if self.release_window is None:
+            return 0
+        return max(0, num_computed_tokens - self.release_window + 1) // self.block_size
+
+    def max_blocks_held(self, num_tokens: int, max_step_tokens: int) -> int:
+        """The most blocks a sequence of up to num_tokens tokens holds at once when each step adds at
+        most max_step_tokens: all of them, or with a release window those from its window's first
+        block to its newest (plus one for alignment)."""
+        whole = -(-num_tokens // self.block_size)
+        if self.release_window is None:
+            return whole
+        return min(whole, -(-(self.release_window - 1 + max_step_tokens) // self.block_size) + 1)
+
+    def release_out_of_window(self, request: Request) -> int:
+        """Release the request's blocks that hold only positions before num_computed_tokens -
+        release_window + 1, the oldest key its next query can see (a no-op without a release
+        window). Their table entries become 0; returns how many blocks were released now."""
+        end = min(self.num_out_of_window_blocks(request.num_computed_tokens), len(request.block_ids))
+        begin = request.num_released_blocks
+        if end <= begin:
+            return 0
+        now = self._tick()
+        for i in range(begin, end):
+            self._drop_reference(request.block_ids[i], now)
+            request.block_ids[i] = 0
+        request.num_released_blocks = end
+        self.num_released_blocks_total += end - begin
+        return end - begin
+
+    def _drop_reference(self, block: int, now: int) -> None:
+        """One reference fewer; at zero the block joins the free list (cached: tail, else head)."""
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] < 0:
+            raise RuntimeError(f"block {block} freed more often than allocated")
+        if self.ref_counts[block] == 0:
+            self._last_used[block] = now
+            self._free[block] = None
+            if self._block_hash[block] is None:
+                self._free.move_to_end(block, last=False)
+
     def trim_blocks(self, request: Request, num_tokens: int) -> None:
         """Free the request's blocks past the first ceil(num_tokens / block_size) (speculative
         decoding's rollback: blocks only rejected proposals used). Such blocks were never
         registered in the prefix cache (only known tokens' blocks are), so they go to the head."""
-        keep = -(-num_tokens // self.block_size)
+        keep = max(-(-num_tokens // self.block_size), request.num_released_blocks)
         if len(request.block_ids) <= keep:
             return
         for block in reversed(request.block_ids[keep:]):
@@ -246,14 +313,8 @@ class BlockManager:
         """Drop the request's references and empty its block table. Blocks reaching ref 0 keep
         their key and join the free list (see the module notes for the order)."""
         now = self._tick()
-        for block in reversed(request.block_ids):
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] < 0:
-                raise RuntimeError(f"block {block} freed more often than allocated")
-            if self.ref_counts[block] == 0:
-                self._last_used[block] = now
-                self._free[block] = None
-                if self._block_hash[block] is None:
-                    self._free.move_to_end(block, last=False)
+        for block in reversed(request.block_ids[request.num_released_blocks :]):
+            self._drop_reference(block, now)
         request.block_ids = []
+        request.num_released_blocks = 0
         self._num_registered.pop(request.request_id, None)

@@ -151,13 +151,17 @@ class LLMEngine:
         # Rank 0's weights as held in memory (None where the executor does not report them).
         self.weight_bytes: int | None = getattr(self.executor, "weight_bytes", None)
         log.info("model loaded", extra={"quantization": self.quantization.name, "weight_bytes": self.weight_bytes})
-        self.block_manager = BlockManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching,
+                                          release_window=self.model_config.kv_release_window)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
         # Unseeded requests draw from one generator seeded by config.seed (vLLM's --seed): the same
         # requests in the same order sample the same tokens after a restart.
         self.sampler = Sampler(make_generator(config.seed, self.device))
+        # A model whose every layer is windowed holds only a window of KV per request: the pool does
+        # not bound its context (the scheduler checks what a request holds at once).
+        kv_bound = None if self.model_config.kv_release_window is not None else self.executor.num_blocks * config.block_size
         self.limits = Limits(max_model_len=self.max_model_len, vocab_size=self.model_config.vocab_size,
-                             max_kv_tokens=self.executor.num_blocks * config.block_size,
+                             max_kv_tokens=kv_bound,
                              max_stop_strings=config.max_stop_strings, max_stop_string_len=config.max_stop_string_len)
         tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else []
         self.eos_token_ids = sorted(set(tokenizer_eos) | set(self.model_config.eos_token_ids))

@@ -57,6 +57,9 @@ class Request:
         self.num_cached_tokens = 0
         self.num_preemptions = 0
         self.block_ids: list[int] = []
+        # Sliding-window models: the first this many entries of block_ids were released (their KV is
+        # out of every layer's window) and hold the placeholder 0; the request owns only the rest.
+        self.num_released_blocks = 0
         self.block_hashes: list[bytes] = []
         # Speculative decoding: tokens a proposer guessed to follow all_token_ids, to be verified
         # by the next step (never part of output_token_ids until the target accepts them).

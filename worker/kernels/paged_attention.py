@@ -9,6 +9,11 @@ finds its sequence by binary search over query_start_loc.
 Split-K (flash-decoding): with num_splits > 1 the context is cut into partitions of partition_len
 tokens, one program per (tile, KV head, partition) writes its normalized partial output with its
 running max and sum, and a reduce kernel rescales and combines them.
+
+Sliding windows (Mistral, Gemma 2/3's local layers): with window w a query at position p sees keys
+p - w < k <= p; a tile starts its key loop at its first query's oldest visible key, so blocks
+older than that (which the block manager may have released) are never read. Soft-capping (Gemma 2)
+turns each score s into cap * tanh(s / cap) before the softmax.
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ def _paged_attention_kernel(
     stride_ps,
     stride_mt,
     stride_mh,
+    window,
+    softcap_in,
+    softcap_out,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -63,6 +71,8 @@ def _paged_attention_kernel(
     SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -106,11 +116,14 @@ def _paged_attention_kernel(
 
     # Keys this tile can see: up to its last query position (causal), cut to this split's partition.
     kv_end = tl.minimum(seq_len, cached_len + (q_block + 1) * BLOCK_Q)
-    kv_lo = 0
+    kv_start = 0
+    if HAS_WINDOW:  # the oldest key the tile's first query sees
+        kv_start = tl.maximum(cached_len + q_block * BLOCK_Q - window + 1, 0)
+    kv_lo = kv_start
     kv_hi = kv_end
     if SPLIT:
-        kv_lo = split * partition_len
-        kv_hi = tl.minimum(kv_end, kv_lo + partition_len)
+        kv_lo = tl.maximum(split * partition_len, kv_start)
+        kv_hi = tl.minimum(kv_end, split * partition_len + partition_len)
 
     # A finite "minus infinity" for running maxima keeps rows that have seen no key yet NaN-free.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -129,8 +142,14 @@ def _paged_attention_kernel(
         blk = tl.load(table_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
         slot_off = blk * stride_cb + (offs_n % BLOCK_SIZE) * stride_co + head_off
         k = tl.load(k_cache_ptr + slot_off[None, :] + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
+        s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION)
+        if HAS_SOFTCAP:  # cap * tanh(s * scale / cap), in log2 units; tanh(x) = 2 sigmoid(2x) - 1
+            s = (2.0 * tl.sigmoid(2.0 * s * softcap_in) - 1.0) * softcap_out
+        else:
+            s = s * scale_log2
         allowed = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+        if HAS_WINDOW:
+            allowed = allowed & (offs_n[None, :] > q_pos[:, None] - window)
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -227,10 +246,13 @@ def paged_attention(
     num_splits: int = 1,
     block_n: int = 64,
     out: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal GQA attention of query [num_tokens, heads, dim] over kv_cache [2, blocks, block_size,
     kv_heads, dim]; sequence i's queries are rows query_start_loc[i]:query_start_loc[i+1] and sit at
-    the last positions of its seq_lens[i] tokens. Host ints size the grid only."""
+    the last positions of its seq_lens[i] tokens. Host ints size the grid only. `sliding_window`
+    (tokens) limits each query to its last that many positions; `logit_softcap` soft-caps scores."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     if num_heads % num_kv_heads:
@@ -288,6 +310,9 @@ def paged_attention(
         part_o.stride(2) if split else 0,
         part_m.stride(0) if split else 0,
         part_m.stride(1) if split else 0,
+        sliding_window or 0,
+        scale / logit_softcap if logit_softcap else 0.0,
+        logit_softcap * _LOG2E if logit_softcap else 0.0,
         GROUP=group,
         GROUP_PAD=group_pad,
         BLOCK_Q=block_q,
@@ -299,6 +324,8 @@ def paged_attention(
         SPLIT=split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 or upcast else "tf32",
         UPCAST_DOT=upcast,
+        HAS_WINDOW=sliding_window is not None,
+        HAS_SOFTCAP=logit_softcap is not None,
     )
     if split:
         _reduce_splits_kernel[(num_tokens, num_heads)](
