@@ -10,6 +10,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from shardline.worker.attention.kv_cache_dtype import KVScales
 from shardline.worker.attention.metadata import AttentionBackend, AttentionMetadata
 from shardline.worker.config import ModelConfig
 from shardline.worker.kernels.activation import silu_and_mul
@@ -23,8 +24,14 @@ from shardline.worker.layers.linear import (
 from shardline.worker.layers.norm import RMSNorm
 from shardline.worker.layers.quantization import QuantizationConfig
 from shardline.worker.layers.rotary import RotaryEmbedding
-from shardline.worker.loader.weights import WeightStream
+from shardline.worker.loader.weights import LazyWeight, WeightStream
 from shardline.worker.parallel.context import ParallelContext
+
+
+# Checkpoint names of FP8 KV-cache scales (after "self_attn."): vLLM's and HF fp8's k_scale / v_scale,
+# the older single kv_scale, compressed-tensors' output scales of k_proj / v_proj.
+_KV_SCALE_NAMES = {"k_scale": "k", "v_scale": "v", "kv_scale": "kv",
+                   "k_proj.output_scale": "k", "v_proj.output_scale": "v"}
 
 
 class Attention(nn.Module):
@@ -45,6 +52,18 @@ class Attention(nn.Module):
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
+        self.kv_scales = KVScales()  # an FP8 KV cache's per-tensor scales (the checkpoint's, else 1.0)
+
+    def load_kv_scale(self, which: str, name: str, w: LazyWeight) -> None:
+        """Take a checkpoint's KV-cache scale: which = 'k', 'v' or 'kv' (one scale for both). One value
+        per tensor; raises ValueError naming the tensor otherwise."""
+        t = w.read().float().reshape(-1)
+        if t.numel() != 1:
+            raise ValueError(f"weight {name}: a KV-cache scale must be one value per tensor, got shape {tuple(w.shape)}")
+        value = float(t[0])
+        k = value if which in ("k", "kv") else self.kv_scales.k
+        v = value if which in ("v", "kv") else self.kv_scales.v
+        self.kv_scales = KVScales(k, v)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
@@ -57,8 +76,8 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        self.backend.write_kv(k, v, kv_cache, meta)
-        out = self.backend.forward(q, kv_cache, meta, self.scale)
+        self.backend.write_kv(k, v, kv_cache, meta, self.kv_scales)
+        out = self.backend.forward(q, kv_cache, meta, self.scale, self.kv_scales)
         return self.o_proj(out.reshape(t, q_size))
 
 
@@ -183,6 +202,12 @@ class LlamaForCausalLM(nn.Module):
                 continue
             hf_prefix, _, leaf = name.rpartition(".")
             mod_name = hf_prefix.removeprefix("model.")
+            kv_scale = _KV_SCALE_NAMES.get(name.rsplit("self_attn.", 1)[-1]) if "self_attn." in name else None
+            if kv_scale is not None:
+                attn = modules[mod_name.rsplit("self_attn", 1)[0] + "self_attn"]
+                cast(Attention, attn).load_kv_scale(kv_scale, name, w)
+                seen.add(name)
+                continue
             for hf, part in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")):
                 if mod_name.endswith("self_attn." + hf):
                     modules[mod_name.replace(hf, "qkv_proj")].load_part(part, name, w)

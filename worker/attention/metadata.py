@@ -16,6 +16,8 @@ from typing import Protocol
 
 import torch
 
+from shardline.worker.attention.kv_cache_dtype import UNIT_SCALES, KVScales
+
 
 @dataclass
 class AttentionMetadata:
@@ -44,14 +46,18 @@ class AttentionBackend(Protocol):
 
     name: str
 
-    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
-        """key, value: [num_tokens, num_kv_heads, head_dim]; stored at meta.slot_mapping."""
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                 kv_scales: KVScales = UNIT_SCALES) -> None:
+        """key, value: [num_tokens, num_kv_heads, head_dim]; stored at meta.slot_mapping (an FP8
+        cache stores e4m3 codes of x / kv_scales, worker/attention/kv_cache_dtype.py)."""
         ...
 
     def forward(
-        self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+        self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+        kv_scales: KVScales = UNIT_SCALES,
     ) -> torch.Tensor:
-        """query: [num_tokens, num_heads, head_dim] -> output of the same shape (causal, GQA)."""
+        """query: [num_tokens, num_heads, head_dim] -> output of the same shape (causal, GQA); an FP8
+        cache's codes read as code * kv_scales."""
         ...
 
 

@@ -1,12 +1,14 @@
 """The reference attention over the paged cache, in plain torch: runs on CPU and CUDA, and is what
-the Triton kernels are tested against."""
+the Triton kernels are tested against. An FP8 cache is dequantized (code * scale) as it is gathered."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from shardline.worker.attention.kv_cache_dtype import UNIT_SCALES, KVScales, dequantize_kv
 from shardline.worker.attention.metadata import AttentionMetadata
+from shardline.worker.kernels.kv_write import store_rows
 
 
 def gather_context(kv_cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,17 +27,16 @@ class TorchAttentionBackend:
 
     name = "torch"
 
-    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                 kv_scales: KVScales = UNIT_SCALES) -> None:
         slots = meta.slot_mapping
         valid = slots >= 0
         if not bool(valid.all()):
             slots, key, value = slots[valid], key[valid], value[valid]
-        flat_k = kv_cache[0].view(-1, key.shape[-2], key.shape[-1])
-        flat_v = kv_cache[1].view(-1, value.shape[-2], value.shape[-1])
-        flat_k.index_copy_(0, slots, key.to(kv_cache.dtype))
-        flat_v.index_copy_(0, slots, value.to(kv_cache.dtype))
+        store_rows(kv_cache, slots, key, value, kv_scales)
 
-    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
         out = torch.empty_like(query)
         qlens, slens = meta.query_lens_cpu, meta.seq_lens_cpu
         decode_idx = [i for i, q in enumerate(qlens) if q == 1]
@@ -43,10 +44,10 @@ class TorchAttentionBackend:
         for q in qlens:
             starts.append(starts[-1] + q)
         if decode_idx:
-            self._decode(query, kv_cache, meta, scale, decode_idx, starts, out)
+            self._decode(query, kv_cache, meta, scale, kv_scales, decode_idx, starts, out)
         for i, q in enumerate(qlens):
             if q != 1:
-                self._prefill(query, kv_cache, meta, scale, i, starts[i], q, slens[i], out)
+                self._prefill(query, kv_cache, meta, scale, kv_scales, i, starts[i], q, slens[i], out)
         return out
 
     @staticmethod
@@ -64,19 +65,21 @@ class TorchAttentionBackend:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                               enable_gqa=h != kvh)
 
-    def _decode(self, query, kv_cache, meta, scale, idx, starts, out) -> None:
+    def _decode(self, query, kv_cache, meta, scale, kv_scales, idx, starts, out) -> None:
         rows = torch.tensor([starts[i] for i in idx], device=query.device)
         lens = torch.tensor([meta.seq_lens_cpu[i] for i in idx], device=query.device)
         max_len = max(meta.seq_lens_cpu[i] for i in idx)
         tables = meta.block_tables[torch.tensor(idx, device=query.device)]
         k, v = gather_context(kv_cache, tables, max_len)  # [B, L, kvh, d]
+        k, v = dequantize_kv(k, kv_scales.k, query.dtype), dequantize_kv(v, kv_scales.v, query.dtype)
         q = query[rows].unsqueeze(2)  # [B, H, 1, d]
         mask = (torch.arange(max_len, device=query.device)[None, :] < lens[:, None])[:, None, None, :]
         o = self._sdpa(q, k.transpose(1, 2), v.transpose(1, 2), mask, scale)  # [B, H, 1, d]
         out[rows] = o.squeeze(2)
 
-    def _prefill(self, query, kv_cache, meta, scale, i, start, qlen, slen, out) -> None:
+    def _prefill(self, query, kv_cache, meta, scale, kv_scales, i, start, qlen, slen, out) -> None:
         k, v = gather_context(kv_cache, meta.block_tables[i : i + 1], slen)
+        k, v = dequantize_kv(k, kv_scales.k, query.dtype), dequantize_kv(v, kv_scales.v, query.dtype)
         q = query[start : start + qlen].transpose(0, 1).unsqueeze(0)  # [1, H, q, d]
         mask = None  # the whole context is new: plain causal
         if slen != qlen:  # a chunk after a cached prefix: row r sees positions <= slen - qlen + r

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from shardline.worker.attention.kv_cache_dtype import UNIT_SCALES, KVScales
 from shardline.worker.attention.metadata import AttentionMetadata
 from shardline.worker.kernels.kv_write import write_kv
 from shardline.worker.kernels.paged_attention import paged_attention, tile_shape
@@ -33,11 +34,13 @@ class TritonAttentionBackend:
         self.block_n = block_n
         self._sm_count: dict[int, int] = {}
 
-    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                 kv_scales: KVScales = UNIT_SCALES) -> None:
         """key, value: [num_tokens, num_kv_heads, head_dim]; stored at meta.slot_mapping (-1 skipped)."""
-        write_kv(key, value, kv_cache, meta.slot_mapping, impl="triton")
+        write_kv(key, value, kv_cache, meta.slot_mapping, impl="triton", scales=kv_scales)
 
-    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
         """query: [num_tokens, num_heads, head_dim] -> causal GQA attention output of the same shape."""
         splits = self.choose_num_splits(query, kv_cache, meta)
         return paged_attention(
@@ -51,6 +54,7 @@ class TritonAttentionBackend:
             scale,
             num_splits=splits,
             block_n=self.block_n,
+            kv_scales=kv_scales,
         )
 
     def choose_num_splits(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> int:

@@ -131,13 +131,24 @@ class LLMEngine:
         load_format = config.load_format if config.load_format != "auto" else source.kind
         self.quantization = resolve_quantization(config.quantization, source.kind if load_format != "dummy" else None,
                                                  source.hf_config(), self.device)
+        self.kv_cache_dtype = config.resolved_kv_cache_dtype()
         spec = ModelSpec(self.model_config, str(source.path), source.kind, load_format, self.dtype, self.device,
-                         seed=config.seed, attention_backend=config.attention_backend, quantization=self.quantization)
+                         seed=config.seed, attention_backend=config.attention_backend, quantization=self.quantization,
+                         kv_cache_dtype=self.kv_cache_dtype)
         self.max_model_len = config.resolved_max_model_len(self.model_config)
         self.executor: Executor = self._make_executor(spec, show_progress)
         # Rank 0's weights as held in memory (None where the executor does not report them).
         self.weight_bytes: int | None = getattr(self.executor, "weight_bytes", None)
-        log.info("model loaded", extra={"quantization": self.quantization.name, "weight_bytes": self.weight_bytes})
+        # Rank 0's KV-cache bytes per token, all layers, keys and values (None: the stand-in engine).
+        self.kv_bytes_per_token: int | None = getattr(self.executor, "kv_bytes_per_token", None)
+        log.info("model loaded: quantization %s, weights %s per rank, KV cache %s, %s bytes per token per rank, "
+                 "%d blocks of %d tokens", self.quantization.name,
+                 "?" if self.weight_bytes is None else f"{self.weight_bytes / 2**20:.1f} MiB",
+                 str(self.kv_cache_dtype).removeprefix("torch."), self.kv_bytes_per_token,
+                 self.executor.num_blocks, config.block_size,
+                 extra={"quantization": self.quantization.name, "weight_bytes": self.weight_bytes,
+                        "kv_cache_dtype": str(self.kv_cache_dtype).removeprefix("torch."),
+                        "kv_bytes_per_token": self.kv_bytes_per_token})
         self.block_manager = BlockManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
         # Unseeded requests draw from one generator seeded by config.seed (vLLM's --seed): the same

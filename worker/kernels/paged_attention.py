@@ -9,6 +9,10 @@ finds its sequence by binary search over query_start_loc.
 Split-K (flash-decoding): with num_splits > 1 the context is cut into partitions of partition_len
 tokens, one program per (tile, KV head, partition) writes its normalized partial output with its
 running max and sum, and a reduce kernel rescales and combines them.
+
+FP8 (e4m3) caches: K and V tiles are converted to the query's dtype as they load; the per-tensor
+key scale is folded into the softmax scale and the value scale into the output (both linear), so
+the inner loop does no extra multiply (worker/attention/kv_cache_dtype.py).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import math
 
 import torch
 
+from shardline.worker.attention.kv_cache_dtype import UNIT_SCALES, KVScales, is_fp8_kv
 from shardline.worker.kernels.runtime import interpreted_bf16_dot, kernel, next_pow2, tl
 
 _LOG2E = 1.4426950408889634
@@ -38,6 +43,7 @@ def _paged_attention_kernel(
     block_tables_ptr,
     num_seqs,
     scale_log2,
+    out_scale,
     partition_len,
     stride_qt,
     stride_qh,
@@ -142,7 +148,7 @@ def _paged_attention_kernel(
         m_i = m_new
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    o = acc / l_safe[:, None]
+    o = acc * (out_scale / l_safe)[:, None]  # out_scale: an FP8 cache's value scale, else 1
     mask_o = row_ok[:, None] & d_ok[None, :]
     if SPLIT:
         part = token * stride_pt + head.to(tl.int64) * stride_ph + split * stride_ps
@@ -227,10 +233,12 @@ def paged_attention(
     num_splits: int = 1,
     block_n: int = 64,
     out: torch.Tensor | None = None,
+    kv_scales: KVScales = UNIT_SCALES,
 ) -> torch.Tensor:
     """Causal GQA attention of query [num_tokens, heads, dim] over kv_cache [2, blocks, block_size,
     kv_heads, dim]; sequence i's queries are rows query_start_loc[i]:query_start_loc[i+1] and sit at
-    the last positions of its seq_lens[i] tokens. Host ints size the grid only."""
+    the last positions of its seq_lens[i] tokens. Host ints size the grid only. An FP8 cache's
+    codes read as code * kv_scales (other caches ignore the scales)."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     if num_heads % num_kv_heads:
@@ -260,6 +268,7 @@ def paged_attention(
         part_o = part_m = part_l = out
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     upcast = interpreted_bf16_dot(query.dtype)
+    k_scale, v_scale = (kv_scales.k, kv_scales.v) if is_fp8_kv(kv_cache) else (1.0, 1.0)
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
     _paged_attention_kernel[grid](
         query,
@@ -273,7 +282,8 @@ def paged_attention(
         seq_lens,
         block_tables,
         num_seqs,
-        scale * _LOG2E,
+        scale * _LOG2E * k_scale,
+        v_scale,
         partition_len,
         query.stride(0),
         query.stride(1),
