@@ -1,6 +1,6 @@
 """What the quantization tests share: a model spec and engine config for a tiny checkpoint on CPU,
 a greedy (or teacher-forced) paged run of a few prompts, and the logit/token agreement of two
-executors over the same inputs."""
+executors over the same inputs, and TP=2 against TP=1."""
 
 from __future__ import annotations
 
@@ -68,3 +68,20 @@ def agreement(quant, dense, vocab: int, steps: int) -> tuple[float, float, float
     margins = (d.max(-1).values - d.gather(-1, q_pick.unsqueeze(-1)).squeeze(-1))[differ]
     worst = margins.max().item() / d.abs().max().item() if differ.any() else 0.0
     return rel, 1.0 - differ.float().mean().item(), worst
+
+
+def assert_tp2_equals_tp1(spec: ModelSpec, steps: int) -> None:
+    """Two gloo ranks give one rank's greedy tokens, and first-step logits within 2^-6 of the
+    largest: each rank rounds its partial sums to bf16 (2^-8 relative) before the all-reduce."""
+    from shardline.worker.engine.executor import LocalExecutor
+    from shardline.worker.parallel.executor import TensorParallelExecutor
+
+    one = LocalExecutor(spec, engine_config(), show_progress=False)
+    two = TensorParallelExecutor(spec, engine_config(2), show_progress=False)
+    try:
+        ref, ref_toks = greedy_run(one, 384, steps=steps)
+        got, got_toks = greedy_run(two, 384, steps=steps)
+        assert (got[0] - ref[0]).abs().max() <= 2.0 ** -6 * ref[0].abs().max()
+        assert got_toks == ref_toks
+    finally:
+        two.shutdown()

@@ -28,8 +28,8 @@ from shardline.worker.layers.quantization.group_quantized import quantize_int4_g
 from shardline.worker.layers.quantization.int4_cpu import Int4WeightOnlyCPU
 from shardline.worker.layers.quantization.int8_cpu import Int8WeightOnlyCPU, int8_rows
 from quant_checks import agreement as _agreement
+from quant_checks import assert_tp2_equals_tp1
 from quant_checks import engine_config as _config
-from quant_checks import greedy_run as _greedy_run
 from quant_checks import spec_for as _spec
 from tiny_models import make_hf_model, write_tiny_checkpoint, write_tiny_gguf
 
@@ -167,19 +167,7 @@ def test_on_the_fly_schemes_match_their_dequantized_weights(scheme, tmp_path):
 
 
 def test_tp2_of_a_quantized_gguf_model_equals_one_rank(q4_1_gguf):
-    from shardline.worker.parallel.executor import TensorParallelExecutor
-
-    spec = _spec(q4_1_gguf, "gguf", None)
-    one = LocalExecutor(spec, _config(), show_progress=False)
-    two = TensorParallelExecutor(spec, _config(2), show_progress=False)
-    try:
-        ref, ref_toks = _greedy_run(one, 384, steps=4)
-        got, got_toks = _greedy_run(two, 384, steps=4)
-        # each rank rounds its partial sums to bf16 before the all-reduce: 2^-8 relative of the logits
-        assert (got[0] - ref[0]).abs().max() <= 2.0 ** -6 * ref[0].abs().max()
-        assert got_toks == ref_toks
-    finally:
-        two.shutdown()
+    assert_tp2_equals_tp1(_spec(q4_1_gguf, "gguf", None), steps=4)
 
 
 # --- checkpoint formats -------------------------------------------------------------------------
@@ -237,8 +225,9 @@ def test_fp8_checkpoints_load_their_codes_and_match_their_dequantized_weights(la
     _check_kernel(method, torch.randn(3, method.in_features), 2.0 ** -3)
 
 
-@pytest.mark.parametrize("method,name", [("awq", "AWQ int4"), ("gptq", "GPTQ int4")])
-def test_awq_and_gptq_checkpoints_fail_naming_the_format(method, name, tmp_path):
+@pytest.mark.parametrize("method,name", [("bitsandbytes", "bitsandbytes"), ("gptq_marlin", "GPTQ \\(Marlin\\) int4")])
+def test_unread_checkpoint_formats_fail_naming_the_format(method, name, tmp_path):
+    # AWQ and GPTQ load (tests/test_int4_checkpoints.py); these are refused by name
     write_tiny_checkpoint("llama", tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": method, "bits": 4, "group_size": 128}
