@@ -248,7 +248,8 @@ class EngineConfig:
                             "apart from the model (worker/engine/stand_in.py; extra.stand_in_step_ms sets its step time)")
     quantization: str | None = knob(None, help="weight quantization (vLLM's --quantization): none, gguf (keep a GGUF "
                                      "file's Q4_0/Q4_1/Q8_0 packed), int4, int8 (weight-only, CPU), fp8 (e4m3, "
-                                     "CUDA); default: the checkpoint's quantization_config, else gguf for GGUF files "
+                                     "CUDA), awq, gptq (int4 checkpoints, read from their quantization_config); "
+                                     "default: the checkpoint's quantization_config, else gguf for GGUF files "
                                      "on CPU, else none (docs/quantization.md)")
     kv_cache_dtype: str = knob("auto", choices=("auto", "fp8", "fp8_e4m3"),
                                help="KV cache storage (vLLM's --kv-cache-dtype): auto (the model's dtype), fp8 / "
