@@ -55,6 +55,7 @@ NON_DEFAULT_FLAG_VALUES: dict[str, tuple[str, ...]] = {
     "special_tokens_in_content": ("--special-tokens-in-content",),
     "quantization": ("--quantization", "int8"),
     "kv_cache_dtype": ("--kv-cache-dtype", "fp8"),
+    "calculate_kv_scales": ("--no-calculate-kv-scales",),
 }
 # Fields that are only valid together: the flags above set these companions as well.
 COMPANION_FIELDS: dict[str, set[str]] = {

@@ -19,7 +19,8 @@ from shardline.worker.engine.executor import LocalExecutor, num_blocks_for
 from tiny_models import hf_config, write_tiny_checkpoint
 
 MIXED = [(1, 50), (24, 24), (1, 9), (13, 13), (5, 40)]
-SCALES = KVScales(k=0.05, v=0.02)  # N(0, 1) rows / scale stay far inside e4m3's 448
+K_SCALE, V_SCALE = 0.05, 0.02  # N(0, 1) rows / scale stay far inside e4m3's 448
+SCALES = KVScales.of(K_SCALE, V_SCALE)
 E4M3_UNIT = 2.0 ** -4  # round to nearest with 3 mantissa bits: relative error of a normal value
 
 
@@ -61,9 +62,9 @@ def test_fp8_attention_stays_within_the_e4m3_bound_of_float_attention(interprete
     # which changes the softmax weights by a factor within exp(+-2 ds); values add their own error.
     max_v = exact_cache[1].abs().max().item()
     max_k = exact_cache[0].abs().max().item()
-    dk = E4M3_UNIT * max_k + 2.0 ** -10 * SCALES.k
+    dk = E4M3_UNIT * max_k + 2.0 ** -10 * K_SCALE
     ds = scale * q.abs().sum(-1, keepdim=True) * dk  # [tokens, heads, 1]
-    bound = max_v * (torch.exp(2 * ds) - 1) + E4M3_UNIT * max_v + 2.0 ** -10 * SCALES.v
+    bound = max_v * (torch.exp(2 * ds) - 1) + E4M3_UNIT * max_v + 2.0 ** -10 * V_SCALE
     err = (got - exact).abs()
     assert (err <= bound).all(), f"max error {err.max():.3g}, worst ratio to bound {(err / bound).max():.3g}"
     assert err.max() > 0  # the cache really is e4m3
@@ -90,14 +91,21 @@ def tiny_llama(tmp_path_factory):
     return path
 
 
-def test_engine_with_fp8_kv_agrees_with_the_float_cache_engine(tiny_llama):
-    fp8 = LocalExecutor(spec_for(tiny_llama, "safetensors", None, kv_cache_dtype=FP8_KV), engine_config(),
-                        show_progress=False)
+@pytest.mark.parametrize("calibrate", [True, False])
+def test_engine_with_fp8_kv_agrees_with_the_float_cache_engine(tiny_llama, calibrate):
+    config = engine_config().replace(calculate_kv_scales=calibrate)
+    fp8 = LocalExecutor(spec_for(tiny_llama, "safetensors", None, kv_cache_dtype=FP8_KV), config, show_progress=False)
     dense = LocalExecutor(spec_for(tiny_llama, "safetensors", None), engine_config(), show_progress=False)
     assert fp8.runner.kv_caches[0].dtype == FP8_KV and dense.runner.kv_caches[0].dtype == torch.float32
     assert fp8.kv_bytes_per_token * 4 == dense.kv_bytes_per_token
     rel, agree, worst_margin = agreement(fp8, dense, 384, steps=8)
-    print(f"fp8 KV vs float32 KV: max logit error {rel:.2%} of the largest logit, greedy agreement {agree:.0%}")
+    scales = [layer.self_attn.kv_scales.values() for layer in fp8.model.decoder_layers]
+    print(f"fp8 KV (calibrated: {calibrate}, scales {scales}) vs float32 KV: max logit error {rel:.2%} of the "
+          f"largest logit, greedy agreement {agree:.0%}")
+    if calibrate:  # the first prefill set every layer's scales to max|k| / 200, max|v| / 100
+        assert all(k != 1.0 and v != 1.0 for k, v in scales)
+    else:
+        assert all(pair == (1.0, 1.0) for pair in scales)
     # measured 3.9 % and 92 % (3 prompts x 8 teacher-forced steps; the differing tokens are near ties
     # of the float model) with e4m3 keys and values at scale 1.0 on this tiny random model
     assert rel <= 0.06
@@ -115,8 +123,8 @@ def test_checkpoint_kv_scales_are_loaded_and_used(tiny_llama, tmp_path):
     (tmp_path / "config.json").write_text((tiny_llama / "config.json").read_text())
     fp8 = LocalExecutor(spec_for(tmp_path, "safetensors", None, kv_cache_dtype=FP8_KV), engine_config(),
                         show_progress=False)
-    assert fp8.model.decoder_layers[0].self_attn.kv_scales == KVScales(0.25, 0.125)
-    assert fp8.model.decoder_layers[1].self_attn.kv_scales == KVScales(0.5, 0.5)
+    assert fp8.model.decoder_layers[0].self_attn.kv_scales.values() == (0.25, 0.125)
+    assert fp8.model.decoder_layers[1].self_attn.kv_scales.values() == (0.5, 0.5)
     # written as x / scale and read as code * scale: still the float engine's logits within the bound
     # (a scale applied on one side only would be off by 2-8x); measured 4.0 %, 10 of 12 tokens, the
     # two others near ties (coarser scales put more of the small values on e4m3's subnormal grid)

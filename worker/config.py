@@ -254,7 +254,11 @@ class EngineConfig:
     kv_cache_dtype: str = knob("auto", choices=("auto", "fp8", "fp8_e4m3"),
                                help="KV cache storage (vLLM's --kv-cache-dtype): auto (the model's dtype), fp8 / "
                                "fp8_e4m3 (e4m3 with a per-tensor scale per layer, from the checkpoint's k_scale / "
-                               "v_scale, else 1.0): half the bytes of bf16, twice the blocks (docs/quantization.md)")
+                               "v_scale, else computed from the first batch, see calculate_kv_scales): half the "
+                               "bytes of bf16, twice the blocks (docs/quantization.md)")
+    calculate_kv_scales: bool = knob(True, help="fp8 KV cache, layers whose checkpoint has no k_scale / v_scale: "
+                                     "compute them from the first real batch (max|k| / 200, max|v| / 100, vLLM's "
+                                     "calculate_kv_scales); off: 1.0, vLLM's default")
     tensor_parallel_size: int = knob(1, aliases=("-tp", "--tp"), help="ranks the model is sharded over")
     block_size: int = knob(16, help="tokens per KV-cache block (a power of two)")
     num_kv_blocks: int | None = knob(None, aliases=("--num-gpu-blocks-override",),

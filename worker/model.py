@@ -10,7 +10,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from shardline.worker.attention.kv_cache_dtype import KVScales
+from shardline.worker.attention.kv_cache_dtype import K_SCALE_CONSTANT, V_SCALE_CONSTANT, KVScales, is_fp8_kv
 from shardline.worker.attention.metadata import AttentionBackend, AttentionMetadata
 from shardline.worker.config import ModelConfig
 from shardline.worker.kernels.activation import silu_and_mul
@@ -37,6 +37,9 @@ _KV_SCALE_NAMES = {"k_scale": "k", "v_scale": "v", "kv_scale": "kv",
 class Attention(nn.Module):
     """Self-attention over the paged cache: one QKV matmul, optional q/k norms, RoPE, cache write, attend."""
 
+    k_scale: torch.Tensor  # registered buffers (move with .to())
+    v_scale: torch.Tensor
+
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, backend: AttentionBackend,
                  dtype: torch.dtype, device, quant: QuantizationConfig | None = None) -> None:
         super().__init__()
@@ -52,7 +55,16 @@ class Attention(nn.Module):
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
-        self.kv_scales = KVScales()  # an FP8 KV cache's per-tensor scales (the checkpoint's, else 1.0)
+        # An FP8 KV cache's per-tensor scales (buffers, so kernels read them on the device): the
+        # checkpoint's, else calibrated on the first real batch once armed, else 1.0.
+        self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32, device=device))
+        self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32, device=device))
+        self.kv_scales_from_checkpoint = False
+        self.calibrate_kv_scales = False  # set by arm_kv_scale_calibration: the next forward sets them
+
+    @property
+    def kv_scales(self) -> KVScales:
+        return KVScales(self.k_scale, self.v_scale)
 
     def load_kv_scale(self, which: str, name: str, w: LazyWeight) -> None:
         """Take a checkpoint's KV-cache scale: which = 'k', 'v' or 'kv' (one scale for both). One value
@@ -60,10 +72,20 @@ class Attention(nn.Module):
         t = w.read().float().reshape(-1)
         if t.numel() != 1:
             raise ValueError(f"weight {name}: a KV-cache scale must be one value per tensor, got shape {tuple(w.shape)}")
-        value = float(t[0])
-        k = value if which in ("k", "kv") else self.kv_scales.k
-        v = value if which in ("v", "kv") else self.kv_scales.v
-        self.kv_scales = KVScales(k, v)
+        with torch.no_grad():
+            if which in ("k", "kv"):
+                self.k_scale.copy_(t)
+            if which in ("v", "kv"):
+                self.v_scale.copy_(t)
+        self.kv_scales_from_checkpoint = True
+
+    def _calibrate(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Scales from this batch (vLLM's calculate_kv_scales): max |k| / 200, max |v| / 100, on the
+        device (no host read)."""
+        tiny = torch.finfo(torch.float32).tiny
+        self.k_scale.copy_((k.detach().abs().amax().float() / K_SCALE_CONSTANT).clamp_min(tiny).reshape(1))
+        self.v_scale.copy_((v.detach().abs().amax().float() / V_SCALE_CONSTANT).clamp_min(tiny).reshape(1))
+        self.calibrate_kv_scales = False
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
@@ -76,6 +98,8 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
+        if self.calibrate_kv_scales and is_fp8_kv(kv_cache):
+            self._calibrate(k, v)
         self.backend.write_kv(k, v, kv_cache, meta, self.kv_scales)
         out = self.backend.forward(q, kv_cache, meta, self.scale, self.kv_scales)
         return self.o_proj(out.reshape(t, q_size))
@@ -241,6 +265,15 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings and self.embed_tokens.quant_method is not None:
             self.lm_head.quant_method = self.embed_tokens.quant_method
             self.lm_head.stager = None
+
+    def arm_kv_scale_calibration(self) -> int:
+        """Let the next forward set the FP8 KV scales of every layer whose checkpoint gave none (call
+        once start-up's dummy passes are done, so the first real batch calibrates); returns how many
+        layers will calibrate."""
+        layers = [layer.self_attn for layer in self.decoder_layers if not layer.self_attn.kv_scales_from_checkpoint]
+        for attn in layers:
+            attn.calibrate_kv_scales = True
+        return len(layers)
 
     def weight_bytes(self) -> int:
         """Bytes of this rank's weights as held in memory (packed quantized buffers included, a tied

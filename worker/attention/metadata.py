@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from shardline.worker.attention.kv_cache_dtype import UNIT_SCALES, KVScales
+from shardline.worker.attention.kv_cache_dtype import KVScales
 
 
 @dataclass
@@ -47,14 +47,14 @@ class AttentionBackend(Protocol):
     name: str
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                 kv_scales: KVScales = UNIT_SCALES) -> None:
+                 kv_scales: KVScales | None = None) -> None:
         """key, value: [num_tokens, num_kv_heads, head_dim]; stored at meta.slot_mapping (an FP8
         cache stores e4m3 codes of x / kv_scales, worker/attention/kv_cache_dtype.py)."""
         ...
 
     def forward(
         self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-        kv_scales: KVScales = UNIT_SCALES,
+        kv_scales: KVScales | None = None,
     ) -> torch.Tensor:
         """query: [num_tokens, num_heads, head_dim] -> output of the same shape (causal, GQA); an FP8
         cache's codes read as code * kv_scales."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from shardline.worker.attention.kv_cache_dtype import UNIT_SCALES, KVScales, dequantize_kv
+from shardline.worker.attention.kv_cache_dtype import KVScales, dequantize_kv, is_fp8_kv, scales_or_unit
 from shardline.worker.attention.metadata import AttentionMetadata
 from shardline.worker.kernels.kv_write import store_rows
 
@@ -28,7 +28,7 @@ class TorchAttentionBackend:
     name = "torch"
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                 kv_scales: KVScales = UNIT_SCALES) -> None:
+                 kv_scales: KVScales | None = None) -> None:
         slots = meta.slot_mapping
         valid = slots >= 0
         if not bool(valid.all()):
@@ -36,8 +36,10 @@ class TorchAttentionBackend:
         store_rows(kv_cache, slots, key, value, kv_scales)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
+                kv_scales: KVScales | None = None) -> torch.Tensor:
         out = torch.empty_like(query)
+        if is_fp8_kv(kv_cache):
+            kv_scales = scales_or_unit(kv_scales, kv_cache.device)
         qlens, slens = meta.query_lens_cpu, meta.seq_lens_cpu
         decode_idx = [i for i, q in enumerate(qlens) if q == 1]
         starts = [0]
@@ -71,7 +73,8 @@ class TorchAttentionBackend:
         max_len = max(meta.seq_lens_cpu[i] for i in idx)
         tables = meta.block_tables[torch.tensor(idx, device=query.device)]
         k, v = gather_context(kv_cache, tables, max_len)  # [B, L, kvh, d]
-        k, v = dequantize_kv(k, kv_scales.k, query.dtype), dequantize_kv(v, kv_scales.v, query.dtype)
+        if kv_scales is not None:
+            k, v = dequantize_kv(k, kv_scales.k, query.dtype), dequantize_kv(v, kv_scales.v, query.dtype)
         q = query[rows].unsqueeze(2)  # [B, H, 1, d]
         mask = (torch.arange(max_len, device=query.device)[None, :] < lens[:, None])[:, None, None, :]
         o = self._sdpa(q, k.transpose(1, 2), v.transpose(1, 2), mask, scale)  # [B, H, 1, d]
@@ -79,7 +82,8 @@ class TorchAttentionBackend:
 
     def _prefill(self, query, kv_cache, meta, scale, kv_scales, i, start, qlen, slen, out) -> None:
         k, v = gather_context(kv_cache, meta.block_tables[i : i + 1], slen)
-        k, v = dequantize_kv(k, kv_scales.k, query.dtype), dequantize_kv(v, kv_scales.v, query.dtype)
+        if kv_scales is not None:
+            k, v = dequantize_kv(k, kv_scales.k, query.dtype), dequantize_kv(v, kv_scales.v, query.dtype)
         q = query[start : start + qlen].transpose(0, 1).unsqueeze(0)  # [1, H, q, d]
         mask = None  # the whole context is new: plain causal
         if slen != qlen:  # a chunk after a cached prefix: row r sees positions <= slen - qlen + r

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from shardline.worker.attention.kv_cache_dtype import UNIT_SCALES, KVScales
+from shardline.worker.attention.kv_cache_dtype import KVScales
 from shardline.worker.attention.metadata import AttentionMetadata
 from shardline.worker.kernels.kv_write import write_kv
 from shardline.worker.kernels.paged_attention import paged_attention, tile_shape
@@ -35,12 +35,12 @@ class TritonAttentionBackend:
         self._sm_count: dict[int, int] = {}
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                 kv_scales: KVScales = UNIT_SCALES) -> None:
+                 kv_scales: KVScales | None = None) -> None:
         """key, value: [num_tokens, num_kv_heads, head_dim]; stored at meta.slot_mapping (-1 skipped)."""
         write_kv(key, value, kv_cache, meta.slot_mapping, impl="triton", scales=kv_scales)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
+                kv_scales: KVScales | None = None) -> torch.Tensor:
         """query: [num_tokens, num_heads, head_dim] -> causal GQA attention output of the same shape."""
         splits = self.choose_num_splits(query, kv_cache, meta)
         return paged_attention(

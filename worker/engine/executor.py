@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from shardline.worker.attention.kv_cache_dtype import FP8_KV
 from shardline.worker.attention.metadata import get_attention_backend
 from shardline.worker.config import ConfigError, EngineConfig, ModelConfig
 from shardline.worker.engine.model_runner import (
@@ -112,6 +113,15 @@ def num_blocks_for(config: EngineConfig, model_config: ModelConfig, num_kv_heads
     return blocks
 
 
+def arm_kv_scale_calibration_if_asked(model: LlamaForCausalLM, config: EngineConfig, kv_dtype: torch.dtype) -> None:
+    """After start-up's dummy passes (profiling, CUDA-graph warm-up): an FP8 cache's layers without
+    checkpoint scales take theirs from the first real batch (config.calculate_kv_scales)."""
+    if kv_dtype == FP8_KV and config.calculate_kv_scales:
+        n = model.arm_kv_scale_calibration()
+        if n:
+            log.info("fp8 KV cache: %d layers compute their k/v scales from the first batch", n)
+
+
 def current_memory_profile(device: torch.device) -> MemoryProfile:
     """The device's in-use memory and this process's peak above its live tensors, read now.
 
@@ -201,6 +211,7 @@ class LocalExecutor:
         if spec.device.type == "cuda" and not config.enforce_eager:
             max_batch = min(config.max_num_seqs, config.max_num_batched_tokens)
             self.cuda_graphs = self.runner.enable_cuda_graphs(max_batch, config.resolved_max_model_len(spec.model_config))
+        arm_kv_scale_calibration_if_asked(self.model, config, kv_dtype)
 
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         return self.runner.execute(inputs)

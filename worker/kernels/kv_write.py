@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from shardline.worker.attention.kv_cache_dtype import FP8_KV_MAX, UNIT_SCALES, KVScales, is_fp8_kv, quantize_kv
+from shardline.worker.attention.kv_cache_dtype import FP8_KV_MAX, KVScales, is_fp8_kv, quantize_kv, scales_or_unit
 from shardline.worker.kernels.runtime import interpreter_ready, kernel, next_pow2, tl, use_triton
 
 
@@ -17,8 +17,8 @@ def _write_kv_kernel(
     k_cache_ptr,
     v_cache_ptr,
     slot_ptr,
-    k_scale,
-    v_scale,
+    k_scale_ptr,
+    v_scale_ptr,
     stride_kt,
     stride_kh,
     stride_vt,
@@ -48,8 +48,8 @@ def _write_kv_kernel(
     k = tl.load(key_ptr + t64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(value_ptr + t64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
     if FP8:  # e4m3 codes of x / scale, clamped to the finite range (e4m3fn has no infinity)
-        k = tl.minimum(tl.maximum(k.to(tl.float32) / k_scale, -FP8_MAX), FP8_MAX)
-        v = tl.minimum(tl.maximum(v.to(tl.float32) / v_scale, -FP8_MAX), FP8_MAX)
+        k = tl.minimum(tl.maximum(k.to(tl.float32) / tl.load(k_scale_ptr), -FP8_MAX), FP8_MAX)
+        v = tl.minimum(tl.maximum(v.to(tl.float32) / tl.load(v_scale_ptr), -FP8_MAX), FP8_MAX)
         if ROUND_E4M3_IN_FP32:
             # NOTE: the Triton interpreter's float32 -> e4m3 cast rounds ties up and drops the carry
             # out of the mantissa (31.5 -> 16); round to e4m3's grid here so that its cast is exact.
@@ -66,11 +66,12 @@ def _write_kv_kernel(
 
 
 def store_rows(kv_cache: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               scales: KVScales = UNIT_SCALES) -> None:
+               scales: KVScales | None = None) -> None:
     """Plain-torch scatter of rows [n, kv_heads, head_dim] to flat slots (all valid): cast to the
     cache's dtype, or e4m3 codes of x / scale for an FP8 cache (stored through a uint8 view: CPU
     torch has no index_copy_ for float8)."""
     if is_fp8_kv(kv_cache):
+        scales = scales_or_unit(scales, kv_cache.device)
         cache = kv_cache.view(torch.uint8)
         key, value = quantize_kv(key, scales.k).view(torch.uint8), quantize_kv(value, scales.v).view(torch.uint8)
     else:
@@ -80,7 +81,7 @@ def store_rows(kv_cache: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, v
 
 
 def write_kv_reference(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                       scales: KVScales = UNIT_SCALES) -> None:
+                       scales: KVScales | None = None) -> None:
     """Plain-torch scatter: cache[slot] = row for every slot >= 0."""
     valid = slot_mapping >= 0
     store_rows(kv_cache, slot_mapping[valid], key[valid], value[valid], scales)
@@ -88,7 +89,7 @@ def write_kv_reference(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.T
 
 def write_kv(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, impl: str = "auto",
-    scales: KVScales = UNIT_SCALES,
+    scales: KVScales | None = None,
 ) -> None:
     """Store key/value [num_tokens, kv_heads, head_dim] into kv_cache [2, blocks, block_size, kv_heads,
     head_dim] at slot_mapping (flat slot = block * block_size + offset; -1 skips the token); an FP8
@@ -106,14 +107,16 @@ def write_kv(
     if value.stride(-1) != 1:
         value = value.contiguous()
     k_cache, v_cache = kv_cache[0], kv_cache[1]
+    fp8 = is_fp8_kv(kv_cache)
+    s = scales_or_unit(scales, kv_cache.device) if fp8 else None
     _write_kv_kernel[(num_tokens,)](
         key,
         value,
         k_cache,
         v_cache,
         slot_mapping,
-        scales.k,
-        scales.v,
+        s.k if s is not None else key,  # read only for an FP8 cache
+        s.v if s is not None else key,
         key.stride(0),
         key.stride(1),
         value.stride(0),
@@ -126,7 +129,7 @@ def write_kv(
         HEADS_PAD=next_pow2(num_kv_heads),
         HEAD_D_PAD=next_pow2(head_dim),
         BLOCK_SIZE=kv_cache.shape[2],
-        FP8=is_fp8_kv(kv_cache),
+        FP8=fp8,
         FP8_MAX=FP8_KV_MAX,
         ROUND_E4M3_IN_FP32=interpreter_ready() and not key.is_cuda,
     )

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from shardline.worker.attention.kv_cache_dtype import UNIT_SCALES, KVScales, is_fp8_kv
+from shardline.worker.attention.kv_cache_dtype import KVScales, is_fp8_kv, scales_or_unit
 from shardline.worker.kernels.runtime import interpreted_bf16_dot, kernel, next_pow2, tl
 
 _LOG2E = 1.4426950408889634
@@ -43,7 +43,8 @@ def _paged_attention_kernel(
     block_tables_ptr,
     num_seqs,
     scale_log2,
-    out_scale,
+    k_scale_ptr,
+    v_scale_ptr,
     partition_len,
     stride_qt,
     stride_qh,
@@ -69,6 +70,7 @@ def _paged_attention_kernel(
     SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -109,6 +111,8 @@ def _paged_attention_kernel(
     )
     if UPCAST_DOT:  # K, V and P follow q's dtype into the dots
         q = q.to(tl.float32)
+    if FP8:  # the key scale folds into the softmax scale (QK^T is linear in K)
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
 
     # Keys this tile can see: up to its last query position (causal), cut to this split's partition.
     kv_end = tl.minimum(seq_len, cached_len + (q_block + 1) * BLOCK_Q)
@@ -148,7 +152,9 @@ def _paged_attention_kernel(
         m_i = m_new
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    o = acc * (out_scale / l_safe)[:, None]  # out_scale: an FP8 cache's value scale, else 1
+    o = acc / l_safe[:, None]
+    if FP8:  # the value scale, applied once to the output (P @ V is linear in V)
+        o = o * tl.load(v_scale_ptr)
     mask_o = row_ok[:, None] & d_ok[None, :]
     if SPLIT:
         part = token * stride_pt + head.to(tl.int64) * stride_ph + split * stride_ps
@@ -233,7 +239,7 @@ def paged_attention(
     num_splits: int = 1,
     block_n: int = 64,
     out: torch.Tensor | None = None,
-    kv_scales: KVScales = UNIT_SCALES,
+    kv_scales: KVScales | None = None,
 ) -> torch.Tensor:
     """Causal GQA attention of query [num_tokens, heads, dim] over kv_cache [2, blocks, block_size,
     kv_heads, dim]; sequence i's queries are rows query_start_loc[i]:query_start_loc[i+1] and sit at
@@ -268,7 +274,8 @@ def paged_attention(
         part_o = part_m = part_l = out
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     upcast = interpreted_bf16_dot(query.dtype)
-    k_scale, v_scale = (kv_scales.k, kv_scales.v) if is_fp8_kv(kv_cache) else (1.0, 1.0)
+    fp8 = is_fp8_kv(kv_cache)
+    s = scales_or_unit(kv_scales, kv_cache.device) if fp8 else None
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
     _paged_attention_kernel[grid](
         query,
@@ -282,8 +289,9 @@ def paged_attention(
         seq_lens,
         block_tables,
         num_seqs,
-        scale * _LOG2E * k_scale,
-        v_scale,
+        scale * _LOG2E,
+        s.k if s is not None else out,  # read only for an FP8 cache
+        s.v if s is not None else out,
         partition_len,
         query.stride(0),
         query.stride(1),
@@ -309,6 +317,7 @@ def paged_attention(
         SPLIT=split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 or upcast else "tf32",
         UPCAST_DOT=upcast,
+        FP8=fp8,
     )
     if split:
         _reduce_splits_kernel[(num_tokens, num_heads)](

@@ -17,7 +17,13 @@ import torch
 import torch.distributed as dist
 
 from shardline.worker.config import ConfigError, EngineConfig, ModelConfig
-from shardline.worker.engine.executor import ModelSpec, build_model, num_blocks_for, profile_peak_memory
+from shardline.worker.engine.executor import (
+    ModelSpec,
+    arm_kv_scale_calibration_if_asked,
+    build_model,
+    num_blocks_for,
+    profile_peak_memory,
+)
 from shardline.worker.engine.model_runner import ModelRunner, StepInputs, allocate_kv_caches, kv_bytes_per_block
 from shardline.worker.parallel.channel import Command, StepChannel
 from shardline.worker.parallel.context import ParallelContext
@@ -147,6 +153,7 @@ class RankRuntime:
         self.num_blocks = int(agreed.item())
         caches = allocate_kv_caches(spec.model_config, kv_heads, self.num_blocks, config.block_size, kv_dtype, self.device)
         self.runner = ModelRunner(self.model, caches, config.block_size, self.device)
+        arm_kv_scale_calibration_if_asked(self.model, config, kv_dtype)
         self.channel = StepChannel(self.control_group, self.data_group, self.device)
         self.fault_step = fault_step_for(config, rank)
 
