@@ -20,7 +20,7 @@ import json
 import random
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
@@ -61,7 +61,12 @@ def _make_engine(args: argparse.Namespace, **overrides: Any):
     from shardline.worker.engine.engine import LLMEngine
 
     config = engine_config_from_args(args).replace(**overrides)
-    return LLMEngine(config, show_progress=not args.json)
+    engine = LLMEngine(config, show_progress=not args.json)
+    # the printed config names what each engine of the run held (scheme, KV dtype, bytes)
+    footprints = vars(args).setdefault("footprints", [])
+    if engine.footprint not in footprints:
+        footprints.append(engine.footprint)
+    return engine
 
 
 def warm_up(engine) -> None:
@@ -655,11 +660,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 r["pct_of_floor"] = 100 * r["output_tokens_per_s"] / floor
             if "tflops" in r:
                 r["pct_of_matmul_peak"] = 100 * r["tflops"] / roof["matmul_tflops"]
+    footprints = vars(args).get("footprints", [])
+    result["engines"] = [asdict(f) for f in footprints]
     if args.json:
         flat = dict(rows[0]) if len(rows) == 1 else {}
         print(json.dumps({**flat, **result}))
     else:
         print(f"shardline bench {args.mode}  model={args.model}  load_format={args.load_format}  torch={torch.__version__}")
+        for footprint in footprints:
+            print(f"engine: {footprint.describe()}")
         if "roofline" in result:
             print("roofline: " + ", ".join(f"{k}={v:,.1f}" for k, v in result["roofline"].items()))
         _print_table(rows)

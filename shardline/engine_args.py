@@ -22,7 +22,6 @@ from shardline.worker.config import EngineConfig, speculative_fields_from_json
 # vLLM flags shardline does not implement, and why (the error says it). Spellings as `vllm serve
 # --help` prints them (vLLM 0.11); a short alias maps to the same message.
 UNSUPPORTED_VLLM_FLAGS: dict[str, str] = {
-    "--kv-cache-dtype": "the KV cache is kept in the model's dtype",
     "--enable-lora": "LoRA adapters are not implemented",
     "--lora-modules": "LoRA adapters are not implemented",
     "--max-loras": "LoRA adapters are not implemented",

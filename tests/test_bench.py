@@ -99,3 +99,19 @@ def test_latency_compares_quantization_schemes_in_the_same_run(capsys, checkpoin
     assert rows[0]["speed_vs_first"] == 1.0
     assert rows[1]["speed_vs_first"] == pytest.approx(rows[0]["ms_per_output_token"] / rows[1]["ms_per_output_token"])
     assert rows[2]["weight_mb"] < rows[1]["weight_mb"] < rows[0]["weight_mb"]
+
+
+def test_bench_reports_each_engines_quantization_kv_dtype_and_bytes(capsys, checkpoint):
+    """--kv-cache-dtype fp8: the engine record names the scheme and the KV dtype, and its KV bytes per
+    token are one byte per element (2 layers x K and V x 2 KV heads x 16 dims); the printed header
+    carries the same line (float32 KV: four bytes per element)."""
+    result = run_bench(capsys, "latency", checkpoint, "--kv-cache-dtype", "fp8", "--quantization", "int8")
+    (engine,) = result["engines"]
+    assert engine["quantization"] == "int8" and engine["kv_cache_dtype"] == "float8_e4m3fn"
+    assert engine["kv_bytes_per_token"] == 2 * 2 * 2 * 16
+    assert 0 < engine["weight_bytes"] and engine["num_kv_blocks"] == 128
+    args = build_parser().parse_args(["bench", "latency", "--model", str(checkpoint), "--load-format", "dummy",
+                                      "--num-kv-blocks", "64", "--input-len", "8", "--output-len", "2", "--iters", "1"])
+    assert args.handler(args) == 0
+    printed = capsys.readouterr().out
+    assert "engine: quantization=none weights=" in printed and "kv_cache_dtype=float32 kv=512 B/token" in printed

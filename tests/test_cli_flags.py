@@ -56,6 +56,8 @@ NON_DEFAULT_FLAG_VALUES: dict[str, tuple[str, ...]] = {
     "stream_items_per_s": ("--stream-items-per-s", "500"),
     "special_tokens_in_content": ("--special-tokens-in-content",),
     "quantization": ("--quantization", "int8"),
+    "kv_cache_dtype": ("--kv-cache-dtype", "fp8"),
+    "calculate_kv_scales": ("--no-calculate-kv-scales",),
 }
 # Fields that are only valid together: the flags above set these companions as well.
 COMPANION_FIELDS: dict[str, set[str]] = {
@@ -164,7 +166,7 @@ def test_older_spellings_still_parse(parser) -> None:
 
 
 @pytest.mark.parametrize("command", ["serve", "generate"])
-@pytest.mark.parametrize("flag", ["--enable-lora", "--kv-cache-dtype",
+@pytest.mark.parametrize("flag", ["--enable-lora", "--swap-space",
                                   "--pipeline-parallel-size", "-pp"])
 def test_an_unsupported_vllm_flag_names_itself(parser, capsys, command, flag) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -175,8 +177,8 @@ def test_an_unsupported_vllm_flag_names_itself(parser, capsys, command, flag) ->
 
 def test_an_unsupported_flag_with_equals_names_itself(parser, capsys) -> None:
     with pytest.raises(SystemExit):
-        parser.parse_args(["serve", "--kv-cache-dtype=fp8"])
-    assert "--kv-cache-dtype: not supported by shardline" in capsys.readouterr().err
+        parser.parse_args(["serve", "--swap-space=4"])
+    assert "--swap-space: not supported by shardline" in capsys.readouterr().err
 
 
 def test_an_unknown_flag_keeps_argparses_error(parser, capsys) -> None:

@@ -441,8 +441,17 @@ class EngineConfig:
                             "apart from the model (worker/engine/stand_in.py; extra.stand_in_step_ms sets its step time)")
     quantization: str | None = knob(None, help="weight quantization (vLLM's --quantization): none, gguf (keep a GGUF "
                                      "file's Q4_0/Q4_1/Q8_0 packed), int4, int8 (weight-only, CPU), fp8 (e4m3, "
-                                     "CUDA); default: the checkpoint's quantization_config, else gguf for GGUF files "
+                                     "CUDA), awq, gptq (int4 checkpoints, read from their quantization_config); "
+                                     "default: the checkpoint's quantization_config, else gguf for GGUF files "
                                      "on CPU, else none (docs/quantization.md)")
+    kv_cache_dtype: str = knob("auto", choices=("auto", "fp8", "fp8_e4m3"),
+                               help="KV cache storage (vLLM's --kv-cache-dtype): auto (the model's dtype), fp8 / "
+                               "fp8_e4m3 (e4m3 with a per-tensor scale per layer, from the checkpoint's k_scale / "
+                               "v_scale, else computed from the first batch, see calculate_kv_scales): half the "
+                               "bytes of bf16, twice the blocks (docs/quantization.md)")
+    calculate_kv_scales: bool = knob(True, help="fp8 KV cache, layers whose checkpoint has no k_scale / v_scale: "
+                                     "compute them from the first real batch (max|k| / 200, max|v| / 100, vLLM's "
+                                     "calculate_kv_scales); off: 1.0, vLLM's default")
     tensor_parallel_size: int = knob(1, aliases=("-tp", "--tp"), help="ranks the model is sharded over")
     block_size: int = knob(16, help="tokens per KV-cache block (a power of two)")
     num_kv_blocks: int | None = knob(None, aliases=("--num-gpu-blocks-override",),
@@ -600,6 +609,12 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.resolved_device().type == "cuda" else default_cpu_dtype()
         return parse_dtype(self.dtype)
+
+    def resolved_kv_cache_dtype(self) -> torch.dtype:
+        """The KV cache's storage dtype: the model's (auto) or float8_e4m3fn (fp8, fp8_e4m3)."""
+        from shardline.worker.attention.kv_cache_dtype import resolve_kv_cache_dtype
+
+        return resolve_kv_cache_dtype(self.kv_cache_dtype, self.resolved_dtype())
 
     def resolved_max_model_len(self, model: ModelConfig) -> int:
         """The context limit: max_model_len when set (never past the model's positions), else the model's."""

@@ -15,6 +15,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from shardline.worker.attention.kv_cache_dtype import K_SCALE_CONSTANT, V_SCALE_CONSTANT, KVScales, is_fp8_kv
 from shardline.worker.attention.metadata import AttentionBackend, AttentionMetadata
 from shardline.worker.config import ModelConfig
 from shardline.worker.kernels.activation import act_and_mul
@@ -35,12 +36,21 @@ from shardline.worker.loader.expert_names import (
     model_module_name,
     parse_expert_weight,
 )
-from shardline.worker.loader.weights import WeightStream
+from shardline.worker.loader.weights import LazyWeight, WeightStream
 from shardline.worker.parallel.context import ParallelContext
+
+
+# Checkpoint names of FP8 KV-cache scales (after "self_attn."): vLLM's and HF fp8's k_scale / v_scale,
+# the older single kv_scale, compressed-tensors' output scales of k_proj / v_proj.
+_KV_SCALE_NAMES = {"k_scale": "k", "v_scale": "v", "kv_scale": "kv",
+                   "k_proj.output_scale": "k", "v_proj.output_scale": "v"}
 
 
 class Attention(nn.Module):
     """Self-attention over the paged cache: one QKV matmul, optional q/k norms, RoPE, cache write, attend."""
+
+    k_scale: torch.Tensor  # registered buffers (move with .to())
+    v_scale: torch.Tensor
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, backend: AttentionBackend,
                  dtype: torch.dtype, device, quant: QuantizationConfig | None = None, layer_index: int = 0) -> None:
@@ -60,6 +70,37 @@ class Attention(nn.Module):
         self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
         self.sliding_window = cfg.sliding_window(layer_index)
         self.logit_softcap = cfg.attn_logit_softcapping
+        # An FP8 KV cache's per-tensor scales (buffers, so kernels read them on the device): the
+        # checkpoint's, else calibrated on the first real batch once armed, else 1.0.
+        self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32, device=device))
+        self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32, device=device))
+        self.kv_scales_from_checkpoint = False
+        self.calibrate_kv_scales = False  # set by arm_kv_scale_calibration: the next forward sets them
+
+    @property
+    def kv_scales(self) -> KVScales:
+        return KVScales(self.k_scale, self.v_scale)
+
+    def load_kv_scale(self, which: str, name: str, w: LazyWeight) -> None:
+        """Take a checkpoint's KV-cache scale: which = 'k', 'v' or 'kv' (one scale for both). One value
+        per tensor; raises ValueError naming the tensor otherwise."""
+        t = w.read().float().reshape(-1)
+        if t.numel() != 1:
+            raise ValueError(f"weight {name}: a KV-cache scale must be one value per tensor, got shape {tuple(w.shape)}")
+        with torch.no_grad():
+            if which in ("k", "kv"):
+                self.k_scale.copy_(t)
+            if which in ("v", "kv"):
+                self.v_scale.copy_(t)
+        self.kv_scales_from_checkpoint = True
+
+    def _calibrate(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Scales from this batch (vLLM's calculate_kv_scales): max |k| / 200, max |v| / 100, on the
+        device (no host read)."""
+        tiny = torch.finfo(torch.float32).tiny
+        self.k_scale.copy_((k.detach().abs().amax().float() / K_SCALE_CONSTANT).clamp_min(tiny).reshape(1))
+        self.v_scale.copy_((v.detach().abs().amax().float() / V_SCALE_CONSTANT).clamp_min(tiny).reshape(1))
+        self.calibrate_kv_scales = False
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
@@ -72,12 +113,11 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        self.backend.write_kv(k, v, kv_cache, meta)
-        if self.sliding_window is None and self.logit_softcap is None:
-            out = self.backend.forward(q, kv_cache, meta, self.scale)
-        else:
-            out = self.backend.forward(q, kv_cache, meta, self.scale, sliding_window=self.sliding_window,
-                                       logit_softcap=self.logit_softcap)
+        if self.calibrate_kv_scales and is_fp8_kv(kv_cache):
+            self._calibrate(k, v)
+        self.backend.write_kv(k, v, kv_cache, meta, self.kv_scales)
+        out = self.backend.forward(q, kv_cache, meta, self.scale, sliding_window=self.sliding_window,
+                                   logit_softcap=self.logit_softcap, kv_scales=self.kv_scales)
         return self.o_proj(out.reshape(t, q_size))
 
 
@@ -253,6 +293,13 @@ class LlamaForCausalLM(nn.Module):
                 continue
             hf_prefix, _, leaf = name.rpartition(".")
             mod_name = model_module_name(hf_prefix.removeprefix("model."))
+            mod_name = hf_prefix.removeprefix("model.")
+            kv_scale = _KV_SCALE_NAMES.get(name.rsplit("self_attn.", 1)[-1]) if "self_attn." in name else None
+            if kv_scale is not None:
+                attn = modules[mod_name.rsplit("self_attn", 1)[0] + "self_attn"]
+                cast(Attention, attn).load_kv_scale(kv_scale, name, w)
+                seen.add(name)
+                continue
             for hf, part in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")):
                 if mod_name.endswith("self_attn." + hf):
                     modules[mod_name.replace(hf, "qkv_proj")].load_part(part, name, w)
@@ -290,6 +337,15 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings and self.embed_tokens.quant_method is not None:
             self.lm_head.quant_method = self.embed_tokens.quant_method
             self.lm_head.stager = None
+
+    def arm_kv_scale_calibration(self) -> int:
+        """Let the next forward set the FP8 KV scales of every layer whose checkpoint gave none (call
+        once start-up's dummy passes are done, so the first real batch calibrates); returns how many
+        layers will calibrate."""
+        layers = [layer.self_attn for layer in self.decoder_layers if not layer.self_attn.kv_scales_from_checkpoint]
+        for attn in layers:
+            attn.calibrate_kv_scales = True
+        return len(layers)
 
     def weight_bytes(self) -> int:
         """Bytes of this rank's weights as held in memory (packed quantized buffers included, a tied

@@ -16,6 +16,8 @@ from typing import Protocol
 
 import torch
 
+from shardline.worker.attention.kv_cache_dtype import KVScales
+
 
 @dataclass
 class AttentionMetadata:
@@ -44,18 +46,22 @@ class AttentionBackend(Protocol):
 
     name: str
 
-    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
-        """key, value: [num_tokens, num_kv_heads, head_dim]; stored at meta.slot_mapping."""
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                 kv_scales: KVScales | None = None) -> None:
+        """key, value: [num_tokens, num_kv_heads, head_dim]; stored at meta.slot_mapping (an FP8
+        cache stores e4m3 codes of x / kv_scales, worker/attention/kv_cache_dtype.py)."""
         ...
 
     def forward(
         self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
         sliding_window: int | None = None, logit_softcap: float | None = None,
+        kv_scales: KVScales | None = None,
     ) -> torch.Tensor:
         """query: [num_tokens, num_heads, head_dim] -> output of the same shape (causal, GQA). With
         `sliding_window` w a query at position p sees keys p - w < k <= p only (blocks older than
         its window may have been released and must not be read); `logit_softcap` c turns each
-        scaled score s into c * tanh(s / c) before the softmax (Gemma 2)."""
+        scaled score s into c * tanh(s / c) before the softmax (Gemma 2); an FP8 cache's codes
+        read as code * kv_scales."""
         ...
 
 

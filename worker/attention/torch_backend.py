@@ -3,14 +3,17 @@ the Triton kernels are tested against.
 
 Sliding-window layers gather only the blocks their window reaches (from the block holding the
 oldest visible key), so they never read blocks the block manager may have released; soft-capped
-layers (Gemma 2) compute the scores by hand, since SDPA has no soft-cap."""
+layers (Gemma 2) compute the scores by hand, since SDPA has no soft-cap.
+An FP8 cache is dequantized (code * scale) as it is gathered."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from shardline.worker.attention.kv_cache_dtype import KVScales, dequantize_kv, is_fp8_kv, scales_or_unit
 from shardline.worker.attention.metadata import AttentionMetadata
+from shardline.worker.kernels.kv_write import store_rows
 
 
 def gather_context(kv_cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,23 +50,24 @@ class TorchAttentionBackend:
 
     name = "torch"
 
-    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                 kv_scales: KVScales | None = None) -> None:
         slots = meta.slot_mapping
         valid = slots >= 0
         if not bool(valid.all()):
             slots, key, value = slots[valid], key[valid], value[valid]
-        flat_k = kv_cache[0].view(-1, key.shape[-2], key.shape[-1])
-        flat_v = kv_cache[1].view(-1, value.shape[-2], value.shape[-1])
-        flat_k.index_copy_(0, slots, key.to(kv_cache.dtype))
-        flat_v.index_copy_(0, slots, value.to(kv_cache.dtype))
+        store_rows(kv_cache, slots, key, value, kv_scales)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None = None, logit_softcap: float | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, logit_softcap: float | None = None,
+                kv_scales: KVScales | None = None) -> torch.Tensor:
         """query [T, H, d] -> [T, H, d]: causal GQA attention; a query at position p sees keys
         p - sliding_window < k <= p when a window is set; scores become cap * tanh(s / cap) with
-        logit_softcap."""
+        logit_softcap; an FP8 cache's codes read as code * kv_scales."""
+        if is_fp8_kv(kv_cache):
+            kv_scales = scales_or_unit(kv_scales, kv_cache.device)
         if sliding_window is not None or logit_softcap is not None:
-            return self._windowed(query, kv_cache, meta, scale, sliding_window, logit_softcap)
+            return self._windowed(query, kv_cache, meta, scale, sliding_window, logit_softcap, kv_scales)
         out = torch.empty_like(query)
         qlens, slens = meta.query_lens_cpu, meta.seq_lens_cpu
         decode_idx = [i for i, q in enumerate(qlens) if q == 1]
@@ -71,10 +75,10 @@ class TorchAttentionBackend:
         for q in qlens:
             starts.append(starts[-1] + q)
         if decode_idx:
-            self._decode(query, kv_cache, meta, scale, decode_idx, starts, out)
+            self._decode(query, kv_cache, meta, scale, kv_scales, decode_idx, starts, out)
         for i, q in enumerate(qlens):
             if q != 1:
-                self._prefill(query, kv_cache, meta, scale, i, starts[i], q, slens[i], out)
+                self._prefill(query, kv_cache, meta, scale, kv_scales, i, starts[i], q, slens[i], out)
         return out
 
     @staticmethod
@@ -107,7 +111,8 @@ class TorchAttentionBackend:
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(probs, v.to(q.dtype).unsqueeze(2)).reshape(b, h, lq, d)
 
-    def _windowed(self, query, kv_cache, meta, scale, window: int | None, cap: float | None) -> torch.Tensor:
+    def _windowed(self, query, kv_cache, meta, scale, window: int | None, cap: float | None,
+                  kv_scales: KVScales | None) -> torch.Tensor:
         """Every sequence of the step (decodes batched, prefill chunks alone) over only the keys its
         window reaches; the masked scores go through SDPA, or by hand when soft-capped."""
         out = torch.empty_like(query)
@@ -126,6 +131,8 @@ class TorchAttentionBackend:
             rows = torch.tensor(idx, device=dev)
             k, v, pos_k = gather_window(kv_cache, meta.block_tables.index_select(0, rows), first_k,
                                         [slens[i] for i in idx])
+            if kv_scales is not None:
+                k, v = dequantize_kv(k, kv_scales.k, query.dtype), dequantize_kv(v, kv_scales.v, query.dtype)
             tok = torch.tensor([starts[i] for i in idx], device=dev)[:, None] + torch.arange(qlen, device=dev)
             q = query[tok.reshape(-1)].reshape(len(idx), qlen, *query.shape[1:]).transpose(1, 2)  # [B, H, q, d]
             pos_q = torch.tensor(first_q, device=dev)[:, None] + torch.arange(qlen, device=dev)  # [B, q]
@@ -138,19 +145,23 @@ class TorchAttentionBackend:
             out[tok.reshape(-1)] = o.transpose(1, 2).reshape(-1, *query.shape[1:])
         return out
 
-    def _decode(self, query, kv_cache, meta, scale, idx, starts, out) -> None:
+    def _decode(self, query, kv_cache, meta, scale, kv_scales, idx, starts, out) -> None:
         rows = torch.tensor([starts[i] for i in idx], device=query.device)
         lens = torch.tensor([meta.seq_lens_cpu[i] for i in idx], device=query.device)
         max_len = max(meta.seq_lens_cpu[i] for i in idx)
         tables = meta.block_tables[torch.tensor(idx, device=query.device)]
         k, v = gather_context(kv_cache, tables, max_len)  # [B, L, kvh, d]
+        if kv_scales is not None:
+            k, v = dequantize_kv(k, kv_scales.k, query.dtype), dequantize_kv(v, kv_scales.v, query.dtype)
         q = query[rows].unsqueeze(2)  # [B, H, 1, d]
         mask = (torch.arange(max_len, device=query.device)[None, :] < lens[:, None])[:, None, None, :]
         o = self._sdpa(q, k.transpose(1, 2), v.transpose(1, 2), mask, scale)  # [B, H, 1, d]
         out[rows] = o.squeeze(2)
 
-    def _prefill(self, query, kv_cache, meta, scale, i, start, qlen, slen, out) -> None:
+    def _prefill(self, query, kv_cache, meta, scale, kv_scales, i, start, qlen, slen, out) -> None:
         k, v = gather_context(kv_cache, meta.block_tables[i : i + 1], slen)
+        if kv_scales is not None:
+            k, v = dequantize_kv(k, kv_scales.k, query.dtype), dequantize_kv(v, kv_scales.v, query.dtype)
         q = query[start : start + qlen].transpose(0, 1).unsqueeze(0)  # [1, H, q, d]
         mask = None  # the whole context is new: plain causal
         if slen != qlen:  # a chunk after a cached prefix: row r sees positions <= slen - qlen + r

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from shardline.worker.attention.kv_cache_dtype import KVScales
 from shardline.worker.attention.metadata import AttentionMetadata
 from shardline.worker.kernels.kv_write import write_kv
 from shardline.worker.kernels.paged_attention import paged_attention, tile_shape
@@ -33,14 +34,17 @@ class TritonAttentionBackend:
         self.block_n = block_n
         self._sm_count: dict[int, int] = {}
 
-    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                 kv_scales: KVScales | None = None) -> None:
         """key, value: [num_tokens, num_kv_heads, head_dim]; stored at meta.slot_mapping (-1 skipped)."""
-        write_kv(key, value, kv_cache, meta.slot_mapping, impl="triton")
+        write_kv(key, value, kv_cache, meta.slot_mapping, impl="triton", scales=kv_scales)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None = None, logit_softcap: float | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, logit_softcap: float | None = None,
+                kv_scales: KVScales | None = None) -> torch.Tensor:
         """query: [num_tokens, num_heads, head_dim] -> causal GQA attention output of the same shape
-        (within the last `sliding_window` positions when set; scores soft-capped with logit_softcap)."""
+        (within the last `sliding_window` positions when set; scores soft-capped with logit_softcap;
+        an FP8 cache's codes read as code * kv_scales)."""
         splits = self.choose_num_splits(query, kv_cache, meta)
         return paged_attention(
             query,
@@ -55,6 +59,7 @@ class TritonAttentionBackend:
             block_n=self.block_n,
             sliding_window=sliding_window,
             logit_softcap=logit_softcap,
+            kv_scales=kv_scales,
         )
 
     def choose_num_splits(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> int:

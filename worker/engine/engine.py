@@ -37,7 +37,7 @@ import itertools
 import logging
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence, Union
 
 import torch
@@ -123,6 +123,25 @@ class _LaunchedStep:
     prompt_logprobs: LogprobTensors | None = None
 
 
+@dataclass(frozen=True)
+class EngineFootprint:
+    """What one engine holds, reported at start-up and in `shardline bench`'s header: the weight
+    scheme and bytes, the KV cache's dtype and bytes per token (rank 0's shard under TP), the pool."""
+
+    quantization: str
+    kv_cache_dtype: str
+    weight_bytes: int | None  # None where the executor does not report it (the stand-in engine)
+    kv_bytes_per_token: int | None  # all layers, keys and values
+    num_kv_blocks: int
+    block_size: int
+
+    def describe(self) -> str:
+        weights = "?" if self.weight_bytes is None else f"{self.weight_bytes / 2**20:.1f} MiB"
+        kv = "?" if self.kv_bytes_per_token is None else f"{self.kv_bytes_per_token:,} B/token"
+        return (f"quantization={self.quantization} weights={weights} kv_cache_dtype={self.kv_cache_dtype} "
+                f"kv={kv} kv_blocks={self.num_kv_blocks}x{self.block_size}")
+
+
 class LLMEngine:
     """One replica group's engine. `generate()` for offline use; `add_request()` + `step()` for
     front ends that stream."""
@@ -144,13 +163,20 @@ class LLMEngine:
         load_format = config.load_format if config.load_format != "auto" else source.kind
         self.quantization = resolve_quantization(config.quantization, source.kind if load_format != "dummy" else None,
                                                  source.hf_config(), self.device)
+        self.kv_cache_dtype = config.resolved_kv_cache_dtype()
         spec = ModelSpec(self.model_config, str(source.path), source.kind, load_format, self.dtype, self.device,
-                         seed=config.seed, attention_backend=config.attention_backend, quantization=self.quantization)
+                         seed=config.seed, attention_backend=config.attention_backend, quantization=self.quantization,
+                         kv_cache_dtype=self.kv_cache_dtype)
         self.max_model_len = config.resolved_max_model_len(self.model_config)
         self.executor: Executor = self._make_executor(spec, show_progress)
         # Rank 0's weights as held in memory (None where the executor does not report them).
         self.weight_bytes: int | None = getattr(self.executor, "weight_bytes", None)
-        log.info("model loaded", extra={"quantization": self.quantization.name, "weight_bytes": self.weight_bytes})
+        # Rank 0's KV-cache bytes per token, all layers, keys and values (None: the stand-in engine).
+        self.kv_bytes_per_token: int | None = getattr(self.executor, "kv_bytes_per_token", None)
+        self.footprint = EngineFootprint(self.quantization.name, str(self.kv_cache_dtype).removeprefix("torch."),
+                                         self.weight_bytes, self.kv_bytes_per_token, self.executor.num_blocks,
+                                         config.block_size)
+        log.info("model loaded: %s", self.footprint.describe(), extra=asdict(self.footprint))
         self.block_manager = BlockManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching,
                                           release_window=self.model_config.kv_release_window)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)

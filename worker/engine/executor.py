@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from shardline.worker.attention.kv_cache_dtype import FP8_KV
 from shardline.worker.attention.metadata import get_attention_backend
 from shardline.worker.config import ConfigError, EngineConfig, ModelConfig
 from shardline.worker.engine.model_runner import (
@@ -52,6 +53,11 @@ class ModelSpec:
     attention_backend: str = "auto"
     seed: int = 0
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)  # resolved scheme (none: float)
+    kv_cache_dtype: torch.dtype | None = None  # the KV cache's storage (None: the model's dtype; fp8: e4m3)
+
+    @property
+    def resolved_kv_cache_dtype(self) -> torch.dtype:
+        return self.kv_cache_dtype if self.kv_cache_dtype is not None else self.dtype
 
 
 def build_model(spec: ModelSpec, ctx: ParallelContext = SINGLE, show_progress: bool = True) -> LlamaForCausalLM:
@@ -79,16 +85,17 @@ class MemoryProfile:
     peak_activation_bytes: int  # the largest step's activations above that (profiling pass)
 
 
-def num_blocks_for(config: EngineConfig, model_config: ModelConfig, num_kv_heads: int, dtype: torch.dtype,
+def num_blocks_for(config: EngineConfig, model_config: ModelConfig, num_kv_heads: int, kv_dtype: torch.dtype,
                    device: torch.device, model: torch.nn.Module | None = None,
                    profile: MemoryProfile | None = None) -> int:
     """Size the KV pool: an explicit block count, an explicit CPU budget, a fraction of free host
     memory on CPU, or on CUDA total * gpu_memory_utilization - (memory in use after loading the
     weights + the profiling pass's peak activations). Without `profile` the two terms are read now
-    (after profile_peak_memory has run and released its activations)."""
+    (after profile_peak_memory has run and released its activations). Blocks are sized in the KV
+    cache's own dtype (`kv_dtype`: an FP8 cache fits twice the blocks of a bf16 one)."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    per_block = kv_bytes_per_block(model_config, num_kv_heads, config.block_size, dtype)
+    per_block = kv_bytes_per_block(model_config, num_kv_heads, config.block_size, kv_dtype)
     if device.type == "cuda":
         _, total = torch.cuda.mem_get_info(device)
         profile = profile or current_memory_profile(device)
@@ -104,6 +111,15 @@ def num_blocks_for(config: EngineConfig, model_config: ModelConfig, num_kv_heads
             f"{per_block / 2**20:.2f} MiB; raise gpu_memory_utilization / kv_cache_memory_gb or set num_kv_blocks"
         )
     return blocks
+
+
+def arm_kv_scale_calibration_if_asked(model: LlamaForCausalLM, config: EngineConfig, kv_dtype: torch.dtype) -> None:
+    """After start-up's dummy passes (profiling, CUDA-graph warm-up): an FP8 cache's layers without
+    checkpoint scales take theirs from the first real batch (config.calculate_kv_scales)."""
+    if kv_dtype == FP8_KV and config.calculate_kv_scales:
+        n = model.arm_kv_scale_calibration()
+        if n:
+            log.info("fp8 KV cache: %d layers compute their k/v scales from the first batch", n)
 
 
 def current_memory_profile(device: torch.device) -> MemoryProfile:
@@ -131,7 +147,7 @@ def _available_host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def profile_peak_memory(model: LlamaForCausalLM, config: EngineConfig, num_kv_heads: int, dtype: torch.dtype,
+def profile_peak_memory(model: LlamaForCausalLM, config: EngineConfig, num_kv_heads: int, kv_dtype: torch.dtype,
                         device: torch.device) -> MemoryProfile | None:
     """One forward at the largest step the scheduler may build (max_num_batched_tokens tokens, and
     logits for max_num_seqs rows), so the budget leaves room for its activations before the KV pool
@@ -154,7 +170,7 @@ def profile_peak_memory(model: LlamaForCausalLM, config: EngineConfig, num_kv_he
         used = -(-length // bs)
         slices.append(SeqSlice([0] * length, 0, list(range(next_block, next_block + used)), True))
         next_block += used
-    caches = allocate_kv_caches(model.config, num_kv_heads, next_block, bs, dtype, device)
+    caches = allocate_kv_caches(model.config, num_kv_heads, next_block, bs, kv_dtype, device)
     cache_bytes = sum(c.numel() * c.element_size() for c in caches)
     runner = ModelRunner(model, caches, bs, device)
     inputs = build_step_inputs(slices, bs, device)
@@ -184,14 +200,18 @@ class LocalExecutor:
         self.weight_bytes = self.model.weight_bytes()  # this rank's weights as held (packed when quantized)
         self.model.set_fused_kernels(str(config.extra.get("fused_kernels", "auto")))
         kv_heads = self.model.num_kv_heads_per_rank
-        profile = profile_peak_memory(self.model, config, kv_heads, spec.dtype, spec.device)
-        self.num_blocks = num_blocks_for(config, spec.model_config, kv_heads, spec.dtype, spec.device, profile=profile)
-        caches = allocate_kv_caches(spec.model_config, kv_heads, self.num_blocks, config.block_size, spec.dtype, spec.device)
+        kv_dtype = spec.resolved_kv_cache_dtype
+        # this rank's KV bytes per token, all layers, keys and values
+        self.kv_bytes_per_token = kv_bytes_per_block(spec.model_config, kv_heads, 1, kv_dtype)
+        profile = profile_peak_memory(self.model, config, kv_heads, kv_dtype, spec.device)
+        self.num_blocks = num_blocks_for(config, spec.model_config, kv_heads, kv_dtype, spec.device, profile=profile)
+        caches = allocate_kv_caches(spec.model_config, kv_heads, self.num_blocks, config.block_size, kv_dtype, spec.device)
         self.runner = ModelRunner(self.model, caches, config.block_size, spec.device)
         self.cuda_graphs = False
         if spec.device.type == "cuda" and not config.enforce_eager:
             max_batch = min(config.max_num_seqs, config.max_num_batched_tokens)
             self.cuda_graphs = self.runner.enable_cuda_graphs(max_batch, config.resolved_max_model_len(spec.model_config))
+        arm_kv_scale_calibration_if_asked(self.model, config, kv_dtype)
 
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         return self.runner.execute(inputs)

@@ -5,6 +5,10 @@ program owns BLOCK_N weight rows and one K slice (split-K keeps every SM busy wh
 loads BLOCK_K contiguous elements per row (wide vector loads) and accumulates in fp32. For M <= 4
 the product is plain FMAs over the loaded tile; above that it goes through tl.dot (M padded to 16).
 `pick_linear_impl` measures, per shape and on first use, whether this beats cuBLAS.
+
+With `w_scale` (one float32 scale per weight row) it is a weight-only FP8 matvec: e4m3 rows are
+converted as they load, and each output column is scaled once at the end
+(worker/kernels/fp8_linear_choice.py picks it or the W8A8 `_scaled_mm` path per shape).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ def _matvec_kernel(
     w_ptr,
     out_ptr,
     part_ptr,
+    w_scale_ptr,
     M,
     N,
     K,
@@ -52,6 +57,7 @@ def _matvec_kernel(
     EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -88,6 +94,8 @@ def _matvec_kernel(
                     xm = tl.load(x_row + offs_k, mask=offs_k < k_hi, other=0.0)
                 row = tl.sum(wf * xm.to(tl.float32)[None, :], 1)
                 acc = tl.where(offs_m[:, None] == m, acc + row[None, :], acc)
+    if HAS_SCALE:  # per-row weight scales: linear, so split-K partials may be scaled apart
+        acc = acc * tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT:
         tl.store(part_ptr + pid_k * stride_ps + offs_m[:, None] * stride_pm + offs_n[None, :], acc, mask=mask)
@@ -122,15 +130,21 @@ def default_config(M: int, N: int, K: int, num_sms: int = 132) -> MatvecConfig:
 
 
 def matvec(
-    x: torch.Tensor, w: torch.Tensor, config: MatvecConfig | None = None, impl: str = "auto"
+    x: torch.Tensor, w: torch.Tensor, config: MatvecConfig | None = None, impl: str = "auto",
+    w_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[M, N] = x[M, K] @ w[N, K]^T with the skinny-GEMM kernel (M <= 16; larger M and the
-    torch path use F.linear)."""
+    torch path use F.linear). With w_scale [N] (float32), w's rows are scaled by it: the weight is
+    w * w_scale[:, None] (weight-only FP8: w in e4m3)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"matvec: need x [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
     M, K = x.shape
     N = w.shape[0]
+    if w_scale is not None and w_scale.numel() != N:
+        raise ValueError(f"matvec: w_scale has {w_scale.numel()} values for {N} weight rows")
     if M > MAX_M or M == 0 or not use_triton(x, impl):
+        if w_scale is not None:
+            return matvec_reference(x, (w.float() * w_scale.reshape(-1, 1).float()).to(x.dtype))
         return matvec_reference(x, w)
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -150,6 +164,7 @@ def matvec(
         w,
         out,
         part,
+        w_scale if w_scale is not None else out,  # unused without HAS_SCALE
         M,
         N,
         K,
@@ -167,6 +182,7 @@ def matvec(
         EVEN_K=even_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 or upcast else "tf32",
         UPCAST_DOT=upcast,
+        HAS_SCALE=w_scale is not None,
         num_warps=cfg.num_warps,
     )
     if split > 1:

@@ -14,6 +14,10 @@ Sliding windows (Mistral, Gemma 2/3's local layers): with window w a query at po
 p - w < k <= p; a tile starts its key loop at its first query's oldest visible key, so blocks
 older than that (which the block manager may have released) are never read. Soft-capping (Gemma 2)
 turns each score s into cap * tanh(s / cap) before the softmax.
+
+FP8 (e4m3) caches: K and V tiles are converted to the query's dtype as they load; the per-tensor
+key scale is folded into the softmax scale and the value scale into the output (both linear), so
+the inner loop does no extra multiply (worker/attention/kv_cache_dtype.py).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import math
 
 import torch
 
+from shardline.worker.attention.kv_cache_dtype import KVScales, is_fp8_kv, scales_or_unit
 from shardline.worker.kernels.runtime import interpreted_bf16_dot, kernel, next_pow2, tl
 
 _LOG2E = 1.4426950408889634
@@ -43,6 +48,8 @@ def _paged_attention_kernel(
     block_tables_ptr,
     num_seqs,
     scale_log2,
+    k_scale_ptr,
+    v_scale_ptr,
     partition_len,
     stride_qt,
     stride_qh,
@@ -73,6 +80,7 @@ def _paged_attention_kernel(
     UPCAST_DOT: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -113,6 +121,10 @@ def _paged_attention_kernel(
     )
     if UPCAST_DOT:  # K, V and P follow q's dtype into the dots
         q = q.to(tl.float32)
+    if FP8:  # the key scale folds into the softmax scale (QK^T is linear in K), soft-capped or not
+        k_scale = tl.load(k_scale_ptr)
+        scale_log2 = scale_log2 * k_scale
+        softcap_in = softcap_in * k_scale
 
     # Keys this tile can see: up to its last query position (causal), cut to this split's partition.
     kv_end = tl.minimum(seq_len, cached_len + (q_block + 1) * BLOCK_Q)
@@ -162,6 +174,8 @@ def _paged_attention_kernel(
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
+    if FP8:  # the value scale, applied once to the output (P @ V is linear in V)
+        o = o * tl.load(v_scale_ptr)
     mask_o = row_ok[:, None] & d_ok[None, :]
     if SPLIT:
         part = token * stride_pt + head.to(tl.int64) * stride_ph + split * stride_ps
@@ -248,11 +262,13 @@ def paged_attention(
     out: torch.Tensor | None = None,
     sliding_window: int | None = None,
     logit_softcap: float | None = None,
+    kv_scales: KVScales | None = None,
 ) -> torch.Tensor:
     """Causal GQA attention of query [num_tokens, heads, dim] over kv_cache [2, blocks, block_size,
     kv_heads, dim]; sequence i's queries are rows query_start_loc[i]:query_start_loc[i+1] and sit at
     the last positions of its seq_lens[i] tokens. Host ints size the grid only. `sliding_window`
-    (tokens) limits each query to its last that many positions; `logit_softcap` soft-caps scores."""
+    (tokens) limits each query to its last that many positions; `logit_softcap` soft-caps scores;
+    an FP8 cache's codes read as code * kv_scales (other caches ignore the scales)."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     if num_heads % num_kv_heads:
@@ -282,6 +298,8 @@ def paged_attention(
         part_o = part_m = part_l = out
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     upcast = interpreted_bf16_dot(query.dtype)
+    fp8 = is_fp8_kv(kv_cache)
+    s = scales_or_unit(kv_scales, kv_cache.device) if fp8 else None
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
     _paged_attention_kernel[grid](
         query,
@@ -296,6 +314,8 @@ def paged_attention(
         block_tables,
         num_seqs,
         scale * _LOG2E,
+        s.k if s is not None else out,  # read only for an FP8 cache
+        s.v if s is not None else out,
         partition_len,
         query.stride(0),
         query.stride(1),
@@ -326,6 +346,7 @@ def paged_attention(
         UPCAST_DOT=upcast,
         HAS_WINDOW=sliding_window is not None,
         HAS_SOFTCAP=logit_softcap is not None,
+        FP8=fp8,
     )
     if split:
         _reduce_splits_kernel[(num_tokens, num_heads)](

@@ -18,6 +18,8 @@ INDEX_FILE = "model.safetensors.index.json"
 # FP8 checkpoints (HF `fp8`, compressed-tensors float8) store each quantized weight's scales beside
 # it; input_scale (a static activation scale) is not used: activations are scaled per token.
 _FP8_COMPANIONS = (".weight_scale", ".input_scale")
+# AWQ / GPTQ: a linear's `qweight` is read with these (worker/layers/quantization/int4_checkpoints.py).
+INT4_COMPANIONS = (".qzeros", ".scales", ".g_idx")
 # Below this many bytes a load is instant and a progress bar is noise.
 _PROGRESS_MIN_BYTES = 50 * 1024 * 1024
 
@@ -65,7 +67,12 @@ def _stream(handles: list, total: int, show_progress: bool) -> WeightStream:
         for path, handle in handles:
             names = set(handle.keys())
             for name in handle.keys():
-                if name.endswith(_FP8_COMPANIONS):  # read together with their weight
+                if name.endswith(_FP8_COMPANIONS) or (  # read together with their weight
+                        name.endswith(INT4_COMPANIONS) and name.rsplit(".", 1)[0] + ".qweight" in names):
+                    bar.update(1)
+                    continue
+                if name.endswith(".qweight"):
+                    yield name.removesuffix("qweight") + "weight", _int4_lazy(path, handle, name.removesuffix(".qweight"))
                     bar.update(1)
                     continue
                 scale_name = name.removesuffix("weight") + "weight_scale" if name.endswith(".weight") else None
@@ -128,3 +135,38 @@ def _fp8_lazy(path: Path, handle, name: str, scale_name: str) -> LazyWeight:
         return quantized(dim, start, length).dequantize()
 
     return LazyWeight(codes.shape, reader, quantized)
+
+
+def _int4_lazy(path: Path, handle, prefix: str) -> LazyWeight:
+    """An AWQ or GPTQ linear (`prefix`.qweight, .qzeros, .scales and GPTQ's .g_idx, in the same file)
+    as one weight [out, in]: read_quantized gives its 4-bit codes with per-group scales and offsets,
+    read() the dequantized float32 values. The packed tensors (half a byte per weight) are read whole
+    and the codes sliced after unpacking: packing runs along different axes in the two formats."""
+    from shardline.worker.layers.quantization.int4_checkpoints import unpack_int4_checkpoint
+
+    names = set(handle.keys())
+    missing = [s for s in (".qzeros", ".scales") if prefix + s not in names]
+    if missing:
+        raise ModelLoadError(f"{path}: {prefix}.qweight comes without {', '.join(prefix + s for s in missing)} "
+                             "(AWQ/GPTQ tensors of one layer must be in one file)")
+    parts = {s: _lazy(path, handle, prefix + s) for s in (".qweight", ".qzeros", ".scales", ".g_idx")
+             if prefix + s in names}
+    qweight_shape, scales_shape = parts[".qweight"].shape, parts[".scales"].shape
+    gptq = qweight_shape[1] == scales_shape[1]
+    shape = (scales_shape[1], qweight_shape[0] * 8 if gptq else qweight_shape[0])
+
+    def quantized(dim: int | None, start: int, length: int | None):
+        g_idx = parts[".g_idx"].read() if ".g_idx" in parts else None
+        try:
+            codes = unpack_int4_checkpoint(parts[".qweight"].read(), parts[".qzeros"].read(), parts[".scales"].read(),
+                                           g_idx, prefix)
+        except ValueError as e:
+            raise ModelLoadError(f"{path}: {e}") from None
+        if dim is None:
+            return codes
+        return codes.narrow(dim % 2, start, shape[dim % 2] - start if length is None else length)
+
+    def reader(dim: int | None, start: int, length: int | None) -> torch.Tensor:
+        return quantized(dim, start, length).dequantize()
+
+    return LazyWeight(shape, reader, quantized)

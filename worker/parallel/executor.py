@@ -62,6 +62,8 @@ class TensorParallelExecutor:
             self._wait_for_ranks(store, timeout)
             self.runtime = RankRuntime(0, self.world_size, store, spec, config, show_progress)
             self.num_blocks = self.runtime.num_blocks
+            self.weight_bytes = self.runtime.model.weight_bytes()  # rank 0's shard as held (packed when quantized)
+            self.kv_bytes_per_token = self.runtime.kv_bytes_per_token
         except BaseException as exc:
             err = self._fail(exc)
             self.shutdown()

@@ -17,8 +17,14 @@ import torch
 import torch.distributed as dist
 
 from shardline.worker.config import ConfigError, EngineConfig, ModelConfig
-from shardline.worker.engine.executor import ModelSpec, build_model, num_blocks_for, profile_peak_memory
-from shardline.worker.engine.model_runner import ModelRunner, StepInputs, allocate_kv_caches
+from shardline.worker.engine.executor import (
+    ModelSpec,
+    arm_kv_scale_calibration_if_asked,
+    build_model,
+    num_blocks_for,
+    profile_peak_memory,
+)
+from shardline.worker.engine.model_runner import ModelRunner, StepInputs, allocate_kv_caches, kv_bytes_per_block
 from shardline.worker.parallel.channel import Command, StepChannel
 from shardline.worker.parallel.context import ParallelContext
 
@@ -145,15 +151,18 @@ class RankRuntime:
         spec = dataclasses.replace(spec, device=self.device)
         self.model = build_model(spec, self.ctx, show_progress and rank == 0)
         kv_heads = self.model.num_kv_heads_per_rank
+        kv_dtype = spec.resolved_kv_cache_dtype
+        self.kv_bytes_per_token = kv_bytes_per_block(spec.model_config, kv_heads, 1, kv_dtype)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            profile_peak_memory(self.model, config, kv_heads, spec.dtype, self.device)
-        local = num_blocks_for(config, spec.model_config, kv_heads, spec.dtype, self.device)
+            profile_peak_memory(self.model, config, kv_heads, kv_dtype, self.device)
+        local = num_blocks_for(config, spec.model_config, kv_heads, kv_dtype, self.device)
         agreed = torch.tensor([local], dtype=torch.int64)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.control_group)
         self.num_blocks = int(agreed.item())
-        caches = allocate_kv_caches(spec.model_config, kv_heads, self.num_blocks, config.block_size, spec.dtype, self.device)
+        caches = allocate_kv_caches(spec.model_config, kv_heads, self.num_blocks, config.block_size, kv_dtype, self.device)
         self.runner = ModelRunner(self.model, caches, config.block_size, self.device)
+        arm_kv_scale_calibration_if_asked(self.model, config, kv_dtype)
         self.channel = StepChannel(self.control_group, self.data_group, self.device)
         self.fault_step = fault_step_for(config, rank)
 

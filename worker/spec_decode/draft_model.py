@@ -83,11 +83,12 @@ class DraftModelProposer:
                               f"target's {target_vocab}; a draft model must share the target's tokenizer")
         load_format = config.load_format if config.load_format != "auto" else source.kind
         spec = ModelSpec(draft_config, str(source.path), source.kind, load_format, engine.dtype, engine.device,
-                         seed=config.seed, attention_backend=config.attention_backend)
+                         seed=config.seed, attention_backend=config.attention_backend,
+                         kv_cache_dtype=engine.kv_cache_dtype)
         model = build_model(spec, show_progress=False)
         num_blocks = engine.executor.num_blocks
         caches = allocate_kv_caches(draft_config, model.num_kv_heads_per_rank, num_blocks, config.block_size,
-                                    engine.dtype, engine.device)
+                                    engine.kv_cache_dtype, engine.device)
         log.info("speculative decoding: draft model %s (%d layers) with %d KV blocks", config.speculative_model,
                  draft_config.num_hidden_layers, num_blocks)
         return cls(model, caches, num_blocks, config.block_size, engine.device, target_vocab,

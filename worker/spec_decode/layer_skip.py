@@ -52,6 +52,6 @@ def layer_skip_proposer(config: EngineConfig, engine: "LLMEngine") -> DraftModel
         raise ConfigError(f"speculative_draft_layers: must be in [1, {total - 1}] (the target has {total} layers), got {n!r}")
     shape = engine.model_config
     caches = allocate_kv_caches(dataclasses.replace(shape, num_hidden_layers=n), target.num_kv_heads_per_rank,
-                                engine.executor.num_blocks, config.block_size, engine.dtype, engine.device)
+                                engine.executor.num_blocks, config.block_size, engine.kv_cache_dtype, engine.device)
     return DraftModelProposer(FirstLayers(target, n), caches, engine.executor.num_blocks, config.block_size,
                               engine.device, shape.vocab_size, engine.max_model_len)

@@ -11,10 +11,14 @@ exist):
   fp8   e4m3 weights with per-row scales; dynamic per-token e4m3 activations through
         torch._scaled_mm on CUDA (sm89+); a dequantizing reference on CPU. Also what FP8
         checkpoints (HF `fp8`, compressed-tensors float8) load as.
+  awq, gptq  int4 checkpoints in those formats (int4_checkpoints.py): the Triton int4 dequant
+        matmul on CUDA, torch's int4 CPU kernel on CPU (the codes repacked), or dequantized at
+        load where the group layout fits neither (logged). Read from quantization_config only.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,15 +28,16 @@ from shardline.worker.config import ConfigError
 
 from .base import DequantizedLinear, LoadedPiece, QuantMethod, as_float
 from .group_quantized import GroupQuantized, concat_rows, quantize_int4_groups
-from .int4_cpu import Int4WeightOnlyCPU, int4_kernel_fits
+from .int4_cpu import INT4_GROUP_SIZES, Int4WeightOnlyCPU, int4_kernel_fits
 from .int8_cpu import Int8WeightOnlyCPU, int8_rows
 
-QUANTIZATION_NAMES = ("none", "gguf", "int4", "int8", "fp8")
+log = logging.getLogger(__name__)
+
+QUANTIZATION_NAMES = ("none", "gguf", "int4", "int8", "fp8", "awq", "gptq")
+INT4_CHECKPOINT_FORMATS = ("awq", "gptq")  # read from a checkpoint's codes, never quantized at load
 INT4_GROUP_SIZE = 32  # GGUF's block: on-the-fly int4 matches Q4's accuracy, and shards on 32-feature boundaries
 # Checkpoint formats recognised in config.json's quantization_config.quant_method but not loaded.
 _UNSUPPORTED_CHECKPOINT_FORMATS = {
-    "awq": "AWQ int4",
-    "gptq": "GPTQ int4",
     "bitsandbytes": "bitsandbytes",
     "marlin": "Marlin int4",
     "gptq_marlin": "GPTQ (Marlin) int4",
@@ -51,7 +56,7 @@ class QuantizationConfig:
 
     name: str = "none"
     group_size: int = INT4_GROUP_SIZE
-    checkpoint_format: str | None = None  # "fp8" / "compressed-tensors" when the checkpoint carries scales
+    checkpoint_format: str | None = None  # "fp8" / "compressed-tensors" / "awq" / "gptq": the checkpoint's own codes
 
     @property
     def active(self) -> bool:
@@ -65,6 +70,8 @@ class QuantizationConfig:
             from .fp8 import Fp8Linear
 
             return Fp8Linear.from_pieces(pieces, device)
+        if self.name in INT4_CHECKPOINT_FORMATS:
+            return self._build_int4_checkpoint(pieces, dtype, device)
         if device.type == "cpu":
             if self.name == "int8":
                 return Int8WeightOnlyCPU(concat_rows([int8_rows(p) for p in pieces]), device)
@@ -79,6 +86,23 @@ class QuantizationConfig:
                     return Int4WeightOnlyCPU(concat_rows(quantized), device)
                 if all(q.bits == 8 for q in quantized):
                     return Int8WeightOnlyCPU(concat_rows([int8_rows(q) for q in quantized]), device)
+        return DequantizedLinear(torch.cat([as_float(p) for p in pieces]), dtype, device)
+
+    def _build_int4_checkpoint(self, pieces: list[LoadedPiece], dtype: torch.dtype, device: torch.device) -> QuantMethod:
+        """AWQ / GPTQ codes: the Triton int4 matmul on CUDA; torch's int4 kernel on CPU when the group
+        size is one it takes; otherwise (or for layers the checkpoint left in float) the float weights."""
+        quantized = [p for p in pieces if isinstance(p, GroupQuantized)]
+        if quantized and len(quantized) == len(pieces) and len({q.group_size for q in quantized}) == 1:
+            fused = concat_rows(quantized)
+            if device.type == "cuda":
+                from .int4_triton import Int4TritonLinear
+
+                return Int4TritonLinear(fused, device)
+            if device.type == "cpu" and int4_kernel_fits(fused):
+                return Int4WeightOnlyCPU(fused, device)
+            log.info("%s: group size %d of a [%d, %d] weight fits no int4 kernel on %s (CPU takes %s); dequantized "
+                     "to %s at load", self.name, fused.group_size, *fused.shape, device.type,
+                     "/".join(str(g) for g in INT4_GROUP_SIZES), dtype)
         return DequantizedLinear(torch.cat([as_float(p) for p in pieces]), dtype, device)
 
     def build_embedding(self, pieces: list[LoadedPiece], dtype: torch.dtype,
@@ -107,6 +131,10 @@ def resolve_quantization(requested: str | None, source_kind: str | None, hf_conf
     qcfg = hf_config.get("quantization_config")
     if isinstance(qcfg, dict):
         return _checkpoint_scheme(qcfg, requested)
+    if requested in INT4_CHECKPOINT_FORMATS:
+        raise QuantizationError(f"quantization: {requested!r} reads {requested.upper()} checkpoints, and this model's "
+                                "config.json has no quantization_config; use 'int4' (CPU) or 'fp8' to quantize "
+                                "float weights at load")
     if requested in ("int4", "int8") and device.type != "cpu":
         raise QuantizationError(
             f"quantization: {requested!r} runs on CPU kernels only; on {device.type} use 'fp8' (or 'none')")
@@ -128,6 +156,12 @@ def _checkpoint_scheme(qcfg: dict[str, Any], requested: str | None) -> Quantizat
             "not supported yet; load the model's bf16/fp16 checkpoint with --quantization int4 (CPU) or fp8 (GPU), "
             "or its GGUF file"
         )
+    if method in INT4_CHECKPOINT_FORMATS:
+        group = _check_int4_checkpoint(method, qcfg)
+        if requested not in (None, method):
+            raise QuantizationError(f"quantization: {requested!r} conflicts with the checkpoint's quantization_config "
+                                    f"({method}); leave --quantization unset or pass {method}")
+        return QuantizationConfig(method, group_size=group, checkpoint_format=method)
     if method == "fp8":
         if qcfg.get("weight_block_size"):
             raise QuantizationError(f"quantization_config.weight_block_size {qcfg['weight_block_size']}: block-wise "
@@ -138,7 +172,7 @@ def _checkpoint_scheme(qcfg: dict[str, Any], requested: str | None) -> Quantizat
         fmt = "compressed-tensors"
     else:
         raise QuantizationError(f"quantization_config.quant_method {method!r} is not a checkpoint format shardline "
-                                "reads (it reads fp8 and compressed-tensors float8)")
+                                "reads (it reads fp8, compressed-tensors float8, awq and gptq)")
     if requested not in (None, "fp8"):
         raise QuantizationError(f"quantization: {requested!r} conflicts with the checkpoint's quantization_config "
                                 f"({method}); leave --quantization unset or pass fp8")
@@ -156,3 +190,30 @@ def _check_compressed_tensors_fp8(qcfg: dict[str, Any]) -> None:
                 f"quantization_config.config_groups.{gname}.weights (type {kind!r}, num_bits {bits!r}, strategy "
                 f"{strategy!r}): only float8 weights with tensor or channel scales are supported in "
                 "compressed-tensors checkpoints (int4/int8 packed formats are not yet)")
+
+
+def _check_int4_checkpoint(method: str, qcfg: dict[str, Any]) -> int:
+    """Validate an AWQ / GPTQ quantization_config; returns its group size (-1: one group per row).
+    Raises QuantizationError naming the field for what these layouts do not cover."""
+    label = {"awq": "AWQ", "gptq": "GPTQ"}[method]
+    bits = qcfg.get("bits", qcfg.get("w_bit", 4))
+    if bits != 4:
+        raise QuantizationError(f"quantization_config.bits {bits!r}: {label} checkpoints load with 4-bit weights only")
+    group = qcfg.get("group_size", qcfg.get("q_group_size", 128))
+    if not isinstance(group, int) or not (group == -1 or group > 0):
+        raise QuantizationError(f"quantization_config.group_size {group!r}: {label} needs a positive group size or -1")
+    if method == "gptq":
+        if qcfg.get("desc_act"):
+            raise QuantizationError("quantization_config.desc_act true: GPTQ act-order checkpoints (g_idx permutes the "
+                              "input features) are not supported; use a desc_act false checkpoint")
+        fmt = qcfg.get("checkpoint_format", "gptq")
+        if fmt != "gptq":
+            raise QuantizationError(f"quantization_config.checkpoint_format {fmt!r}: only GPTQ's 'gptq' layout (zeros "
+                              "stored minus one) is read")
+    else:
+        version = str(qcfg.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise QuantizationError(f"quantization_config.version {version!r}: only AWQ's 'gemm' layout is read")
+        if qcfg.get("zero_point", True) is not True:
+            raise QuantizationError("quantization_config.zero_point false: AWQ without zero points is not supported")
+    return group

@@ -2,15 +2,23 @@
 token at run time (dynamic scales, max|row| / 448), both multiplied by `torch._scaled_mm` with
 row-wise scales, accumulating in float32 (Hopper / Ada tensor cores on CUDA; torch 2.13 also runs
 it on CPU, which is how the tests exercise this exact path). Weights come from an FP8 checkpoint
-(weight + weight_scale) or are quantized from float at load.
+(weight + weight_scale) or are quantized from float at load. At batch 1-16 on CUDA a weight-only
+FP8 matvec (activations unquantized, worker/kernels/matvec.py with row scales) runs instead where it
+measured faster for the shape (worker/kernels/fp8_linear_choice.py), or where _scaled_mm cannot take
+the shape.
 
 Error: e4m3 keeps 3 mantissa bits, so each weight and each activation is within 2^-4 relative of
-its value (round to nearest), and y within about 2 * 2^-4 * sum_k |x_k| |w_k|."""
+its value (round to nearest), and y within about 2 * 2^-4 * sum_k |x_k| |w_k| (2^-4 on the
+weight-only path, whose activations keep their dtype)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from shardline.worker.kernels.fp8_linear_choice import WEIGHT_ONLY, pick_fp8_linear_impl
+from shardline.worker.kernels.matvec import MAX_M, matvec
+from shardline.worker.kernels.runtime import HAS_TRITON
 
 from .base import LoadedPiece, QuantMethod, as_float
 from .group_quantized import GroupQuantized
@@ -41,6 +49,16 @@ def fp8_checkpoint_rows(weight: torch.Tensor, weight_scale: torch.Tensor) -> Gro
     return GroupQuantized(weight.to(FP8), scale.reshape(rows, 1).contiguous(), None, int(weight.shape[1]), 8, "fp8")
 
 
+def _w8a8_matmul(a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """a [M, K] quantized per token to e4m3 (max|row| / 448) times the e4m3 weight [N, K] with its
+    row scales ([N] or [1, N]) through torch._scaled_mm, float32 accumulation; [M, N] in a's dtype."""
+    a_scale = (a.abs().amax(1, keepdim=True).float() / FP8_MAX).clamp_min(_TINY)
+    qa = (a.float() / a_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    out_dtype = a.dtype if a.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+    y = torch._scaled_mm(qa, weight.t(), scale_a=a_scale, scale_b=weight_scale.reshape(1, -1), out_dtype=out_dtype)
+    return y.to(a.dtype)
+
+
 def _is_fp8(piece: LoadedPiece) -> bool:
     return isinstance(piece, GroupQuantized) and piece.codes.dtype == FP8
 
@@ -61,6 +79,7 @@ class Fp8Linear(QuantMethod):
         self.register_buffer("weight_scale", rows.scales.float().reshape(1, -1).contiguous().to(device))
         # cuBLASLt's FP8 GEMM needs both dimensions in multiples of 16; other shapes dequantize.
         self.scaled_mm_fits = self.in_features % 16 == 0 and self.out_features % 16 == 0
+        self.impl = "auto"  # 'triton': the weight-only matvec at M <= 16 whatever was measured; 'torch': W8A8
 
     @classmethod
     def from_pieces(cls, pieces: list[LoadedPiece], device: torch.device | str | None) -> "Fp8Linear":
@@ -72,14 +91,22 @@ class Fp8Linear(QuantMethod):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        a = x.reshape(-1, self.in_features)
+        m = a.shape[0]
+        if 1 <= m <= MAX_M and (self.impl == "triton" or (self.impl == "auto" and a.is_cuda and HAS_TRITON)):
+            # Small batch: the weight-only matvec where it measured faster than W8A8 for this shape, or
+            # where _scaled_mm cannot take the shape; impl 'triton' always takes it (CPU tensors
+            # through the interpreter: tests).
+            choice = None
+            if self.impl == "auto" and self.scaled_mm_fits:
+                choice = pick_fp8_linear_impl(m, self.out_features, self.in_features, a.dtype, a.device, _w8a8_matmul)
+            if choice is None or choice.kind == WEIGHT_ONLY:
+                y = matvec(a, self.weight, choice.config if choice else None, impl="triton",
+                           w_scale=self.weight_scale.reshape(-1))
+                return y.reshape(*lead, self.out_features)
         if not self.scaled_mm_fits:
             return F.linear(x, self.dequantized().to(x.dtype))
-        a = x.reshape(-1, self.in_features)
-        a_scale = (a.abs().amax(1, keepdim=True).float() / FP8_MAX).clamp_min(_TINY)
-        qa = (a.float() / a_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
-        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
-        y = torch._scaled_mm(qa, self.weight.t(), scale_a=a_scale, scale_b=self.weight_scale, out_dtype=out_dtype)
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        return _w8a8_matmul(a, self.weight, self.weight_scale).reshape(*lead, self.out_features)
 
     def dequantized(self) -> torch.Tensor:
         return self.weight.float() * self.weight_scale.reshape(-1, 1)

@@ -51,8 +51,8 @@ class GroupQuantized:
         boundaries: a group's scale belongs to all of its features. Raises ValueError naming them."""
         if dim == 0:
             return self.map_rows(lambda t: t.narrow(0, start, length))
-        if self.scales.shape[1] == 1 and self.offsets is None:  # one scale per row: any column range
-            return GroupQuantized(self.codes.narrow(1, start, length), self.scales, None, length, self.bits,
+        if self.scales.shape[1] == 1:  # one scale (and offset) per row: any column range
+            return GroupQuantized(self.codes.narrow(1, start, length), self.scales, self.offsets, length, self.bits,
                                   self.source)
         g = self.group_size
         if start % g or length % g:
