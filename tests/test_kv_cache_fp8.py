@@ -30,8 +30,11 @@ def _fp8_batch(heads: int, kv_heads: int, head_dim: int, block_size: int):
     return q, k, v, codes, meta
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim,splits", [(4, 2, 64, 1), (8, 2, 32, 3)])
-def test_triton_fp8_cache_matches_the_torch_reference(interpreter, heads, kv_heads, head_dim, splits):
+@pytest.mark.parametrize("heads,kv_heads,head_dim,splits,window,softcap",
+                         [(4, 2, 64, 1, None, None), (8, 2, 32, 3, None, None), (4, 2, 32, 1, 16, 2.0)])
+def test_triton_fp8_cache_matches_the_torch_reference(interpreter, heads, kv_heads, head_dim, splits, window, softcap):
+    """Also with a sliding window and a soft-cap (Gemma 2), where the key scale must reach the
+    soft-cap's input as well as the softmax scale."""
     q, k, v, codes, meta = _fp8_batch(heads, kv_heads, head_dim, 8)
     ours, ref = TritonAttentionBackend(num_splits=splits, block_n=16), TorchAttentionBackend()
     cache_ours, cache_ref = codes.clone(), codes.clone()
@@ -40,8 +43,8 @@ def test_triton_fp8_cache_matches_the_torch_reference(interpreter, heads, kv_hea
     assert cache_ours.dtype == FP8_KV
     assert torch.equal(cache_ours.view(torch.uint8), cache_ref.view(torch.uint8))  # the same codes, bit for bit
     scale = head_dim ** -0.5
-    out = ours.forward(q, cache_ours, meta, scale, SCALES)
-    want = ref.forward(q, cache_ref, meta, scale, SCALES)
+    out = ours.forward(q, cache_ours, meta, scale, sliding_window=window, logit_softcap=softcap, kv_scales=SCALES)
+    want = ref.forward(q, cache_ref, meta, scale, sliding_window=window, logit_softcap=softcap, kv_scales=SCALES)
     # both read code * scale in float32; the kernel folds the scales into the softmax scale and output
     torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-3)
 
@@ -56,7 +59,7 @@ def test_fp8_attention_stays_within_the_e4m3_bound_of_float_attention(interprete
     codes = torch.stack([quantize_kv(cache[0], SCALES.k), quantize_kv(cache[1], SCALES.v)])
     backend = TritonAttentionBackend(block_n=16)
     backend.write_kv(k, v, codes, meta, SCALES)
-    got = backend.forward(q, codes, meta, scale, SCALES)
+    got = backend.forward(q, codes, meta, scale, kv_scales=SCALES)
     # Each stored value is within 2^-4 relative (plus half the smallest subnormal step, 2^-10 * scale)
     # of its float value. A key error moves each score by at most ds = scale * sum_d |q_d| |dk_d|,
     # which changes the softmax weights by a factor within exp(+-2 ds); values add their own error.

@@ -54,7 +54,7 @@ class AttentionBackend(Protocol):
 
     def forward(
         self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-        sliding_window: int | None = None, logit_softcap: float | None = None,
+        *, sliding_window: int | None = None, logit_softcap: float | None = None,
         kv_scales: KVScales | None = None,
     ) -> torch.Tensor:
         """query: [num_tokens, num_heads, head_dim] -> output of the same shape (causal, GQA). With

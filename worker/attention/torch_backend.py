@@ -59,7 +59,7 @@ class TorchAttentionBackend:
         store_rows(kv_cache, slots, key, value, kv_scales)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None = None, logit_softcap: float | None = None,
+                *, sliding_window: int | None = None, logit_softcap: float | None = None,
                 kv_scales: KVScales | None = None) -> torch.Tensor:
         """query [T, H, d] -> [T, H, d]: causal GQA attention; a query at position p sees keys
         p - sliding_window < k <= p when a window is set; scores become cap * tanh(s / cap) with

@@ -40,7 +40,7 @@ class TritonAttentionBackend:
         write_kv(key, value, kv_cache, meta.slot_mapping, impl="triton", scales=kv_scales)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None = None, logit_softcap: float | None = None,
+                *, sliding_window: int | None = None, logit_softcap: float | None = None,
                 kv_scales: KVScales | None = None) -> torch.Tensor:
         """query: [num_tokens, num_heads, head_dim] -> causal GQA attention output of the same shape
         (within the last `sliding_window` positions when set; scores soft-capped with logit_softcap;
