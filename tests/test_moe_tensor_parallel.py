@@ -14,6 +14,7 @@ from test_tensor_parallel import _assert_all_gone, _compare_with_local, _config,
 from tiny_models import write_tiny_checkpoint
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, tp, overrides, expert_weights_per_rank", [
     ("qwen3_moe", 2, {}, 4 * 2 * 32 * 64),  # 4 whole experts per rank (expert parallelism)
     ("mixtral", 4, {}, 2 * 2 * 32 * 64),  # 2 whole experts per rank
