@@ -293,7 +293,6 @@ class LlamaForCausalLM(nn.Module):
                 continue
             hf_prefix, _, leaf = name.rpartition(".")
             mod_name = model_module_name(hf_prefix.removeprefix("model."))
-            mod_name = hf_prefix.removeprefix("model.")
             kv_scale = _KV_SCALE_NAMES.get(name.rsplit("self_attn.", 1)[-1]) if "self_attn." in name else None
             if kv_scale is not None:
                 attn = modules[mod_name.rsplit("self_attn", 1)[0] + "self_attn"]
