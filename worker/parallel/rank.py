@@ -145,6 +145,7 @@ class RankRuntime:
         self.num_blocks = int(agreed.item())
         caches = allocate_kv_caches(spec.model_config, kv_heads, self.num_blocks, config.block_size, spec.dtype, self.device)
         self.runner = ModelRunner(self.model, caches, config.block_size, self.device)
+        self.runner.tune_linears()  # this rank's shards, every decode batch bucket, before serving
         self.channel = StepChannel(self.control_group, self.data_group, self.device)
         self.fault_step = fault_step_for(config, rank)
 
