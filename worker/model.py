@@ -13,7 +13,8 @@ from torch import nn
 from shardline.worker.attention.metadata import AttentionBackend, AttentionMetadata
 from shardline.worker.config import ModelConfig
 from shardline.worker.kernels.activation import silu_and_mul
-from shardline.worker.kernels.runtime import IMPLS
+from shardline.worker.kernels.rope_kv_write import rope_and_write_kv
+from shardline.worker.kernels.runtime import IMPLS, use_triton
 from shardline.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardline.worker.layers.linear import (
     MergedColumnParallelLinear,
@@ -56,8 +57,12 @@ class Attention(nn.Module):
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        self.backend.write_kv(k, v, kv_cache, meta)
+        cos_sin = self.rotary.cos_sin_cache
+        if cos_sin is not None and getattr(self.backend, "name", None) == "triton" and use_triton(q, self.rotary.impl):
+            rope_and_write_kv(q, k, v, positions, cos_sin, kv_cache, meta.slot_mapping, impl="triton")  # one launch
+        else:
+            q, k = self.rotary(positions, q, k)
+            self.backend.write_kv(k, v, kv_cache, meta)
         out = self.backend.forward(q, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(t, q_size))
 

@@ -58,6 +58,14 @@ class LinearImpl:
     triton_ms: float | None = None
     rejected: int = 0
 
+    def weight_gb_per_s(self, N: int, K: int, dtype: torch.dtype) -> float | None:
+        """The weight stream the chosen implementation achieved when measured: N * K elements of
+        `dtype` over its per-call time, in GB/s (None when not measured)."""
+        ms = self.triton_ms if self.kind == "triton" else self.torch_ms
+        if not ms:
+            return None
+        return N * K * torch.empty((), dtype=dtype).element_size() / (ms * 1e-3) / 1e9
+
     def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.kind == "triton":
             return matvec(x, w, self.config, impl="triton")
