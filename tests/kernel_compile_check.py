@@ -37,7 +37,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile as triton_compile, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from shardline.worker.kernels import activation, kv_write, matvec, paged_attention, rmsnorm, rope, rope_kv_write, runtime
+from shardline.worker.kernels import activation, kv_write, matvec, paged_attention, rmsnorm, rope, runtime
 
 TARGET = GPUTarget("cuda", 90, 32)
 MAX_SHARED = 232448  # bytes of shared memory one H100 block may use (227 KiB)
@@ -104,7 +104,7 @@ def _patch() -> None:
 
     runtime.Kernel.__getitem__ = getitem  # type: ignore[method-assign]
     always = lambda *a, **k: True  # noqa: E731
-    for mod in (activation, kv_write, matvec, rmsnorm, rope, rope_kv_write):
+    for mod in (activation, kv_write, matvec, rmsnorm, rope):
         mod.use_triton = always  # the launchers' CUDA-only dispatch, forced on for CPU tensors
 
 
@@ -157,7 +157,7 @@ def check_elementwise(quick: bool) -> None:
                 cache = torch.zeros(64, rot, dtype=torch.float32)
                 rope.apply_rope(qq, kk, torch.zeros(rows, dtype=torch.int64), cache, impl="triton")
                 kv_cache = torch.zeros(2, 4, 16, nk, hd, dtype=dtype)
-                rope_kv_write.rope_and_write_kv(qq, kk, kk.clone(), torch.zeros(rows, dtype=torch.int64), cache, kv_cache,
+                rope.rope_and_write_kv(qq, kk, kk.clone(), torch.zeros(rows, dtype=torch.int64), cache, kv_cache,
                                                 torch.zeros(rows, dtype=torch.int64), impl="triton")
 
 

@@ -247,6 +247,6 @@ def test_a_decode_step_on_the_graph_path_launches_nine_kernels_a_layer(tiny, int
     per_layer = {name: launches.count(name) / layers for name in set(launches)}
     # the final norm and the LM head are the two launches outside the layers
     assert len(launches) == 9 * layers + 2, per_layer
-    assert launches.count("_rope_write_kv_kernel") == layers and "_rope_kernel" not in launches
+    assert launches.count("_rope_kernel") == layers and "_write_kv_kernel" not in launches
     assert launches.count("_matvec_kernel") == 4 * layers + 1 and "_sum_splits_kernel" not in launches
     assert aten.ops == ["embedding"], aten.ops  # the only torch kernel: everything else is a Triton launch

@@ -9,9 +9,8 @@ import torch
 from kernel_cases import interpreter  # noqa: F401  (fixture; sets up the interpreter first)
 from shardline.worker.kernels.activation import silu_and_mul
 from shardline.worker.kernels.rmsnorm import rms_norm
-from shardline.worker.kernels.rope import apply_rope, cos_sin_cache, rope_inv_freq
 from shardline.worker.kernels.kv_write import write_kv_reference
-from shardline.worker.kernels.rope_kv_write import rope_and_write_kv
+from shardline.worker.kernels.rope import apply_rope, cos_sin_cache, rope_and_write_kv, rope_inv_freq
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-2, 2e-2), torch.bfloat16: (3e-2, 3e-2)}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -5,15 +5,11 @@ pick_linear_impl answers from a per-shape measured table, which a later process 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from kernel_cases import interpreter  # noqa: F401  (fixture; sets up the interpreter first)
+from kernel_cases import interpreter, nvidia_compiler_available, run_compile_check  # noqa: F401  (interpreter first)
 from shardline.worker.kernels.linear_choice import (
     M_BUCKETS,
     LinearAutotuner,
@@ -74,23 +70,13 @@ def test_default_config_splits_k_only_when_n_leaves_sms_idle():
     assert default_config(1, 128256, 4096).split_k == 1
 
 
-def _nvidia_compiler_available() -> bool:
-    import triton
-
-    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _nvidia_compiler_available(), reason="triton's NVIDIA backend (ptxas) is not installed")
+@pytest.mark.skipif(not nvidia_compiler_available(), reason="triton's NVIDIA backend (ptxas) is not installed")
 def test_matvec_compiles_for_sm90_to_one_launch_with_a_pipelined_k_loop():
     # Compiled for sm_90 without a GPU (tests/kernel_compile_check.py --matvec-ptx). Before this
     # kernel's rewrite the M <= 4 loop reduced with tl.sum every K step: per step 6 barriers and 40
     # shuffles at M = 1 (24 and 160 at M = 4), no cp.async; split-K took a second kernel.
-    root = Path(__file__).resolve().parent.parent
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, str(root / "tests" / "kernel_compile_check.py"), "--matvec-ptx"],
-                          capture_output=True, text=True, env=env, cwd=root, timeout=900)
+    proc = run_compile_check("--matvec-ptx")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert {(r["M"], r["linear"]) for r in rows} == {(m, n) for m in range(1, 17) for n in ("qkv", "o", "gate_up", "down")}

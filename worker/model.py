@@ -13,7 +13,7 @@ from torch import nn
 from shardline.worker.attention.metadata import AttentionBackend, AttentionMetadata
 from shardline.worker.config import ModelConfig
 from shardline.worker.kernels.activation import silu_and_mul
-from shardline.worker.kernels.rope_kv_write import rope_and_write_kv
+from shardline.worker.kernels.rope import rope_and_write_kv
 from shardline.worker.kernels.runtime import IMPLS, use_triton
 from shardline.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardline.worker.layers.linear import (
