@@ -170,6 +170,7 @@ def check_matvec(quick: bool) -> None:
                 x = torch.zeros(M, K, dtype=dtype)
                 w = torch.zeros(N, K, dtype=dtype)
                 matvec.matvec(x, w, impl="triton")
+                matvec.matvec(torch.zeros(M, 2 * K, dtype=dtype), w, impl="triton", gated=True)  # down with SiLU-and-mul
                 if not quick:  # a split config and a wide one (the FMA path's 3-D accumulator bounds its tiles)
                     wide = matvec.MatvecConfig(128, 128, 1) if M > matvec.FMA_MAX_M else matvec.MatvecConfig(32, 128, 1)
                     for cfg in (matvec.MatvecConfig(16, 512 // matvec.next_pow2(M), 4), wide):

@@ -21,6 +21,7 @@ from shardline.worker.kernels.linear_choice import (
     pick_linear_impl,
 )
 from shardline.worker.kernels import matvec as matvec_module
+from shardline.worker.kernels.activation import silu_and_mul
 from shardline.worker.kernels.matvec import MatvecConfig, default_config, matvec
 
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 3e-2)}
@@ -45,6 +46,23 @@ def test_matvec_half_precision_accumulates_in_fp32(interpreter, dtype, M):
     out = matvec(x, w, MatvecConfig(32, 128, split_k=2), impl="triton")
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), x.float() @ w.float().T, atol=TOL[dtype][0], rtol=TOL[dtype][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,config", [(1, None), (3, MatvecConfig(16, 32, split_k=3)), (9, None)])
+def test_gated_matvec_applies_silu_and_mul_as_it_loads_its_input(interpreter, dtype, M, config):
+    # The down projection with SiLU-and-mul folded in: the same numbers as the activation kernel's
+    # output (rounded to the dtype) fed to the plain matvec.
+    g = torch.Generator().manual_seed(M)
+    gate_up = torch.randn(M, 2 * 96, generator=g).to(dtype)
+    w = (torch.randn(40, 96, generator=g) / 96**0.5).to(dtype)
+    fused = matvec(gate_up, w, config, impl="triton", gated=True)
+    separate = matvec(silu_and_mul(gate_up, impl="triton"), w, config, impl="triton")
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fused.float(), separate.float(), atol=tol, rtol=tol)
+    assert torch.equal(matvec(gate_up, w, gated=True, impl="torch"), matvec(silu_and_mul(gate_up, impl="torch"), w, impl="torch"))
+    with pytest.raises(ValueError, match=r"\[M, 2K\]"):
+        matvec(gate_up[:, :96], w, impl="triton", gated=True)
 
 
 def test_split_k_reduces_in_the_same_launch_and_leaves_its_tickets_at_zero(interpreter):

@@ -68,7 +68,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """The gated MLP: one gate/up matmul, SiLU-and-multiply (one kernel on the Triton path), down."""
+    """The gated MLP: one gate/up matmul, SiLU-and-multiply (one kernel on the Triton path, or none
+    when the down projection runs the matvec, which applies it as it loads its input), down."""
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device,
                  quant: QuantizationConfig | None = None) -> None:
@@ -79,7 +80,9 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(i, cfg.hidden_size, cfg.mlp_bias, ctx, dtype, device, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x), impl=self.impl))
+        gate_up = self.gate_up_proj(x)
+        fused = self.down_proj.forward_gated(gate_up)  # decode on the matvec: SiLU-and-mul in its loads
+        return fused if fused is not None else self.down_proj(silu_and_mul(gate_up, impl=self.impl))
 
 
 class DecoderLayer(nn.Module):

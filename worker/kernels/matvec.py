@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from shardline.worker.kernels.activation import silu_and_mul_reference
 from shardline.worker.kernels.runtime import cdiv, interpreted_bf16_dot, kernel, next_pow2, tl, use_triton
 
 MAX_M = 16
@@ -74,6 +75,7 @@ def _matvec_kernel(
     SPLIT: tl.constexpr,
     EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    GATED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
@@ -97,10 +99,17 @@ def _matvec_kernel(
         if EVEN_K:
             w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None], other=0.0)
             x = tl.load(x_rows + offs_k[None, :])
+            if GATED:  # x holds [gate | up], K columns each: the activation is silu(gate) * up
+                up = tl.load(x_rows + K + offs_k[None, :])
         else:
             k_ok = offs_k < k_hi
             w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             x = tl.load(x_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+            if GATED:
+                up = tl.load(x_rows + K + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+        if GATED:  # rounded to the input dtype, as activation.silu_and_mul's output would be
+            g = x.to(tl.float32)
+            x = (g * tl.sigmoid(g) * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
         if USE_DOT:
             if UPCAST_DOT:
                 x = x.to(tl.float32)
@@ -167,19 +176,24 @@ def default_config(M: int, N: int, K: int, num_sms: int = 132) -> MatvecConfig:
 
 
 def matvec(
-    x: torch.Tensor, w: torch.Tensor, config: MatvecConfig | None = None, impl: str = "auto"
+    x: torch.Tensor, w: torch.Tensor, config: MatvecConfig | None = None, impl: str = "auto", gated: bool = False
 ) -> torch.Tensor:
     """out[M, N] = x[M, K] @ w[N, K]^T with the skinny-GEMM kernel: one launch, split or not.
 
-    M <= 16 (larger M, M = 0 and the torch path use F.linear). Raises ValueError when the shapes do
-    not match or a split config would need more than 65536 column blocks.
+    gated: x is [M, 2K], a gate/up projection's output (gate first), and the product is
+    silu(gate) * up @ w.T: the gated MLP's activation computed as the down projection loads its
+    input, so SiLU-and-mul is no kernel of its own. M <= 16 (larger M, M = 0 and the torch path use
+    torch). Raises ValueError when the shapes do not match or a split config would need more than
+    65536 column blocks.
     """
-    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"matvec: need x [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
-    M, K = x.shape
-    N = w.shape[0]
+    k_in = 2 * w.shape[-1] if gated else w.shape[-1]
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != k_in:
+        need = "[M, 2K]" if gated else "[M, K]"
+        raise ValueError(f"matvec: need x {need} and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
+    M = x.shape[0]
+    N, K = w.shape
     if M > MAX_M or M == 0 or not use_triton(x, impl):
-        return matvec_reference(x, w)
+        return matvec_reference(silu_and_mul_reference(x) if gated else x, w)
     if x.stride(-1) != 1:
         x = x.contiguous()
     if w.stride(-1) != 1:
@@ -223,6 +237,7 @@ def matvec(
         SPLIT=split > 1,
         EVEN_K=even_k,
         NUM_STAGES=cfg.num_stages,
+        GATED=gated,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 or upcast else "tf32",
         UPCAST_DOT=upcast,
         num_warps=cfg.num_warps,
