@@ -15,7 +15,9 @@ At these M the matmul is a stream over the weight, so the kernel is built for ba
   fp32 partial, takes a ticket from a per-column-block counter, and the last program of a column
   block sums every partial in split order (deterministic, whichever program is last), writes the
   output and resets the counter to 0 for the next launch. No second kernel, so a split linear is
-  one launch in a CUDA graph.
+  one launch in a CUDA graph;
+- gated (the MLP's down projection): x is the gate/up output [M, 2K] and the kernel applies
+  silu(gate) * up as it loads it, so SiLU-and-mul is no kernel of its own.
 
 `linear_choice.pick_linear_impl` decides, per shape and batch size, whether this beats cuBLAS.
 """
