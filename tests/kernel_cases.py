@@ -15,7 +15,9 @@ triton earlier in compile mode, the `interpreter` fixture skips with that reason
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,3 +127,22 @@ def decode_inputs(seqs: list[list[int]], device: str = "cpu") -> StepInputs:
     """A pure-decode step: each sequence's last token at its last position."""
     slices = [SeqSlice(s[-1:], len(s) - 1, table(i), True) for i, s in enumerate(seqs)]
     return build_step_inputs(slices, BLOCK, torch.device(device))
+
+
+def nvidia_compiler_available() -> bool:
+    """Whether triton's NVIDIA backend (its ptxas) is installed: compiling for sm_90 needs no GPU."""
+    if not HAS_TRITON:
+        return False
+    import triton
+
+    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+
+
+def run_compile_check(*args: str) -> subprocess.CompletedProcess[str]:
+    """tests/kernel_compile_check.py in a fresh process in Triton's compile mode (TRITON_INTERPRET
+    unset), with `args`; its output captured as text."""
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return subprocess.run([sys.executable, str(root / "tests" / "kernel_compile_check.py"), *args],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=900)

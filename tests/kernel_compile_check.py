@@ -10,10 +10,16 @@ ptxas shipped in the triton wheel. Nothing executes, so results are not checked 
 Run it in a process where Triton is in compile mode:
     TRITON_INTERPRET=0 .venv/bin/python tests/kernel_compile_check.py [--quick]
 It prints one line per compiled variant and exits non-zero if any failed.
+
+    TRITON_INTERPRET=0 .venv/bin/python tests/kernel_compile_check.py --matvec-ptx
+instead prints, as one JSON line per matvec call at the Llama-3-8B shapes (M = 1..16), the launches
+it makes and what the PTX of each has in its K loop (asynchronous copies, barriers, shuffles):
+tests/test_kernels_matvec.py reads it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -39,10 +45,12 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 BACKEND = make_backend(TARGET)
 _JIT: dict[int, JITFunction] = {}
 _SEEN: set[str] = set()
+_COMPILED: dict[str, Any] = {}
 FAILURES: list[str] = []
+LAUNCHES: list[tuple[str, tuple[int, ...], Any]] = []  # (kernel, grid, compiled) of every launch, in order
 
 
-def _compile_launch(k: runtime.Kernel, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def _compile_launch(k: runtime.Kernel, args: tuple[Any, ...], kwargs: dict[str, Any], grid: tuple[int, ...] = ()) -> None:
     if id(k) not in _JIT:  # the launcher's own JITFunction, with its do_not_specialize list
         _JIT[id(k)] = k.jit_function() if hasattr(k, "jit_function") else JITFunction(k.fn)
     jit = _JIT[id(k)]
@@ -53,6 +61,8 @@ def _compile_launch(k: runtime.Kernel, args: tuple[Any, ...], kwargs: dict[str, 
     options, signature, constexprs, attrs = jit._pack_args(BACKEND, kwargs, bound, specialization, options)
     key = f"{k.fn.__name__} {sorted(signature.items())} {sorted(constexprs.items())} {sorted(attrs)}"
     if key in _SEEN:
+        if key in _COMPILED:
+            LAUNCHES.append((k.fn.__name__, grid, _COMPILED[key]))
         return
     _SEEN.add(key)
     ptrs = sorted({v for v in signature.values() if v.startswith("*")})
@@ -65,6 +75,8 @@ def _compile_launch(k: runtime.Kernel, args: tuple[Any, ...], kwargs: dict[str, 
         FAILURES.append(label)
         print(f"FAIL {label}\n{traceback.format_exc()}")
         return
+    _COMPILED[key] = compiled
+    LAUNCHES.append((k.fn.__name__, grid, compiled))
     usage = _resource_usage(compiled.asm["cubin"])
     shared = compiled.metadata.shared
     problems = []
@@ -88,7 +100,7 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
 
 def _patch() -> None:
     def getitem(self: runtime.Kernel, grid: tuple[int, ...]) -> Callable[..., None]:
-        return lambda *args, **kwargs: _compile_launch(self, args, kwargs)
+        return lambda *args, **kwargs: _compile_launch(self, args, kwargs, tuple(grid))
 
     runtime.Kernel.__getitem__ = getitem  # type: ignore[method-assign]
     always = lambda *a, **k: True  # noqa: E731
@@ -144,6 +156,9 @@ def check_elementwise(quick: bool) -> None:
                 kk = torch.zeros(rows, nk, hd, dtype=dtype)
                 cache = torch.zeros(64, rot, dtype=torch.float32)
                 rope.apply_rope(qq, kk, torch.zeros(rows, dtype=torch.int64), cache, impl="triton")
+                kv_cache = torch.zeros(2, 4, 16, nk, hd, dtype=dtype)
+                rope.rope_and_write_kv(qq, kk, kk.clone(), torch.zeros(rows, dtype=torch.int64), cache, kv_cache,
+                                                torch.zeros(rows, dtype=torch.int64), impl="triton")
 
 
 def check_matvec(quick: bool) -> None:
@@ -155,8 +170,10 @@ def check_matvec(quick: bool) -> None:
                 x = torch.zeros(M, K, dtype=dtype)
                 w = torch.zeros(N, K, dtype=dtype)
                 matvec.matvec(x, w, impl="triton")
-                if not quick:
-                    for cfg in (matvec.MatvecConfig(16, 512, 4), matvec.MatvecConfig(128, 128, 1)):
+                matvec.matvec(torch.zeros(M, 2 * K, dtype=dtype), w, impl="triton", gated=True)  # down with SiLU-and-mul
+                if not quick:  # a split config and a wide one (the FMA path's 3-D accumulator bounds its tiles)
+                    wide = matvec.MatvecConfig(128, 128, 1) if M > matvec.FMA_MAX_M else matvec.MatvecConfig(32, 128, 1)
+                    for cfg in (matvec.MatvecConfig(16, 512 // matvec.next_pow2(M), 4), wide):
                         matvec.matvec(x, w, cfg, impl="triton")
 
 
@@ -178,9 +195,57 @@ def check_steps_reuse_one_variant(quick: bool) -> None:
         print(f"ok   decode steps of 1..33 sequences and matvec M 5..16: {new} new variant(s)")
 
 
+def ptx_loops(ptx: str) -> list[str]:
+    """The bodies of the PTX's loops: from a label to the last branch back to it."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\$L__\w+):", line.strip()))}
+    ends: dict[str, int] = {}
+    for i, line in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__\w+);", line)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            ends[m.group(1)] = i
+    return ["\n".join(lines[labels[name] : end + 1]) for name, end in ends.items()]
+
+
+def ptx_counts(text: str) -> dict[str, int]:
+    """Asynchronous copies, barriers, warp shuffles and plain global loads in a piece of PTX."""
+    return {
+        "cp_async": len(re.findall(r"\bcp\.async\.c[ag]\b", text)),
+        "bar_sync": len(re.findall(r"\bbar\.sync\b|\bbarrier\.sync\b", text)),
+        "shfl": len(re.findall(r"\bshfl\.sync\b", text)),
+        "ld_global": len(re.findall(r"\bld\.global\b", text)),
+    }
+
+
+MATVEC_SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
+
+
+def matvec_ptx_report() -> list[dict[str, Any]]:
+    """For each M in 1..16 and Llama-3-8B linear (bf16, the default config): the launches one
+    matvec call makes and, per launch, the counts over the whole PTX and inside its main K loop
+    (the loop with the most global traffic: asynchronous copies or global loads)."""
+    rows = []
+    for M in range(1, 17):
+        for name, (K, N) in MATVEC_SHAPES.items():
+            LAUNCHES.clear()
+            matvec.matvec(torch.zeros(M, K, dtype=torch.bfloat16), torch.zeros(N, K, dtype=torch.bfloat16), impl="triton")
+            launches = []
+            for kernel_name, grid, compiled in LAUNCHES:
+                ptx = compiled.asm["ptx"]
+                loops = [ptx_counts(body) for body in ptx_loops(ptx)]
+                main = max(loops, key=lambda c: (c["cp_async"] + c["ld_global"]), default=None)
+                launches.append({"kernel": kernel_name, "grid": list(grid), "ptx": ptx_counts(ptx), "k_loop": main})
+            rows.append({"M": M, "linear": name, "K": K, "N": N, "launches": launches})
+    return rows
+
+
 def main() -> int:
     quick = "--quick" in sys.argv
     _patch()
+    if "--matvec-ptx" in sys.argv:
+        for row in matvec_ptx_report():
+            print(json.dumps(row))
+        return 1 if FAILURES else 0
     for check in (check_steps_reuse_one_variant, check_elementwise, check_attention, check_matvec):
         check(quick)
     print(f"{len(_SEEN)} variants compiled for sm_90 with triton {triton.__version__}; {len(FAILURES)} failed")

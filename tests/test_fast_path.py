@@ -182,3 +182,72 @@ def test_engine_on_gpu_uses_graphs_and_matches_transformers(tiny, overlap):
     assert [r.token_ids for r in results] == [hf_greedy(hf, p, 6) for p in batch]
     assert (engine.num_overlapped_steps > 0) == overlap
     assert not engine.has_unfinished_requests()
+
+
+# ---- what one decode step launches (issue 18: the count per layer, toward ~6) --------------------
+
+
+class _CountAtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops that do work (each a kernel launch on CUDA): views, allocations and
+    metadata queries launch nothing and are left out."""
+
+    FREE = {"empty", "empty_strided", "empty_like", "view", "_unsafe_view", "reshape", "split", "split_with_sizes",
+            "slice", "select", "unsqueeze", "squeeze", "expand", "permute", "t", "transpose", "alias", "as_strided",
+            "detach", "lift_fresh", "size", "stride", "sym_size", "sym_stride", "is_same_size"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+        self.in_triton = False  # the interpreter's own tensor traffic inside a launch is not counted
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.in_triton and name not in self.FREE and not getattr(func, "is_view", False):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_decode_step_on_the_graph_path_launches_eight_kernels_a_layer(tiny, interpreter, monkeypatch):
+    # Counted on the padded graph path, run eagerly through the interpreter: every Triton launch
+    # (hooked on the launcher) and every torch op that does work. Per layer: two RMSNorm+residual,
+    # QKV, RoPE with the KV write, attention (one kernel: no split at this context), O, gate/up,
+    # down with SiLU-and-mul in its loads. Before issue 18: RoPE, the KV write and SiLU-and-mul were
+    # kernels of their own and a split matvec added a sum kernel (14 a layer at Llama-3-8B, batch 1).
+    from shardline.worker.kernels import runtime
+
+    model = load(tiny[0], "triton")
+    model.set_fused_kernels("triton")
+    runner = runner_for(model, 1)
+    seqs = prefill(runner, prompts(1, seed=4, min_len=6, max_len=6))
+    inputs = decode_inputs(seqs)
+    graphs = DecodeGraphRunner(model, runner.kv_caches, BLOCK, 64, [1], torch.device("cpu"), use_graphs=False)
+    graphs.run(inputs)  # compiles nothing on CPU; fills the static buffers once
+    launches: list[str] = []
+    original = runtime.Kernel.__getitem__
+    aten = _CountAtenOps()
+
+    def counted(self, grid):
+        launches.append(self.fn.__name__)
+        launch = original(self, grid)
+
+        def run(*args, **kwargs):
+            aten.in_triton = True
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                aten.in_triton = False
+
+        return run
+
+    monkeypatch.setattr(runtime.Kernel, "__getitem__", counted)
+    meta = graphs._metadata(1)
+    with torch.inference_mode(), aten:
+        graphs._forward(1, meta)
+    layers = model.config.num_hidden_layers
+    per_layer = {name: launches.count(name) / layers for name in set(launches)}
+    # the final norm and the LM head are the two launches outside the layers
+    assert len(launches) == 8 * layers + 2, per_layer
+    assert launches.count("_rope_kernel") == layers and "_write_kv_kernel" not in launches
+    assert "_silu_and_mul_kernel" not in launches
+    assert launches.count("_matvec_kernel") == 4 * layers + 1 and "_sum_splits_kernel" not in launches
+    assert aten.ops == ["embedding"], aten.ops  # the only torch kernel: everything else is a Triton launch

@@ -9,7 +9,8 @@ import torch
 from kernel_cases import interpreter  # noqa: F401  (fixture; sets up the interpreter first)
 from shardline.worker.kernels.activation import silu_and_mul
 from shardline.worker.kernels.rmsnorm import rms_norm
-from shardline.worker.kernels.rope import apply_rope, cos_sin_cache, rope_inv_freq
+from shardline.worker.kernels.kv_write import write_kv_reference
+from shardline.worker.kernels.rope import apply_rope, cos_sin_cache, rope_and_write_kv, rope_inv_freq
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-2, 2e-2), torch.bfloat16: (3e-2, 3e-2)}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -69,6 +70,27 @@ def test_rope_rotates_q_and_k_in_place_like_the_reference(interpreter, dtype, ro
     torch.testing.assert_close(q, q_ref, atol=atol, rtol=rtol)
     torch.testing.assert_close(k, k_ref, atol=atol, rtol=rtol)
     assert torch.equal(qkv[:, 8:], v_before)  # the value heads beside them are untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotary_dim", [16, 8])  # full and partial rotary (head_dim 16)
+def test_rope_and_kv_write_in_one_kernel_equal_rope_then_write(interpreter, dtype, rotary_dim):
+    # What the two kernels did, in one launch: q and k rotated in place, rotated k and v stored at
+    # their slots, the padding row (slot -1) stored nowhere, every other cache slot untouched.
+    g = torch.Generator().manual_seed(rotary_dim)
+    cache = cos_sin_cache(rope_inv_freq(rotary_dim, 500000.0), 64)
+    qkv = torch.randn(3, (4 + 2 + 2) * 16, generator=g).to(dtype)  # a fused QKV output: strided views
+    q, k, v = (t.reshape(3, -1, 16) for t in qkv.split([64, 32, 32], dim=-1))
+    positions, slots = torch.tensor([0, 17, 63]), torch.tensor([5, -1, 12])
+    kv_cache = torch.randn(2, 4, 4, 2, 16, generator=g).to(dtype)
+    q_ref, k_ref, v_ref, kv_ref = q.clone(), k.clone(), v.clone(), kv_cache.clone()
+    rope_and_write_kv(q, k, v, positions, cache, kv_cache, slots, impl="triton")
+    apply_rope(q_ref, k_ref, positions, cache, impl="torch")
+    write_kv_reference(k_ref, v_ref, kv_ref, slots)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(q, q_ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(k, k_ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(kv_cache, kv_ref, atol=tol, rtol=tol)
 
 
 def test_rope_reference_matches_hf_llama_rotate_half():

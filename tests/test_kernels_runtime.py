@@ -3,14 +3,9 @@ kernel compiles for an H100 (sm_90) through its real launcher, checked here with
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from kernel_cases import interpreter  # noqa: F401  (sets up the interpreter before triton is imported)
+from kernel_cases import interpreter, nvidia_compiler_available, run_compile_check  # noqa: F401  (interpreter first)
 from shardline.worker.kernels import matvec, paged_attention
 from shardline.worker.kernels.runtime import HAS_TRITON, Kernel, kernel
 
@@ -43,25 +38,11 @@ def test_kernel_rejects_do_not_specialize_names_it_does_not_have():
     assert isinstance(kernel(fn), Kernel) and kernel(fn).do_not_specialize == ()
 
 
-def _nvidia_compiler_available() -> bool:
-    if not HAS_TRITON:
-        return False
-    import triton
-
-    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _nvidia_compiler_available(), reason="triton's NVIDIA backend (ptxas) is not installed")
+@pytest.mark.skipif(not nvidia_compiler_available(), reason="triton's NVIDIA backend (ptxas) is not installed")
 def test_every_kernel_compiles_for_sm90_through_its_launcher():
     # The interpreter accepts what compiled Triton rejects (dot shapes and dtypes, constexpr misuse,
     # loop-carried type changes); tests/kernel_compile_check.py compiles the real launch variants.
-    root = Path(__file__).resolve().parent.parent
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run(
-        [sys.executable, str(root / "tests" / "kernel_compile_check.py"), "--quick"],
-        capture_output=True, text=True, env=env, cwd=root, timeout=600,
-    )
+    proc = run_compile_check("--quick")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert " 0 failed" in proc.stdout

@@ -19,7 +19,8 @@ from shardline.worker.attention.kv_cache_dtype import K_SCALE_CONSTANT, V_SCALE_
 from shardline.worker.attention.metadata import AttentionBackend, AttentionMetadata
 from shardline.worker.config import ModelConfig
 from shardline.worker.kernels.activation import act_and_mul
-from shardline.worker.kernels.runtime import IMPLS
+from shardline.worker.kernels.rope import rope_and_write_kv
+from shardline.worker.kernels.runtime import IMPLS, use_triton
 from shardline.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardline.worker.layers.moe import ExpertLoad, FusedExperts, SparseMoeBlock
 from shardline.worker.layers.linear import (
@@ -112,10 +113,16 @@ class Attention(nn.Module):
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        if self.calibrate_kv_scales and is_fp8_kv(kv_cache):
-            self._calibrate(k, v)
-        self.backend.write_kv(k, v, kv_cache, meta, self.kv_scales)
+        fp8_cache = is_fp8_kv(kv_cache)
+        cos_sin = self.rotary.cos_sin_cache
+        if (not fp8_cache and cos_sin is not None and getattr(self.backend, "name", None) == "triton"
+                and use_triton(q, self.rotary.impl)):
+            rope_and_write_kv(q, k, v, positions, cos_sin, kv_cache, meta.slot_mapping, impl="triton")  # one launch
+        else:
+            q, k = self.rotary(positions, q, k)
+            if self.calibrate_kv_scales and fp8_cache:
+                self._calibrate(k, v)
+            self.backend.write_kv(k, v, kv_cache, meta, self.kv_scales)
         out = self.backend.forward(q, kv_cache, meta, self.scale, sliding_window=self.sliding_window,
                                    logit_softcap=self.logit_softcap, kv_scales=self.kv_scales)
         return self.o_proj(out.reshape(t, q_size))
@@ -123,7 +130,8 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """The gated MLP: one gate/up matmul, activation-and-multiply (SiLU, or GELU-tanh for Gemma; one
-    kernel on the Triton path), down."""
+    kernel on the Triton path, or none when the down projection runs the matvec, which applies SiLU
+    as it loads its input), down."""
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, device,
                  quant: QuantizationConfig | None = None) -> None:
@@ -135,7 +143,10 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(i, cfg.hidden_size, cfg.mlp_bias, ctx, dtype, device, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act, impl=self.impl))
+        gate_up = self.gate_up_proj(x)
+        # decode on the matvec: SiLU-and-mul in the down projection's loads (SiLU models only)
+        fused = self.down_proj.forward_gated(gate_up) if self.act == "silu" else None
+        return fused if fused is not None else self.down_proj(act_and_mul(gate_up, self.act, impl=self.impl))
 
 
 class DecoderLayer(nn.Module):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from shardline.check.runner import Deadline, StepFailed
+from shardline.check.step_profile import profile_step
 from shardline.worker.config import EngineConfig, ModelConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -220,6 +221,9 @@ class TinyEngineChecks:
         metrics = {"replayed_graphs": bool(graphs.use_graphs), "batch": len(seqs),
                    **compare("logits", replayed, eager, Tolerance(1e-3, 0.0)),
                    "argmax_passed": replayed.argmax(-1).tolist() == eager.argmax(-1).tolist()}
+        profile = profile_step(lambda: runner.execute(inputs), len(runner.model.decoder_layers), self.device)
+        if profile is not None:  # one graph replay's kernels (CUDA only): count per layer, time per kernel
+            metrics.update(profile.to_metrics())
         return verdict(metrics, Tolerance(1e-3, 0.0))
 
     def close(self) -> None:

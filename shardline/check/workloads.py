@@ -99,9 +99,9 @@ class EnginePhase:
     # ---- start and free -----------------------------------------------------------------------
 
     def startup(self, deadline: Deadline) -> dict[str, Any]:
-        """Weights, the profiling pass, the KV pool, the decode graphs (with the linear-choice
-        timing their warm-up does, skipped for the shapes a saved table of this machine holds),
-        then one small generate that compiles the prefill kernels."""
+        """Weights, the profiling pass, the KV pool, the linear-choice timing (every decode batch
+        bucket of every linear; skipped for the shapes a saved table of this machine holds), the
+        decode graphs, then one small generate that compiles the prefill kernels."""
         from shardline.bench import warm_up
         from shardline.worker.engine.engine import LLMEngine
         from shardline.worker.kernels.linear_choice import linear_choices, load_linear_choices
@@ -125,8 +125,11 @@ class EnginePhase:
             "linear_choices": len(choices),
             "linear_choices_loaded": loaded,  # from a saved table of this machine: not measured again
             "linear_choices_triton": sum(1 for _, impl in choices if impl.kind == "triton"),
+            # per bucket and weight shape: choice, cuBLAS ms, best correct Triton ms (graph-timed over
+            # rotating weight copies), the chosen one's weight stream in GB/s, candidates rejected
             "linear_choice_table": {f"M{k[0]} N{k[1]} K{k[2]} {str(k[3]).removeprefix('torch.')}":
-                                    [impl.kind, impl.torch_ms, impl.triton_ms]
+                                    [impl.kind, impl.torch_ms, impl.triton_ms, impl.weight_gb_per_s(k[1], k[2], k[3]),
+                                     impl.rejected]
                                     for k, impl in choices},
         }
 

@@ -12,7 +12,7 @@ How a step runs through a graph:
   kernels stop at each sequence's own length, read from the device);
 - graphs are captured from the largest size to the smallest, sharing one memory pool, after the
   weights and the KV cache exist and after a warm-up forward per size (which compiles the Triton
-  kernels and measures the cuBLAS-or-matvec choice for each small-batch shape).
+  kernels; the cuBLAS-or-matvec choices were decided before, by ModelRunner.tune_linears).
 
 `use_graphs=False` runs the same padded static-buffer path eagerly: the padding logic then runs,
 and is tested, on CPU.

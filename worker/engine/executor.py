@@ -187,8 +187,8 @@ def profile_peak_memory(model: LlamaForCausalLM, config: EngineConfig, num_kv_he
 class LocalExecutor:
     """The whole model in this process (tensor_parallel_size 1).
 
-    Startup order on CUDA: weights, profiling pass, KV pool, then (unless enforce_eager) the decode
-    CUDA graphs, whose warm-up also measures the small-batch linear choices.
+    Startup order on CUDA: weights, profiling pass, KV pool, the small-batch linear choices
+    (ModelRunner.tune_linears), then (unless enforce_eager) the decode CUDA graphs.
     config.extra["fused_kernels"]: 'auto' (default) | 'triton' | 'torch', see LlamaForCausalLM.set_fused_kernels.
     """
 
@@ -207,6 +207,7 @@ class LocalExecutor:
         self.num_blocks = num_blocks_for(config, spec.model_config, kv_heads, kv_dtype, spec.device, profile=profile)
         caches = allocate_kv_caches(spec.model_config, kv_heads, self.num_blocks, config.block_size, kv_dtype, spec.device)
         self.runner = ModelRunner(self.model, caches, config.block_size, spec.device)
+        self.runner.tune_linears()  # every decode batch bucket decided now, never while serving
         self.cuda_graphs = False
         if spec.device.type == "cuda" and not config.enforce_eager:
             max_batch = min(config.max_num_seqs, config.max_num_batched_tokens)

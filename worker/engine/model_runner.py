@@ -157,6 +157,22 @@ class ModelRunner:
         self.device = device
         self.graphs: DecodeGraphRunner | None = None  # set by enable_cuda_graphs
 
+    def tune_linears(self) -> int:
+        """Decide cuBLAS or the Triton matvec for every float linear of the model (weights [N, K])
+        at every decode batch bucket, now, at start-up (CUDA only): serving then never measures.
+        Returns how many (bucket, shape) entries were measured (0 for shapes a loaded table had)."""
+        from shardline.worker.kernels.linear_choice import tune_linear_shapes
+
+        if self.device.type != "cuda":
+            return 0
+        by_dtype: dict[torch.dtype, list[tuple[int, int]]] = {}
+        for module in self.model.modules():
+            weight = getattr(module, "weight", None)
+            if (isinstance(weight, torch.Tensor) and weight.dim() == 2 and hasattr(module, "float_weight")
+                    and getattr(module, "quant_method", None) is None):
+                by_dtype.setdefault(weight.dtype, []).append((int(weight.shape[0]), int(weight.shape[1])))
+        return sum(tune_linear_shapes(shapes, dtype, self.device) for dtype, shapes in by_dtype.items())
+
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int, use_graphs: bool = True) -> bool:
         """Capture decode graphs for batch sizes up to max_batch; returns False (and stays eager)
         when the attention backend cannot run inside a graph (only the Triton one can: the torch

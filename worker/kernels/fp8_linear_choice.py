@@ -1,19 +1,21 @@
 """Per-shape choice, for FP8 (e4m3) weights at small batch (M 1..16), between the W8A8 path
 (activations quantized per token, `torch._scaled_mm`) and the weight-only FP8 matvec (activations
 stay in their dtype, `matvec(..., w_scale=...)`), measured once per shape on the GPU as
-`pick_linear_impl` does for float weights (worker/kernels/linear_choice.py: the same timing and
-candidate configs; the same caveat: measure during warm-up, never inside CUDA-graph capture, where
-the answer is the table's entry or W8A8). At M <= 16 a step streams the weight either way; the
+`pick_linear_impl` does for float weights (worker/kernels/linear_choice.py: the same CUDA-graph
+timer over rotating weight copies, the same candidate configs and reference check). Unlike the
+float table it still measures a shape on its first use outside graph capture (warm-up runs it),
+not in a start-up tuning pass; inside capture the answer is the table's entry or W8A8. At M <= 16 a step streams the weight either way; the
 weight-only path skips quantizing the activations and keeps their precision."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from shardline.worker.kernels.linear_choice import _candidates, _time_ms  # the float table's timing and configs
+from shardline.worker.kernels.linear_choice import TORCH, LinearImpl, candidates, graph_timer, matches_reference, weight_copies
 from shardline.worker.kernels.matvec import MAX_M, MatvecConfig, matvec
 from shardline.worker.kernels.runtime import HAS_TRITON
 
@@ -63,24 +65,35 @@ class Fp8LinearAutotuner:
 
     def measure(self, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
                 w8a8: Fp8Matmul) -> Fp8LinearImpl:
-        """Time W8A8 and each matvec candidate on random data of this shape; keep the fastest."""
+        """Time W8A8 and each matvec candidate that matches the reference (CUDA graphs over rotating
+        weight copies, as the float table); keep the fastest."""
+        copies = weight_copies(N, K, FP8, device)
         x = torch.randn(M, K, dtype=dtype, device=device)
-        w = (torch.randn(N, K, device=device) * 16).to(FP8)
+        ws = [(torch.randn(N, K, device=device) * 16).to(FP8) for _ in range(copies)]
         scale = torch.full((N,), 1.0 / (16 * K**0.5), device=device)
+        ref = x.float() @ (ws[0].float() * scale[:, None]).T
         with torch.cuda.device(device):
-            w8a8_ms = _time_ms(lambda: w8a8(x, w, scale))
+            w8a8_ms = graph_timer(TORCH, lambda i: w8a8(x, ws[i], scale), copies)
             num_sms = torch.cuda.get_device_properties(device).multi_processor_count
             best: tuple[float, MatvecConfig] | None = None
-            for cfg in _candidates(M, N, K, num_sms):
+            for cfg in candidates(M, N, K, num_sms):
                 try:
-                    ms = _time_ms(lambda cfg=cfg: matvec(x, w, cfg, impl="triton", w_scale=scale))
+                    if not matches_reference(matvec(x, ws[0], cfg, impl="triton", w_scale=scale), ref):
+                        continue
+                    ms = graph_timer(LinearImpl("triton", cfg), functools.partial(_on_copy, x, ws, scale, cfg), copies)
                 except Exception:  # a config the compiler rejects is skipped
                     continue
                 if best is None or ms < best[0]:
                     best = (ms, cfg)
+        del ws
         if best is not None and best[0] < self.margin * w8a8_ms:
             return Fp8LinearImpl(WEIGHT_ONLY, best[1], w8a8_ms, best[0])
         return Fp8LinearImpl(W8A8, None, w8a8_ms, best[0] if best else None)
+
+
+def _on_copy(x: torch.Tensor, ws: list[torch.Tensor], scale: torch.Tensor, cfg: MatvecConfig, i: int) -> torch.Tensor:
+    """The weight-only matvec with config `cfg` on weight copy i (what graph_timer replays)."""
+    return matvec(x, ws[i], cfg, impl="triton", w_scale=scale)
 
 
 _DEFAULT_TUNER = Fp8LinearAutotuner()

@@ -1,39 +1,70 @@
-"""Per-shape choice between cuBLAS and the matvec kernel, measured once per shape on the GPU.
+"""Per-shape choice between cuBLAS and the matvec kernel, measured at start-up the way it is served.
 
-NOTE: measuring launches kernels and synchronizes, so the engine should call pick_linear_impl for
-its decode shapes during warm-up; called while a CUDA graph is being captured it never measures
-and answers with the table's entry or cuBLAS.
+What is measured (issue 18): each candidate, cuBLAS included, runs inside one captured CUDA graph
+over rotating copies of the weight (enough copies to overflow the L2 cache three times), so a
+kernel is timed at memory speed and without Python launch overhead, as it runs in a decode graph.
+Timing 20 eager calls on one weight, as before, hid the 8-30 us kernels behind launch time and let
+a 33.5 MB weight stay in the 50 MB L2, so cuBLAS's single launch won at cache speed. Before it may
+be timed, each candidate's output is compared with an fp32 reference on the same data: a config
+that computes a wrong result (a compiler bug, a bad tile) can never win.
 
-The table is process-wide, so a process measures each shape once. Across processes it can be
-saved and loaded (save_linear_choices / load_linear_choices, a JSON file): a loaded table is used
-only when its fingerprint matches this machine's (GPU name, torch and Triton versions, the source
-of this module and of the matvec kernel), so a saved table never answers for other hardware or
-other code. The GPU check (shardline/check/) writes it and reads it back on the next run.
+When it is measured: only while tuning is open (`linear_tuning()`, or `tune_linear_shapes`, which
+the executors call at start-up for every float linear of the model). Batches are grouped in the
+buckets M_BUCKETS (1, 2, 3-4, 5-8, 9-16); each bucket is measured once at its largest M, the worst
+case of its members, and its choice answers every M in it. Outside tuning, `pick` never measures:
+a shape that was not tuned is served by cuBLAS (no host sync, no weight copies mid-serving).
+
+The table is process-wide. Across processes it can be saved and loaded (save_linear_choices /
+load_linear_choices, a JSON file): a loaded table is used only when its fingerprint matches this
+machine's (GPU name, torch and Triton versions, the source of this module and of the matvec
+kernel), so a saved table never answers for other hardware or other code. The GPU check
+(shardline/check/) writes it and reads it back on the next run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from shardline.worker.kernels import matvec as matvec_module
-from shardline.worker.kernels.matvec import MAX_M, MatvecConfig, default_config, matvec
-from shardline.worker.kernels.runtime import HAS_TRITON, cdiv, triton
+from shardline.worker.kernels.matvec import FMA_MAX_M, MAX_M, MatvecConfig, default_config, matvec
+from shardline.worker.kernels.runtime import HAS_TRITON, cdiv, next_pow2, triton
+
+M_BUCKETS = (1, 2, 4, 8, 16)  # a batch of M rows is served by the choice measured at the smallest bucket >= M
+FMA_ACC_PER_THREAD = 64  # fp32 accumulator registers a FMA-path config may hold per thread (more spills)
+MAX_CANDIDATES = 8  # Triton configs timed per bucket and shape (each distinct one is a compile at start-up)
+DEFAULT_L2_BYTES = 50 * 2**20  # an H100/H200's L2, when the device does not report its own
+L2_OVERFLOW = 3  # rotating weight copies add up to at least this many L2 sizes
+MAX_COPIES = 64
 
 
 @dataclass(frozen=True)
 class LinearImpl:
-    """What computes x @ w.T for one shape: 'torch' (cuBLAS) or 'triton' with its config."""
+    """What computes x @ w.T for one shape: 'torch' (cuBLAS) or 'triton' with its config.
+
+    torch_ms / triton_ms: per-call times the choice came from (cuBLAS, best correct Triton config;
+    None when not measured); rejected: candidate configs whose output failed the reference check."""
 
     kind: str
     config: MatvecConfig | None = None
-    torch_ms: float | None = None  # the measurements the choice came from (None when not measured)
+    torch_ms: float | None = None
     triton_ms: float | None = None
+    rejected: int = 0
+
+    def weight_gb_per_s(self, N: int, K: int, dtype: torch.dtype) -> float | None:
+        """The weight stream the chosen implementation achieved when measured: N * K elements of
+        `dtype` over its per-call time, in GB/s (None when not measured)."""
+        ms = self.triton_ms if self.kind == "triton" else self.torch_ms
+        if not ms:
+            return None
+        return N * K * torch.empty((), dtype=dtype).element_size() / (ms * 1e-3) / 1e9
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.kind == "triton":
@@ -43,79 +74,176 @@ class LinearImpl:
 
 TORCH = LinearImpl("torch")
 
+# timer(candidate, run, copies) -> milliseconds per call, where run(i) computes with weight copy i.
+Timer = Callable[[LinearImpl, Callable[[int], object], int], float]
 
-def _candidates(M: int, N: int, K: int, num_sms: int) -> list[MatvecConfig]:
+
+def bucket_of(M: int) -> int:
+    """The bucket whose measured choice serves a batch of M rows (1 <= M <= 16)."""
+    for top in M_BUCKETS:
+        if M <= top:
+            return top
+    raise ValueError(f"M: {M} is above the largest matvec bucket {M_BUCKETS[-1]}")
+
+
+def fma_registers(M: int, cfg: MatvecConfig) -> int:
+    """fp32 accumulator registers per thread of a FMA-path (M <= 4) launch of `cfg`."""
+    return next_pow2(M) * cfg.block_n * cfg.block_k // (32 * cfg.num_warps)
+
+
+def candidates(M: int, N: int, K: int, num_sms: int) -> list[MatvecConfig]:
+    """The configs timed for this shape: the default first, then tiles that keep the FMA path's
+    accumulator in registers and the grid within 16 programs per SM, split-K only while N alone
+    gives fewer programs than SMs; at most MAX_CANDIDATES."""
     base = default_config(M, N, K, num_sms)
     out = {base}
-    for block_n, block_k in ((16, 512), (32, 256), (64, 128), (64, 256), (128, 128)):
-        if block_k > K:
+    for block_n, block_k in ((16, 512), (16, 256), (32, 256), (16, 128), (32, 128), (64, 128), (128, 128)):
+        if block_k > max(16, next_pow2(K)):
             continue
         programs = cdiv(N, block_n)
-        for split in (1, 2, 4, 8, 16):
+        for split in (1, 2, 4, 8):
+            cfg = MatvecConfig(block_n, block_k, split)
             if K // split < block_k or programs * split > 16 * num_sms:
                 continue
-            out.add(MatvecConfig(block_n, block_k, split))
-    return sorted(out, key=lambda c: (c != base, c.block_n, c.block_k, c.split_k))[:12]
+            if split > 1 and programs >= num_sms:
+                continue
+            if M <= FMA_MAX_M and fma_registers(M, cfg) > FMA_ACC_PER_THREAD:
+                continue
+            out.add(cfg)
+    return sorted(out, key=lambda c: (c != base, c.split_k, c.block_n, c.block_k))[:MAX_CANDIDATES]
 
 
-def _time_ms(fn, iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
+def weight_copies(N: int, K: int, dtype: torch.dtype, device: torch.device) -> int:
+    """How many copies of an [N, K] weight rotate through a timing so none is still in L2 when
+    its turn comes again (1 for a weight that alone overflows L2 three times, at most MAX_COPIES)."""
+    l2 = DEFAULT_L2_BYTES
+    if device.type == "cuda":
+        l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or l2)
+    per_copy = N * K * torch.empty((), dtype=dtype).element_size()
+    return max(1, min(MAX_COPIES, cdiv(L2_OVERFLOW * l2, per_copy)))
+
+
+def graph_timer(candidate: LinearImpl, run: Callable[[int], object], copies: int, replays: int = 5) -> float:
+    """Milliseconds per call of `run` over copies 0..copies-1, captured in one CUDA graph and
+    replayed `replays` times (after one untimed replay). The eager pass before capture compiles
+    the kernel and allocates what it keeps (split-K tickets)."""
+    for i in range(copies):
+        run(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            run(i)
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(iters):
-        fn()
+    for _ in range(replays):
+        graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / iters
+    ms = start.elapsed_time(end) / (replays * copies)
+    del graph
+    return ms
+
+
+def matches_reference(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Whether a candidate's output equals the fp32 reference within its dtype's rounding (outputs
+    of magnitude ~1: inputs N(0, 1), weights N(0, 1/K))."""
+    tol = 1e-3 if out.dtype == torch.float32 else 3e-2
+    return bool(out.shape == ref.shape and torch.allclose(out.float(), ref, atol=tol, rtol=tol))
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 class LinearAutotuner:
-    """The measured table: (M, N, K, dtype, device) -> LinearImpl, filled on first use per shape."""
+    """The measured table: (bucket, N, K, dtype, device) -> LinearImpl, filled only while tuning.
 
-    def __init__(self, margin: float = 0.97) -> None:
-        self.margin = margin  # Triton must beat cuBLAS by 3% to be picked: noise should not flip choices
+    timer: how a candidate is timed (graph_timer on CUDA; tests inject their own); allow_cpu: let
+    `pick` answer for CPU devices from the table (tests run the kernels through the interpreter);
+    margin: Triton must beat cuBLAS by 3% to be picked, so noise does not flip choices."""
+
+    def __init__(self, margin: float = 0.97, timer: Timer | None = None, allow_cpu: bool = False) -> None:
+        self.margin = margin
+        self.timer: Timer = timer or graph_timer
+        self.allow_cpu = allow_cpu
         self.table: dict[tuple[int, int, int, torch.dtype, str], LinearImpl] = {}
+        self.tuning_open = False
+        self.untuned_picks = 0  # picks of a shape the table lacks outside tuning (served by cuBLAS)
+
+    @contextmanager
+    def tuning(self) -> Iterator[None]:
+        """Inside: `pick` measures the shapes the table lacks (start-up only)."""
+        previous, self.tuning_open = self.tuning_open, True
+        try:
+            yield
+        finally:
+            self.tuning_open = previous
 
     def pick(self, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device | str) -> LinearImpl:
-        """The table's choice for this shape, measuring it first if it is new (CUDA only)."""
+        """The choice for a batch of M rows: its bucket's table entry; measured first only while
+        tuning is open and no graph is being captured; cuBLAS otherwise."""
         device = torch.device(device)
-        if device.type != "cuda" or not HAS_TRITON or not 1 <= M <= MAX_M:
+        if not HAS_TRITON or not 1 <= M <= MAX_M or (device.type != "cuda" and not self.allow_cpu):
             return TORCH
-        if device.index is None:
+        if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        key = (M, N, K, dtype, str(device))
-        if key not in self.table:
-            if torch.cuda.is_current_stream_capturing():
-                return TORCH
-            self.table[key] = self.measure(M, N, K, dtype, device)
+        key = (bucket_of(M), N, K, dtype, str(device))
+        found = self.table.get(key)
+        if found is not None:
+            return found
+        if not self.tuning_open or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            self.untuned_picks += 1
+            return TORCH
+        self.table[key] = self.measure(key[0], N, K, dtype, device)
         return self.table[key]
 
+    def tune(self, shapes: Iterable[tuple[int, int]], dtype: torch.dtype, device: torch.device | str) -> int:
+        """Decide every bucket of every (N, K) weight shape; returns how many were measured now."""
+        before = len(self.table)
+        with self.tuning():
+            for N, K in dict.fromkeys(shapes):
+                for top in M_BUCKETS:
+                    self.pick(top, N, K, dtype, device)
+        return len(self.table) - before
+
     def measure(self, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> LinearImpl:
-        """Time cuBLAS and each candidate config on random data of this shape; keep the fastest."""
-        x = torch.randn(M, K, dtype=dtype, device=device)
-        w = torch.randn(N, K, dtype=dtype, device=device) / K**0.5
-        with torch.cuda.device(device):
-            torch_ms = _time_ms(lambda: F.linear(x, w))
-            num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-            best: tuple[float, MatvecConfig] | None = None
-            for cfg in _candidates(M, N, K, num_sms):
+        """Time cuBLAS and each candidate config that matches the reference; keep the fastest."""
+        copies = weight_copies(N, K, dtype, device)
+        g = torch.Generator(device=device).manual_seed(M * 7919 + N + K)
+        x = torch.randn(M, K, generator=g, device=device).to(dtype)
+        ws = [(torch.randn(N, K, generator=g, device=device) / K**0.5).to(dtype) for _ in range(copies)]
+        ref = x.float() @ ws[0].float().T
+        with torch.cuda.device(device) if device.type == "cuda" else _no_context():
+            torch_ms = self.timer(TORCH, lambda i: F.linear(x, ws[i]), copies)
+            best: tuple[float, LinearImpl] | None = None
+            rejected = 0
+            for impl in self.candidate_impls(M, N, K, _num_sms(device)):
                 try:
-                    ms = _time_ms(lambda cfg=cfg: matvec(x, w, cfg, impl="triton"))
+                    correct = matches_reference(impl(x, ws[0]), ref)
+                    if not correct:
+                        rejected += 1
+                        continue
+                    ms = self.timer(impl, _on_copy(impl, x, ws), copies)
                 except Exception:  # a config the compiler rejects (e.g. out of shared memory) is skipped
                     continue
                 if best is None or ms < best[0]:
-                    best = (ms, cfg)
+                    best = (ms, impl)
+        del ws
         if best is not None and best[0] < self.margin * torch_ms:
-            return LinearImpl("triton", best[1], torch_ms, best[0])
-        return LinearImpl("torch", None, torch_ms, best[0] if best else None)
+            return LinearImpl("triton", best[1].config, torch_ms, best[0], rejected)
+        return LinearImpl("torch", None, torch_ms, best[0] if best else None, rejected)
 
+    def candidate_impls(self, M: int, N: int, K: int, num_sms: int) -> list[LinearImpl]:
+        """The Triton implementations `measure` checks and times (overridable by tests)."""
+        return [LinearImpl("triton", cfg) for cfg in candidates(M, N, K, num_sms)]
 
     def to_json(self, fingerprint: str) -> dict:
         """The measured table as JSON-ready data, tagged with the machine's fingerprint."""
         entries = [{"M": M, "N": N, "K": K, "dtype": str(dtype).removeprefix("torch."), "kind": impl.kind,
                     "config": asdict(impl.config) if impl.config else None,
-                    "torch_ms": impl.torch_ms, "triton_ms": impl.triton_ms}
+                    "torch_ms": impl.torch_ms, "triton_ms": impl.triton_ms, "rejected": impl.rejected}
                    for (M, N, K, dtype, _), impl in self.table.items()]
         return {"fingerprint": fingerprint, "entries": entries}
 
@@ -132,9 +260,19 @@ class LinearAutotuner:
             key = (int(e["M"]), int(e["N"]), int(e["K"]), getattr(torch, e["dtype"]), str(device))
             if key not in self.table:
                 config = MatvecConfig(**e["config"]) if e.get("config") else None
-                self.table[key] = LinearImpl(e["kind"], config, e.get("torch_ms"), e.get("triton_ms"))
+                self.table[key] = LinearImpl(e["kind"], config, e.get("torch_ms"), e.get("triton_ms"), int(e.get("rejected", 0)))
                 added += 1
         return added
+
+
+@contextmanager
+def _no_context() -> Iterator[None]:
+    yield
+
+
+def _on_copy(impl: LinearImpl, x: torch.Tensor, ws: list[torch.Tensor]) -> Callable[[int], object]:
+    """run(i): `impl` on x and weight copy i."""
+    return lambda i: impl(x, ws[i])
 
 
 def machine_fingerprint(device: torch.device | str) -> str:
@@ -167,11 +305,24 @@ def load_linear_choices(path: str | Path, device: torch.device | str) -> int:
 
 
 def linear_choices() -> dict[tuple[int, int, int, torch.dtype, str], LinearImpl]:
-    """The process-wide table as it stands (a copy): (M, N, K, dtype, device) -> choice."""
+    """The process-wide table as it stands (a copy): (bucket, N, K, dtype, device) -> choice."""
     return dict(_DEFAULT_TUNER.table)
 
 
+def linear_tuning() -> AbstractContextManager[None]:
+    """Context manager: inside it the process-wide table measures shapes it lacks (start-up)."""
+    return _DEFAULT_TUNER.tuning()
+
+
+def tune_linear_shapes(shapes: Iterable[tuple[int, int]], dtype: torch.dtype, device: torch.device | str) -> int:
+    """Decide every M bucket of every (N, K) weight shape in the process-wide table, at start-up
+    (CUDA only; elsewhere nothing is measured). Returns how many entries were measured now."""
+    if torch.device(device).type != "cuda" or not HAS_TRITON:
+        return 0
+    return _DEFAULT_TUNER.tune(shapes, dtype, device)
+
+
 def pick_linear_impl(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device | str) -> LinearImpl:
-    """cuBLAS or the matvec kernel for x[M, K] @ w[N, K]^T, from the process-wide measured table
-    (always cuBLAS/torch off CUDA or for M > 16)."""
+    """cuBLAS or the matvec kernel for x[M, K] @ w[N, K]^T, from the process-wide table (always
+    cuBLAS/torch off CUDA, for M > 16, and for shapes not tuned at start-up)."""
     return _DEFAULT_TUNER.pick(M, N, K, dtype, device)

@@ -34,6 +34,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, impl: str = "auto") -> torch.Tensor | None:
+    """silu(gate) * up @ weight.T in one matvec launch (gate_up [M, 2K], gate first; weight [N, K]),
+    when this batch's linear runs the Triton matvec: 1..16 rows and 'triton' forced, or 'auto' on
+    CUDA with the start-up table's choice 'triton' for this shape. None otherwise: the caller
+    runs SiLU-and-mul, then its linear."""
+    if impl == "torch" or gate_up.dim() != 2 or not 1 <= gate_up.shape[0] <= MAX_M:
+        return None
+    if impl == "triton":
+        return matvec(gate_up, weight, impl="triton", gated=True)
+    if use_triton(gate_up, impl):
+        choice = pick_linear_impl(gate_up.shape[0], weight.shape[0], weight.shape[1], gate_up.dtype, gate_up.device)
+        if choice.kind == "triton":
+            return matvec(gate_up, weight, choice.config, impl="triton", gated=True)
+    return None
+
+
 def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
@@ -211,6 +227,18 @@ class RowParallelLinear(_QuantizableLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.ctx.all_reduce(self._matmul(x, None))
+        return y if self.bias is None else y + self.bias
+
+    def forward_gated(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+        """forward(silu(gate) * up) with the activation folded into the matvec's loads (see
+        gated_linear); None when this batch does not take that path (quantized weights, more than
+        16 rows, cuBLAS chosen): the caller then runs SiLU-and-mul and forward."""
+        if self.quant_method is not None:
+            return None
+        y = gated_linear(gate_up, self.float_weight(), self.impl)
+        if y is None:
+            return None
+        y = self.ctx.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
     def load(self, name: str, w: LazyWeight) -> None:

@@ -163,6 +163,7 @@ class RankRuntime:
         caches = allocate_kv_caches(spec.model_config, kv_heads, self.num_blocks, config.block_size, kv_dtype, self.device)
         self.runner = ModelRunner(self.model, caches, config.block_size, self.device)
         arm_kv_scale_calibration_if_asked(self.model, config, kv_dtype)
+        self.runner.tune_linears()  # this rank's shards, every decode batch bucket, before serving
         self.channel = StepChannel(self.control_group, self.data_group, self.device)
         self.fault_step = fault_step_for(config, rank)
 
