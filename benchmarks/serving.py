@@ -271,8 +271,11 @@ def run_cluster(args: argparse.Namespace, prompts) -> list[RunResult]:
     # and make the ratio meaningless, so the workers run at 0 unless --serve-env says otherwise.
     os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # a loaded machine starts Ray slowly
-    os.environ.setdefault("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "0")  # as `shardline serve` sets it for the proxies
     from shardline.cluster.config import REPLICA_ENV
+    from shardline.cluster.proxies import proxy_environment
+
+    for key, value in proxy_environment(config).items():  # the proxies' environment, as `shardline serve` sets it
+        os.environ.setdefault(key, value)
 
     for kv in args.serve_env:
         key, _, value = kv.partition("=")

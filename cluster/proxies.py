@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from shardline.cluster.config import ROUTER_LOOP_ENV, ClusterConfig
+from shardline.cluster.config import PROXY_GRPC_ENV, ROUTER_LOOP_ENV, ClusterConfig
 
 # The gRPC services the proxy must register (serve.start(grpc_options=...) / the YAML's grpc_options).
 GRPC_SERVICER_FUNCTIONS = [
@@ -23,10 +23,13 @@ GRPC_SERVICER_FUNCTIONS = [
 
 def proxy_environment(config: ClusterConfig) -> dict[str, str]:
     """Environment the proxies' processes must inherit (set before ray.init starts the node): the
-    gRPC message bound, and the proxies' handles routing on their own loop (ROUTER_LOOP_ENV "0",
-    as the replicas' runtime_env sets it: cluster/config.py REPLICA_ENV)."""
+    gRPC message bound, the proxies' handles routing on their own loop (ROUTER_LOOP_ENV "0",
+    as the replicas' runtime_env sets it: cluster/config.py REPLICA_ENV), and the transport to
+    the Ingress (PROXY_GRPC_ENV, from serve_transport). A Ray node started otherwise (KubeRay)
+    needs the same variables in its container's environment."""
     return {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(config.max_grpc_message_bytes),
-            ROUTER_LOOP_ENV: config.replica_env()[ROUTER_LOOP_ENV]}
+            ROUTER_LOOP_ENV: config.replica_env()[ROUTER_LOOP_ENV],
+            PROXY_GRPC_ENV: "1" if config.serve_transport == "grpc" else "0"}
 
 
 def apply_proxy_environment(config: ClusterConfig) -> None:
