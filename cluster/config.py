@@ -49,6 +49,19 @@ CORES_PER_INGRESS = 4
 ROUTER_LOOP_ENV = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", ROUTER_LOOP_ENV: "0"}
 
+# How requests and their stream items cross Serve's two hops (proxy -> Ingress, Ingress ->
+# ReplicaGroup), the `serve_transport` choices:
+# - "grpc": Serve 2.60's gRPC transport between deployments (each replica runs an internal gRPC
+#   server; part of Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED mode): one gRPC message per stream item,
+#   the item pickled (plain pickle: our items are importable dataclasses). The proxies take it from
+#   RAY_SERVE_PROXY_USE_GRPC in their environment (cluster/proxies.py), the Ingress's handle from
+#   its options (router/ingress.py).
+# - "actor": Serve's default, a Ray streaming-generator object per item (an ObjectRef reported
+#   through Ray's core worker, serialized by Ray, fetched by the caller): about twice the CPU per
+#   item on each hop (docs/performance.md).
+SERVE_TRANSPORTS = ("grpc", "actor")
+PROXY_GRPC_ENV = "RAY_SERVE_PROXY_USE_GRPC"
+
 
 def replica_actor_options(env: dict[str, str], **options: Any) -> dict[str, Any]:
     """ray_actor_options for a replica of ours: `options` plus `env` as its runtime_env."""
@@ -134,6 +147,9 @@ class ClusterConfig:
     # Prefix-cache isolation per tenant: the cache salt comes from the caller's identity (API key),
     # never from the request, and cached_tokens reports only the caller's own hits.
     tenant_isolation: bool = False
+    # How stream items cross Serve's hops: "grpc" (Serve's gRPC transport) or "actor" (Ray
+    # streaming generators, Serve's default); see SERVE_TRANSPORTS above.
+    serve_transport: str = "grpc"
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -162,6 +178,8 @@ class ClusterConfig:
             for name, path in ((f"{prefix}_certfile", certfile), (f"{prefix}_keyfile", keyfile)):
                 if path is not None and not Path(path).is_file():
                     raise ConfigError(f"{name}: no such file: {path!r}")
+        if self.serve_transport not in SERVE_TRANSPORTS:
+            raise ConfigError(f"serve_transport: must be one of {', '.join(SERVE_TRANSPORTS)}, got {self.serve_transport!r}")
         if self.router not in ROUTERS:
             raise ConfigError(f"router: must be one of {', '.join(ROUTERS)}, got {self.router!r}")
         for key in _ENGINE_TOP_LEVEL:
@@ -282,6 +300,16 @@ class ClusterConfig:
         if self.router == "prefix_affinity":
             env[ROUTER_LOOP_ENV] = "1"
         return env
+
+    def stream_handle_options(self) -> dict[str, Any]:
+        """`DeploymentHandle.options` of the Ingress's generate calls to the ReplicaGroup for
+        serve_transport: over gRPC, arguments and items are plain-pickled (GenerationRequest,
+        StreamItem and RequestError are importable classes; cloudpickle's by-value machinery
+        is not needed)."""
+        if self.serve_transport == "actor":
+            return {"stream": True}
+        return {"stream": True, "_by_reference": False, "request_serialization": "pickle",
+                "response_serialization": "pickle"}
 
     def resolved_ingress_replicas(self) -> int:
         """How many Ingress replicas: the config's, else one per CORES_PER_INGRESS cores (1..8)."""

@@ -244,6 +244,8 @@ class Ingress:
         configure_logging(config.log_json, config.log_level, config.log_prompts,
                           static_fields={"replica_group": "ingress", "model_name": config.model_name})
         self.replicas = replica_group
+        # generate's streams, over config.serve_transport (built once: options() copies the handle)
+        self.generate_handle = replica_group.options(**config.stream_handle_options())
         self.model_name = config.model_name
         source = resolve_model(config.model, weights_required=config.engine_config().needs_weights)
         self.model_config = ModelConfig.from_hf_config(source.hf_config())
@@ -369,7 +371,7 @@ class Ingress:
             args: list[Any] = [request]
             if self.config.router_needs_text:  # positional: Ray's text router only scans args
                 args.append(self.routing_hint(request.prompt_token_ids))
-            response = self.replicas.options(stream=True).generate.remote(*args, owner=self.owner)
+            response = self.generate_handle.generate.remote(*args, owner=self.owner)
             finished = False
             try:
                 while True:

@@ -193,7 +193,7 @@ def test_unknown_openai_fields_are_kept_aside_not_rejected() -> None:
     ({"prompt": [True, 2]}, "prompt"),
     ({"prompt": [1, "7"]}, "prompt"),
     ({"prompt": "hi", "suffix": "x"}, "suffix"),
-    ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
+    ({"prompt": "hi", "echo": [1]}, "echo"),  # echo with logprobs is served (prompt logprobs)
     ({"prompt": "hi", "temperature": "0.5"}, "temperature"),
     ({"prompt": "hi", "logit_bias": {"abc": 1}}, "logit_bias"),
 ])
@@ -249,19 +249,40 @@ def test_only_set_proto_sampling_fields_are_sent_over_the_defaults() -> None:
     assert sampling_from_proto(pb.SamplingParams(), {}, chat=True) == SamplingParams(max_tokens=None)
 
 
-def test_stream_items_and_their_request_errors_survive_ray_pickling() -> None:
+@pytest.mark.parametrize("pickler", ["cloudpickle", "pickle"])  # Ray's objects ("actor"), Serve's gRPC transport
+def test_stream_items_and_their_request_errors_survive_ray_pickling(pickler) -> None:
+    import pickle
+
     from ray import cloudpickle
 
+    from shardline.cluster.replica_group import StreamOwner
     from shardline.worker.engine.generation import StreamItem, Usage
     from shardline.worker.engine.outputs import TokenLogprob
 
-    failure = cloudpickle.loads(cloudpickle.dumps(StreamItem.failure(RequestError("n", "too many", "invalid_argument"))))
+    module = cloudpickle if pickler == "cloudpickle" else pickle
+    failure = module.loads(module.dumps(StreamItem.failure(RequestError("n", "too many", "invalid_argument"))))
     assert isinstance(failure.error, RequestError) and failure.finished
     assert (failure.error.field, failure.error.code, str(failure.error)) == ("n", "invalid_argument", "n: too many")
     item = StreamItem(1, [5], "x", Usage(3, 1, 2), [TokenLogprob(5, -0.5, {5: -0.5, 6: -1.0})], "length")
-    assert cloudpickle.loads(cloudpickle.dumps(item)) == item
+    assert module.loads(module.dumps(item)) == item
     typed = _typed([1, 2, 3], "salt")
-    assert cloudpickle.loads(cloudpickle.dumps(typed)) == typed
+    assert module.loads(module.dumps(typed)) == typed
+    owner = StreamOwner("serve", "SERVE_REPLICA::shardline#Ingress#abc")
+    assert module.loads(module.dumps(owner)) == owner
+
+
+def test_serve_transport_sets_the_ingress_handle_and_the_proxies_environment() -> None:
+    from shardline.cluster.config import PROXY_GRPC_ENV
+    from shardline.cluster.proxies import proxy_environment
+
+    grpc = ClusterConfig()  # the default: Serve's gRPC transport on both hops
+    assert grpc.stream_handle_options() == {"stream": True, "_by_reference": False, "request_serialization": "pickle",
+                                            "response_serialization": "pickle"}
+    assert proxy_environment(grpc)[PROXY_GRPC_ENV] == "1"
+    actor = ClusterConfig(serve_transport="actor")
+    assert actor.stream_handle_options() == {"stream": True} and proxy_environment(actor)[PROXY_GRPC_ENV] == "0"
+    with pytest.raises(ConfigError, match="serve_transport"):
+        ClusterConfig(serve_transport="http")
 
 
 def test_choices_of_a_request_have_their_own_ids_and_seed_streams() -> None:
