@@ -194,6 +194,7 @@ def test_unknown_openai_fields_are_kept_aside_not_rejected() -> None:
     ({"prompt": [1, "7"]}, "prompt"),
     ({"prompt": "hi", "suffix": "x"}, "suffix"),
     ({"prompt": "hi", "echo": [1]}, "echo"),  # echo with logprobs is served (prompt logprobs)
+    ({"prompt": "hi", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     ({"prompt": "hi", "temperature": "0.5"}, "temperature"),
     ({"prompt": "hi", "logit_bias": {"abc": 1}}, "logit_bias"),
 ])

@@ -358,3 +358,29 @@ def test_langchain_chat_openai_invoke_stream_and_batch_unchanged(cluster, client
     assert chat.invoke(questions[0]).content == expected[0]
     assert "".join(str(part.content) for part in chat.stream(questions[0])) == expected[0]
     assert [m.content for m in chat.batch(questions)] == expected
+
+
+def test_guidellm_benchmarks_the_cluster_unchanged(cluster, tmp_path) -> None:
+    """guidellm (0.8.x; not a dependency: `pip install guidellm` into any environment, then put its
+    `guidellm` on PATH or in $GUIDELLM) runs its benchmark against the OpenAI API as it would
+    against vLLM, offline: the tokenizer it needs for synthetic prompts is the model directory's own
+    (README, "Benchmarking with guidellm")."""
+    import os
+    import shutil
+    import subprocess
+
+    exe = os.environ.get("GUIDELLM") or shutil.which("guidellm")
+    if exe is None:
+        pytest.skip("guidellm is not installed (set $GUIDELLM or put it on PATH)")
+    report = tmp_path / "guidellm.json"
+    command = [exe, "run", "--backend", f"kind=openai_http,target={cluster['url']},model=tiny,api_key={KEY}",
+               "--tokenizer", f"kind=hf_auto,model={cluster['model_dir']}",
+               "--data", "kind=synthetic_text,prompt_tokens=16,output_tokens=8",
+               "--profile", "kind=synchronous", "--constraint", "kind=max_requests,count=3",
+               "--output", f"kind=json,path={report}", "--disable-console-interactive"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=420, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [benchmark] = json.loads(report.read_text())["benchmarks"]
+    totals = benchmark["metrics"]["request_totals"]
+    assert (totals["successful"], totals["errored"]) == (3, 0), totals
