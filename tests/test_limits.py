@@ -71,3 +71,20 @@ def test_the_grpc_proxy_options_carry_host_and_tls_through_pickling(tmp_path: Pa
     assert (options.host, options.port, options.ssl_certfile) == ("10.1.2.3", 9123, str(tmp_path / "cert.pem"))
     assert listen_address(options.host, options.port) == "10.1.2.3:9123"
     assert listen_address("::1", 9000) == "[::1]:9000" and listen_address("[::]", 9000) == "[::]:9000"
+
+
+def test_serve_flags_set_the_tls_files_and_the_limits(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    from shardline.cli import build_parser
+    from shardline.serve_cli import config_from_args
+
+    files = [tmp_path / name for name in ("c.pem", "k.pem", "gc.pem", "gk.pem")]
+    for f in files:
+        f.write_text("-")
+    args = build_parser().parse_args(
+        ["serve", "--ssl-certfile", str(files[0]), "--ssl-keyfile", str(files[1]), "--grpc-ssl-certfile",
+         str(files[2]), "--grpc-ssl-keyfile", str(files[3]), "--max-stop-strings", "4", "--max-stop-string-len", "32"])
+    config = config_from_args(args)
+    assert (config.ssl_certfile, config.ssl_keyfile, config.grpc_ssl_certfile, config.grpc_ssl_keyfile) == tuple(
+        map(str, files))
+    assert (config.engine_config().max_stop_strings, config.engine_config().max_stop_string_len) == (4, 32)
