@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from shardline.worker.attention.metadata import AttentionMetadata
+from shardline.worker.attention.metadata import AttentionMetadata, DecodeGather
 
 
 def gather_context(kv_cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,6 +20,18 @@ def gather_context(kv_cache: torch.Tensor, block_tables: torch.Tensor, max_len: 
     return kv[0], kv[1]
 
 
+def decode_gather(meta: AttentionMetadata, block_size: int) -> DecodeGather:
+    """The blocks every sequence of a pure-decode step reads (its table up to the longest context)
+    and the mask of positions beyond each one's own length (None when all lengths are equal)."""
+    max_len = max(meta.seq_lens_cpu)
+    tables = meta.block_tables[:, : (max_len + block_size - 1) // block_size].long()
+    mask = None
+    if any(n != max_len for n in meta.seq_lens_cpu):
+        lens = torch.tensor(meta.seq_lens_cpu, device=tables.device)
+        mask = (torch.arange(max_len, device=tables.device)[None, :] < lens[:, None])[:, None, None, :]
+    return DecodeGather(tables.reshape(-1), int(tables.shape[0]), max_len, mask)
+
+
 class TorchAttentionBackend:
     """Decodes are attended to as one padded batch; each prefill chunk on its own."""
 
@@ -27,8 +39,10 @@ class TorchAttentionBackend:
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
         slots = meta.slot_mapping
-        valid = slots >= 0
-        if not bool(valid.all()):
+        if meta.memo.all_slots_valid is None:
+            meta.memo.all_slots_valid = bool((slots >= 0).all())
+        if not meta.memo.all_slots_valid:
+            valid = slots >= 0
             slots, key, value = slots[valid], key[valid], value[valid]
         flat_k = kv_cache[0].view(-1, key.shape[-2], key.shape[-1])
         flat_v = kv_cache[1].view(-1, value.shape[-2], value.shape[-1])
@@ -36,8 +50,10 @@ class TorchAttentionBackend:
         flat_v.index_copy_(0, slots, value.to(kv_cache.dtype))
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        out = torch.empty_like(query)
         qlens, slens = meta.query_lens_cpu, meta.seq_lens_cpu
+        if meta.is_pure_decode and meta.num_seqs == query.shape[0]:
+            return self._decode_all(query, kv_cache, meta, scale)
+        out = torch.empty_like(query)
         decode_idx = [i for i, q in enumerate(qlens) if q == 1]
         starts = [0]
         for q in qlens:
@@ -74,6 +90,20 @@ class TorchAttentionBackend:
         mask = (torch.arange(max_len, device=query.device)[None, :] < lens[:, None])[:, None, None, :]
         o = self._sdpa(q, k.transpose(1, 2), v.transpose(1, 2), mask, scale)  # [B, H, 1, d]
         out[rows] = o.squeeze(2)
+
+    def _decode_all(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float) -> torch.Tensor:
+        """A pure-decode step (one query row per sequence): the gather index and the length mask
+        come from the step's memo (built by the first layer), so each layer runs a gather and SDPA."""
+        g = meta.memo.decode_gather
+        if g is None:
+            g = meta.memo.decode_gather = decode_gather(meta, kv_cache.shape[2])
+        kv = kv_cache.index_select(1, g.block_index)
+        kv = kv.view(2, g.num_seqs, -1, kv.shape[-2], kv.shape[-1])[:, :, : g.max_len]
+        q, k, v = query.unsqueeze(2), kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [B, H, 1, d], [B, kvh, L, d]
+        if g.mask is None and q.shape[1] == k.shape[1]:  # _sdpa would read mask=None as causal
+            return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), scale=scale).squeeze(2)
+        return self._sdpa(q, k, v, g.mask, scale).squeeze(2)
 
     def _prefill(self, query, kv_cache, meta, scale, i, start, qlen, slen, out) -> None:
         k, v = gather_context(kv_cache, meta.block_tables[i : i + 1], slen)
