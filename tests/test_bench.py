@@ -99,3 +99,25 @@ def test_latency_compares_quantization_schemes_in_the_same_run(capsys, checkpoin
     assert rows[0]["speed_vs_first"] == 1.0
     assert rows[1]["speed_vs_first"] == pytest.approx(rows[0]["ms_per_output_token"] / rows[1]["ms_per_output_token"])
     assert rows[2]["weight_mb"] < rows[1]["weight_mb"] < rows[0]["weight_mb"]
+
+
+@pytest.mark.parametrize("mode", ["latency", "offline"])
+def test_compare_llama_cpp_without_the_package_names_it_and_how_to_install(capsys, monkeypatch, mode):
+    """llama-cpp-python is optional: without it the flag stops the run at once with a message
+    naming the package and the install command (no engine is built first)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` raises ImportError
+    args = build_parser().parse_args(["bench", mode, "--model", "smollm2-135m", "--compare-llama-cpp", *TINY_ARGS])
+    with pytest.raises(SystemExit) as exc:
+        args.handler(args)
+    message = str(exc.value)
+    assert "--compare-llama-cpp" in message and "llama-cpp-python" in message and "pip install" in message
+
+
+def test_compare_llama_cpp_refuses_a_checkpoint_that_is_not_gguf(capsys, checkpoint):
+    """llama.cpp reads GGUF files only: a safetensors directory is refused naming the flag and the kind."""
+    args = build_parser().parse_args(["bench", "latency", "--model", str(checkpoint), "--compare-llama-cpp", *TINY_ARGS])
+    with pytest.raises(SystemExit) as exc:
+        args.handler(args)
+    assert "--compare-llama-cpp" in str(exc.value) and "safetensors" in str(exc.value)
