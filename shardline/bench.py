@@ -110,10 +110,10 @@ def run_offline_once(engine, prompts: list[list[int]], output_lens: list[int],
     params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in output_lens]
     hits0, queries0 = engine.block_manager.prefix_cache_hits, engine.block_manager.prefix_cache_queries
     _sync(engine.device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     results = run_to_completion(engine, prompts, params, check)
     _sync(engine.device)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     out_tokens = sum(r.completion_tokens for r in results)
     in_tokens = sum(len(p) for p in prompts)
     hits = engine.block_manager.prefix_cache_hits - hits0
@@ -125,6 +125,8 @@ def run_offline_once(engine, prompts: list[list[int]], output_lens: list[int],
         "total_tokens_per_s": (out_tokens + in_tokens) / dt,
         "prefix_cache_hit_rate": hits / queries if queries else 0.0,
         "cached_prompt_tokens": float(sum(r.cached_tokens for r in results)),
+        # process CPU seconds (all threads) of the whole run (prefills included) per output token
+        "cpu_ms_per_output_token": cpu / max(1, out_tokens) * 1e3,
     }
 
 
@@ -185,6 +187,8 @@ def hf_generate_throughput(device: torch.device, dtype: torch.dtype, prompts: li
 
 
 def mode_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
+    if getattr(args, "compare_quantization", None):
+        return _offline_by_quantization(args)
     grid = _parse_grid(args.grid) if args.grid else [(args.input_len, args.output_len)]
     longest = 2 * args.random_range[1] if args.random_range else max(i + o for i, o in grid)
     llama = _llama_cpp(args, longest + 64)
@@ -233,6 +237,31 @@ def llama_cpp_offline(llama, prompts: list[list[int]], output_lens: list[int],
     dt = time.perf_counter() - t0
     return {"llama_cpp_output_tokens_per_s": out_tokens / dt,
             "speedup_vs_llama_cpp": engine_output_tokens_per_s / (out_tokens / dt)}
+
+
+def _offline_by_quantization(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """--compare-quantization in offline mode: the same prompts through one engine per scheme (the
+    first with the flags as given), one engine at a time; each row carries its output tok/s and its
+    process CPU time per output token over the first engine's (speed_vs_first, cpu_speed_vs_first)."""
+    rows: list[dict[str, Any]] = []
+    for scheme in [None, *args.compare_quantization]:
+        engine = _make_engine(args) if scheme is None else _make_engine(args, quantization=scheme)
+        warm_up(engine)
+        prompts = random_prompts(args.num_prompts, args.input_len, engine.model_config.vocab_size, args.seed,
+                                 args.prefix_len)
+        row: dict[str, Any] = {"workload": f"{args.input_len}/{args.output_len}", "num_prompts": len(prompts),
+                               "quantization": engine.quantization.name,
+                               "weight_mb": (engine.weight_bytes or 0) / 1e6}
+        row.update(run_offline_once(engine, prompts, [args.output_len] * len(prompts)))
+        device = engine.device
+        engine.shutdown()
+        del engine  # the next engine sizes its KV pool from free memory
+        release_device_memory(device)
+        first = rows[0] if rows else row
+        row["speed_vs_first"] = row["output_tokens_per_s"] / first["output_tokens_per_s"]
+        row["cpu_speed_vs_first"] = first["cpu_ms_per_output_token"] / row["cpu_ms_per_output_token"]
+        rows.append(row)
+    return rows
 
 
 @dataclass
@@ -776,7 +805,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="latency: random ids of --input-len, or a chat prompt that copies a passage (grounded) "
                         "or asks for a story (free); with --speculative-config both run with and without it")
     p.add_argument("--compare-quantization", nargs="+", default=None, metavar="NAME",
-                   help="latency: also run these --quantization schemes (none, gguf, int4, int8, fp8) in the same run")
+                   help="latency / offline: also run these --quantization schemes (none, gguf, int4, int8, fp8) in the same run")
     p.add_argument("--compare-llama-cpp", action="store_true",
                    help="latency / offline: llama.cpp (llama-cpp-python, when installed) on the same GGUF file and "
                         "token ids in the same run, with the ratio")

@@ -121,3 +121,14 @@ def test_compare_llama_cpp_refuses_a_checkpoint_that_is_not_gguf(capsys, checkpo
     with pytest.raises(SystemExit) as exc:
         args.handler(args)
     assert "--compare-llama-cpp" in str(exc.value) and "safetensors" in str(exc.value)
+
+
+def test_offline_compares_quantization_schemes_in_the_same_run(capsys, checkpoint):
+    """offline --compare-quantization: the same prompts through one engine per scheme, with each
+    one's throughput and CPU time per token over the first's."""
+    result = run_bench(capsys, "offline", checkpoint, "--compare-quantization", "int4")
+    rows = result["rows"]
+    assert [r["quantization"] for r in rows] == ["none", "int4"]
+    assert rows[0]["speed_vs_first"] == 1.0 and rows[0]["cpu_speed_vs_first"] == 1.0
+    assert rows[1]["speed_vs_first"] == pytest.approx(rows[1]["output_tokens_per_s"] / rows[0]["output_tokens_per_s"])
+    assert rows[1]["cpu_ms_per_output_token"] > 0 and rows[1]["weight_mb"] < rows[0]["weight_mb"]
