@@ -10,6 +10,7 @@ is the engine's), greedy decoding, no stop on end-of-sequence, and the same thre
 
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ class LlamaCppRunner:
 
     def __init__(self, gguf_path: Path, n_ctx: int, n_threads: int) -> None:
         try:
-            import llama_cpp
+            llama_cpp = importlib.import_module("llama_cpp")  # optional: not a dependency, no stubs
         except ImportError as exc:
             raise LlamaCppUnavailable(
                 f"--compare-llama-cpp needs the llama-cpp-python package, which is not installed: {INSTALL_HINT}"

@@ -34,8 +34,8 @@ class StepMemo:
     ~30 layers of small ops, where each op's dispatch costs as much as its arithmetic). Filled lazily
     by the first layer that needs a value; lives as long as the step's metadata."""
 
-    # RoPE cos and sin [T, 1, head_dim] (sin with its first half negated), by the rotary's settings.
-    rope: dict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # (positions, cos [T, 1, head_dim], sin with its first half negated) by the rotary's settings.
+    rope: dict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     all_slots_valid: bool | None = None  # whether no row of slot_mapping is padding (-1)
     decode_gather: DecodeGather | None = None
 

@@ -65,11 +65,6 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
 
-    @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
     def signed_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype,
                        memo: StepMemo | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos [T, 1, d] and sin [T, 1, d] with sin's first half negated, so that
@@ -93,8 +88,9 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                 memo: StepMemo | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, H, d], k: [T, KVH, d] -> rotated q and k (in place on the Triton path)."""
-        if self.uses_triton(q):
-            apply_rope(q, k, positions, self.cos_sin_cache, impl="triton")
+        cache = self.cos_sin_cache
+        if cache is not None and use_triton(q, self.impl):
+            apply_rope(q, k, positions, cache, impl="triton")
             return q, k
         return self.rotate(positions, q, memo), self.rotate(positions, k, memo)
 
