@@ -194,12 +194,16 @@ def hf_generate_throughput(device: torch.device, dtype: torch.dtype, prompts: li
 
 
 def mode_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
+    if getattr(args, "compare_quantization", None):
+        return _offline_by_quantization(args)
+    grid = _parse_grid(args.grid) if args.grid else [(args.input_len, args.output_len)]
+    longest = 2 * args.random_range[1] if args.random_range else max(i + o for i, o in grid)
+    llama = _llama_cpp(args, longest + 64)
     engine = _make_engine(args)
     device, dtype = engine.device, engine.dtype
     vocab = engine.model_config.vocab_size
     rows = []
     hf_pending: list[tuple[dict[str, Any], list[list[int]], int]] = []
-    grid = _parse_grid(args.grid) if args.grid else [(args.input_len, args.output_len)]
     warm_up(engine)
     for input_len, output_len in grid:
         if args.random_range:
@@ -214,16 +218,57 @@ def mode_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
             label = f"{input_len}/{output_len}" + (f" prefix {args.prefix_len}" if args.prefix_len else "")
         row: dict[str, Any] = {"workload": label, "num_prompts": len(prompts)}
         row.update(run_offline_once(engine, prompts, outs))
+        if llama is not None:
+            row.update(llama_cpp_offline(llama, prompts, outs, row["output_tokens_per_s"]))
         if args.compare_hf:
             hf_pending.append((row, prompts, output_len))
         rows.append(row)
     engine.shutdown()
+    if llama is not None:
+        llama.close()
     del engine
     release_device_memory(device)
     for row, prompts, output_len in hf_pending:
         row.update(hf_generate_throughput(device, dtype, prompts, output_len, args.model, args.load_format, args.hf_max_batch))
         row["speedup_vs_hf"] = row["output_tokens_per_s"] / row["hf_output_tokens_per_s"]
         row["cpu_speedup_vs_hf"] = row["hf_cpu_ms_per_output_token"] / row["cpu_ms_per_output_token"]
+    return rows
+
+
+def llama_cpp_offline(llama, prompts: list[list[int]], output_lens: list[int],
+                      engine_output_tokens_per_s: float) -> dict[str, float]:
+    """--compare-llama-cpp in offline mode: llama.cpp has no batch of independent sequences in its
+    Python API, so it runs the prompts one after another (what a llama.cpp server with one slot
+    does); output tok/s over the whole run, and the engine's over it."""
+    t0 = time.perf_counter()
+    out_tokens = sum(len(llama.run(p, o).token_ids) for p, o in zip(prompts, output_lens))
+    dt = time.perf_counter() - t0
+    return {"llama_cpp_output_tokens_per_s": out_tokens / dt,
+            "speedup_vs_llama_cpp": engine_output_tokens_per_s / (out_tokens / dt)}
+
+
+def _offline_by_quantization(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """--compare-quantization in offline mode: the same prompts through one engine per scheme (the
+    first with the flags as given), one engine at a time; each row carries its output tok/s and its
+    process CPU time per output token over the first engine's (speed_vs_first, cpu_speed_vs_first)."""
+    rows: list[dict[str, Any]] = []
+    for scheme in [None, *args.compare_quantization]:
+        engine = _make_engine(args) if scheme is None else _make_engine(args, quantization=scheme)
+        warm_up(engine)
+        prompts = random_prompts(args.num_prompts, args.input_len, engine.model_config.vocab_size, args.seed,
+                                 args.prefix_len)
+        row: dict[str, Any] = {"workload": f"{args.input_len}/{args.output_len}", "num_prompts": len(prompts),
+                               "quantization": engine.quantization.name,
+                               "weight_mb": (engine.weight_bytes or 0) / 1e6}
+        row.update(run_offline_once(engine, prompts, [args.output_len] * len(prompts)))
+        device = engine.device
+        engine.shutdown()
+        del engine  # the next engine sizes its KV pool from free memory
+        release_device_memory(device)
+        first = rows[0] if rows else row
+        row["speed_vs_first"] = row["output_tokens_per_s"] / first["output_tokens_per_s"]
+        row["cpu_speed_vs_first"] = first["cpu_ms_per_output_token"] / row["cpu_ms_per_output_token"]
+        rows.append(row)
     return rows
 
 
@@ -234,6 +279,10 @@ class StreamTiming:
     ttft_s: float
     elapsed_s: float
     decode_tokens: int  # tokens after the first delta (a speculative step delivers several per delta)
+    # Process CPU seconds (time.process_time: every thread of this process) to the first delta and
+    # in all: on a shared machine CPU time per token is what other processes' load inflates least.
+    cpu_ttft_s: float = 0.0
+    cpu_elapsed_s: float = 0.0
 
     def seconds_per_decode_token(self, output_len: int) -> float:
         """Seconds per output token after the first delta (the prefill's); the whole run's average
@@ -242,14 +291,20 @@ class StreamTiming:
             return (self.elapsed_s - self.ttft_s) / self.decode_tokens
         return self.elapsed_s / max(1, output_len)
 
+    def cpu_seconds_per_decode_token(self, output_len: int) -> float:
+        """Process CPU seconds per output token after the first delta (as seconds_per_decode_token)."""
+        if self.decode_tokens:
+            return (self.cpu_elapsed_s - self.cpu_ttft_s) / self.decode_tokens
+        return self.cpu_elapsed_s / max(1, output_len)
+
 
 def stream_one(engine, prompt: list[int], output_len: int,
                check: Callable[[], None] | None = None) -> StreamTiming:
     """Run one request alone and time it. `check` runs between engine steps, as in
     run_to_completion (it may raise to stop the run: the request is then aborted and drained)."""
     rid = engine.add_request(prompt, _params(output_len))
-    t0 = time.perf_counter()
-    ttft, first_tokens, total = None, 0, 0
+    t0, c0 = time.perf_counter(), time.process_time()
+    ttft, cpu_ttft, first_tokens, total = None, 0.0, 0, 0
     done = False
     try:
         while not done:
@@ -261,11 +316,13 @@ def stream_one(engine, prompt: list[int], output_len: int,
                 total += len(out.new_token_ids)
                 if ttft is None:
                     ttft, first_tokens = time.perf_counter() - t0, len(out.new_token_ids)
+                    cpu_ttft = time.process_time() - c0
                 done = out.finished
     except BaseException:
         abort_and_drain(engine, [] if done else [rid])
         raise
-    return StreamTiming(ttft or 0.0, time.perf_counter() - t0, total - first_tokens)
+    return StreamTiming(ttft or 0.0, time.perf_counter() - t0, total - first_tokens, cpu_ttft,
+                        time.process_time() - c0)
 
 
 # An input-grounded workload for speculative decoding (written for this benchmark): the answer
@@ -298,13 +355,52 @@ def _latency_row(t: StreamTiming, prompt_len: int, args: argparse.Namespace, lab
     per_tok = t.seconds_per_decode_token(args.output_len)
     return {"engine": label, "iter": i, "input_len": prompt_len, "output_len": args.output_len,
             "ttft_ms": t.ttft_s * 1e3, "ms_per_output_token": per_tok * 1e3,
+            "cpu_ms_per_output_token": t.cpu_seconds_per_decode_token(args.output_len) * 1e3,
             "output_tokens_per_s": 1.0 / per_tok, "requests_per_s": 1.0 / t.elapsed_s,
             "total_tokens_per_s": (prompt_len + args.output_len) / t.elapsed_s}
 
 
-def _latency_rows(engine, prompt: list[int], args: argparse.Namespace, label: str) -> list[dict[str, Any]]:
-    return [_latency_row(stream_one(engine, prompt, args.output_len), len(prompt), args, label, i)
-            for i in range(args.iters)]
+def _latency_rows(engine, prompt: list[int], args: argparse.Namespace, label: str,
+                  llama: Any = None) -> list[dict[str, Any]]:
+    """args.iters timed runs of `prompt`; with a LlamaCppRunner, each iteration also runs llama.cpp
+    on the same ids right after the engine (so load from elsewhere falls on both alike)."""
+    rows = []
+    for i in range(args.iters):
+        rows.append(_latency_row(stream_one(engine, prompt, args.output_len), len(prompt), args, label, i))
+        if llama is not None:
+            rows.append(_llama_cpp_latency_row(llama, prompt, args, i, rows[-1]))
+    return rows
+
+
+def _llama_cpp(args: argparse.Namespace, n_ctx: int):
+    """The LlamaCppRunner of --compare-llama-cpp (None without the flag), made before any engine so a
+    missing package or a non-GGUF model fails at once (LlamaCppUnavailable, printed by the CLI)."""
+    if not getattr(args, "compare_llama_cpp", False):
+        return None
+    from shardline.llama_cpp_baseline import llama_cpp_runner
+
+    return llama_cpp_runner(args.model, n_ctx, torch.get_num_threads())
+
+
+def _llama_cpp_latency_row(llama, prompt: list[int], args: argparse.Namespace, i: int,
+                           engine_row: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's row for one iteration; the engine's row of that iteration gets its ratios
+    (llama.cpp's decode time over the engine's: > 1 means shardline is faster)."""
+    c0 = time.process_time()
+    t = llama.run(prompt, args.output_len)
+    cpu = time.process_time() - c0
+    per_tok = t.seconds_per_decode_token()
+    decode = max(1, len(t.token_ids) - 1)
+    row = {"engine": f"llama.cpp {llama.version} ({llama.n_threads} threads)", "iter": i, "input_len": len(prompt),
+           "output_len": args.output_len, "ttft_ms": t.ttft_s * 1e3, "ms_per_output_token": per_tok * 1e3,
+           # CPU time of the whole run spread over the decode tokens minus the prompt's share, as the engine's
+           "cpu_ms_per_output_token": cpu * (1 - t.ttft_s / t.elapsed_s) / decode * 1e3 if t.elapsed_s else 0.0,
+           "output_tokens_per_s": 1.0 / per_tok, "requests_per_s": 1.0 / t.elapsed_s,
+           "total_tokens_per_s": (len(prompt) + args.output_len) / t.elapsed_s}
+    engine_row["speed_vs_llama_cpp"] = row["ms_per_output_token"] / engine_row["ms_per_output_token"]
+    if engine_row.get("cpu_ms_per_output_token"):
+        engine_row["cpu_speed_vs_llama_cpp"] = row["cpu_ms_per_output_token"] / engine_row["cpu_ms_per_output_token"]
+    return row
 
 
 
@@ -318,11 +414,14 @@ def mode_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     speculative = bool(getattr(args, "speculative_config", None))
     off = dict(speculative_method=None, num_speculative_tokens=None, speculative_model=None,
                speculative_draft_layers=None)
+    llama = _llama_cpp(args, args.input_len + args.output_len + 64)
     engine = _make_engine(args, **off) if speculative else _make_engine(args)
     warm_up(engine)
     prompt = latency_prompt(engine, args.workload, args.input_len, args.seed)
-    rows = _latency_rows(engine, prompt, args, "baseline" if speculative else "engine")
+    rows = _latency_rows(engine, prompt, args, "baseline" if speculative else "engine", llama)
     engine.shutdown()
+    if llama is not None:
+        llama.close()
     if not speculative:
         return rows
     release_device_memory(engine.device)
@@ -348,6 +447,7 @@ def _latency_by_quantization(args: argparse.Namespace) -> list[dict[str, Any]]:
     """--compare-quantization: one engine per scheme in the same process (the first with the
     flags as given), iterations interleaved so that load from elsewhere falls on every scheme
     alike; each row carries its decode speed over the first engine's in the same iteration."""
+    llama = _llama_cpp(args, args.input_len + args.output_len + 64)
     engines = [_make_engine(args)] + [_make_engine(args, quantization=q) for q in args.compare_quantization]
     for engine in engines:
         warm_up(engine)
@@ -355,6 +455,7 @@ def _latency_by_quantization(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for i in range(args.iters):
         first = None
+        engine_rows = []
         for engine in engines:
             row = _latency_row(stream_one(engine, prompt, args.output_len), len(prompt), args, "engine", i)
             row["quantization"] = engine.quantization.name
@@ -362,8 +463,17 @@ def _latency_by_quantization(args: argparse.Namespace) -> list[dict[str, Any]]:
             first = first or row
             row["speed_vs_first"] = first["ms_per_output_token"] / row["ms_per_output_token"]
             rows.append(row)
+            engine_rows.append(row)
+        if llama is not None:
+            llama_row = _llama_cpp_latency_row(llama, prompt, args, i, engine_rows[0])
+            for row in engine_rows[1:]:
+                row["speed_vs_llama_cpp"] = llama_row["ms_per_output_token"] / row["ms_per_output_token"]
+                row["cpu_speed_vs_llama_cpp"] = llama_row["cpu_ms_per_output_token"] / row["cpu_ms_per_output_token"]
+            rows.append(llama_row)
     for engine in engines:
         engine.shutdown()
+    if llama is not None:
+        llama.close()
     return rows
 
 
@@ -639,7 +749,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from shardline.check.plan import run_check
 
         return run_check(args)
-    rows = MODES[args.mode](args)
+    if getattr(args, "compare_llama_cpp", False) and args.mode not in ("latency", "offline"):
+        raise SystemExit(f"--compare-llama-cpp applies to bench latency and offline, not {args.mode}")
+    from shardline.llama_cpp_baseline import LlamaCppUnavailable
+
+    try:
+        rows = MODES[args.mode](args)
+    except LlamaCppUnavailable as exc:
+        raise SystemExit(f"shardline bench {args.mode}: {exc}") from exc
     result: dict[str, Any] = {"mode": args.mode, "model": args.model, "load_format": args.load_format, "rows": rows}
     if args.roofline:
         from shardline.worker.config import ModelConfig
@@ -701,7 +818,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="latency: random ids of --input-len, or a chat prompt that copies a passage (grounded) "
                         "or asks for a story (free); with --speculative-config both run with and without it")
     p.add_argument("--compare-quantization", nargs="+", default=None, metavar="NAME",
-                   help="latency: also run these --quantization schemes (none, gguf, int4, int8, fp8) in the same run")
+                   help="latency / offline: also run these --quantization schemes (none, gguf, int4, int8, fp8) in the same run")
+    p.add_argument("--compare-llama-cpp", action="store_true",
+                   help="latency / offline: llama.cpp (llama-cpp-python, when installed) on the same GGUF file and "
+                        "token ids in the same run, with the ratio")
     p.add_argument("--compare-hf", action="store_true", help="offline: transformers' generate on the same workload")
     p.add_argument("--hf-max-batch", type=int, default=None, help="largest padded batch to try for --compare-hf")
     p.add_argument("--roofline", action="store_true", help="measure the device's bandwidth and matmul rate; add %% of floor")

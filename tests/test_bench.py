@@ -115,3 +115,36 @@ def test_bench_reports_each_engines_quantization_kv_dtype_and_bytes(capsys, chec
     assert args.handler(args) == 0
     printed = capsys.readouterr().out
     assert "engine: quantization=none weights=" in printed and "kv_cache_dtype=float32 kv=512 B/token" in printed
+
+
+@pytest.mark.parametrize("mode", ["latency", "offline"])
+def test_compare_llama_cpp_without_the_package_names_it_and_how_to_install(capsys, monkeypatch, mode):
+    """llama-cpp-python is optional: without it the flag stops the run at once with a message
+    naming the package and the install command (no engine is built first)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` raises ImportError
+    args = build_parser().parse_args(["bench", mode, "--model", "smollm2-135m", "--compare-llama-cpp", *TINY_ARGS])
+    with pytest.raises(SystemExit) as exc:
+        args.handler(args)
+    message = str(exc.value)
+    assert "--compare-llama-cpp" in message and "llama-cpp-python" in message and "pip install" in message
+
+
+def test_compare_llama_cpp_refuses_a_checkpoint_that_is_not_gguf(capsys, checkpoint):
+    """llama.cpp reads GGUF files only: a safetensors directory is refused naming the flag and the kind."""
+    args = build_parser().parse_args(["bench", "latency", "--model", str(checkpoint), "--compare-llama-cpp", *TINY_ARGS])
+    with pytest.raises(SystemExit) as exc:
+        args.handler(args)
+    assert "--compare-llama-cpp" in str(exc.value) and "safetensors" in str(exc.value)
+
+
+def test_offline_compares_quantization_schemes_in_the_same_run(capsys, checkpoint):
+    """offline --compare-quantization: the same prompts through one engine per scheme, with each
+    one's throughput and CPU time per token over the first's."""
+    result = run_bench(capsys, "offline", checkpoint, "--compare-quantization", "int4")
+    rows = result["rows"]
+    assert [r["quantization"] for r in rows] == ["none", "int4"]
+    assert rows[0]["speed_vs_first"] == 1.0 and rows[0]["cpu_speed_vs_first"] == 1.0
+    assert rows[1]["speed_vs_first"] == pytest.approx(rows[1]["output_tokens_per_s"] / rows[0]["output_tokens_per_s"])
+    assert rows[1]["cpu_ms_per_output_token"] > 0 and rows[1]["weight_mb"] < rows[0]["weight_mb"]

@@ -106,20 +106,29 @@ class Attention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         t = x.shape[0]
-        q = q.reshape(t, self.num_heads, self.head_dim)
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
         fp8_cache = is_fp8_kv(kv_cache)
         cos_sin = self.rotary.cos_sin_cache
-        if (not fp8_cache and cos_sin is not None and getattr(self.backend, "name", None) == "triton"
-                and use_triton(q, self.rotary.impl)):
-            rope_and_write_kv(q, k, v, positions, cos_sin, kv_cache, meta.slot_mapping, impl="triton")  # one launch
+        fused_write = (not fp8_cache and cos_sin is not None and getattr(self.backend, "name", None) == "triton"
+                       and use_triton(qkv, self.rotary.impl))
+        if self.q_norm is None and not fused_write and not self.rotary.uses_triton(qkv):
+            # q and k are adjacent in qkv: one RoPE over both heads' rows (the torch path's op count
+            # is what a CPU decode step spends most of its time on).
+            qk = self.rotary.rotate(positions, qkv[:, : q_size + kv_size].reshape(t, -1, self.head_dim), meta.memo)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+            v = qkv[:, q_size + kv_size :].reshape(t, self.num_kv_heads, self.head_dim)
         else:
-            q, k = self.rotary(positions, q, k)
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = q.reshape(t, self.num_heads, self.head_dim)
+            k = k.reshape(t, self.num_kv_heads, self.head_dim)
+            v = v.reshape(t, self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None and self.k_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if fused_write and cos_sin is not None:
+                rope_and_write_kv(q, k, v, positions, cos_sin, kv_cache, meta.slot_mapping, impl="triton")  # one launch
+            else:
+                q, k = self.rotary(positions, q, k, meta.memo)
+        if not fused_write:
             if self.calibrate_kv_scales and fp8_cache:
                 self._calibrate(k, v)
             self.backend.write_kv(k, v, kv_cache, meta, self.kv_scales)

@@ -11,12 +11,35 @@ Layout (shared by every backend and the block manager):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from shardline.worker.attention.kv_cache_dtype import KVScales
+
+
+@dataclass
+class DecodeGather:
+    """What the torch backend's decode attention derives from the metadata, once per step for all
+    layers: the cache blocks to gather and which of their positions each sequence attends to."""
+
+    block_index: torch.Tensor  # [num_seqs * blocks] int64: flattened block table up to max_len
+    num_seqs: int
+    max_len: int
+    mask: torch.Tensor | None  # [num_seqs, 1, 1, max_len] bool (True = attend); None when every length is max_len
+
+
+@dataclass
+class StepMemo:
+    """Values every layer of a step would otherwise recompute from the same inputs (CPU decode runs
+    ~30 layers of small ops, where each op's dispatch costs as much as its arithmetic). Filled lazily
+    by the first layer that needs a value; lives as long as the step's metadata."""
+
+    # (positions, cos [T, 1, head_dim], sin with its first half negated) by the rotary's settings.
+    rope: dict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    all_slots_valid: bool | None = None  # whether no row of slot_mapping is padding (-1)
+    decode_gather: DecodeGather | None = None
 
 
 @dataclass
@@ -31,6 +54,7 @@ class AttentionMetadata:
     max_seq_len: int
     query_lens_cpu: list[int]  # host copies, so the reference backend never syncs with the device
     seq_lens_cpu: list[int]
+    memo: StepMemo = field(default_factory=StepMemo)
 
     @property
     def num_seqs(self) -> int:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from shardline.worker.attention.kv_cache_dtype import KVScales, dequantize_kv, is_fp8_kv, scales_or_unit
-from shardline.worker.attention.metadata import AttentionMetadata
+from shardline.worker.attention.metadata import AttentionMetadata, DecodeGather
 from shardline.worker.kernels.kv_write import store_rows
 
 
@@ -45,6 +45,18 @@ def gather_window(kv_cache: torch.Tensor, block_tables: torch.Tensor, first_pos:
     return k, v, positions.reshape(len(first_pos), width * block_size)
 
 
+def decode_gather(meta: AttentionMetadata, block_size: int) -> DecodeGather:
+    """The blocks every sequence of a pure-decode step reads (its table up to the longest context)
+    and the mask of positions beyond each one's own length (None when all lengths are equal)."""
+    max_len = max(meta.seq_lens_cpu)
+    tables = meta.block_tables[:, : (max_len + block_size - 1) // block_size].long()
+    mask = None
+    if any(n != max_len for n in meta.seq_lens_cpu):
+        lens = torch.tensor(meta.seq_lens_cpu, device=tables.device)
+        mask = (torch.arange(max_len, device=tables.device)[None, :] < lens[:, None])[:, None, None, :]
+    return DecodeGather(tables.reshape(-1), int(tables.shape[0]), max_len, mask)
+
+
 class TorchAttentionBackend:
     """Decodes are attended to as one padded batch; each prefill chunk on its own."""
 
@@ -53,8 +65,10 @@ class TorchAttentionBackend:
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                  kv_scales: KVScales | None = None) -> None:
         slots = meta.slot_mapping
-        valid = slots >= 0
-        if not bool(valid.all()):
+        if meta.memo.all_slots_valid is None:
+            meta.memo.all_slots_valid = bool((slots >= 0).all())
+        if not meta.memo.all_slots_valid:
+            valid = slots >= 0
             slots, key, value = slots[valid], key[valid], value[valid]
         store_rows(kv_cache, slots, key, value, kv_scales)
 
@@ -68,8 +82,10 @@ class TorchAttentionBackend:
             kv_scales = scales_or_unit(kv_scales, kv_cache.device)
         if sliding_window is not None or logit_softcap is not None:
             return self._windowed(query, kv_cache, meta, scale, sliding_window, logit_softcap, kv_scales)
-        out = torch.empty_like(query)
         qlens, slens = meta.query_lens_cpu, meta.seq_lens_cpu
+        if meta.is_pure_decode and meta.num_seqs == query.shape[0]:
+            return self._decode_all(query, kv_cache, meta, scale, kv_scales)
+        out = torch.empty_like(query)
         decode_idx = [i for i, q in enumerate(qlens) if q == 1]
         starts = [0]
         for q in qlens:
@@ -157,6 +173,23 @@ class TorchAttentionBackend:
         mask = (torch.arange(max_len, device=query.device)[None, :] < lens[:, None])[:, None, None, :]
         o = self._sdpa(q, k.transpose(1, 2), v.transpose(1, 2), mask, scale)  # [B, H, 1, d]
         out[rows] = o.squeeze(2)
+
+    def _decode_all(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float, kv_scales: KVScales | None) -> torch.Tensor:
+        """A pure-decode step (one query row per sequence): the gather index and the length mask
+        come from the step's memo (built by the first layer), so each layer runs a gather and SDPA."""
+        g = meta.memo.decode_gather
+        if g is None:
+            g = meta.memo.decode_gather = decode_gather(meta, kv_cache.shape[2])
+        kv = kv_cache.index_select(1, g.block_index)
+        kv = kv.view(2, g.num_seqs, -1, kv.shape[-2], kv.shape[-1])[:, :, : g.max_len]
+        k, v = kv[0], kv[1]
+        if kv_scales is not None:
+            k, v = dequantize_kv(k, kv_scales.k, query.dtype), dequantize_kv(v, kv_scales.v, query.dtype)
+        q, k, v = query.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, 1, d], [B, kvh, L, d]
+        if g.mask is None and q.shape[1] == k.shape[1]:  # _sdpa would read mask=None as causal
+            return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), scale=scale).squeeze(2)
+        return self._sdpa(q, k, v, g.mask, scale).squeeze(2)
 
     def _prefill(self, query, kv_cache, meta, scale, kv_scales, i, start, qlen, slen, out) -> None:
         k, v = gather_context(kv_cache, meta.block_tables[i : i + 1], slen)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shardline.worker.attention.metadata import StepMemo
 from shardline.worker.kernels.rope import apply_rope, cos_sin_cache
 from shardline.worker.kernels.runtime import use_triton
 
@@ -52,6 +53,8 @@ class RotaryEmbedding(nn.Module):
         self.impl = "auto"
         self.cos_sin_cache: torch.Tensor | None = None
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling).to(device), persistent=False)
+        # Layers with equal settings share one step's cos/sin (StepMemo.rope).
+        self.memo_key: tuple[object, ...] = (head_dim, theta, repr(scaling))
 
     def build_cache(self, max_position: int) -> torch.Tensor:
         """The fp32 cos/sin table for positions 0 .. max_position-1 on inv_freq's device."""
@@ -62,15 +65,35 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
 
-    @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    def signed_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype,
+                       memo: StepMemo | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos [T, 1, d] and sin [T, 1, d] with sin's first half negated, so that
+        x * cos + roll(x, d/2) * sin equals HF's x * cos + rotate_half(x) * sin bit for bit
+        (negation is exact). Computed once per step and positions tensor when `memo` is given."""
+        entry = memo.rope.get(self.memo_key) if memo is not None else None
+        if entry is not None and entry[0] is positions and entry[1].dtype == dtype:
+            return entry[1], entry[2]
+        cos, sin = self.cos_sin(positions, dtype)
+        half = self.head_dim // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        if memo is not None:
+            memo.rope[self.memo_key] = (positions, cos, sin)
+        return cos, sin
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor, memo: StepMemo | None = None) -> torch.Tensor:
+        """RoPE of x [T, heads, d] (any heads: q and k may come as one tensor) with the torch path."""
+        cos, sin = self.signed_cos_sin(positions, x.dtype, memo)
+        return x * cos + torch.roll(x, self.head_dim // 2, dims=-1) * sin
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                memo: StepMemo | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, H, d], k: [T, KVH, d] -> rotated q and k (in place on the Triton path)."""
-        if self.cos_sin_cache is not None and use_triton(q, self.impl):
-            apply_rope(q, k, positions, self.cos_sin_cache, impl="triton")
+        cache = self.cos_sin_cache
+        if cache is not None and use_triton(q, self.impl):
+            apply_rope(q, k, positions, cache, impl="triton")
             return q, k
-        cos, sin = self.cos_sin(positions, q.dtype)
-        return q * cos + self._rotate_half(q) * sin, k * cos + self._rotate_half(k) * sin
+        return self.rotate(positions, q, memo), self.rotate(positions, k, memo)
+
+    def uses_triton(self, x: torch.Tensor) -> bool:
+        """Whether forward() takes the in-place Triton path for tensors like x."""
+        return self.cos_sin_cache is not None and use_triton(x, self.impl)

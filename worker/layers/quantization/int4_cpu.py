@@ -55,10 +55,15 @@ class Int4WeightOnlyCPU(QuantMethod):
         self.register_buffer("scales_and_zeros", sz.to(device=device, dtype=torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        a = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        a = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        a = a.to(torch.bfloat16)
+        if not a.is_contiguous():
+            a = a.contiguous()
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, self.packed, self.group_size, self.scales_and_zeros)
-        return y[:, : self.out_features].to(x.dtype).reshape(*lead, self.out_features)
+        if y.shape[1] != self.out_features:  # rows padded to the kernel's multiple of 16
+            y = y[:, : self.out_features]
+        y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
         n, k, g = self.out_features, self.in_features, self.group_size

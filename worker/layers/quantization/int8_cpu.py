@@ -39,10 +39,12 @@ class Int8WeightOnlyCPU(QuantMethod):
         self.register_buffer("scales", rows.scales.reshape(-1).to(device=device, dtype=torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        a = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        y = torch.ops.aten._weight_int8pack_mm(a, self.codes, self.scales)
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        a = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        a = a.to(torch.bfloat16)
+        if not a.is_contiguous():
+            a = a.contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(a, self.codes, self.scales).to(x.dtype)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def embed(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of the weight, dequantized to `dtype` (the token embedding's lookup)."""
