@@ -51,6 +51,11 @@ from shardline.worker.tokenizer import encode_prompt, load_tokenizer
 
 log = logging.getLogger(__name__)
 
+# A request whose replica group dies before its first item is sent again, at most this many times,
+# after REPLICA_RETRY_DELAY_S x the attempt number (time for Serve to see the replica gone).
+REPLICA_FAILURE_RETRIES = 2
+REPLICA_RETRY_DELAY_S = 0.5
+
 GRPC_STATUS = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
     "not_found": grpc.StatusCode.NOT_FOUND,
@@ -362,6 +367,7 @@ class Ingress:
         """Admit, route and stream one request's items (all its choices); raises RequestError for
         errors (codes resource_exhausted, unavailable, deadline_exceeded, ...). Leaving early
         cancels the replica's stream, which aborts the engine requests."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
         from ray.serve.exceptions import BackPressureError
 
         budget = None if request.deadline is None else request.deadline - time.time()
@@ -371,43 +377,61 @@ class Ingress:
             args: list[Any] = [request]
             if self.config.router_needs_text:  # positional: Ray's text router only scans args
                 args.append(self.routing_hint(request.prompt_token_ids))
-            response = self.generate_handle.generate.remote(*args, owner=self.owner)
-            finished = False
-            try:
-                while True:
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise asyncio.TimeoutError
-                    try:
-                        item: StreamItem = await asyncio.wait_for(response.__anext__(), remaining)
-                    except StopAsyncIteration:
-                        finished = True
-                        return
-                    if item.error is not None:  # a rejection, or the engine failing mid-stream
-                        finished = True
-                        item.error.counted = True  # type: ignore[attr-defined] # the engine counted its own rejection
-                        raise item.error
-                    if item.finish_reason is not None:
-                        remaining_choices -= 1
-                    finished = remaining_choices == 0
-                    yield item
-                    if finished:
-                        return
-            except asyncio.TimeoutError:
-                raise RequestError("", f"the request's deadline ({budget:.3g} s) passed",
-                                   code="deadline_exceeded") from None
-            except BackPressureError as e:
-                raise RequestError("", f"all replica groups are at capacity; retry later ({e})",
-                                   code="resource_exhausted") from None
-            except RequestError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a replica died mid-stream, no replica, ...
-                log.warning("stream %s failed: %s", request.request_id, e)
-                raise RequestError("", f"the replica group serving the request failed: {type(e).__name__}",
-                                   code="unavailable") from None
-            finally:
-                if not finished:
-                    cancel_replica_stream(response)  # hardening: never blocks the loop nor raises
+            retries = 0
+            while True:
+                response = self.generate_handle.generate.remote(*args, owner=self.owner)
+                finished = delivered = retry = False
+                try:
+                    while True:
+                        remaining = None if deadline is None else deadline - time.monotonic()
+                        if remaining is not None and remaining <= 0:
+                            raise asyncio.TimeoutError
+                        try:
+                            item: StreamItem = await asyncio.wait_for(response.__anext__(), remaining)
+                        except StopAsyncIteration:
+                            finished = True
+                            return
+                        if item.error is not None:  # a rejection, or the engine failing mid-stream
+                            finished = True
+                            item.error.counted = True  # type: ignore[attr-defined] # the engine counted its own rejection
+                            raise item.error
+                        if item.finish_reason is not None:
+                            remaining_choices -= 1
+                        finished = remaining_choices == 0
+                        delivered = True
+                        yield item
+                        if finished:
+                            return
+                except asyncio.TimeoutError:
+                    raise RequestError("", f"the request's deadline ({budget:.3g} s) passed",
+                                       code="deadline_exceeded") from None
+                except BackPressureError as e:
+                    raise RequestError("", f"all replica groups are at capacity; retry later ({e})",
+                                       code="resource_exhausted") from None
+                except RequestError:
+                    raise
+                except (ActorDiedError, ActorUnavailableError) as e:
+                    # The replica group died. Before any item reached the client the request is
+                    # sent again (Serve routes around a dead replica once it notices); after
+                    # one, the client has part of an answer and gets UNAVAILABLE.
+                    if delivered or retries >= REPLICA_FAILURE_RETRIES:
+                        log.warning("stream %s failed: %s", request.request_id, e)
+                        raise RequestError("", f"the replica group serving the request failed: {type(e).__name__}",
+                                           code="unavailable") from None
+                    retries += 1
+                    retry = True
+                    log.warning("stream %s: its replica group failed before the first item (%s); sending it "
+                                "again (%d of %d)", request.request_id, type(e).__name__, retries,
+                                REPLICA_FAILURE_RETRIES)
+                except Exception as e:  # noqa: BLE001 - a replica died mid-stream, no replica, ...
+                    log.warning("stream %s failed: %s", request.request_id, e)
+                    raise RequestError("", f"the replica group serving the request failed: {type(e).__name__}",
+                                       code="unavailable") from None
+                finally:
+                    if not finished and not retry:
+                        cancel_replica_stream(response)  # hardening: never blocks the loop nor raises
+                if retry:
+                    await asyncio.sleep(REPLICA_RETRY_DELAY_S * retries)
 
     def routing_hint(self, token_ids: list[int]) -> RoutingHint:
         """The prompt as text for a text-prefix router: decoded from the token ids, so text, chat
