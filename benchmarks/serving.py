@@ -254,9 +254,7 @@ def run_cluster(args: argparse.Namespace, prompts) -> list[RunResult]:
     import httpx
     import ray
     from ray import serve
-    from ray.serve.config import HTTPOptions, gRPCOptions
-
-    from shardline.cluster.app import GRPC_SERVICER_FUNCTIONS, build_app
+    from shardline.cluster.app import build_app
     from shardline.cluster.config import ClusterConfig
     from shardline.proto import generation_pb2_grpc as pb_grpc
     from shardline.serve_cli import _wait_ready
@@ -273,7 +271,7 @@ def run_cluster(args: argparse.Namespace, prompts) -> list[RunResult]:
     os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # a loaded machine starts Ray slowly
     from shardline.cluster.config import REPLICA_ENV
-    from shardline.cluster.proxies import proxy_environment
+    from shardline.cluster.proxies import proxy_environment, serve_start_options
 
     for key, value in proxy_environment(config).items():  # the proxies' environment, as `shardline serve` sets it
         os.environ.setdefault(key, value)
@@ -286,10 +284,9 @@ def run_cluster(args: argparse.Namespace, prompts) -> list[RunResult]:
     ray.init(address="local", include_dashboard=False, log_to_driver=False)  # never join a leftover cluster
     results = []
     try:
-        serve.start(grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
-                    http_options=HTTPOptions(host="127.0.0.1", port=config.http_port))
+        serve.start(**serve_start_options(config))  # as `shardline serve`: the proxy fixes, host and ports
         serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
-        _wait_ready(f"127.0.0.1:{config.grpc_port}", threading.Event())
+        _wait_ready(config, threading.Event())
         for front in [f for f in args.fronts if f != "engine"]:
             for c in args.concurrency:
                 runs = []
