@@ -34,7 +34,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 import psutil
 

@@ -326,7 +326,7 @@ class ModelConfig:
     @property
     def num_params(self) -> int:
         """Parameter count of the whole (unsharded) model."""
-        h, i, v, d = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+        h, v, d = self.hidden_size, self.vocab_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
         attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0) + (2 * d if self.qk_norm else 0)
         per_layer = attn + (4 if self.sandwich_norms else 2) * h

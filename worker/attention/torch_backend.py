@@ -118,7 +118,7 @@ class TorchAttentionBackend:
         """Attention by hand, in transformers' eager order: q [B, H, Lq, d]; k, v [B, kvh, Lk, d];
         mask [B, 1, Lq, Lk] bool; scores * scale, soft-capped, masked, softmax in fp32."""
         b, h, lq, d = q.shape
-        kvh, lk = k.shape[1], k.shape[2]
+        kvh = k.shape[1]
         qg = q.reshape(b, kvh, h // kvh, lq, d)
         scores = torch.matmul(qg, k.to(q.dtype).unsqueeze(2).transpose(-1, -2)) * scale  # [B, kvh, g, Lq, Lk]
         if cap is not None:
