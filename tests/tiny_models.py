@@ -148,18 +148,29 @@ def llama3_rope_freqs(head_dim: int, theta: float, factor: float, low: float, hi
     return np.array(out, dtype=np.float32)
 
 
-def write_tiny_gguf(model, path: Path, rope_freqs=None, qtype: str | None = None, embed_qtype: str | None = None) -> Path:
+# llama.cpp's Gemma names for the norms whose Llama-family names mean something else.
+_GEMMA_GGUF_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+                     "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+def write_tiny_gguf(model, path: Path, rope_freqs=None, qtype: str | None = None, embed_qtype: str | None = None,
+                    tokens: list[str] | None = None, chat_template: str | None = None) -> Path:
     """Write a transformers Llama model as a GGUF the way llama.cpp's converter lays it out (its
     tensor names, q/k rows permuted), optionally with a `rope_freqs` tensor. Float32 unless `qtype`
     (a GGML type name such as "Q4_1") quantizes every matrix with the gguf package's quantizer;
     `embed_qtype` does the same for the token embedding (default: like the other matrices).
     Mixtral (as llama.cpp writes it: a `llama` file with experts) and Qwen3-MoE (`qwen3moe`) get
-    their expert metadata and each part of all experts stacked into one [E, ...] tensor."""
+    their expert metadata and each part of all experts stacked into one [E, ...] tensor.
+    Gemma 2 / Gemma 3 text as its converter writes them: q/k unpermuted, norms stored as 1 + w, no
+    lm_head, and only the keys it writes (no query_pre_attn_scalar, no window pattern, no local rope
+    base). `tokens` (with `chat_template`): a sentencepiece vocabulary as llama.cpp stores one, the
+    `<...>` tokens marked as control tokens; default: placeholder tokens, no tokenizer model."""
     import gguf
     import numpy as np
 
     cfg = model.config
-    arch = "qwen3moe" if cfg.model_type == "qwen3_moe" else "llama"
+    arch = {"qwen3_moe": "qwen3moe", "gemma2": "gemma2", "gemma3_text": "gemma3"}.get(cfg.model_type, "llama")
+    gemma = arch.startswith("gemma")
     num_experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
     stacked: dict[str, Any] = {}
     rope = getattr(cfg, "rope_parameters", None) or {}
@@ -170,6 +181,8 @@ def write_tiny_gguf(model, path: Path, rope_freqs=None, qtype: str | None = None
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp",
              "block_sparse_moe.gate": "ffn_gate_inp"}
+    if gemma:
+        block.update(_GEMMA_GGUF_NORMS)
     writer = gguf.GGUFWriter(str(path), arch)
     if num_experts:
         writer.add_expert_count(num_experts)
@@ -183,13 +196,39 @@ def write_tiny_gguf(model, path: Path, rope_freqs=None, qtype: str | None = None
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    rope = rope.get("full_attention", rope)  # Gemma 3: the global layers' settings
+    if arch != "gemma2":  # the Gemma 2 converter writes no rope base (llama.cpp's default 10,000 applies)
+        writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    if gemma:
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+        writer.add_sliding_window(cfg.sliding_window)
+        if cfg.attn_logit_softcapping is not None and arch == "gemma2":
+            writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        if cfg.final_logit_softcapping is not None:
+            writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    if tokens is None:
+        writer.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    else:
+        control = gguf.TokenType.CONTROL
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores([-float(i) for i in range(len(tokens))])
+        writer.add_token_types([control if t.startswith("<") and t.endswith(">") else gguf.TokenType.NORMAL
+                                for t in tokens])
+        writer.add_add_bos_token(True)
+        writer.add_add_space_prefix(False)
+        if chat_template is not None:
+            writer.add_chat_template(chat_template)
     writer.add_bos_token_id(cfg.bos_token_id)
     writer.add_eos_token_id(cfg.eos_token_id)
     for name, tensor in model.state_dict().items():
         array = tensor.detach().float().numpy()
+        if name == "lm_head.weight" and gemma:
+            continue  # tied to the embeddings; the converter drops it
+        if gemma and name.endswith("norm.weight"):
+            array = array + 1.0  # Gemma's RMSNorm scales by 1 + w; the converter stores 1 + w
         if name in names:
             gguf_name = names[name]
         else:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .gguf_gemma import GEMMA_BLOCK_NAMES, GEMMA_GGUF_ARCHITECTURES, gemma_config_fields, stored_norm_offset
 from .source import ModelLoadError, cache_dir
 from .weights import LazyWeight, WeightStream
 
@@ -24,6 +25,7 @@ SUPPORTED_GGUF_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "qwen3moe": "Qwen3MoeForCausalLM",
+    **GEMMA_GGUF_ARCHITECTURES,
 }
 # A `llama` file with {arch}.expert_count > 0 is a Mixtral (llama.cpp writes Mixtral as llama).
 _MIXTRAL = "MixtralForCausalLM"
@@ -62,13 +64,14 @@ _IGNORED = ("rope_freqs.weight",)
 _PROGRESS_MIN_BYTES = 50 * 1024 * 1024
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """Map a llama.cpp tensor name to its Hugging Face name (None when it has none)."""
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """Map a llama.cpp tensor name of architecture `arch` to its Hugging Face name (None when it has none)."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _BLOCK_TENSOR.match(gguf_name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        part = _BLOCK_NAMES[m.group(2)]
+    names = {**_BLOCK_NAMES, **GEMMA_BLOCK_NAMES} if arch in GEMMA_GGUF_ARCHITECTURES else _BLOCK_NAMES
+    if m and m.group(2) in names:
+        part = names[m.group(2)]
         suffix = "" if part.startswith("mlp.experts.") else f".{m.group(3)}"
         return f"model.layers.{m.group(1)}.{part}{suffix}"
     return None
@@ -219,6 +222,9 @@ def _read_gguf_hf_config(path: Path) -> dict[str, Any]:
             cfg["norm_topk_prob"] = bool(key("expert_weights_norm", True))
             # Layers without a router hold a dense MLP (Qwen3-MoE's mlp_only_layers).
             cfg["mlp_only_layers"] = [i for i in range(int(layers)) if f"blk.{i}.ffn_gate_inp.weight" not in tensors]
+    if arch in GEMMA_GGUF_ARCHITECTURES:
+        tokens_list = _field(reader, "tokenizer.ggml.tokens") if tokens is not None else None
+        cfg.update(gemma_config_fields(arch, key, cfg, tokens_list))
     scaling_type = key("rope.scaling.type")
     if scaling_type not in (None, "none"):
         scaling: dict[str, Any] = {"rope_type": scaling_type, "factor": float(key("rope.scaling.factor", 1.0))}
@@ -247,10 +253,10 @@ def iter_gguf_weights(path: Path, show_progress: bool = True) -> WeightStream:
     for tensor in reader.tensors:
         if tensor.name in _IGNORED:
             continue
-        name = hf_tensor_name(tensor.name)
+        name = hf_tensor_name(tensor.name, arch)
         if name is None:
             raise ModelLoadError(
-                f"{path}: tensor {tensor.name!r} has no counterpart in the supported Llama-family models "
+                f"{path}: tensor {tensor.name!r} has no counterpart in the supported {arch} models "
                 "(variants beyond the supported families are not supported)"
             )
         if mixtral and name.endswith(".mlp.gate.weight"):
@@ -261,15 +267,15 @@ def iter_gguf_weights(path: Path, show_progress: bool = True) -> WeightStream:
             rope_heads = heads
         elif permute and ".attn_k." in tensor.name:
             rope_heads = kv_heads
-        entries.append((name, tensor, rope_heads))
+        entries.append((name, tensor, rope_heads, stored_norm_offset(arch, tensor.name)))
     show = show_progress and Path(path).stat().st_size >= _PROGRESS_MIN_BYTES
     return _stream(path, entries, show)
 
 
 def _stream(path: Path, entries: list, show_progress: bool) -> WeightStream:
     with tqdm(total=len(entries), desc="Loading GGUF", unit="tensor", disable=not show_progress) as bar:
-        for name, tensor, rope_heads in entries:
-            yield name, _lazy(path, tensor, rope_heads)
+        for name, tensor, rope_heads, offset in entries:
+            yield name, _lazy(path, tensor, rope_heads, offset)
             bar.update(1)
 
 
@@ -312,12 +318,16 @@ def _unpermute_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.reshape(n_heads, head_dim // 2, 2, *rest).transpose(1, 2).reshape(weight.shape).contiguous()
 
 
-def _lazy(path: Path, tensor, rope_heads: int | None) -> LazyWeight:
+def _lazy(path: Path, tensor, rope_heads: int | None, offset: float = 0.0) -> LazyWeight:
+    """A tensor read on demand in Hugging Face's layout: Q/K rows unpermuted (rope_heads), and
+    `offset` (what the converter added: Gemma's norms hold 1 + w) taken off again."""
     shape = _torch_shape(tensor)
 
     def reader(dim: int | None, start: int, length: int | None) -> torch.Tensor:
         if dim is None:
             out = _dequantize(path, tensor)
+            if offset:
+                out -= offset
             return out if rope_heads is None else _unpermute_rope(out, rope_heads)
         dim = dim % len(shape)
         stop = shape[dim] if length is None else start + length
