@@ -484,28 +484,43 @@ def mode_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for b in args.batch_sizes:
         prompts = random_prompts(b, args.input_len, vocab, args.seed + b)
-        _sync(engine.device)
-        t_start = time.perf_counter()
-        ids = [engine.add_request(p, _params(args.decode_steps + 1)) for p in prompts]
-        # prefill until every request has its first token
-        seen: set[str] = set()
-        while len(seen) < len(ids):
+        r = timed_decode(engine, prompts, args.decode_steps)
+        rows.append({"batch": b, "context": args.input_len, "ms_per_step": r["ms_per_step"],
+                     "output_tokens_per_s": r["output_tokens_per_s"], "requests_per_s": b / r["elapsed_s"],
+                     "total_tokens_per_s": (b * (args.input_len + 1) + r["decode_tokens"]) / r["elapsed_s"]})
+    engine.shutdown()
+    return rows
+
+
+def timed_decode(engine, prompts: list[list[int]], decode_steps: int,
+                 check: Callable[[], None] | None = None) -> dict[str, float]:
+    """Submit the prompts at once, step until every request has its first token, then time the
+    `decode_steps` steps that follow at batch len(prompts): ms_per_step, output_tokens_per_s (decode
+    only), decode_tokens, elapsed_s (prefill included). `check` as in run_to_completion."""
+    _sync(engine.device)
+    t_start = time.perf_counter()
+    ids = [engine.add_request(p, _params(decode_steps + 1)) for p in prompts]
+    tokens, seen = 0, set[str]()
+    try:
+        while len(seen) < len(ids):  # prefill until every request has its first token
+            if check is not None:
+                check()
             for out in engine.step():
                 seen.add(out.request_id)
         _sync(engine.device)
         t0 = time.perf_counter()
-        tokens = 0
         while engine.has_unfinished_requests():
+            if check is not None:
+                check()
             tokens += sum(len(o.new_token_ids) for o in engine.step())
-        _sync(engine.device)
-        t_end = time.perf_counter()
-        dt = t_end - t0
-        total = t_end - t_start  # prefill included
-        rows.append({"batch": b, "context": args.input_len, "ms_per_step": dt / args.decode_steps * 1e3,
-                     "output_tokens_per_s": tokens / dt, "requests_per_s": b / total,
-                     "total_tokens_per_s": (b * (args.input_len + 1) + tokens) / total})
-    engine.shutdown()
-    return rows
+    except BaseException:
+        abort_and_drain(engine, ids)
+        raise
+    _sync(engine.device)
+    t_end = time.perf_counter()
+    dt = t_end - t0
+    return {"ms_per_step": dt / decode_steps * 1e3, "output_tokens_per_s": tokens / dt, "decode_tokens": float(tokens),
+            "elapsed_s": t_end - t_start}
 
 
 def mode_verify(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -699,6 +714,25 @@ def decode_floor_tokens_per_s(cfg, batch: int, context: int, bandwidth: float, d
     """Memory-bound ceiling: each decode step streams the weights and every sequence's KV once (a
     mixture of experts: the weights of the experts a token runs, the batch-1 floor)."""
     return decode_floor_from_bytes(cfg.num_active_params * dtype_bytes, kv_bytes_per_token(cfg, dtype_bytes), batch, context, bandwidth)
+
+
+def decode_step_weight_bytes(cfg, batch: int, dtype_bytes: int) -> float:
+    """Bytes of weights one decode step at `batch` must read: every dense weight once and, per
+    sparse layer of a mixture of experts, the experts the batch's tokens chose, expected
+    E * (1 - (1 - k/E) ** batch) distinct ones when each token picks k of E independently and
+    uniformly (what near-equal router logits of dummy weights give; a trained router's skew reads
+    fewer). Batch 1 is num_active_params; a dense model reads num_params at any batch."""
+    moe = cfg.moe
+    if moe is None:
+        return float(cfg.num_params * dtype_bytes)
+    e, k = moe.num_experts, moe.num_experts_per_tok
+    expected_experts = e * (1.0 - (1.0 - k / e) ** batch)
+    inactive = 0.0
+    for layer in range(cfg.num_hidden_layers):
+        if moe.is_sparse_layer(layer):
+            one_expert = 3 * cfg.hidden_size * moe.intermediate_size
+            inactive += (e - expected_experts) * one_expert
+    return (cfg.num_params - inactive) * dtype_bytes
 
 
 def kv_bytes_per_token(cfg, dtype_bytes: int) -> int:

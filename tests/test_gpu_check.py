@@ -20,6 +20,7 @@ from shardline.check.runner import FAILED, OK, SKIPPED, STOPPED, CheckRun, StepF
 REPO = Path(__file__).resolve().parent.parent
 CHECK = REPO / "benchmarks" / "gpu_check.sh"
 TINY_CONFIG = REPO / "benchmarks" / "configs" / "tiny-llama"
+TINY_MOE_CONFIG = REPO / "benchmarks" / "configs" / "tiny-qwen3-moe"
 # Installed here, absent on the GPU machine (tests/test_bare_machine.py hides the same names).
 ABSENT = ("ray", "gguf", "jsonschema", "openai", "grpc_tools", "accelerate", "fastapi", "httpx")
 
@@ -30,7 +31,8 @@ def test_the_plan_fits_the_budget_with_correctness_first_and_transformers_last()
     correctness = [s for s in STEPS if s.phase == "correctness"]
     assert sum(s.estimate_s for s in correctness) <= CORRECTNESS_LIMIT_S <= 90
     phases = [s.phase for s in STEPS]
-    assert phases[0] == "environment" and phases[-1] == "baseline"
+    assert phases[0] == "environment" and phases[-1] == "moe"  # the MoE steps last: trimmed first
+    assert phases.index("baseline") > max(i for i, p in enumerate(phases) if p == "engine")
     assert phases.index("engine") > max(i for i, p in enumerate(phases) if p == "correctness")
 
 
@@ -40,6 +42,19 @@ def test_the_performance_doc_lists_every_step_with_its_cap_and_estimate():
             for m in re.finditer(r"^\| `([a-z0-9_]+)` \| [^|]+ \| (\d+) \| (\d+) \|", doc, re.MULTILINE)}
     assert rows == {s.name: (s.cap_s, s.estimate_s) for s in STEPS}
     assert "    benchmarks/gpu_check.sh \"$OUT\"" in doc
+
+
+def test_the_moe_floor_reads_the_active_parameters_at_batch_1_and_nearly_every_expert_at_64():
+    """Qwen3-30B-A3B's published shape: 30.5 B parameters, 3.35 B active (its model card: 3.3 B)."""
+    from shardline.bench import decode_step_weight_bytes
+    from shardline.worker.config import ModelConfig
+
+    cfg = ModelConfig.from_hf_config(json.loads((REPO / "benchmarks/configs/qwen3-30b-a3b/config.json").read_text()))
+    assert round(cfg.num_params / 1e9, 1) == 30.5 and round(cfg.num_active_params / 1e9, 1) == 3.4
+    assert decode_step_weight_bytes(cfg, 1, 2) == cfg.num_active_params * 2
+    assert 0.98 * cfg.num_params * 2 < decode_step_weight_bytes(cfg, 64, 2) < cfg.num_params * 2
+    dense = ModelConfig.from_hf_config(json.loads((TINY_CONFIG / "config.json").read_text()))
+    assert decode_step_weight_bytes(dense, 64, 2) == dense.num_params * 2
 
 
 def _spec(name: str, cap: float) -> StepSpec:
@@ -99,7 +114,8 @@ def test_gpu_check_runs_every_step_on_cpu_without_ray_and_a_capped_step_does_not
     (hide / "sitecustomize.py").write_text(
         f"import sys\nfor _name in {ABSENT!r}:\n    sys.modules[_name] = None  # as if not installed\n")
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": sys.executable, "MODEL": str(TINY_CONFIG), "BUDGET_S": "400",
+    env = {**os.environ, "PYTHON": sys.executable, "MODEL": str(TINY_CONFIG), "MOE_MODEL": str(TINY_MOE_CONFIG),
+           "BUDGET_S": "400",
            "PYTHONPATH": f"{hide}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)  # the check itself chooses the interpreter on CPU
     # 128-token steps: the scaled shared-prefix prompts (3 x 102 tokens) then span steps, so later
@@ -123,11 +139,19 @@ def test_gpu_check_runs_every_step_on_cpu_without_ray_and_a_capped_step_does_not
         assert by[name]["output_tokens_per_s" if name.startswith("latency") else "requests_per_s"] > 0, name
     assert by["prefix75_cache_on"]["prefix_cache_hit_rate"] > 0 and by["prefix75_cache_off"]["prefix_cache_hit_rate"] == 0
     assert by["transformers_128x256"]["hf_output_tokens_per_s"] > 0
+    moe = by["moe_decode_b1_b64"]
+    assert by["moe_startup"]["num_active_params"] < by["moe_startup"]["num_params"]
+    for b in (1, 64):  # a rate, its floor from the bytes the batch's experts read, and the share
+        assert moe[f"b{b}_output_tokens_per_s"] > 0 and moe[f"b{b}_floor_tokens_per_s"] > 0
+        assert moe[f"b{b}_pct_of_floor"] == pytest.approx(100 * moe[f"b{b}_output_tokens_per_s"]
+                                                          / moe[f"b{b}_floor_tokens_per_s"])
+    assert moe["b1_weight_gb_per_step"] < moe["b64_weight_gb_per_step"]
     assert results[-1].since_start_s <= 400
     # The summary is the output's tail, and the same table can be rebuilt from results.jsonl alone.
     summary = (out / "summary.txt").read_text().strip()
     assert proc.stdout.strip().endswith(summary)
     assert "batch 128, 128/256: vs transformers" in summary and "many_500x200_180: stopped" in summary
+    assert "MoE decode, batch 64" in summary
     rebuilt = subprocess.run([sys.executable, "-m", "shardline.check.summary", str(out)], cwd=REPO,
                              capture_output=True, text=True, timeout=120)
     assert rebuilt.stdout.strip() == summary

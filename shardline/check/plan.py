@@ -8,7 +8,10 @@ Order (each step writes its JSON line to OUT_DIR/results.jsonl as soon as it end
 3. ONE engine on the model's shape (dummy weights): start-up, then each workload of
    shardline/check/workloads.py under its own cap, then the engine is freed;
 4. transformers' generate on the batch-128 workload, for the ratio;
-5. the summary table (shardline/check/summary.py), printed last and written to summary.txt.
+5. a second engine on a Qwen3-30B-A3B-shaped mixture of experts (dummy weights, --moe-model):
+   decode at batch 1 and 64 against the bytes-read floor of the experts each step runs
+   (shardline/check/moe.py), last so that it never takes time from the steps before;
+6. the summary table (shardline/check/summary.py), printed last and written to summary.txt.
 
 STEPS holds every step's cap and its estimate on an H200 (docs/performance.md lists them; the
 estimates add up to well under the budget, the caps bound the worst case and the budget cuts them
@@ -44,9 +47,12 @@ STEPS: list[StepSpec] = [
     StepSpec("prefix75_cache_off", "engine", 40, 10, "the same prompts' shape, cache cleared and off"),
     StepSpec("ttft", "engine", 30, 8, "TTFT of 512, 2048, 8191-token prompts, median of 3"),
     StepSpec("transformers_128x256", "baseline", 100, 50, "transformers' generate, 128 x 128/256, batch 128", reserve_s=60),
+    StepSpec("moe_startup", "moe", 120, 60, "Qwen3-30B-A3B shape, 61 GB dummy weights, profiling, KV pool, graphs"),
+    StepSpec("moe_decode_b1_b64", "moe", 45, 15, "MoE decode at batch 1 and 64, 128 in / 128 steps, vs bytes floor"),
 ]
 SPEC = {s.name: s for s in STEPS}
 DEFAULT_BUDGET_S = 540.0
+DEFAULT_MOE_MODEL = "benchmarks/configs/qwen3-30b-a3b"  # relative to the repository (gpu_check.sh runs there)
 # The correctness phase as a whole stops after this many seconds (its steps' own caps are wider,
 # since first Triton compiles on a fresh machine vary: what one step saves, the next may use).
 CORRECTNESS_LIMIT_S = 90.0
@@ -85,6 +91,7 @@ def run_check(args: argparse.Namespace) -> int:
     from shardline.bench import release_device_memory
     from shardline.check.correctness import KernelChecks, TinyEngineChecks
     from shardline.check.environment import describe_environment
+    from shardline.check.moe import MoEPhase, MoEWorkload
     from shardline.check.summary import summarize
     from shardline.check.workloads import EnginePhase, Workloads
     from shardline.worker.config import ModelConfig
@@ -110,7 +117,7 @@ def run_check(args: argparse.Namespace) -> int:
         return run.run(SPEC[name], fn, later_than(name), cooperative=cooperative, phase_left_s=left)
 
     # 1. the machine
-    step("environment", lambda d: describe_environment(device, dtype, model, args.model, config))
+    env = step("environment", lambda d: describe_environment(device, dtype, model, args.model, config))
 
     # 2. correctness, CORRECTNESS_LIMIT_S in all (x CPU_CAP_FACTOR on CPU, like the caps)
     phase_end = run.elapsed_s() + CORRECTNESS_LIMIT_S * run.cap_factor
@@ -156,7 +163,20 @@ def run_check(args: argparse.Namespace) -> int:
     step("transformers_128x256", lambda d: phase.transformers_baseline(d, args.model, args.load_format))
     phase.free()
 
-    # 5. the summary, last: only the tail of the output may come back
+    # 5. the mixture of experts, its own engine
+    if args.moe_model.lower() == "none":
+        for spec in (SPEC["moe_startup"], SPEC["moe_decode_b1_b64"]):
+            run.skip(spec, "--moe-model none")
+    else:
+        bandwidth = float(env.metrics.get("copy_bandwidth_gb_s", 0.0)) * 1e9 if env.status == OK else 0.0
+        moe = MoEPhase(config, args.moe_model, MoEWorkload().scaled(scale), bandwidth, seed=args.seed)
+        if step("moe_startup", moe.startup).status == OK and moe.engine is not None:
+            step("moe_decode_b1_b64", moe.decode, cooperative=True)
+        else:
+            run.skip(SPEC["moe_decode_b1_b64"], "no MoE engine: its start-up did not finish")
+        moe.free()
+
+    # 6. the summary, last: only the tail of the output may come back
     text = summarize(out_dir)
     (out_dir / "summary.txt").write_text(text + "\n")
     print(text, flush=True)
@@ -174,5 +194,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--linear-choice-table", type=Path, default=None,
                    help="check: a linear_choice.json an earlier run wrote; shapes it holds are not timed again "
                         "(used only if GPU, torch, Triton and the kernels' source are the same)")
+    g.add_argument("--moe-model", default=DEFAULT_MOE_MODEL,
+                   help="check: config directory of the mixture-of-experts steps (dummy weights); none: skip them")
     g.add_argument("--scale", type=float, default=None,
                    help="check: workload sizes times this (default 1 on CUDA, 0.05 on CPU)")

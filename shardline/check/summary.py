@@ -8,7 +8,8 @@ Bounds (docs/performance.md, "Roofline"): decode is memory-bound (weights plus e
 streamed once per step at the measured copy bandwidth); a prefill is compute-bound (its FLOPs at the
 measured bf16 matmul rate); 500 prompts at once need at least the larger of their FLOPs at the matmul
 rate and one weight pass per decode step; a shared prefix saves at most the prefill of the shared
-tokens, so its speed-up is at most (in + out) / (in - shared + out)."""
+tokens, so its speed-up is at most (in + out) / (in - shared + out); a mixture of experts' decode step
+streams the experts its batch chose (issue 17, shardline/check/moe.py)."""
 
 from __future__ import annotations
 
@@ -142,6 +143,14 @@ def build_rows(results: list[StepResult]) -> list[SummaryRow]:
     v = m["startup_s"] if m else None
     rows.append(SummaryRow("start-up (weights, profile, graphs, warm-up)", "<= 60 s", _fmt(v, "s"), "-", "-",
                            judged(v, 60.0, False, "startup")))
+    # mixture of experts (issue 17): each step's bound is the bytes of the experts its tokens chose
+    m = ok("moe_decode_b1_b64")
+    for batch in (1, 64):
+        v = m.get(f"b{batch}_output_tokens_per_s") if m else None
+        floor = m.get(f"b{batch}_floor_tokens_per_s") if m else None
+        rows.append(SummaryRow(f"MoE decode, batch {batch} (Qwen3-30B-A3B shape)", "-", _fmt(v, "tok/s"),
+                               _fmt(floor, "tok/s"), _pct(100 * v / floor if v and floor else None),
+                               judged(v, None, True, "moe_startup", "moe_decode_b1_b64")))
     return rows
 
 
