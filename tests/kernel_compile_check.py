@@ -37,7 +37,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile as triton_compile, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from shardline.worker.kernels import activation, kv_write, matvec, paged_attention, rmsnorm, rope, runtime
+from shardline.worker.kernels import activation, fused_moe, kv_write, matvec, paged_attention, rmsnorm, rope, runtime
 
 TARGET = GPUTarget("cuda", 90, 32)
 MAX_SHARED = 232448  # bytes of shared memory one H100 block may use (227 KiB)
@@ -104,7 +104,7 @@ def _patch() -> None:
 
     runtime.Kernel.__getitem__ = getitem  # type: ignore[method-assign]
     always = lambda *a, **k: True  # noqa: E731
-    for mod in (activation, kv_write, matvec, rmsnorm, rope):
+    for mod in (activation, fused_moe, kv_write, matvec, rmsnorm, rope):
         mod.use_triton = always  # the launchers' CUDA-only dispatch, forced on for CPU tensors
 
 
@@ -177,6 +177,21 @@ def check_matvec(quick: bool) -> None:
                         matvec.matvec(x, w, cfg, impl="triton")
 
 
+def check_fused_moe(quick: bool) -> None:
+    """Both grouped-matmul kernels at Qwen3-30B-A3B's shape (hidden 2048, 128 experts of 768, top 8;
+    the GPU check's MoE steps) and at a tiny one, for a decode batch (16-row blocks) and a prefill
+    (64-row blocks). The weights are never touched: torch.empty keeps the 1.6 GB unallocated."""
+    shapes = [(2048, 768, 128, 8)] if quick else [(2048, 768, 128, 8), (64, 32, 8, 2)]
+    tokens = [64] if quick else [1, 64, 2048]
+    for hidden, inter, experts, top_k in shapes:
+        w13 = torch.empty(experts, 2 * inter, hidden, dtype=torch.bfloat16)
+        w2 = torch.empty(experts, hidden, inter, dtype=torch.bfloat16)
+        for n in tokens:
+            ids = (torch.arange(n * top_k) % experts).reshape(n, top_k)
+            fused_moe.fused_moe(torch.zeros(n, hidden, dtype=torch.bfloat16), w13, w2, torch.ones(n, top_k), ids,
+                                impl="triton")
+
+
 def check_steps_reuse_one_variant(quick: bool) -> None:
     """Decode steps of different batch sizes and block-table widths, and matvec batches of 5..16
     rows, must reuse one compiled variant each: a new variant is a compile stall mid-serving."""
@@ -246,7 +261,7 @@ def main() -> int:
         for row in matvec_ptx_report():
             print(json.dumps(row))
         return 1 if FAILURES else 0
-    for check in (check_steps_reuse_one_variant, check_elementwise, check_attention, check_matvec):
+    for check in (check_steps_reuse_one_variant, check_elementwise, check_attention, check_matvec, check_fused_moe):
         check(quick)
     print(f"{len(_SEEN)} variants compiled for sm_90 with triton {triton.__version__}; {len(FAILURES)} failed")
     return 1 if FAILURES else 0

@@ -145,10 +145,11 @@ def build_rows(results: list[StepResult]) -> list[SummaryRow]:
                            judged(v, 60.0, False, "startup")))
     # mixture of experts (issue 17): each step's bound is the bytes of the experts its tokens chose
     m = ok("moe_decode_b1_b64")
+    moe_model = Path(str((ok("moe_startup") or {}).get("model", "qwen3-30b-a3b"))).name
     for batch in (1, 64):
         v = m.get(f"b{batch}_output_tokens_per_s") if m else None
         floor = m.get(f"b{batch}_floor_tokens_per_s") if m else None
-        rows.append(SummaryRow(f"MoE decode, batch {batch} (Qwen3-30B-A3B shape)", "-", _fmt(v, "tok/s"),
+        rows.append(SummaryRow(f"MoE decode, batch {batch} ({moe_model})", "-", _fmt(v, "tok/s"),
                                _fmt(floor, "tok/s"), _pct(100 * v / floor if v and floor else None),
                                judged(v, None, True, "moe_startup", "moe_decode_b1_b64")))
     return rows
