@@ -17,11 +17,12 @@ from tiny_models import SLIDING_WINDOW, hf_greedy, make_hf_model, prompts, write
 
 N_NEW = 32
 # The released models' choices, which a converted file relies on: query_pre_attn_scalar = head_dim
-# (all but the 27B models), Gemma 3's every-6th-layer-global pattern and its 10,000 local rope base.
+# (all but the 27B models), Gemma 3's every-6th-layer-global pattern, its 10,000 local rope base and
+# (4B-27B) linear rope scaling by 8 on the global layers only.
 GEMMA_OVERRIDES = {
     "gemma2": dict(query_pre_attn_scalar=16),
     "gemma3": dict(query_pre_attn_scalar=16, num_hidden_layers=6, sliding_window_pattern=6,
-                   rope_local_base_freq=10_000.0),
+                   rope_local_base_freq=10_000.0, rope_scaling={"rope_type": "linear", "factor": 8.0}),
 }
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]  # bos 1, eos 2 as the tiny configs
 WORDS = ["user", "model", "what", "\u2581is", "\u2581the", "\u2581capital", "\u2581of", "\u2581france", "\u2581paris"]
@@ -72,7 +73,8 @@ def test_config_derives_what_the_file_lacks_as_llama_cpp_does(gemma_gguf):
     assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (
         (4.0, 8.0) if cfg.architecture == "Gemma2ForCausalLM" else (None, None))
     if cfg.architecture == "Gemma3ForCausalLM":
-        assert cfg.layer_rope(0) == (10_000.0, None) and cfg.layer_rope(5) == (1_000_000.0, None)
+        assert cfg.layer_rope(0) == (10_000.0, None)
+        assert cfg.layer_rope(5) == (1_000_000.0, {"rope_type": "linear", "factor": 8.0})
     assert cfg.hidden_act == "gelu_pytorch_tanh" and cfg.tie_word_embeddings
 
 
@@ -82,7 +84,7 @@ def test_greedy_tokens_match_transformers_past_the_window_plain_and_chat(gemma_g
     with the file's own template and control tokens; <end_of_turn> stops generation."""
     path, hf = gemma_gguf
     engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=64, block_size=8, max_num_batched_tokens=32,
-                                    max_num_seqs=8, quantization="none"), show_progress=False)
+                                    max_num_seqs=8), show_progress=False)
     tokens = gemma_vocab(hf.config.vocab_size)
     chat_ids = engine.encode_prompt({"messages": CHAT})
     assert chat_ids[0] == tokens.index("<bos>")

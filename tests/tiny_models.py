@@ -199,6 +199,9 @@ def write_tiny_gguf(model, path: Path, rope_freqs=None, qtype: str | None = None
     rope = rope.get("full_attention", rope)  # Gemma 3: the global layers' settings
     if arch != "gemma2":  # the Gemma 2 converter writes no rope base (llama.cpp's default 10,000 applies)
         writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    if rope.get("rope_type") == "linear":  # Gemma 3 4B-27B: linear scaling of the global layers
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     if gemma:
         writer.add_key_length(cfg.head_dim)
