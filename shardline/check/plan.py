@@ -171,6 +171,8 @@ def run_check(args: argparse.Namespace) -> int:
         bandwidth = float(env.metrics.get("copy_bandwidth_gb_s", 0.0)) * 1e9 if env.status == OK else 0.0
         moe = MoEPhase(config, args.moe_model, MoEWorkload().scaled(scale), bandwidth, seed=args.seed)
         if step("moe_startup", moe.startup).status == OK and moe.engine is not None:
+            if device.type == "cuda":  # the table now holds the MoE model's linear shapes too
+                save_linear_choices(out_dir / "linear_choice.json", device)
             step("moe_decode_b1_b64", moe.decode, cooperative=True)
         else:
             run.skip(SPEC["moe_decode_b1_b64"], "no MoE engine: its start-up did not finish")
