@@ -13,6 +13,7 @@ from shardline.worker.config import EngineConfig, ModelConfig
 from shardline.worker.engine.engine import LLMEngine
 from shardline.worker.engine.params import SamplingParams
 from shardline.worker.loader.source import resolve_model
+from shardline.worker.tokenizer import Tokenizer
 from tiny_models import SLIDING_WINDOW, hf_greedy, make_hf_model, prompts, write_tiny_gguf
 
 N_NEW = 32
@@ -93,6 +94,8 @@ def test_greedy_tokens_match_transformers_past_the_window_plain_and_chat(gemma_g
     assert engine.tokenizer is not None
     assert engine.tokenizer.decode(chat_ids, skip_special_tokens=False) == engine.tokenizer.chat_prompt_text(CHAT)
     assert tokens.index("<end_of_turn>") in engine.eos_token_ids
+    again = Tokenizer.from_source(resolve_model(str(path)))  # now from the files derived from the GGUF
+    assert again.apply_chat_template(CHAT) == chat_ids
     batch = prompts(2, seed=8, min_len=2 * SLIDING_WINDOW, max_len=3 * SLIDING_WINDOW)
     results = engine.generate(batch + [{"messages": CHAT}], SamplingParams(max_tokens=N_NEW, temperature=0.0,
                                                                           ignore_eos=True))

@@ -89,10 +89,13 @@ def gemma_config_fields(arch: str, key: Callable[[str, Any], Any], cfg: dict[str
 
 
 def _query_pre_attn_scalar(arch: str, scale: float | None, layers: int, hidden: int, heads: int,
-                           head_dim: int) -> float:
+                           head_dim: int) -> int | float:
+    """An int where it is one (transformers' Gemma configs type the field as int and refuse a float
+    when the derived config.json is read back, e.g. by AutoTokenizer)."""
     if scale:
-        return float(scale) ** -2
-    return hidden / heads if layers == _LAYERS_OF_27B[arch] else float(head_dim)
+        scalar = float(scale) ** -2
+        return round(scalar) if abs(scalar - round(scalar)) < 1e-3 else scalar
+    return hidden // heads if layers == _LAYERS_OF_27B[arch] else head_dim  # llama.cpp divides integers too
 
 
 def _layer_types(arch: str, pattern: int | list[Any] | None, layers: int) -> list[str]:
