@@ -264,13 +264,14 @@ def run_cluster(args: argparse.Namespace, prompts) -> list[RunResult]:
     cfg = engine_config(args)
     engine = {k: getattr(cfg, k) for k in ("load_format", "device", "stream_interval_ms")} | json.loads(args.engine)
     config = ClusterConfig(model=args.model, engine=engine, grpc_port=args.grpc_port, http_port=args.http_port,
-                           **json.loads(args.cluster))
+                           **({"direct_ingress": True} if args.direct_ingress else {}) | json.loads(args.cluster))
     # Ray starts its workers (proxy, replicas) at nice 15; the engine-alone baseline runs in this
     # process at nice 0. On a machine shared with other work that alone would starve the cluster
     # and make the ratio meaningless, so the workers run at 0 unless --serve-env says otherwise.
     os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # a loaded machine starts Ray slowly
     from shardline.cluster.config import REPLICA_ENV
+    from shardline.cluster.direct_ingress import direct_ingress_ports
     from shardline.cluster.proxies import proxy_environment, serve_start_options
 
     for key, value in proxy_environment(config).items():  # the proxies' environment, as `shardline serve` sets it
@@ -287,13 +288,15 @@ def run_cluster(args: argparse.Namespace, prompts) -> list[RunResult]:
         serve.start(**serve_start_options(config))  # as `shardline serve`: the proxy fixes, host and ports
         serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
         _wait_ready(config, threading.Event())
+        grpc_port, http_port = direct_ingress_ports(config.app_name) if config.direct_ingress else (
+            config.grpc_port, config.http_port)
         for front in [f for f in args.fronts if f != "engine"]:
             for c in args.concurrency:
                 runs = []
                 for i in range(args.repeats + 1):  # the first is a warm-up for this front and width
                     if front == "grpc":
                         async def make_grpc_run(c=c):
-                            async with grpc.aio.insecure_channel(f"127.0.0.1:{config.grpc_port}") as channel:
+                            async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
                                 one = grpc_client(pb_grpc.GenerationStub(channel), args.output_len if i else 8)
                                 return await run_streams(c, args.requests_per_stream if i else 1, prompts, one)
                         runner = make_grpc_run
@@ -301,7 +304,7 @@ def run_cluster(args: argparse.Namespace, prompts) -> list[RunResult]:
                         async def make_http_run(c=c):
                             limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
                             async with httpx.AsyncClient(limits=limits) as client:
-                                one = http_client(client, f"http://127.0.0.1:{config.http_port}/v1/completions",
+                                one = http_client(client, f"http://127.0.0.1:{http_port}/v1/completions",
                                                   args.output_len if i else 8)
                                 return await run_streams(c, args.requests_per_stream if i else 1, prompts, one)
                         runner = make_http_run
@@ -361,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="runs per cell; each figure is the median")
     p.add_argument("--grpc-port", type=int, default=9310)
     p.add_argument("--http-port", type=int, default=8310)
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="ClusterConfig.direct_ingress: clients connect to the Ingress replica's own gRPC/HTTP "
+                        "ports (cluster/direct_ingress.py), no proxy hop")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args(argv)
@@ -378,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         results += run_cluster(args, prompts)
     title = (f"model={args.model} load_format={args.load_format} in/out={args.input_len}/{args.output_len} "
              f"stream_interval_ms={args.stream_interval_ms} repeats={args.repeats} (medians) "
+             f"{'direct_ingress ' if args.direct_ingress else ''}"
              f"load avg before={load[0]:.2f} after={os.getloadavg()[0]:.2f} cores={os.cpu_count()}")
     print_table(results, title)
     if args.json:
