@@ -45,15 +45,9 @@ CORES_PER_INGRESS = 4
 # - user code on the replica's main event loop: by default Serve runs it on a second loop in its
 #   own thread, so every streamed item crosses from one loop (and thread) to the other;
 # - request routing on the caller's loop (the Ingress's handle to the ReplicaGroup): by default
-#   each routing decision hops to a router loop in another thread and back;
-# - Serve's request-path logs (one access line per request in each process it crosses) buffered,
-#   REQUEST_LOG_BUFFER lines at a time (flushed when full, on an ERROR line and at exit), instead of
-#   written to the log file line by line: at one stream that write was ~40 % of TTFT (14 -> 7.7 ms).
+#   each routing decision hops to a router loop in another thread and back.
 ROUTER_LOOP_ENV = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
-REQUEST_LOG_BUFFER_ENV = "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE"
-REQUEST_LOG_BUFFER = "1000"
-REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", ROUTER_LOOP_ENV: "0",
-               REQUEST_LOG_BUFFER_ENV: REQUEST_LOG_BUFFER}
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", ROUTER_LOOP_ENV: "0"}
 
 # How requests and their stream items cross Serve's two hops (proxy -> Ingress, Ingress ->
 # ReplicaGroup), the `serve_transport` choices:

@@ -2,9 +2,10 @@
 HTTP on ports of its own, so a request reaches our code without Serve's proxy in between.
 
 Why: the proxy is a whole process hop on every request and every stream item. Measured at one
-stream (gRPC, stand-in engine, 1-token requests, time stamps along the path): the proxy's inbound
-leg was ~2.7 ms and its outbound leg ~1.2 ms of a 7.7 ms TTFT, and it spent ~0.4 ms of CPU per
-stream item (docs/performance.md, "The serving path").
+stream (gRPC, stand-in engine, 1-token requests, time stamps along the path, load average ~7):
+client to our Ingress code 3-4 ms through the proxy against 1.0 ms direct, our last yield to the
+client 1.8-2.9 ms against 0.6 ms; and the proxy spent ~0.4 ms of CPU per stream item
+(docs/performance.md, "The serving path").
 
 What it costs (Ray Serve 2.60, `RAY_SERVE_ENABLE_DIRECT_INGRESS`):
 - The ports are Serve's: it allocates each Ingress replica a gRPC port from 40000 and an HTTP port
