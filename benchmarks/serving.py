@@ -9,6 +9,8 @@ back, random prompts of `--input-len` token ids, `--output-len` tokens, greedy, 
   grpc     through a local cluster (`shardline serve`'s application: Serve gRPC proxy -> Ingress ->
            ReplicaGroup) with a grpc.aio client in this process
   http     the same cluster through the OpenAI /v1/completions SSE route with an httpx client
+  grpc-direct, http-direct  (--direct-ingress) the same, straight to the Ingress replica's own ports
+           (Serve's direct ingress, cluster/direct_ingress.py), no proxy hop; measured in the same run
 
 CPU per delivered token is each process kind's CPU time (user + system, psutil) over the run
 divided by the tokens the clients received (the "CPU bound" column is the machine's cores over
@@ -288,15 +290,21 @@ def run_cluster(args: argparse.Namespace, prompts) -> list[RunResult]:
         serve.start(**serve_start_options(config))  # as `shardline serve`: the proxy fixes, host and ports
         serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
         _wait_ready(config, threading.Event())
-        grpc_port, http_port = direct_ingress_ports(config.app_name) if config.direct_ingress else (
-            config.grpc_port, config.http_port)
-        for front in [f for f in args.fronts if f != "engine"]:
+        # (row label, protocol, port): through the proxy, and with direct ingress also straight to
+        # the Ingress's own ports, in the same run (the proxy keeps serving beside them)
+        routes = [(front, front, config.grpc_port if front == "grpc" else config.http_port)
+                  for front in args.fronts if front != "engine"]
+        if config.direct_ingress:
+            grpc_port, http_port = direct_ingress_ports(config.app_name)
+            routes += [(f"{front}-direct", front, grpc_port if front == "grpc" else http_port)
+                       for front in args.fronts if front != "engine"]
+        for label, front, port in routes:
             for c in args.concurrency:
                 runs = []
                 for i in range(args.repeats + 1):  # the first is a warm-up for this front and width
                     if front == "grpc":
                         async def make_grpc_run(c=c):
-                            async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+                            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                                 one = grpc_client(pb_grpc.GenerationStub(channel), args.output_len if i else 8)
                                 return await run_streams(c, args.requests_per_stream if i else 1, prompts, one)
                         runner = make_grpc_run
@@ -304,7 +312,7 @@ def run_cluster(args: argparse.Namespace, prompts) -> list[RunResult]:
                         async def make_http_run(c=c):
                             limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
                             async with httpx.AsyncClient(limits=limits) as client:
-                                one = http_client(client, f"http://127.0.0.1:{http_port}/v1/completions",
+                                one = http_client(client, f"http://127.0.0.1:{port}/v1/completions",
                                                   args.output_len if i else 8)
                                 return await run_streams(c, args.requests_per_stream if i else 1, prompts, one)
                         runner = make_http_run
@@ -312,9 +320,9 @@ def run_cluster(args: argparse.Namespace, prompts) -> list[RunResult]:
                     streams, elapsed = asyncio.run(runner())
                     cpu = cpu_delta(before, cpu_by_kind())
                     if i:
-                        runs.append(summarize(front, c, streams, elapsed, cpu))
+                        runs.append(summarize(label, c, streams, elapsed, cpu))
                 results.append(median_result(runs))
-                print(f"  {front} c={c}: {results[-1].tok_per_s:,.0f} tok/s", file=sys.stderr, flush=True)
+                print(f"  {label} c={c}: {results[-1].tok_per_s:,.0f} tok/s", file=sys.stderr, flush=True)
         serve.shutdown()
     finally:
         ray.shutdown()
@@ -365,8 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grpc-port", type=int, default=9310)
     p.add_argument("--http-port", type=int, default=8310)
     p.add_argument("--direct-ingress", action="store_true",
-                   help="ClusterConfig.direct_ingress: clients connect to the Ingress replica's own gRPC/HTTP "
-                        "ports (cluster/direct_ingress.py), no proxy hop")
+                   help="ClusterConfig.direct_ingress (cluster/direct_ingress.py): each front is measured through "
+                        "the proxy and again straight to the Ingress replica's own port (rows grpc-direct, "
+                        "http-direct), in the same run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args(argv)
