@@ -152,6 +152,7 @@ class ClusterConfig:
     serve_transport: str = "grpc"
     # Serve's direct ingress (cluster/direct_ingress.py): each Ingress replica also serves gRPC and
     # HTTP on its own ports (Serve's, from 40000 / 30000), one process hop less than the proxy.
+    # Serve binds that gRPC port on every interface (`host` does not apply to it) and without TLS.
     direct_ingress: bool = False
 
     def __post_init__(self) -> None:

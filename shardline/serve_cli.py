@@ -194,7 +194,7 @@ def direct_ingress_banner(config: ClusterConfig, host: str) -> str:
 
     grpc_port, http_port = direct_ingress_ports(config.app_name)
     return (f"  direct  gRPC {host}:{grpc_port}, HTTP http://{host}:{http_port}/v1   (the Ingress's own ports, "
-            "no proxy hop)\n")
+            "no proxy hop; gRPC on every interface whatever --host says)\n")
 
 
 def _wait_ready(config: ClusterConfig, stop: threading.Event, timeout_s: float = 900.0) -> None:
