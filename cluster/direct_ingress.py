@@ -15,6 +15,10 @@ What it costs (Ray Serve 2.60, `RAY_SERVE_ENABLE_DIRECT_INGRESS`):
 - The replica's own gRPC server has no TLS option and binds every interface, so TLS configs are
   refused with it (ClusterConfig); the proxy (still started, on the head node only) keeps serving
   `grpc_port` / `http_port` as before, with its TLS.
+- Every Serve process must see the switch: `shardline serve` puts it in the node's environment
+  (cluster/proxies.py) and the replicas' runtime_env carries it; on KubeRay the pods' environment
+  must carry `direct_ingress_environment` too (the controller allocates the ports), which
+  deploy/kuberay does not set: its configs leave direct_ingress off.
 - Serve keeps a stopping Ingress replica up for `RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S`
   (30 s by default, for load balancers to notice); set here to the proxies' short period, since
   our drain (cluster/drain.py) already refuses new requests first.
