@@ -9,6 +9,8 @@ back, random prompts of `--input-len` token ids, `--output-len` tokens, greedy, 
   grpc     through a local cluster (`shardline serve`'s application: Serve gRPC proxy -> Ingress ->
            ReplicaGroup) with a grpc.aio client in this process
   http     the same cluster through the OpenAI /v1/completions SSE route with an httpx client
+  grpc-direct, http-direct  (--direct-ingress) the same, straight to the Ingress replica's own ports
+           (Serve's direct ingress, cluster/direct_ingress.py), no proxy hop; measured in the same run
 
 CPU per delivered token is each process kind's CPU time (user + system, psutil) over the run
 divided by the tokens the clients received (the "CPU bound" column is the machine's cores over
@@ -264,13 +266,14 @@ def run_cluster(args: argparse.Namespace, prompts) -> list[RunResult]:
     cfg = engine_config(args)
     engine = {k: getattr(cfg, k) for k in ("load_format", "device", "stream_interval_ms")} | json.loads(args.engine)
     config = ClusterConfig(model=args.model, engine=engine, grpc_port=args.grpc_port, http_port=args.http_port,
-                           **json.loads(args.cluster))
+                           **({"direct_ingress": True} if args.direct_ingress else {}) | json.loads(args.cluster))
     # Ray starts its workers (proxy, replicas) at nice 15; the engine-alone baseline runs in this
     # process at nice 0. On a machine shared with other work that alone would starve the cluster
     # and make the ratio meaningless, so the workers run at 0 unless --serve-env says otherwise.
     os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # a loaded machine starts Ray slowly
     from shardline.cluster.config import REPLICA_ENV
+    from shardline.cluster.direct_ingress import direct_ingress_ports
     from shardline.cluster.proxies import proxy_environment, serve_start_options
 
     for key, value in proxy_environment(config).items():  # the proxies' environment, as `shardline serve` sets it
@@ -287,13 +290,21 @@ def run_cluster(args: argparse.Namespace, prompts) -> list[RunResult]:
         serve.start(**serve_start_options(config))  # as `shardline serve`: the proxy fixes, host and ports
         serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
         _wait_ready(config, threading.Event())
-        for front in [f for f in args.fronts if f != "engine"]:
+        # (row label, protocol, port): through the proxy, and with direct ingress also straight to
+        # the Ingress's own ports, in the same run (the proxy keeps serving beside them)
+        routes = [(front, front, config.grpc_port if front == "grpc" else config.http_port)
+                  for front in args.fronts if front != "engine"]
+        if config.direct_ingress:
+            grpc_port, http_port = direct_ingress_ports(config.app_name)
+            routes += [(f"{front}-direct", front, grpc_port if front == "grpc" else http_port)
+                       for front in args.fronts if front != "engine"]
+        for label, front, port in routes:
             for c in args.concurrency:
                 runs = []
                 for i in range(args.repeats + 1):  # the first is a warm-up for this front and width
                     if front == "grpc":
                         async def make_grpc_run(c=c):
-                            async with grpc.aio.insecure_channel(f"127.0.0.1:{config.grpc_port}") as channel:
+                            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                                 one = grpc_client(pb_grpc.GenerationStub(channel), args.output_len if i else 8)
                                 return await run_streams(c, args.requests_per_stream if i else 1, prompts, one)
                         runner = make_grpc_run
@@ -301,7 +312,7 @@ def run_cluster(args: argparse.Namespace, prompts) -> list[RunResult]:
                         async def make_http_run(c=c):
                             limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
                             async with httpx.AsyncClient(limits=limits) as client:
-                                one = http_client(client, f"http://127.0.0.1:{config.http_port}/v1/completions",
+                                one = http_client(client, f"http://127.0.0.1:{port}/v1/completions",
                                                   args.output_len if i else 8)
                                 return await run_streams(c, args.requests_per_stream if i else 1, prompts, one)
                         runner = make_http_run
@@ -309,9 +320,9 @@ def run_cluster(args: argparse.Namespace, prompts) -> list[RunResult]:
                     streams, elapsed = asyncio.run(runner())
                     cpu = cpu_delta(before, cpu_by_kind())
                     if i:
-                        runs.append(summarize(front, c, streams, elapsed, cpu))
+                        runs.append(summarize(label, c, streams, elapsed, cpu))
                 results.append(median_result(runs))
-                print(f"  {front} c={c}: {results[-1].tok_per_s:,.0f} tok/s", file=sys.stderr, flush=True)
+                print(f"  {label} c={c}: {results[-1].tok_per_s:,.0f} tok/s", file=sys.stderr, flush=True)
         serve.shutdown()
     finally:
         ray.shutdown()
@@ -361,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="runs per cell; each figure is the median")
     p.add_argument("--grpc-port", type=int, default=9310)
     p.add_argument("--http-port", type=int, default=8310)
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="ClusterConfig.direct_ingress (cluster/direct_ingress.py): each front is measured through "
+                        "the proxy and again straight to the Ingress replica's own port (rows grpc-direct, "
+                        "http-direct), in the same run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args(argv)
@@ -378,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         results += run_cluster(args, prompts)
     title = (f"model={args.model} load_format={args.load_format} in/out={args.input_len}/{args.output_len} "
              f"stream_interval_ms={args.stream_interval_ms} repeats={args.repeats} (medians) "
+             f"{'direct_ingress ' if args.direct_ingress else ''}"
              f"load avg before={load[0]:.2f} after={os.getloadavg()[0]:.2f} cores={os.cpu_count()}")
     print_table(results, title)
     if args.json:

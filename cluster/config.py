@@ -150,6 +150,10 @@ class ClusterConfig:
     # How stream items cross Serve's hops: "grpc" (Serve's gRPC transport) or "actor" (Ray
     # streaming generators, Serve's default); see SERVE_TRANSPORTS above.
     serve_transport: str = "grpc"
+    # Serve's direct ingress (cluster/direct_ingress.py): each Ingress replica also serves gRPC and
+    # HTTP on its own ports (Serve's, from 40000 / 30000), one process hop less than the proxy.
+    # Serve binds that gRPC port on every interface (`host` does not apply to it) and without TLS.
+    direct_ingress: bool = False
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -180,6 +184,9 @@ class ClusterConfig:
                     raise ConfigError(f"{name}: no such file: {path!r}")
         if self.serve_transport not in SERVE_TRANSPORTS:
             raise ConfigError(f"serve_transport: must be one of {', '.join(SERVE_TRANSPORTS)}, got {self.serve_transport!r}")
+        if self.direct_ingress and (self.ssl_certfile or self.grpc_ssl_certfile):
+            raise ConfigError("direct_ingress: the Ingress replicas' own servers have no TLS option in Ray Serve "
+                              "2.60; unset ssl_certfile / grpc_ssl_certfile or direct_ingress")
         if self.router not in ROUTERS:
             raise ConfigError(f"router: must be one of {', '.join(ROUTERS)}, got {self.router!r}")
         for key in _ENGINE_TOP_LEVEL:
@@ -296,10 +303,12 @@ class ClusterConfig:
     def replica_env(self) -> dict[str, str]:
         """REPLICA_ENV for this application's replicas. Ray's PrefixCacheAffinityRouter makes
         blocking ray.get calls while it routes, so with it routing keeps its own loop."""
+        from shardline.cluster.direct_ingress import direct_ingress_environment
+
         env = dict(REPLICA_ENV)
         if self.router == "prefix_affinity":
             env[ROUTER_LOOP_ENV] = "1"
-        return env
+        return env | direct_ingress_environment(self)
 
     def stream_handle_options(self) -> dict[str, Any]:
         """`DeploymentHandle.options` of the Ingress's generate calls to the ReplicaGroup for

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from shardline.cluster.config import PROXY_GRPC_ENV, ROUTER_LOOP_ENV, ClusterConfig
+from shardline.cluster.direct_ingress import direct_ingress_environment
 
 # How long Serve's proxy must have been draining before it reports itself drained (Serve's default
 # is 30 s); cluster/drain.py drains the proxies after the ingress and waits for their streams.
@@ -31,12 +32,13 @@ def proxy_environment(config: ClusterConfig) -> dict[str, str]:
     gRPC message bound, the proxies' handles routing on their own loop (ROUTER_LOOP_ENV "0",
     as the replicas' runtime_env sets it: cluster/config.py REPLICA_ENV), a short minimum
     draining period (a drain waits for the proxies' own open requests: cluster/drain.py), and the
-    transport to the Ingress (PROXY_GRPC_ENV, from serve_transport). deploy/kuberay sets the same
+    transport to the Ingress (PROXY_GRPC_ENV, from serve_transport), and with direct_ingress the
+    controller's and the Ingress replicas' switch for it (cluster/direct_ingress.py). deploy/kuberay sets the same
     variables in the pods' env (tests/test_deploy_manifests.py)."""
     return {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(config.max_grpc_message_bytes),
             ROUTER_LOOP_ENV: config.replica_env()[ROUTER_LOOP_ENV],
             PROXY_DRAIN_ENV: PROXY_MIN_DRAINING_PERIOD_S,
-            PROXY_GRPC_ENV: "1" if config.serve_transport == "grpc" else "0"}
+            PROXY_GRPC_ENV: "1" if config.serve_transport == "grpc" else "0"} | direct_ingress_environment(config)
 
 
 def apply_proxy_environment(config: ClusterConfig) -> None:

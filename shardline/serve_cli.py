@@ -61,6 +61,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--tenant-isolation", action="store_true", default=None,
                        help="each API key gets its own prefix-cache partition: cache hits, cached_tokens and TTFT "
                             "never reveal another tenant's prompts (docs/security.md)")
+    serve.add_argument("--direct-ingress", action="store_true", default=None,
+                       help="the Ingress replicas also serve gRPC and HTTP on ports of their own (Serve's direct "
+                            "ingress: no proxy hop; ports printed at start-up; no TLS; docs/performance.md)")
     serve.add_argument("--max-request-body-bytes", type=int, default=None, metavar="N",
                        help="HTTP bodies beyond this are refused with 413 before they are read (default 8 MiB)")
     serve.add_argument("--max-grpc-message-bytes", type=int, default=None, metavar="N",
@@ -97,7 +100,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 # `serve` flags that are ClusterConfig fields of the same name (engine flags are handled apart).
 _CLUSTER_FLAGS = ("replicas", "grpc_port", "http_port", "host", "served_model_names", "api_keys",
                   "generation_config", "chat_template", "enable_auto_tool_choice", "tool_call_parser",
-                  "ssl_certfile", "ssl_keyfile", "grpc_ssl_certfile", "grpc_ssl_keyfile", "tenant_isolation",
+                  "ssl_certfile", "ssl_keyfile", "grpc_ssl_certfile", "grpc_ssl_keyfile", "tenant_isolation", "direct_ingress",
                   "max_request_body_bytes", "max_grpc_message_bytes", "log_json", "log_level", "log_prompts")
 
 
@@ -162,6 +165,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   f"--address {host}:{config.grpc_port} \"What is the capital of France?\")\n"
                   f"  HTTP    {scheme}://{host}:{config.http_port}/v1   (OpenAI-compatible)\n"
                   f"  metrics {scheme}://{host}:{config.http_port}/metrics\n"
+                  f"{direct_ingress_banner(config, host)}"
                   "Ctrl-C to stop.", flush=True)
         while not stop.wait(0.5):
             pass
@@ -180,6 +184,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         ray.shutdown()
     return 0
+
+
+def direct_ingress_banner(config: ClusterConfig, host: str) -> str:
+    """The Ingress's own addresses under direct ingress (cluster/direct_ingress.py), else ''."""
+    if not config.direct_ingress:
+        return ""
+    from shardline.cluster.direct_ingress import direct_ingress_ports
+
+    grpc_port, http_port = direct_ingress_ports(config.app_name)
+    return (f"  direct  gRPC {host}:{grpc_port}, HTTP http://{host}:{http_port}/v1   (the Ingress's own ports, "
+            "no proxy hop; gRPC on every interface whatever --host says)\n")
 
 
 def _wait_ready(config: ClusterConfig, stop: threading.Event, timeout_s: float = 900.0) -> None:

@@ -205,6 +205,8 @@ def test_serve_flags_are_laid_over_the_config_files_engine_section(parser, tmp_p
     config = config_from_args(args)
     assert config.model == "from-file" and config.http_port == 8200
     assert config.engine == {"max_num_seqs": 8, "block_size": 64}
+    assert not config.direct_ingress
+    assert config_from_args(parser.parse_args(["serve", "--config", str(path), "--direct-ingress"])).direct_ingress
 
 
 def test_api_keys_come_from_the_environment_when_none_are_given(monkeypatch) -> None:

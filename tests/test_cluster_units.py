@@ -286,6 +286,23 @@ def test_serve_transport_sets_the_ingress_handle_and_the_proxies_environment() -
         ClusterConfig(serve_transport="http")
 
 
+def test_direct_ingress_switches_every_serve_process_and_refuses_tls(tmp_path) -> None:
+    from shardline.cluster.direct_ingress import DIRECT_INGRESS_DRAIN_ENV, DIRECT_INGRESS_ENV
+    from shardline.cluster.proxies import proxy_environment
+
+    on = ClusterConfig(direct_ingress=True)
+    for env in (proxy_environment(on), on.replica_env()):  # the controller and proxies, and the replicas
+        assert env[DIRECT_INGRESS_ENV] == "1" and float(env[DIRECT_INGRESS_DRAIN_ENV]) < 30  # not Serve's 30 s
+    off = ClusterConfig()
+    assert DIRECT_INGRESS_ENV not in proxy_environment(off) and DIRECT_INGRESS_ENV not in off.replica_env()
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_text("x")
+    key.write_text("x")
+    for prefix in ("ssl", "grpc_ssl"):
+        with pytest.raises(ConfigError, match="direct_ingress.*TLS"):
+            ClusterConfig(direct_ingress=True, **{f"{prefix}_certfile": str(cert), f"{prefix}_keyfile": str(key)})
+
+
 def test_choices_of_a_request_have_their_own_ids_and_seed_streams() -> None:
     request = GenerationRequest.validated([1, 2, 3], SamplingParams(n=3, seed=7), Limits(64, 100), "r")
     choices = [request.choice(i) for i in range(3)]
