@@ -94,7 +94,7 @@ def bench_attention(dtype: torch.dtype, copy_gbs: float) -> list[dict]:
             ours = time_ms(lambda: ours_backend.forward(q, cache, meta, scale))
             base = time_ms(lambda: ref_backend.forward(q, cache, meta, scale))
             nbytes = cache.numel() * cache.element_size() + 2 * q.numel() * q.element_size()
-            splits = ours_backend.choose_num_splits(q, cache, meta)
+            splits = ours_backend.choose_splits(q, cache, meta).max_splits
             rows.append(row("decode_attention", f"batch={batch} ctx={context} splits={splits}", ours, base, nbytes, copy_gbs))
     return rows
 

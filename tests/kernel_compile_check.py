@@ -133,7 +133,8 @@ def check_attention(quick: bool) -> None:
             for seqs in batches:
                 q, cache, qsl, sl, bt, mq, ms = _batch(seqs, heads, kv, hd, block, dtype)
                 for splits in (1, 4):
-                    paged_attention.paged_attention(q, cache, qsl, sl, bt, mq, ms, 0.1, num_splits=splits)
+                    paged_attention.paged_attention(q, cache, qsl, sl, bt, mq, ms, 0.1, num_splits=splits,
+                                                    tokens_per_split=64)
                 key = q[:, :kv].contiguous()
                 slots = torch.zeros(q.shape[0], dtype=torch.int64)
                 kv_write.write_kv(key, key, cache, slots, impl="triton")

@@ -110,11 +110,16 @@ def test_capture_sizes_are_powers_of_two_to_eight_then_steps_of_sixteen():
     assert capture_batch_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-split"])
 def test_padded_decode_matches_eager_and_padding_rows_write_nothing(tiny, backend, request):
-    if backend == "triton":
+    if backend != "torch":
         request.getfixturevalue("interpreter")
-    model = load(tiny[0], backend)
+    model = load(tiny[0], backend.removesuffix("-split"))
+    if backend == "triton-split":
+        # The padded path launches split slots for max_model_len, eager ones for the real longest
+        # context; each row still splits by its own length on the device (4..21 tokens: 1..4 splits).
+        attention = model.layers[0].self_attn.backend
+        attention.num_splits, attention.tokens_per_split = 4, 4
     batch = prompts(3, seed=4, min_len=3, max_len=20)
     runner = runner_for(model, len(batch))
     seqs = prefill(runner, batch)
