@@ -172,6 +172,8 @@ def check_matvec(quick: bool) -> None:
                 w = torch.zeros(N, K, dtype=dtype)
                 matvec.matvec(x, w, impl="triton")
                 matvec.matvec(torch.zeros(M, 2 * K, dtype=dtype), w, impl="triton", gated=True)  # down with SiLU-and-mul
+                norm = matvec.PreNorm(torch.ones(K, dtype=dtype), 1e-5, torch.zeros(M, K, dtype=dtype))
+                matvec.normed_matvec(x, w, norm, impl="triton")  # QKV / gate-up with RMSNorm + residual
                 if not quick:  # a split config and a wide one (the FMA path's 3-D accumulator bounds its tiles)
                     wide = matvec.MatvecConfig(128, 128, 1) if M > matvec.FMA_MAX_M else matvec.MatvecConfig(32, 128, 1)
                     for cfg in (matvec.MatvecConfig(16, 512 // matvec.next_pow2(M), 4), wide):

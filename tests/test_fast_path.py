@@ -64,6 +64,21 @@ def test_fused_triton_model_logits_match_transformers_within_1e3(tiny, interpret
         row += len(p)
 
 
+def test_fused_triton_gemma2_with_sandwich_norms_matches_transformers(tmp_path, interpreter):
+    # Gemma's MLP pre-norm is pre_feedforward_layernorm (after post_attention_layernorm): the one
+    # folded into gate/up must be that one.
+    hf = write_tiny_checkpoint("gemma2", tmp_path, seed=1)
+    model = load(tmp_path, "triton")
+    model.set_fused_kernels("triton")
+    prompt = prompts(1, seed=3, min_len=6, max_len=6)[0]
+    inputs = build_step_inputs([SeqSlice(prompt, 0, table(0), True)], BLOCK, torch.device("cpu"))
+    inputs.sample_rows = torch.arange(len(prompt))
+    logits = runner_for(model, 1).execute(inputs)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0]
+    assert (logits - ref).abs().max().item() <= 1e-3
+
+
 def test_fused_triton_engine_greedy_tokens_equal_transformers(tiny, interpreter):
     d, hf = tiny
     engine = LLMEngine(EngineConfig(model=str(d), num_kv_blocks=64, block_size=BLOCK, max_num_batched_tokens=64,
@@ -212,12 +227,13 @@ class _CountAtenOps(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_a_decode_step_on_the_graph_path_launches_eight_kernels_a_layer(tiny, interpreter, monkeypatch):
+def test_a_decode_step_on_the_graph_path_launches_six_kernels_a_layer(tiny, interpreter, monkeypatch):
     # Counted on the padded graph path, run eagerly through the interpreter: every Triton launch
-    # (hooked on the launcher) and every torch op that does work. Per layer: two RMSNorm+residual,
-    # QKV, RoPE with the KV write, attention (one kernel: no split at this context), O, gate/up,
-    # down with SiLU-and-mul in its loads. Before issue 18: RoPE, the KV write and SiLU-and-mul were
-    # kernels of their own and a split matvec added a sum kernel (14 a layer at Llama-3-8B, batch 1).
+    # (hooked on the launcher) and every torch op that does work. Per layer: QKV with its RMSNorm
+    # (+ residual add) in its loads, RoPE with the KV write, attention (one kernel: no split at this
+    # context), O, gate/up with its RMSNorm, down with SiLU-and-mul in its loads. Before issue 18:
+    # the norms, RoPE, the KV write and SiLU-and-mul were kernels of their own and a split matvec
+    # added a sum kernel (14 a layer at Llama-3-8B, batch 1).
     from shardline.worker.kernels import runtime
 
     model = load(tiny[0], "triton")
@@ -251,7 +267,8 @@ def test_a_decode_step_on_the_graph_path_launches_eight_kernels_a_layer(tiny, in
     layers = model.config.num_hidden_layers
     per_layer = {name: launches.count(name) / layers for name in set(launches)}
     # the final norm and the LM head are the two launches outside the layers
-    assert len(launches) == 8 * layers + 2, per_layer
+    assert len(launches) == 6 * layers + 2, per_layer
+    assert launches.count("_rms_norm_kernel") == 1  # the final norm only
     assert launches.count("_rope_kernel") == layers and "_write_kv_kernel" not in launches
     assert "_silu_and_mul_kernel" not in launches
     assert launches.count("_matvec_kernel") == 4 * layers + 1 and "_sum_splits_kernel" not in launches

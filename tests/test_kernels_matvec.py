@@ -22,7 +22,8 @@ from shardline.worker.kernels.linear_choice import (
 )
 from shardline.worker.kernels import matvec as matvec_module
 from shardline.worker.kernels.activation import silu_and_mul
-from shardline.worker.kernels.matvec import MatvecConfig, default_config, matvec
+from shardline.worker.kernels.matvec import MatvecConfig, PreNorm, default_config, matvec, normed_matvec
+from shardline.worker.kernels.rmsnorm import rms_norm
 
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 3e-2)}
 
@@ -63,6 +64,28 @@ def test_gated_matvec_applies_silu_and_mul_as_it_loads_its_input(interpreter, dt
     assert torch.equal(matvec(gate_up, w, gated=True, impl="torch"), matvec(silu_and_mul(gate_up, impl="torch"), w, impl="torch"))
     with pytest.raises(ValueError, match=r"\[M, 2K\]"):
         matvec(gate_up[:, :96], w, impl="triton", gated=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,K,config,residual", [(1, 256, None, True), (3, 200, MatvecConfig(16, 64, split_k=3), True),
+                                                 (9, 192, None, True), (2, 96, None, False)],
+                         ids=["fma", "fma-ragged-split3", "dot", "no-residual"])
+def test_normed_matvec_equals_rms_norm_then_matvec(interpreter, dtype, M, K, config, residual):
+    # QKV and gate/up with their pre-norm (and its residual add) folded into the loads: the same
+    # numbers as the RMSNorm kernel's output fed to the plain matvec, and the same next residual,
+    # written once however many programs (and K slices) the launch has.
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    res = torch.randn(M, K, generator=g).to(dtype) if residual else None
+    gamma = (1 + 0.3 * torch.randn(K, generator=g)).to(dtype)
+    w = (torch.randn(48, K, generator=g) / K**0.5).to(dtype)
+    fused, summed = normed_matvec(x, w, PreNorm(gamma, 1e-5, res), config, impl="triton")
+    h, expected_sum = rms_norm(x, gamma, 1e-5, res, impl="triton")
+    separate = matvec(h, w, config, impl="triton")
+    assert torch.equal(summed, expected_sum)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(fused.float(), separate.float(), atol=atol, rtol=rtol)
+    assert (fused.float() - matvec(x, w, config, impl="triton").float()).abs().max() > 1e-2  # the norm mattered
 
 
 def test_split_k_reduces_in_the_same_launch_and_leaves_its_tickets_at_zero(interpreter):
