@@ -239,6 +239,25 @@ def test_a_candidate_whose_output_is_wrong_is_never_timed_nor_chosen(interpreter
     assert impl.kind == "torch" and impl.triton_ms == 2.0  # the correct config was timed, and lost to cuBLAS
 
 
+def test_fp8_choices_are_decided_at_start_up_by_the_same_measure_and_never_while_serving(interpreter):
+    # The FP8 tuner is the float one with another trial: W8A8 (torch._scaled_mm, which CPU torch
+    # runs) as the baseline, the weight-only matvec configs as candidates, each checked first.
+    from shardline.worker.kernels.fp8_linear_choice import Fp8LinearAutotuner
+    from shardline.worker.layers.quantization.fp8 import w8a8_matmul
+
+    fastest = candidates(1, 32, 64, 132)[0]
+    timer = _ScriptedTimer(fastest)
+    tuner = Fp8LinearAutotuner(w8a8_matmul, timer=timer, allow_cpu=True)
+    assert tuner.pick(1, 32, 64, torch.float32, "cpu").kind == "torch" and tuner.table == {}  # serving: W8A8
+    assert tuner.tune([(32, 64)], torch.float32, "cpu") == len(M_BUCKETS)
+    first = tuner.table[(1, 32, 64, torch.float32, "cpu")]
+    assert first.kind == "triton" and first.config == fastest and first.torch_ms == 1.0 and first.rejected == 0
+    assert timer.timed[0].kind == "torch"  # the W8A8 baseline is timed with the candidates
+    timed = len(timer.timed)
+    assert tuner.pick(3, 32, 64, torch.float32, "cpu") is tuner.table[(4, 32, 64, torch.float32, "cpu")]
+    assert tuner.pick(1, 64, 64, torch.float32, "cpu").kind == "torch" and len(timer.timed) == timed
+
+
 def test_tuner_candidates_keep_the_fma_accumulator_in_registers_and_split_only_narrow_shapes():
     for M in (1, 2, 4, 8, 16):
         for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096), (1024, 4096)):
