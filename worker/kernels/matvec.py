@@ -46,6 +46,7 @@ from shardline.worker.kernels.runtime import cdiv, interpreted_bf16_dot, kernel,
 
 MAX_M = 16
 FMA_MAX_M = 4  # above this the tile goes through tl.dot (M padded to 16)
+_NORM_TILE = 8192  # elements of x one step of the normed matvec's rms pre-pass loads (16 registers a thread at 4 warps)
 _COUNTERS_PER_DEVICE = 1 << 16  # split-K tickets: one int32 per column block of one launch
 
 
@@ -115,6 +116,7 @@ def _matvec_kernel(
     HAS_SCALE: tl.constexpr,
     NORM: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    NORM_BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -131,8 +133,8 @@ def _matvec_kernel(
         r_rows = res_ptr + tl.minimum(offs_m, M - 1)[:, None] * stride_rm
         sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
         writer = (pid_n == 0) & (pid_k == 0)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, NORM_BLOCK_K):  # few wide steps: latency, not bandwidth, bounds this
+            offs_k = k0 + tl.arange(0, NORM_BLOCK_K)
             k_ok = offs_k < K
             h = tl.load(x_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
             if HAS_RESIDUAL:  # rounded to the activation dtype, as the unfused `x + residual` is
@@ -355,6 +357,8 @@ def _launch(x: torch.Tensor, w: torch.Tensor, config: MatvecConfig | None, gated
         HAS_SCALE=w_scale is not None,
         NORM=norm is not None,
         HAS_RESIDUAL=norm is not None and norm.residual is not None,
+        # the norm's pre-pass loads BLOCK_M x NORM_BLOCK_K elements a step: 8192 (one step at M = 1, K = 4096)
+        NORM_BLOCK_K=min(next_pow2(K), max(16, _NORM_TILE // block_m)) if norm is not None else 16,
         num_warps=cfg.num_warps,
     )
     return out
