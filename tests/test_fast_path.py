@@ -230,14 +230,17 @@ class _CountAtenOps(torch.utils._python_dispatch.TorchDispatchMode):
 def test_a_decode_step_on_the_graph_path_launches_six_kernels_a_layer(tiny, interpreter, monkeypatch):
     # Counted on the padded graph path, run eagerly through the interpreter: every Triton launch
     # (hooked on the launcher) and every torch op that does work. Per layer: QKV with its RMSNorm
-    # (+ residual add) in its loads, RoPE with the KV write, attention (one kernel: no split at this
-    # context), O, gate/up with its RMSNorm, down with SiLU-and-mul in its loads. Before issue 18:
-    # the norms, RoPE, the KV write and SiLU-and-mul were kernels of their own and a split matvec
-    # added a sum kernel (14 a layer at Llama-3-8B, batch 1).
+    # (+ residual add) in its loads, RoPE with the KV write, attention (one kernel, here with its
+    # 7-token context in 3 splits combined in the launch), O, gate/up with its RMSNorm, down with
+    # SiLU-and-mul in its loads. Before issue 18: the norms, RoPE, the KV write, SiLU-and-mul and
+    # the attention reduce were kernels of their own and a split matvec added a sum kernel (14 a
+    # layer at Llama-3-8B, batch 1).
     from shardline.worker.kernels import runtime
 
     model = load(tiny[0], "triton")
     model.set_fused_kernels("triton")
+    attention = model.layers[0].self_attn.backend
+    attention.num_splits, attention.tokens_per_split = 4, 2
     runner = runner_for(model, 1)
     seqs = prefill(runner, prompts(1, seed=4, min_len=6, max_len=6))
     inputs = decode_inputs(seqs)

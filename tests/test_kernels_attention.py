@@ -11,6 +11,7 @@ from kernel_cases import interpreter, make_batch, run_both  # noqa: F401  (fixtu
 from shardline.worker.attention.metadata import get_attention_backend
 from shardline.worker.attention.torch_backend import TorchAttentionBackend
 from shardline.worker.attention.triton_backend import SplitPlan, TritonAttentionBackend
+from shardline.worker.kernels.matvec import split_tickets
 from shardline.worker.kernels.paged_attention import split_slots
 
 # (query_len, seq_len) per sequence
@@ -122,13 +123,18 @@ def test_split_slots_never_exceed_what_the_longest_context_fills():
 
 def test_decode_rows_short_and_long_take_their_own_split_counts_in_one_launch(interpreter):
     # Launched as a captured graph is (slots sized from a max_seq_len far past every context): each
-    # row splits by its own length on the device, 1 split for 3 and 17 tokens, 2 for 40, 4 for 90.
+    # row splits by its own length on the device, 1 split for 3 and 17 tokens, 2 for 40, 4 for 90,
+    # and one launch does it all (no reduce kernel).
     backend = TritonAttentionBackend(num_splits=4, block_n=16, tokens_per_split=16)
     q, k, v, cache, meta = make_batch([(1, 3), (1, 40), (1, 90), (1, 17)], 8, 2, 32, 16)
     meta.max_seq_len = 4096
     backend.write_kv(k, v, cache, meta)
     ref = TorchAttentionBackend().forward(q, cache, meta, 32**-0.5)
-    torch.testing.assert_close(backend.forward(q, cache, meta, 32**-0.5), ref, atol=1e-4, rtol=1e-3)
+    out = backend.forward(q, cache, meta, 32**-0.5)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3)
+    # the last split of each split row combined them in the same launch and reset its counter
+    assert int(split_tickets(q.device).abs().sum()) == 0
+    assert torch.equal(backend.forward(q, cache, meta, 32**-0.5), out)  # split order: bit-identical
 
 
 def test_mixed_step_splits_a_long_decode_beside_prefill_chunks(interpreter):

@@ -18,7 +18,6 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
     [
         (paged_attention._paged_attention_kernel,
          {"num_seqs", "stride_bt", "stride_mt", "stride_mh", "max_splits", "tokens_per_split"}),
-        (paged_attention._reduce_splits_kernel, {"max_splits", "tokens_per_split", "stride_mt", "stride_mh"}),
         (matvec._matvec_kernel, {"M"}),
     ],
 )

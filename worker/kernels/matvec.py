@@ -47,7 +47,7 @@ from shardline.worker.kernels.runtime import cdiv, interpreted_bf16_dot, kernel,
 MAX_M = 16
 FMA_MAX_M = 4  # above this the tile goes through tl.dot (M padded to 16)
 _NORM_TILE = 8192  # elements of x one step of the normed matvec's rms pre-pass loads (16 registers a thread at 4 warps)
-_COUNTERS_PER_DEVICE = 1 << 16  # split-K tickets: one int32 per column block of one launch
+TICKET_COUNTERS = 1 << 16  # split-K tickets: one int32 per column block of one launch
 
 
 @dataclass(frozen=True)
@@ -205,19 +205,20 @@ def _matvec_kernel(
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_TICKETS: dict[torch.device, torch.Tensor] = {}
+_TICKETS_BY_DEVICE: dict[torch.device, torch.Tensor] = {}
 
 
-def _tickets(device: torch.device) -> torch.Tensor:
-    """The split-K ticket counters of `device`: zeroed once, left zeroed by every launch.
+def split_tickets(device: torch.device) -> torch.Tensor:
+    """The split-K ticket counters of `device` (the matvec's and paged attention's): zeroed once,
+    left zeroed by every launch.
 
     NOTE: shared by every split launch on the device, which is safe because launches on one stream
     run in order; the first call must come outside CUDA-graph capture (the engine's warm-up does),
     or the zeroing would be captured into the graph's pool.
     """
-    t = _TICKETS.get(device)
+    t = _TICKETS_BY_DEVICE.get(device)
     if t is None:
-        t = _TICKETS[device] = torch.zeros(_COUNTERS_PER_DEVICE, dtype=torch.int32, device=device)
+        t = _TICKETS_BY_DEVICE[device] = torch.zeros(TICKET_COUNTERS, dtype=torch.int32, device=device)
     return t
 
 
@@ -315,10 +316,10 @@ def _launch(x: torch.Tensor, w: torch.Tensor, config: MatvecConfig | None, gated
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     upcast = interpreted_bf16_dot(x.dtype)
     if split > 1:
-        if grid_n > _COUNTERS_PER_DEVICE:
-            raise ValueError(f"matvec: split-K over {grid_n} column blocks, more than {_COUNTERS_PER_DEVICE}")
+        if grid_n > TICKET_COUNTERS:
+            raise ValueError(f"matvec: split-K over {grid_n} column blocks, more than {TICKET_COUNTERS}")
         part = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
-        tickets = _tickets(x.device)
+        tickets = split_tickets(x.device)
     else:
         part, tickets = out, out
     _matvec_kernel[(grid_n, split)](

@@ -12,10 +12,13 @@ minimum partition length. Each decode row (query length 1) reads its own context
 n = clamp(attended // tokens_per_split, 1, slots) splits over its attended range only: [0, ctx), or
 [max(0, ctx - window), ctx) with a sliding window. Programs of slots >= n return at once; with n == 1
 the row's one program writes the output directly, otherwise each split writes its normalized partial
-output with its running max and sum (indexed by sequence) and a reduce kernel, which recomputes n the
-same way, rescales and combines them. Prefill tiles (query length > 1) never split, so a long decode
-inside a mixed prefill+decode step splits while the prefill tiles beside it run in one pass, and the
-partial buffers stay [num_seqs, heads, slots, head_dim] whatever the chunk sizes.
+output with its running max and sum (indexed by sequence) and takes a ticket from a counter of its
+(sequence, KV head); the program that draws the last ticket rescales and combines the partials in
+split order (deterministic, whichever program is last), writes the output and resets the counter,
+as the matvec's split-K does (worker/kernels/matvec.py): attention is one kernel, split or not.
+Prefill tiles (query length > 1) never split, so a long decode inside a mixed prefill+decode step
+splits while the prefill tiles beside it run in one pass, and the partial buffers stay
+[num_seqs, heads, slots, head_dim] whatever the chunk sizes.
 
 Sliding windows (Mistral, Gemma 2/3's local layers): with window w a query at position p sees keys
 p - w < k <= p; a tile starts its key loop at its first query's oldest visible key, so blocks
@@ -32,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from shardline.worker.attention.kv_cache_dtype import KVScales, is_fp8_kv, scales_or_unit
+from shardline.worker.kernels.matvec import TICKET_COUNTERS, split_tickets
 from shardline.worker.kernels.runtime import interpreted_bf16_dot, kernel, next_pow2, tl
 
 _LOG2E = 1.4426950408889634
@@ -49,6 +53,7 @@ def _paged_attention_kernel(
     part_o_ptr,
     part_m_ptr,
     part_l_ptr,
+    ticket_ptr,
     query_start_loc_ptr,
     seq_lens_ptr,
     block_tables_ptr,
@@ -141,8 +146,6 @@ def _paged_attention_kernel(
     kv_lo = kv_start
     kv_hi = kv_end
     if SPLIT:  # this row's own split count, from its attended range
-        # NOTE: the same formula is in the reduce kernel (this package's kernels call no helper
-        # kernels); both must agree.
         n_split = tl.minimum(tl.maximum((kv_end - kv_start) // tokens_per_split, 1), max_splits)
         n_split = tl.where(q_len == 1, n_split, 1)  # prefill tiles never split
         if split >= n_split:
@@ -193,7 +196,7 @@ def _paged_attention_kernel(
         o = o * tl.load(v_scale_ptr)
     mask_o = row_ok[:, None] & d_ok[None, :]
     dst = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
-    if SPLIT:  # a split row leaves partials (by sequence: only query-length-1 rows split) to the reduce
+    if SPLIT:  # a split row leaves partials (by sequence: only query-length-1 rows split); the last combines
         # NOTE: broadcast before comparing: the interpreter stores a scalar int1 & block int1 as int32
         partial = (tl.zeros([BLOCK_M], dtype=tl.int32) + n_split) > 1
         seq64 = seq.to(tl.int64)  # type: ignore[attr-defined]
@@ -203,64 +206,36 @@ def _paged_attention_kernel(
         tl.store(part_m_ptr + ml, m_i, mask=row_ok & partial)
         tl.store(part_l_ptr + ml, l_i, mask=row_ok & partial)
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=mask_o & ~partial[:, None])
+        if n_split > 1:
+            # Every thread's partial is stored before the one release below (CTA barrier, then a
+            # gpu-scope acq_rel ticket): the program that draws the last ticket sees all partials.
+            tl.debug_barrier()
+            counter = ticket_ptr + seq * tl.num_programs(1) + kv_head
+            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if ticket == n_split - 1:
+                ml0 = seq64 * stride_mt + head.to(tl.int64) * stride_mh
+                m_max = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+                for s in range(0, n_split):
+                    m_s = tl.load(part_m_ptr + ml0 + s, mask=row_ok, other=-1.0e30, cache_modifier=".cg")
+                    m_max = tl.maximum(m_max, m_s)
+                # Partials are normalized by their own sums; weight each by its share of the global
+                # sum (a split past the range's last tile saw no key: l = 0 weighs nothing).
+                total = tl.zeros([BLOCK_M], dtype=tl.float32)
+                comb = tl.zeros([BLOCK_M, HEAD_D_PAD], dtype=tl.float32)
+                for s in range(0, n_split):
+                    m_s = tl.load(part_m_ptr + ml0 + s, mask=row_ok, other=-1.0e30, cache_modifier=".cg")
+                    l_s = tl.load(part_l_ptr + ml0 + s, mask=row_ok, other=0.0, cache_modifier=".cg")
+                    w = tl.exp2(m_s - m_max) * l_s
+                    o_off = seq64 * stride_pt + head.to(tl.int64) * stride_ph + s * stride_ps
+                    o_s = tl.load(part_o_ptr + o_off[:, None] + offs_d[None, :], mask=mask_o, other=0.0,
+                                  cache_modifier=".cg")
+                    comb += w[:, None] * o_s
+                    total += w
+                comb = comb / tl.where(total > 0.0, total, 1.0)[:, None]
+                tl.store(dst, comb.to(out_ptr.dtype.element_ty), mask=mask_o)
+                tl.store(counter, 0)  # ready for the next launch (and the next graph replay)
     else:
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=mask_o)
-
-
-@kernel(do_not_specialize=("max_splits", "tokens_per_split", "stride_mt", "stride_mh"))
-def _reduce_splits_kernel(
-    out_ptr,
-    part_o_ptr,
-    part_m_ptr,
-    part_l_ptr,
-    query_start_loc_ptr,
-    seq_lens_ptr,
-    max_splits,
-    tokens_per_split,
-    window,
-    stride_ot,
-    stride_oh,
-    stride_pt,
-    stride_ph,
-    stride_ps,
-    stride_mt,
-    stride_mh,
-    HEAD_D: tl.constexpr,
-    HEAD_D_PAD: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    q_begin = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
-    seq_len = tl.load(seq_lens_ptr + seq)
-    kv_start = 0
-    if HAS_WINDOW:  # the decode row's oldest visible key, as in the attention kernel
-        kv_start = tl.maximum(seq_len - window, 0)
-    n_split = tl.minimum(tl.maximum((seq_len - kv_start) // tokens_per_split, 1), max_splits)
-    if q_len != 1 or n_split == 1:  # the attention kernel wrote this sequence's output itself
-        return
-    s64 = seq.to(tl.int64)
-    offs_s = tl.arange(0, SPLITS_PAD)
-    s_ok = offs_s < n_split
-    ml = s64 * stride_mt + head * stride_mh + offs_s
-    m = tl.load(part_m_ptr + ml, mask=s_ok, other=-1.0e30)
-    l = tl.load(part_l_ptr + ml, mask=s_ok, other=0.0)
-    # Partials are normalized by their own sums; weight each by its share of the global sum (a split
-    # past the range's last tile saw no key: l = 0 weighs nothing).
-    w = tl.exp2(m - tl.max(m, 0)) * l
-    w = w / tl.sum(w, 0)
-    offs_d = tl.arange(0, HEAD_D_PAD)
-    d_ok = offs_d < HEAD_D
-    o = tl.load(
-        part_o_ptr + s64 * stride_pt + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
-        mask=s_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    res = tl.sum(o * w[:, None], 0)
-    t64 = q_begin.to(tl.int64)
-    tl.store(out_ptr + t64 * stride_ot + head * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 def tile_shape(num_heads: int, num_kv_heads: int, max_query_len: int) -> tuple[int, int, int]:
@@ -329,8 +304,12 @@ def paged_attention(
         part_o = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
         part_m = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
         part_l = torch.empty_like(part_m)
+        if num_seqs * num_kv_heads > TICKET_COUNTERS:
+            raise ValueError(f"paged_attention: split tickets for {num_seqs} sequences x {num_kv_heads} KV heads, "
+                             f"more than {TICKET_COUNTERS}")
+        tickets = split_tickets(query.device)
     else:  # unused by the kernel; any tensor of the right kind keeps the signature fixed
-        part_o = part_m = part_l = out
+        part_o = part_m = part_l = tickets = out
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     upcast = interpreted_bf16_dot(query.dtype)
     fp8 = is_fp8_kv(kv_cache)
@@ -344,6 +323,7 @@ def paged_attention(
         part_o,
         part_m,
         part_l,
+        tickets,
         query_start_loc,
         seq_lens,
         block_tables,
@@ -384,27 +364,4 @@ def paged_attention(
         HAS_SOFTCAP=logit_softcap is not None,
         FP8=fp8,
     )
-    if split:
-        _reduce_splits_kernel[(num_seqs, num_heads)](
-            out,
-            part_o,
-            part_m,
-            part_l,
-            query_start_loc,
-            seq_lens,
-            num_splits,
-            tokens_per_split,
-            sliding_window or 0,
-            out.stride(0),
-            out.stride(1),
-            part_o.stride(0),
-            part_o.stride(1),
-            part_o.stride(2),
-            part_m.stride(0),
-            part_m.stride(1),
-            HEAD_D=head_dim,
-            HEAD_D_PAD=head_d_pad,
-            SPLITS_PAD=next_pow2(num_splits),
-            HAS_WINDOW=sliding_window is not None,
-        )
     return out
