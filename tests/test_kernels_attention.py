@@ -10,7 +10,7 @@ import torch
 from kernel_cases import interpreter, make_batch, run_both  # noqa: F401  (fixture)
 from shardline.worker.attention.metadata import get_attention_backend
 from shardline.worker.attention.torch_backend import TorchAttentionBackend
-from shardline.worker.attention.triton_backend import SplitPlan, TritonAttentionBackend
+from shardline.worker.attention.triton_backend import SplitPlan, TritonAttentionBackend, decode_split_slots
 from shardline.worker.kernels.matvec import split_tickets
 from shardline.worker.kernels.paged_attention import split_slots
 
@@ -119,6 +119,13 @@ def test_split_slots_never_exceed_what_the_longest_context_fills():
     assert split_slots(20, 8, 16) == 1
     assert split_slots(4096, 1, 64) == 1
     assert split_slots(131072, 32, 256) == 32
+
+
+def test_decode_split_slots_fill_the_sms_and_leave_long_rows_room_within_a_budget():
+    # Llama-3-8B on an H200 (8 KV heads, GQA 4: 10 programs a sequence at batch b, 132 SMs)
+    assert decode_split_slots(8, 132) == 32  # batch 1: the cap
+    assert decode_split_slots(320, 132) == 3  # batch 32: 4 x 264 // 320, above ceil(264 / 320)
+    assert decode_split_slots(1060, 132) == 1  # past the budget: no slots
 
 
 def test_decode_rows_short_and_long_take_their_own_split_counts_in_one_launch(interpreter):

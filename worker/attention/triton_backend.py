@@ -23,6 +23,7 @@ from shardline.worker.kernels.paged_attention import paged_attention, tile_shape
 
 _MIN_PARTITION = 256  # tokens per split below which splitting costs more than it saves
 _MAX_SPLITS = 32
+_SLOT_BUDGET = 4  # split-slot programs a decode-only launch may have, in multiples of 2 x SMs
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,9 @@ class TritonAttentionBackend:
     def choose_splits(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> SplitPlan:
         """Mixed steps (any device; never captured): a long decode is cut into pieces about as long
         as the longest prefill's context, so it ends with the prefill tiles beside it instead of
-        after them. Decode-only steps (CUDA): slots only when the (tile, KV head) programs would
-        leave SMs idle, from the batch shape, so a graph's choice holds for every replay."""
+        after them. Decode-only steps (CUDA): slots from the batch shape and SM count (so a graph's
+        choice holds for every replay): enough to fill 2 x SMs with programs, and up to
+        _SLOT_BUDGET times that so a long row among short ones still splits."""
         if self.num_splits is not None:
             return SplitPlan(self.num_splits, self.tokens_per_split)
         if not meta.is_pure_decode:
@@ -101,15 +103,23 @@ class TritonAttentionBackend:
         num_heads, num_kv_heads = query.shape[1], kv_cache.shape[3]
         _, block_q, _ = tile_shape(num_heads, num_kv_heads, meta.max_query_len)
         programs = (query.shape[0] // block_q + meta.seq_lens.shape[0]) * num_kv_heads
-        target = 2 * self._num_sms(query.device)
-        slots = 1 if programs >= target else min(math.ceil(target / programs), _MAX_SPLITS)
-        return SplitPlan(slots, self.tokens_per_split)
+        return SplitPlan(decode_split_slots(programs, self._num_sms(query.device)), self.tokens_per_split)
 
     def _num_sms(self, device: torch.device) -> int:
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in self._sm_count:
             self._sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
         return self._sm_count[index]
+
+
+def decode_split_slots(programs: int, num_sms: int) -> int:
+    """Split slots of a decode-only launch of `programs` (tile, KV head) programs: enough to fill
+    2 x SMs with short contexts, and up to _SLOT_BUDGET times that for long ones (a row uses only
+    the slots its own length fills, and an unused slot's program exits after a few scalar loads,
+    so the budget bounds that waste to a few waves); 1 to _MAX_SPLITS."""
+    target = 2 * num_sms
+    slots = max(math.ceil(target / max(1, programs)), _SLOT_BUDGET * target // max(1, programs))
+    return max(1, min(slots, _MAX_SPLITS))
 
 
 def longest_contexts(meta: AttentionMetadata) -> tuple[int, int]:

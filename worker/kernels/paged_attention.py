@@ -117,6 +117,23 @@ def _paged_attention_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     cached_len = seq_len - q_len
 
+    # Keys this tile can see: up to its last query position (causal), from its first query's oldest.
+    kv_end = tl.minimum(seq_len, cached_len + (q_block + 1) * BLOCK_Q)
+    kv_start = 0
+    if HAS_WINDOW:  # the oldest key the tile's first query sees
+        kv_start = tl.maximum(cached_len + q_block * BLOCK_Q - window + 1, 0)
+    kv_lo = kv_start
+    kv_hi = kv_end
+    if SPLIT:  # this row's own split count, from its attended range
+        n_split = tl.minimum(tl.maximum((kv_end - kv_start) // tokens_per_split, 1), max_splits)
+        n_split = tl.where(q_len == 1, n_split, 1)  # prefill tiles never split
+        if split >= n_split:  # an unused slot: out before any tensor load
+            return
+        # whole KV tiles per partition; with n_split == 1 the one partition is the whole range
+        part = tl.cdiv(tl.cdiv(kv_end - kv_start, n_split), BLOCK_N) * BLOCK_N
+        kv_lo = kv_start + split * part
+        kv_hi = tl.minimum(kv_end, kv_lo + part)
+
     # Row m of the tile is query token q_block * BLOCK_Q + m // GROUP_PAD, head kv_head * GROUP + m % GROUP_PAD.
     offs_m = tl.arange(0, BLOCK_M)
     q_local = q_block * BLOCK_Q + offs_m // GROUP_PAD
@@ -137,23 +154,6 @@ def _paged_attention_kernel(
         k_scale = tl.load(k_scale_ptr)
         scale_log2 = scale_log2 * k_scale
         softcap_in = softcap_in * k_scale
-
-    # Keys this tile can see: up to its last query position (causal), from its first query's oldest.
-    kv_end = tl.minimum(seq_len, cached_len + (q_block + 1) * BLOCK_Q)
-    kv_start = 0
-    if HAS_WINDOW:  # the oldest key the tile's first query sees
-        kv_start = tl.maximum(cached_len + q_block * BLOCK_Q - window + 1, 0)
-    kv_lo = kv_start
-    kv_hi = kv_end
-    if SPLIT:  # this row's own split count, from its attended range
-        n_split = tl.minimum(tl.maximum((kv_end - kv_start) // tokens_per_split, 1), max_splits)
-        n_split = tl.where(q_len == 1, n_split, 1)  # prefill tiles never split
-        if split >= n_split:
-            return
-        # whole KV tiles per partition; with n_split == 1 the one partition is the whole range
-        part = tl.cdiv(tl.cdiv(kv_end - kv_start, n_split), BLOCK_N) * BLOCK_N
-        kv_lo = kv_start + split * part
-        kv_hi = tl.minimum(kv_end, kv_lo + part)
 
     # A finite "minus infinity" for running maxima keeps rows that have seen no key yet NaN-free.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
