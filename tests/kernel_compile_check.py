@@ -12,8 +12,8 @@ Run it in a process where Triton is in compile mode:
 It prints one line per compiled variant and exits non-zero if any failed.
 
     TRITON_INTERPRET=0 .venv/bin/python tests/kernel_compile_check.py --matvec-ptx
-instead prints, as one JSON line per matvec call at the Llama-3-8B shapes (M = 1..16), the launches
-it makes and what the PTX of each has in its K loop (asynchronous copies, barriers, shuffles):
+instead prints, as one JSON line per matvec call at the Llama-3-8B shapes (M = 1..16; QKV and
+gate/up also with the pre-norm folded in, M = 1, 4, 8, 16), the launches it makes and what the PTX of each has in its K loop (asynchronous copies, barriers, shuffles):
 tests/test_kernels_matvec.py reads it.
 """
 
@@ -239,6 +239,20 @@ def matvec_ptx_report() -> list[dict[str, Any]]:
                 main = max(loops, key=lambda c: (c["cp_async"] + c["ld_global"]), default=None)
                 launches.append({"kernel": kernel_name, "grid": list(grid), "ptx": ptx_counts(ptx), "k_loop": main})
             rows.append({"M": M, "linear": name, "K": K, "N": N, "launches": launches})
+    for M in (1, 4, 8, 16):  # QKV and gate/up with the pre-norm folded in: the weight loop after the rms pre-pass
+        for name in ("qkv", "gate_up"):
+            K, N = MATVEC_SHAPES[name]
+            LAUNCHES.clear()
+            x = torch.zeros(M, K, dtype=torch.bfloat16)
+            norm = matvec.PreNorm(torch.ones(K, dtype=torch.bfloat16), 1e-5, torch.zeros(M, K, dtype=torch.bfloat16))
+            matvec.normed_matvec(x, torch.zeros(N, K, dtype=torch.bfloat16), norm, impl="triton")
+            launches = []
+            for kernel_name, grid, compiled in LAUNCHES:
+                ptx = compiled.asm["ptx"]
+                loops = [ptx_counts(body) for body in ptx_loops(ptx)]
+                weight_loop = max(loops, key=lambda c: c["cp_async"], default=None)
+                launches.append({"kernel": kernel_name, "grid": list(grid), "ptx": ptx_counts(ptx), "k_loop": weight_loop})
+            rows.append({"M": M, "linear": f"{name}+norm", "K": K, "N": N, "launches": launches})
     return rows
 
 

@@ -120,7 +120,14 @@ def test_matvec_compiles_for_sm90_to_one_launch_with_a_pipelined_k_loop():
     proc = run_compile_check("--matvec-ptx")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    normed = [r for r in rows if r["linear"].endswith("+norm")]
+    rows = [r for r in rows if not r["linear"].endswith("+norm")]
     assert {(r["M"], r["linear"]) for r in rows} == {(m, n) for m in range(1, 17) for n in ("qkv", "o", "gate_up", "down")}
+    assert {(r["M"], r["linear"]) for r in normed} == {(m, n) for m in (1, 4, 8, 16) for n in ("qkv+norm", "gate_up+norm")}
+    for r in normed:  # the RMSNorm folded in: the weight loop stays pipelined, the norm weight is its one plain load
+        loop = r["launches"][0]["k_loop"]
+        assert len(r["launches"]) == 1 and loop["cp_async"] > 0 and loop["shfl"] == 0, r
+        assert loop["ld_global"] <= 1 and loop["bar_sync"] <= 4, r
     for r in rows:
         assert len(r["launches"]) == 1, r  # split or not: one kernel, no separate sum of splits
         loop = r["launches"][0]["k_loop"]
