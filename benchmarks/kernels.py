@@ -65,6 +65,27 @@ def bench_matvec(dtype: torch.dtype, copy_gbs: float) -> list[dict]:
     return rows
 
 
+def bench_normed_matvec(dtype: torch.dtype, copy_gbs: float) -> list[dict]:
+    """QKV and gate/up with their pre-norm folded into the matvec (one launch) against the RMSNorm
+    kernel followed by the same matvec config (two launches): whether the fold pays on this GPU."""
+    from shardline.worker.kernels.matvec import PreNorm, default_config, matvec, normed_matvec
+    from shardline.worker.kernels.rmsnorm import rms_norm
+
+    rows = []
+    for name, (K, N) in {"qkv": (4096, 6144), "gate_up": (4096, 28672)}.items():
+        w = torch.randn(N, K, dtype=dtype, device="cuda") / K**0.5
+        gamma = torch.rand(K, dtype=dtype, device="cuda")
+        for M in (1, 4, 16):
+            x, res = torch.randn(M, K, dtype=dtype, device="cuda"), torch.randn(M, K, dtype=dtype, device="cuda")
+            cfg = default_config(M, N, K, torch.cuda.get_device_properties(0).multi_processor_count)
+            norm = PreNorm(gamma, 1e-5, res)
+            ours = time_ms(lambda: normed_matvec(x, w, norm, cfg, impl="triton"))
+            base = time_ms(lambda: matvec(rms_norm(x, gamma, 1e-5, residual=res)[0], w, cfg, impl="triton"))
+            nbytes = (N * K + 3 * M * K + M * N) * w.element_size()
+            rows.append(row("normed_matvec", f"{name} M={M} K={K} N={N}", ours, base, nbytes, copy_gbs))
+    return rows
+
+
 def bench_attention(dtype: torch.dtype, copy_gbs: float) -> list[dict]:
     from shardline.worker.attention.metadata import AttentionMetadata
     from shardline.worker.attention.torch_backend import TorchAttentionBackend
@@ -94,7 +115,7 @@ def bench_attention(dtype: torch.dtype, copy_gbs: float) -> list[dict]:
             ours = time_ms(lambda: ours_backend.forward(q, cache, meta, scale))
             base = time_ms(lambda: ref_backend.forward(q, cache, meta, scale))
             nbytes = cache.numel() * cache.element_size() + 2 * q.numel() * q.element_size()
-            splits = ours_backend.choose_num_splits(q, cache, meta)
+            splits = ours_backend.choose_splits(q, cache, meta).max_splits
             rows.append(row("decode_attention", f"batch={batch} ctx={context} splits={splits}", ours, base, nbytes, copy_gbs))
     return rows
 
@@ -127,7 +148,8 @@ def bench_elementwise(dtype: torch.dtype, copy_gbs: float) -> list[dict]:
     return rows
 
 
-BENCHES = {"matvec": bench_matvec, "attention": bench_attention, "elementwise": bench_elementwise}
+BENCHES = {"matvec": bench_matvec, "normed_matvec": bench_normed_matvec, "attention": bench_attention,
+           "elementwise": bench_elementwise}
 
 
 def print_table(title: str, rows: list[dict]) -> None:

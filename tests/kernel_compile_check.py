@@ -12,8 +12,8 @@ Run it in a process where Triton is in compile mode:
 It prints one line per compiled variant and exits non-zero if any failed.
 
     TRITON_INTERPRET=0 .venv/bin/python tests/kernel_compile_check.py --matvec-ptx
-instead prints, as one JSON line per matvec call at the Llama-3-8B shapes (M = 1..16), the launches
-it makes and what the PTX of each has in its K loop (asynchronous copies, barriers, shuffles):
+instead prints, as one JSON line per matvec call at the Llama-3-8B shapes (M = 1..16; QKV and
+gate/up also with the pre-norm folded in, M = 1, 4, 8, 16), the launches it makes and what the PTX of each has in its K loop (asynchronous copies, barriers, shuffles):
 tests/test_kernels_matvec.py reads it.
 """
 
@@ -133,7 +133,8 @@ def check_attention(quick: bool) -> None:
             for seqs in batches:
                 q, cache, qsl, sl, bt, mq, ms = _batch(seqs, heads, kv, hd, block, dtype)
                 for splits in (1, 4):
-                    paged_attention.paged_attention(q, cache, qsl, sl, bt, mq, ms, 0.1, num_splits=splits)
+                    paged_attention.paged_attention(q, cache, qsl, sl, bt, mq, ms, 0.1, num_splits=splits,
+                                                    tokens_per_split=64)
                 key = q[:, :kv].contiguous()
                 slots = torch.zeros(q.shape[0], dtype=torch.int64)
                 kv_write.write_kv(key, key, cache, slots, impl="triton")
@@ -171,6 +172,8 @@ def check_matvec(quick: bool) -> None:
                 w = torch.zeros(N, K, dtype=dtype)
                 matvec.matvec(x, w, impl="triton")
                 matvec.matvec(torch.zeros(M, 2 * K, dtype=dtype), w, impl="triton", gated=True)  # down with SiLU-and-mul
+                norm = matvec.PreNorm(torch.ones(K, dtype=dtype), 1e-5, torch.zeros(M, K, dtype=dtype))
+                matvec.normed_matvec(x, w, norm, impl="triton")  # QKV / gate-up with RMSNorm + residual
                 if not quick:  # a split config and a wide one (the FMA path's 3-D accumulator bounds its tiles)
                     wide = matvec.MatvecConfig(128, 128, 1) if M > matvec.FMA_MAX_M else matvec.MatvecConfig(32, 128, 1)
                     for cfg in (matvec.MatvecConfig(16, 512 // matvec.next_pow2(M), 4), wide):
@@ -251,6 +254,20 @@ def matvec_ptx_report() -> list[dict[str, Any]]:
                 main = max(loops, key=lambda c: (c["cp_async"] + c["ld_global"]), default=None)
                 launches.append({"kernel": kernel_name, "grid": list(grid), "ptx": ptx_counts(ptx), "k_loop": main})
             rows.append({"M": M, "linear": name, "K": K, "N": N, "launches": launches})
+    for M in (1, 4, 8, 16):  # QKV and gate/up with the pre-norm folded in: the weight loop after the rms pre-pass
+        for name in ("qkv", "gate_up"):
+            K, N = MATVEC_SHAPES[name]
+            LAUNCHES.clear()
+            x = torch.zeros(M, K, dtype=torch.bfloat16)
+            norm = matvec.PreNorm(torch.ones(K, dtype=torch.bfloat16), 1e-5, torch.zeros(M, K, dtype=torch.bfloat16))
+            matvec.normed_matvec(x, torch.zeros(N, K, dtype=torch.bfloat16), norm, impl="triton")
+            launches = []
+            for kernel_name, grid, compiled in LAUNCHES:
+                ptx = compiled.asm["ptx"]
+                loops = [ptx_counts(body) for body in ptx_loops(ptx)]
+                weight_loop = max(loops, key=lambda c: c["cp_async"], default=None)
+                launches.append({"kernel": kernel_name, "grid": list(grid), "ptx": ptx_counts(ptx), "k_loop": weight_loop})
+            rows.append({"M": M, "linear": f"{name}+norm", "K": K, "N": N, "launches": launches})
     return rows
 
 

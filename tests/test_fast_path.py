@@ -64,6 +64,21 @@ def test_fused_triton_model_logits_match_transformers_within_1e3(tiny, interpret
         row += len(p)
 
 
+def test_fused_triton_gemma2_with_sandwich_norms_matches_transformers(tmp_path, interpreter):
+    # Gemma's MLP pre-norm is pre_feedforward_layernorm (after post_attention_layernorm): the one
+    # folded into gate/up must be that one.
+    hf = write_tiny_checkpoint("gemma2", tmp_path, seed=1)
+    model = load(tmp_path, "triton")
+    model.set_fused_kernels("triton")
+    prompt = prompts(1, seed=3, min_len=6, max_len=6)[0]
+    inputs = build_step_inputs([SeqSlice(prompt, 0, table(0), True)], BLOCK, torch.device("cpu"))
+    inputs.sample_rows = torch.arange(len(prompt))
+    logits = runner_for(model, 1).execute(inputs)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0]
+    assert (logits - ref).abs().max().item() <= 1e-3
+
+
 def test_fused_triton_engine_greedy_tokens_equal_transformers(tiny, interpreter):
     d, hf = tiny
     engine = LLMEngine(EngineConfig(model=str(d), num_kv_blocks=64, block_size=BLOCK, max_num_batched_tokens=64,
@@ -110,11 +125,16 @@ def test_capture_sizes_are_powers_of_two_to_eight_then_steps_of_sixteen():
     assert capture_batch_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-split"])
 def test_padded_decode_matches_eager_and_padding_rows_write_nothing(tiny, backend, request):
-    if backend == "triton":
+    if backend != "torch":
         request.getfixturevalue("interpreter")
-    model = load(tiny[0], backend)
+    model = load(tiny[0], backend.removesuffix("-split"))
+    if backend == "triton-split":
+        # The padded path launches split slots for max_model_len, eager ones for the real longest
+        # context; each row still splits by its own length on the device (4..21 tokens: 1..4 splits).
+        attention = model.layers[0].self_attn.backend
+        attention.num_splits, attention.tokens_per_split = 4, 4
     batch = prompts(3, seed=4, min_len=3, max_len=20)
     runner = runner_for(model, len(batch))
     seqs = prefill(runner, batch)
@@ -207,16 +227,20 @@ class _CountAtenOps(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_a_decode_step_on_the_graph_path_launches_eight_kernels_a_layer(tiny, interpreter, monkeypatch):
+def test_a_decode_step_on_the_graph_path_launches_six_kernels_a_layer(tiny, interpreter, monkeypatch):
     # Counted on the padded graph path, run eagerly through the interpreter: every Triton launch
-    # (hooked on the launcher) and every torch op that does work. Per layer: two RMSNorm+residual,
-    # QKV, RoPE with the KV write, attention (one kernel: no split at this context), O, gate/up,
-    # down with SiLU-and-mul in its loads. Before issue 18: RoPE, the KV write and SiLU-and-mul were
-    # kernels of their own and a split matvec added a sum kernel (14 a layer at Llama-3-8B, batch 1).
+    # (hooked on the launcher) and every torch op that does work. Per layer: QKV with its RMSNorm
+    # (+ residual add) in its loads, RoPE with the KV write, attention (one kernel, here with its
+    # 7-token context in 3 splits combined in the launch), O, gate/up with its RMSNorm, down with
+    # SiLU-and-mul in its loads. Before issue 18: the norms, RoPE, the KV write, SiLU-and-mul and
+    # the attention reduce were kernels of their own and a split matvec added a sum kernel (14 a
+    # layer at Llama-3-8B, batch 1).
     from shardline.worker.kernels import runtime
 
     model = load(tiny[0], "triton")
     model.set_fused_kernels("triton")
+    attention = model.layers[0].self_attn.backend
+    attention.num_splits, attention.tokens_per_split = 4, 2
     runner = runner_for(model, 1)
     seqs = prefill(runner, prompts(1, seed=4, min_len=6, max_len=6))
     inputs = decode_inputs(seqs)
@@ -246,7 +270,8 @@ def test_a_decode_step_on_the_graph_path_launches_eight_kernels_a_layer(tiny, in
     layers = model.config.num_hidden_layers
     per_layer = {name: launches.count(name) / layers for name in set(launches)}
     # the final norm and the LM head are the two launches outside the layers
-    assert len(launches) == 8 * layers + 2, per_layer
+    assert len(launches) == 6 * layers + 2, per_layer
+    assert launches.count("_rms_norm_kernel") == 1  # the final norm only
     assert launches.count("_rope_kernel") == layers and "_write_kv_kernel" not in launches
     assert "_silu_and_mul_kernel" not in launches
     assert launches.count("_matvec_kernel") == 4 * layers + 1 and "_sum_splits_kernel" not in launches

@@ -10,8 +10,9 @@ import torch
 from kernel_cases import interpreter, make_batch, run_both  # noqa: F401  (fixture)
 from shardline.worker.attention.metadata import get_attention_backend
 from shardline.worker.attention.torch_backend import TorchAttentionBackend
-from shardline.worker.attention.triton_backend import TritonAttentionBackend
-from shardline.worker.kernels.paged_attention import split_partition
+from shardline.worker.attention.triton_backend import SplitPlan, TritonAttentionBackend, decode_split_slots
+from shardline.worker.kernels.matvec import split_tickets
+from shardline.worker.kernels.paged_attention import split_slots
 
 # (query_len, seq_len) per sequence
 PURE_DECODE = [(1, 1), (1, 17), (1, 70), (1, 33)]
@@ -32,13 +33,14 @@ def test_attention_matches_reference_for_batch_kind_and_gqa_ratio(interpreter, c
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("heads,kv_heads", [(2, 2), (8, 2)])
 def test_split_k_attention_matches_reference(interpreter, case, heads, kv_heads):
-    backend = TritonAttentionBackend(num_splits=3, block_n=16)
+    backend = TritonAttentionBackend(num_splits=3, block_n=16, tokens_per_split=16)
     out, ref, _, _ = run_both(CASES[case], heads, kv_heads, 64, 16, backend=backend)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3)
 
 
 def test_gqa_group_that_is_not_a_power_of_two_is_padded_correctly(interpreter):
-    out, ref, _, _ = run_both(MIXED, 6, 2, 64, 16, backend=TritonAttentionBackend(num_splits=2, block_n=16))
+    backend = TritonAttentionBackend(num_splits=2, block_n=16, tokens_per_split=16)
+    out, ref, _, _ = run_both(MIXED, 6, 2, 64, 16, backend=backend)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3)
 
 
@@ -54,9 +56,9 @@ def test_head_dim_below_16_is_padded_to_a_tensor_core_dot_width(interpreter):
 
 
 def test_gqa_group_of_eight_decode_with_partitions_past_short_sequences(interpreter):
-    # Group 8 fills half a 16-row decode tile; with 4 splits over 90 tokens the 2- and 17-token
-    # sequences have partitions that start past their end and must contribute nothing (no NaN).
-    backend = TritonAttentionBackend(num_splits=4, block_n=16)
+    # Group 8 fills half a 16-row decode tile; 90 tokens in 4 splits of whole 16-token tiles leave
+    # the last split empty (it must contribute nothing, no NaN); the 2- and 17-token rows take one.
+    backend = TritonAttentionBackend(num_splits=4, block_n=16, tokens_per_split=16)
     out, ref, _, _ = run_both([(1, 2), (1, 90), (1, 17)], 16, 2, 32, 16, backend=backend)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3)
@@ -67,7 +69,7 @@ def test_nan_in_cache_slots_past_each_sequence_never_reaches_the_output(interpre
     # A fresh cache is torch.empty: slots past a sequence's length (the tail of its last block,
     # other blocks) may hold NaN. Masked loads must replace them (0 * NaN is NaN in P @ V).
     seqs = PREFIX_CACHED
-    backend = TritonAttentionBackend(num_splits=num_splits, block_n=16)
+    backend = TritonAttentionBackend(num_splits=num_splits, block_n=16, tokens_per_split=16)
     q, k, v, cache, meta = make_batch(seqs, 4, 2, 16, 8)
     backend.write_kv(k, v, cache, meta)
     scale = 16**-0.5
@@ -107,15 +109,50 @@ def test_write_kv_casts_to_the_cache_dtype(interpreter):
 
 
 def test_padding_rows_past_the_last_sequence_do_not_disturb_real_rows(interpreter):
-    backend = TritonAttentionBackend(num_splits=2, block_n=16)
+    backend = TritonAttentionBackend(num_splits=2, block_n=16, tokens_per_split=16)
     out, ref, _, _ = run_both(PURE_DECODE, 4, 2, 64, 16, backend=backend, pad_tokens=5)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3)
 
 
-def test_split_partitions_are_whole_tiles_and_never_more_than_the_context_needs():
-    assert split_partition(70, 3, 16) == (32, 3)
-    assert split_partition(20, 8, 16) == (16, 2)
-    assert split_partition(4096, 1, 64) == (4096, 1)
+def test_split_slots_never_exceed_what_the_longest_context_fills():
+    assert split_slots(70, 3, 16) == 3
+    assert split_slots(20, 8, 16) == 1
+    assert split_slots(4096, 1, 64) == 1
+    assert split_slots(131072, 32, 256) == 32
+
+
+def test_decode_split_slots_fill_the_sms_and_leave_long_rows_room_within_a_budget():
+    # Llama-3-8B on an H200 (8 KV heads, GQA 4: 10 programs a sequence at batch b, 132 SMs)
+    assert decode_split_slots(8, 132) == 32  # batch 1: the cap
+    assert decode_split_slots(320, 132) == 3  # batch 32: 4 x 264 // 320, above ceil(264 / 320)
+    assert decode_split_slots(1060, 132) == 1  # past the budget: no slots
+
+
+def test_decode_rows_short_and_long_take_their_own_split_counts_in_one_launch(interpreter):
+    # Launched as a captured graph is (slots sized from a max_seq_len far past every context): each
+    # row splits by its own length on the device, 1 split for 3 and 17 tokens, 2 for 40, 4 for 90,
+    # and one launch does it all (no reduce kernel).
+    backend = TritonAttentionBackend(num_splits=4, block_n=16, tokens_per_split=16)
+    q, k, v, cache, meta = make_batch([(1, 3), (1, 40), (1, 90), (1, 17)], 8, 2, 32, 16)
+    meta.max_seq_len = 4096
+    backend.write_kv(k, v, cache, meta)
+    ref = TorchAttentionBackend().forward(q, cache, meta, 32**-0.5)
+    out = backend.forward(q, cache, meta, 32**-0.5)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3)
+    # the last split of each split row combined them in the same launch and reset its counter
+    assert int(split_tickets(q.device).abs().sum()) == 0
+    assert torch.equal(backend.forward(q, cache, meta, 32**-0.5), out)  # split order: bit-identical
+
+
+def test_mixed_step_splits_a_long_decode_beside_prefill_chunks(interpreter):
+    # The host plan from the scheduler's lengths: the 600-token decode is cut into pieces no shorter
+    # than the longest prefill context (and 256 tokens); the prefill tiles run in one pass.
+    seqs = [(1, 600), (20, 20), (1, 9), (7, 30)]
+    backend = TritonAttentionBackend()
+    q, _, _, cache, meta = make_batch(seqs, 4, 2, 16, 16)
+    assert backend.choose_splits(q, cache, meta) == SplitPlan(max_splits=2, tokens_per_split=256)
+    out, ref, _, _ = run_both(seqs, 4, 2, 16, 16, backend=backend)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3)
 
 
 def test_backend_registry_builds_the_triton_backend():

@@ -22,7 +22,8 @@ from shardline.worker.kernels.linear_choice import (
 )
 from shardline.worker.kernels import matvec as matvec_module
 from shardline.worker.kernels.activation import silu_and_mul
-from shardline.worker.kernels.matvec import MatvecConfig, default_config, matvec
+from shardline.worker.kernels.matvec import MatvecConfig, PreNorm, default_config, matvec, normed_matvec
+from shardline.worker.kernels.rmsnorm import rms_norm
 
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 3e-2)}
 
@@ -65,6 +66,28 @@ def test_gated_matvec_applies_silu_and_mul_as_it_loads_its_input(interpreter, dt
         matvec(gate_up[:, :96], w, impl="triton", gated=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,K,config,residual", [(1, 256, None, True), (3, 200, MatvecConfig(16, 64, split_k=3), True),
+                                                 (9, 192, None, True), (2, 96, None, False)],
+                         ids=["fma", "fma-ragged-split3", "dot", "no-residual"])
+def test_normed_matvec_equals_rms_norm_then_matvec(interpreter, dtype, M, K, config, residual):
+    # QKV and gate/up with their pre-norm (and its residual add) folded into the loads: the same
+    # numbers as the RMSNorm kernel's output fed to the plain matvec, and the same next residual,
+    # written once however many programs (and K slices) the launch has.
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    res = torch.randn(M, K, generator=g).to(dtype) if residual else None
+    gamma = (1 + 0.3 * torch.randn(K, generator=g)).to(dtype)
+    w = (torch.randn(48, K, generator=g) / K**0.5).to(dtype)
+    fused, summed = normed_matvec(x, w, PreNorm(gamma, 1e-5, res), config, impl="triton")
+    h, expected_sum = rms_norm(x, gamma, 1e-5, res, impl="triton")
+    separate = matvec(h, w, config, impl="triton")
+    assert torch.equal(summed, expected_sum)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(fused.float(), separate.float(), atol=atol, rtol=rtol)
+    assert (fused.float() - matvec(x, w, config, impl="triton").float()).abs().max() > 1e-2  # the norm mattered
+
+
 def test_split_k_reduces_in_the_same_launch_and_leaves_its_tickets_at_zero(interpreter):
     # The last program of each column block sums every partial in split order; the ticket
     # counters it drew are reset, so the next launch (or graph replay) starts from zero.
@@ -73,7 +96,7 @@ def test_split_k_reduces_in_the_same_launch_and_leaves_its_tickets_at_zero(inter
     cfg = MatvecConfig(16, 32, split_k=5)
     first = matvec(x, w, cfg, impl="triton")
     torch.testing.assert_close(first, x @ w.T, atol=1e-4, rtol=1e-4)
-    assert int(matvec_module._tickets(x.device).abs().sum()) == 0
+    assert int(matvec_module.split_tickets(x.device).abs().sum()) == 0
     assert torch.equal(matvec(x, w, cfg, impl="triton"), first)  # same order of sums: bit-identical
 
 
@@ -97,7 +120,14 @@ def test_matvec_compiles_for_sm90_to_one_launch_with_a_pipelined_k_loop():
     proc = run_compile_check("--matvec-ptx")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    normed = [r for r in rows if r["linear"].endswith("+norm")]
+    rows = [r for r in rows if not r["linear"].endswith("+norm")]
     assert {(r["M"], r["linear"]) for r in rows} == {(m, n) for m in range(1, 17) for n in ("qkv", "o", "gate_up", "down")}
+    assert {(r["M"], r["linear"]) for r in normed} == {(m, n) for m in (1, 4, 8, 16) for n in ("qkv+norm", "gate_up+norm")}
+    for r in normed:  # the RMSNorm folded in: the weight loop stays pipelined, the norm weight is its one plain load
+        loop = r["launches"][0]["k_loop"]
+        assert len(r["launches"]) == 1 and loop["cp_async"] > 0 and loop["shfl"] == 0, r
+        assert loop["ld_global"] <= 1 and loop["bar_sync"] <= 4, r
     for r in rows:
         assert len(r["launches"]) == 1, r  # split or not: one kernel, no separate sum of splits
         loop = r["launches"][0]["k_loop"]
@@ -214,6 +244,25 @@ def test_a_candidate_whose_output_is_wrong_is_never_timed_nor_chosen(interpreter
         impl = tuner.pick(2, 48, 64, torch.float32, "cpu")
     assert impl.rejected == 1 and all(not isinstance(t, Miscomputes) for t in timer.timed)
     assert impl.kind == "torch" and impl.triton_ms == 2.0  # the correct config was timed, and lost to cuBLAS
+
+
+def test_fp8_choices_are_decided_at_start_up_by_the_same_measure_and_never_while_serving(interpreter):
+    # The FP8 tuner is the float one with another trial: W8A8 (torch._scaled_mm, which CPU torch
+    # runs) as the baseline, the weight-only matvec configs as candidates, each checked first.
+    from shardline.worker.kernels.fp8_linear_choice import Fp8LinearAutotuner
+    from shardline.worker.layers.quantization.fp8 import w8a8_matmul
+
+    fastest = candidates(1, 32, 64, 132)[0]
+    timer = _ScriptedTimer(fastest)
+    tuner = Fp8LinearAutotuner(w8a8_matmul, timer=timer, allow_cpu=True)
+    assert tuner.pick(1, 32, 64, torch.float32, "cpu").kind == "torch" and tuner.table == {}  # serving: W8A8
+    assert tuner.tune([(32, 64)], torch.float32, "cpu") == len(M_BUCKETS)
+    first = tuner.table[(1, 32, 64, torch.float32, "cpu")]
+    assert first.kind == "triton" and first.config == fastest and first.torch_ms == 1.0 and first.rejected == 0
+    assert timer.timed[0].kind == "torch"  # the W8A8 baseline is timed with the candidates
+    timed = len(timer.timed)
+    assert tuner.pick(3, 32, 64, torch.float32, "cpu") is tuner.table[(4, 32, 64, torch.float32, "cpu")]
+    assert tuner.pick(1, 64, 64, torch.float32, "cpu").kind == "torch" and len(timer.timed) == timed
 
 
 def test_tuner_candidates_keep_the_fma_accumulator_in_registers_and_split_only_narrow_shapes():

@@ -16,8 +16,8 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 @pytest.mark.parametrize(
     "k,names",
     [
-        (paged_attention._paged_attention_kernel, {"num_seqs", "stride_bt", "stride_mt", "stride_mh"}),
-        (paged_attention._reduce_splits_kernel, {"num_seqs", "num_splits", "stride_mt", "stride_mh"}),
+        (paged_attention._paged_attention_kernel,
+         {"num_seqs", "stride_bt", "stride_mt", "stride_mh", "max_splits", "tokens_per_split"}),
         (matvec._matvec_kernel, {"M"}),
     ],
 )

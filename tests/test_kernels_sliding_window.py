@@ -46,7 +46,7 @@ def dense_reference(query, cache, meta, scale, window, cap):
 
 def _backends():
     return {"torch": TorchAttentionBackend(), "triton": TritonAttentionBackend(block_n=16),
-            "triton-split": TritonAttentionBackend(num_splits=3, block_n=16)}
+            "triton-split": TritonAttentionBackend(num_splits=3, block_n=16, tokens_per_split=4)}
 
 
 # (backend, batch, window, cap): every option on the reference; the interpreted kernels (slow) on
@@ -94,6 +94,23 @@ def test_blocks_wholly_before_every_window_are_never_read(interpreter, backend, 
     out = impl.forward(q, poisoned, meta, scale, sliding_window=WINDOW)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, clean, atol=0, rtol=0)
+
+
+def test_split_decode_partitions_cover_only_the_window(interpreter):
+    """Issue 17: a windowed decode row splits [ctx - window, ctx), not [0, ctx): 40 attended keys in
+    2 splits of 32, whatever the context; the blocks before the window are never read."""
+    window, block = 40, 8
+    q, k, v, cache, meta = make_batch([(1, 90), (1, 30), (1, 57)], 4, 2, 16, block)
+    impl = TritonAttentionBackend(num_splits=4, block_n=16, tokens_per_split=16)
+    impl.write_kv(k, v, cache, meta)
+    scale = 16 ** -0.5
+    ref = dense_reference(q, cache, meta, scale, window, None)
+    poisoned = cache.clone()
+    for i, slen in enumerate(meta.seq_lens_cpu):
+        for b in range(max(0, slen - window) // block):
+            poisoned[:, int(meta.block_tables[i, b])] = float("nan")
+    out = impl.forward(q, poisoned, meta, scale, sliding_window=window)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3)
 
 
 def test_gelu_tanh_and_mul_kernel_matches_transformers_activation(interpreter):

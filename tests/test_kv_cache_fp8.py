@@ -36,7 +36,7 @@ def test_triton_fp8_cache_matches_the_torch_reference(interpreter, heads, kv_hea
     """Also with a sliding window and a soft-cap (Gemma 2), where the key scale must reach the
     soft-cap's input as well as the softmax scale."""
     q, k, v, codes, meta = _fp8_batch(heads, kv_heads, head_dim, 8)
-    ours, ref = TritonAttentionBackend(num_splits=splits, block_n=16), TorchAttentionBackend()
+    ours, ref = TritonAttentionBackend(num_splits=splits, block_n=16, tokens_per_split=16), TorchAttentionBackend()
     cache_ours, cache_ref = codes.clone(), codes.clone()
     ours.write_kv(k, v, cache_ours, meta, SCALES)
     ref.write_kv(k, v, cache_ref, meta, SCALES)

@@ -19,6 +19,7 @@ from shardline.worker.attention.kv_cache_dtype import K_SCALE_CONSTANT, V_SCALE_
 from shardline.worker.attention.metadata import AttentionBackend, AttentionMetadata
 from shardline.worker.config import ModelConfig
 from shardline.worker.kernels.activation import act_and_mul
+from shardline.worker.kernels.matvec import PreNorm
 from shardline.worker.kernels.rope import rope_and_write_kv
 from shardline.worker.kernels.runtime import IMPLS, use_triton
 from shardline.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -103,8 +104,12 @@ class Attention(nn.Module):
         self.v_scale.copy_((v.detach().abs().amax().float() / V_SCALE_CONSTANT).clamp_min(tiny).reshape(1))
         self.calibrate_kv_scales = False
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                qkv: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [T, hidden], normed; or, with `qkv` [T, q + 2 kv] already projected (the pre-norm
+        folded into the QKV matvec), x is only read for T."""
+        if qkv is None:
+            qkv = self.qkv_proj(x)
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         t = x.shape[0]
         fp8_cache = is_fp8_kv(kv_cache)
@@ -151,8 +156,11 @@ class MLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [i, i], cfg.mlp_bias, ctx, dtype, device, quant)
         self.down_proj = RowParallelLinear(i, cfg.hidden_size, cfg.mlp_bias, ctx, dtype, device, quant)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+    def forward(self, x: torch.Tensor, gate_up: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [T, hidden], normed; or, with `gate_up` already projected (the pre-norm folded into
+        the gate/up matvec), x is unused."""
+        if gate_up is None:
+            gate_up = self.gate_up_proj(x)
         # decode on the matvec: SiLU-and-mul in the down projection's loads (SiLU models only)
         fused = self.down_proj.forward_gated(gate_up) if self.act == "silu" else None
         return fused if fused is not None else self.down_proj(act_and_mul(gate_up, self.act, impl=self.impl))
@@ -187,18 +195,34 @@ class DecoderLayer(nn.Module):
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """(layer output before its residual add, running residual): the add happens in the next
         norm, fused with it. `residual` is None for the first layer, whose input is the residual."""
-        if residual is None:
+        # Decode on the matvec: each pre-norm is folded into the next projection's loads (QKV,
+        # gate/up), so it is no kernel of its own; otherwise the norm runs, then the projection.
+        fused = self.self_attn.qkv_proj.forward_normed(x, PreNorm(self.input_layernorm.weight,
+                                                                  self.input_layernorm.eps, residual))
+        if fused is not None:
+            qkv, residual = fused
+            h = self.self_attn(positions, x, kv_cache, meta, qkv=qkv)
+        elif residual is None:
             residual = x
-            h = self.input_layernorm(x)
+            h = self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(positions, h, kv_cache, meta)
-        if self.pre_feedforward_layernorm is None or self.post_feedforward_layernorm is None:
-            h, residual = self.post_attention_layernorm(h, residual)
-            return self.mlp(h), residual
-        h = self.post_attention_layernorm(h)
-        h, residual = self.pre_feedforward_layernorm(h, residual)
-        return self.post_feedforward_layernorm(self.mlp(h)), residual
+            h = self.self_attn(positions, h, kv_cache, meta)
+        mlp_norm = self.post_attention_layernorm
+        if self.pre_feedforward_layernorm is not None:  # Gemma's sandwich: the attention output is normed first
+            h = self.post_attention_layernorm(h)
+            mlp_norm = self.pre_feedforward_layernorm
+        gate_up = None
+        if isinstance(self.mlp, MLP):
+            fused = self.mlp.gate_up_proj.forward_normed(h, PreNorm(mlp_norm.weight, mlp_norm.eps, residual))
+            if fused is not None:
+                gate_up, residual = fused
+        if gate_up is None:
+            h, residual = mlp_norm(h, residual)
+        out = self.mlp(h, gate_up=gate_up) if isinstance(self.mlp, MLP) else self.mlp(h)
+        if self.post_feedforward_layernorm is not None:
+            return self.post_feedforward_layernorm(out), residual
+        return out, residual
 
 
 class LlamaForCausalLM(nn.Module):

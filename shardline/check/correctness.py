@@ -112,8 +112,10 @@ class KernelChecks:
         return verdict(compare("kv_cache", cache, cache_ref, Tolerance(0.0, 0.0)), Tolerance(0.0, 0.0))
 
     def matvec(self, deadline: Deadline) -> dict[str, Any]:
-        """The skinny-GEMM kernel at the model's QKV, O, gate/up and down shapes, M = 1, 4, 16."""
-        from shardline.worker.kernels.matvec import matvec
+        """The skinny-GEMM kernel at the model's QKV, O, gate/up and down shapes, M = 1, 4, 16; QKV
+        and gate/up also with their pre-norm and residual add folded in (normed_matvec)."""
+        from shardline.worker.kernels.matvec import PreNorm, matvec, normed_matvec
+        from shardline.worker.kernels.rmsnorm import rms_norm
 
         c = self.cfg
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
@@ -132,6 +134,19 @@ class KernelChecks:
                 errors.append(r[f"{name}_max_abs_err"])
                 passed = passed and r[f"{name}_passed"]
             metrics.update({f"{name}_max_abs_err": max(errors), f"{name}_passed": passed})
+            if name not in ("qkv", "gate_up"):
+                continue
+            errors, passed = [], True
+            gamma = (1 + 0.1 * torch.randn(K, device=self.device, generator=g)).to(self.dtype)
+            for M in (1, 4, 16):
+                deadline.check()
+                x, res = (torch.randn(M, K, device=self.device, generator=g).to(self.dtype) for _ in range(2))
+                fused, summed = normed_matvec(x, w, PreNorm(gamma, c.rms_norm_eps, res), impl="triton")
+                h, expected_sum = rms_norm(x, gamma, c.rms_norm_eps, residual=res, impl="torch")
+                r = compare(f"normed_{name}", fused, h.float() @ w.float().T, tol)
+                errors.append(r[f"normed_{name}_max_abs_err"])
+                passed = passed and r[f"normed_{name}_passed"] and torch.equal(summed, expected_sum)
+            metrics.update({f"normed_{name}_max_abs_err": max(errors), f"normed_{name}_passed": passed})
         return verdict(metrics, tol)
 
     def fused(self, deadline: Deadline) -> dict[str, Any]:

@@ -40,6 +40,7 @@ class StepMemo:
     rope: dict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     all_slots_valid: bool | None = None  # whether no row of slot_mapping is padding (-1)
     decode_gather: DecodeGather | None = None
+    longest_contexts: tuple[int, int] | None = None  # (decode, prefill) tokens: the Triton split choice
 
 
 @dataclass

@@ -8,8 +8,9 @@ How a step runs through a graph:
   nothing (slot -1), attend to one token (seq_len 1) through a valid block table row, and their
   logits are never read;
 - nothing in a captured step reads the device from the host: attention's launch grid depends only
-  on b, and its split-K decision on max_seq_len, which is fixed to max_model_len at capture (the
-  kernels stop at each sequence's own length, read from the device);
+  on b, and its split-K slots on b and max_seq_len, which is fixed to max_model_len at capture; each
+  row then takes its own split count from its real length on the device (none for a short
+  context, more for a long one; worker/kernels/paged_attention.py), so one graph fits every step;
 - graphs are captured from the largest size to the smallest, sharing one memory pool, after the
   weights and the KV cache exist and after a warm-up forward per size (which compiles the Triton
   kernels; the cuBLAS-or-matvec choices were decided before, by ModelRunner.tune_linears).

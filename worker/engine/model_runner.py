@@ -158,20 +158,31 @@ class ModelRunner:
         self.graphs: DecodeGraphRunner | None = None  # set by enable_cuda_graphs
 
     def tune_linears(self) -> int:
-        """Decide cuBLAS or the Triton matvec for every float linear of the model (weights [N, K])
-        at every decode batch bucket, now, at start-up (CUDA only): serving then never measures.
+        """Decide cuBLAS or the Triton matvec for every float linear of the model (weights [N, K]),
+        and W8A8 or the weight-only matvec for every FP8 one, at every decode batch bucket, now, at
+        start-up (CUDA only): serving then never measures.
         Returns how many (bucket, shape) entries were measured (0 for shapes a loaded table had)."""
+        from shardline.worker.kernels.fp8_linear_choice import tune_fp8_linear_shapes
         from shardline.worker.kernels.linear_choice import tune_linear_shapes
+        from shardline.worker.layers.quantization.fp8 import Fp8Linear, w8a8_matmul
 
         if self.device.type != "cuda":
             return 0
         by_dtype: dict[torch.dtype, list[tuple[int, int]]] = {}
+        fp8_by_dtype: dict[torch.dtype, list[tuple[int, int]]] = {}  # by activation dtype
         for module in self.model.modules():
             weight = getattr(module, "weight", None)
+            method = getattr(module, "quant_method", None)
             if (isinstance(weight, torch.Tensor) and weight.dim() == 2 and hasattr(module, "float_weight")
-                    and getattr(module, "quant_method", None) is None):
+                    and method is None):
                 by_dtype.setdefault(weight.dtype, []).append((int(weight.shape[0]), int(weight.shape[1])))
-        return sum(tune_linear_shapes(shapes, dtype, self.device) for dtype, shapes in by_dtype.items())
+            elif isinstance(method, Fp8Linear) and method.scaled_mm_fits and method.impl == "auto":
+                act_dtype = getattr(module, "dtype", None)  # _QuantizableLinear's activation dtype
+                if isinstance(act_dtype, torch.dtype):
+                    fp8_by_dtype.setdefault(act_dtype, []).append((method.out_features, method.in_features))
+        return (sum(tune_linear_shapes(shapes, dtype, self.device) for dtype, shapes in by_dtype.items())
+                + sum(tune_fp8_linear_shapes(shapes, dtype, self.device, w8a8_matmul)
+                      for dtype, shapes in fp8_by_dtype.items()))
 
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int, use_graphs: bool = True) -> bool:
         """Capture decode graphs for batch sizes up to max_batch; returns False (and stays eager)

@@ -13,6 +13,8 @@ the executors call at start-up for every float linear of the model). Batches are
 buckets M_BUCKETS (1, 2, 3-4, 5-8, 9-16); each bucket is measured once at its largest M, the worst
 case of its members, and its choice answers every M in it. Outside tuning, `pick` never measures:
 a shape that was not tuned is served by cuBLAS (no host sync, no weight copies mid-serving).
+FP8 weights use the same tuner with another `trial` (worker/kernels/fp8_linear_choice.py): one
+`measure(trial, timer)` times and checks both.
 
 The table is process-wide. Across processes it can be saved and loaded (save_linear_choices /
 load_linear_choices, a JSON file): a loaded table is used only when its fingerprint matches this
@@ -153,7 +155,65 @@ def matches_reference(out: torch.Tensor, ref: torch.Tensor) -> bool:
     return bool(out.shape == ref.shape and torch.allclose(out.float(), ref, atol=tol, rtol=tol))
 
 
-def _num_sms(device: torch.device) -> int:
+@dataclass(frozen=True)
+class Candidate:
+    """One implementation to time: `impl` (what the timer and the table are told) and run(i), its
+    call on weight copy i (run(0)'s output is what the reference check reads)."""
+
+    impl: LinearImpl
+    run: Callable[[int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """What `measure` times for one (M, N, K): the baseline (cuBLAS, or W8A8 for FP8 weights), the
+    Triton candidates, the fp32 reference on weight copy 0, and how many weight copies rotate."""
+
+    baseline: Candidate
+    candidates: list[Candidate]
+    reference: torch.Tensor
+    copies: int
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """baseline_ms; the fastest candidate whose output matched the reference and its time (None
+    when none did, or every one failed to compile); how many failed the check (never timed)."""
+
+    baseline_ms: float
+    best: LinearImpl | None
+    best_ms: float | None
+    rejected: int
+
+    def choice(self, margin: float) -> LinearImpl:
+        """The best candidate if it beats the baseline by `margin` (a ratio < 1), else the
+        baseline ('torch'); with both times attached."""
+        if self.best is not None and self.best_ms is not None and self.best_ms < margin * self.baseline_ms:
+            return LinearImpl("triton", self.best.config, self.baseline_ms, self.best_ms, self.rejected)
+        return LinearImpl("torch", None, self.baseline_ms, self.best_ms, self.rejected)
+
+
+def measure(trial: Trial, timer: Timer) -> Measurement:
+    """Time the baseline, then every candidate whose output matches the reference (a candidate that
+    raises, e.g. a config the compiler rejects, is skipped); the one timing both tuners use."""
+    baseline_ms = timer(trial.baseline.impl, trial.baseline.run, trial.copies)
+    best: tuple[float, LinearImpl] | None = None
+    rejected = 0
+    for cand in trial.candidates:
+        try:
+            if not matches_reference(cand.run(0), trial.reference):
+                rejected += 1
+                continue
+            ms = timer(cand.impl, cand.run, trial.copies)
+        except Exception:  # a config the compiler rejects (e.g. out of shared memory) is skipped
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, cand.impl)
+    return Measurement(baseline_ms, best[1] if best else None, best[0] if best else None, rejected)
+
+
+def num_sms_of(device: torch.device) -> int:
+    """The device's SM count (132, an H100's, off CUDA: the candidate list's shape-only guess)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
@@ -209,31 +269,23 @@ class LinearAutotuner:
         return len(self.table) - before
 
     def measure(self, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> LinearImpl:
-        """Time cuBLAS and each candidate config that matches the reference; keep the fastest."""
+        """Time the baseline and each candidate config that matches the reference; keep the fastest
+        (`measure` over this tuner's `trial`)."""
+        with torch.cuda.device(device) if device.type == "cuda" else _no_context():
+            trial = self.trial(M, N, K, dtype, device)
+            result = measure(trial, self.timer)
+        del trial  # the weight copies
+        return result.choice(self.margin)
+
+    def trial(self, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> Trial:
+        """cuBLAS against the matvec configs on random float data of this shape."""
         copies = weight_copies(N, K, dtype, device)
         g = torch.Generator(device=device).manual_seed(M * 7919 + N + K)
         x = torch.randn(M, K, generator=g, device=device).to(dtype)
         ws = [(torch.randn(N, K, generator=g, device=device) / K**0.5).to(dtype) for _ in range(copies)]
         ref = x.float() @ ws[0].float().T
-        with torch.cuda.device(device) if device.type == "cuda" else _no_context():
-            torch_ms = self.timer(TORCH, lambda i: F.linear(x, ws[i]), copies)
-            best: tuple[float, LinearImpl] | None = None
-            rejected = 0
-            for impl in self.candidate_impls(M, N, K, _num_sms(device)):
-                try:
-                    correct = matches_reference(impl(x, ws[0]), ref)
-                    if not correct:
-                        rejected += 1
-                        continue
-                    ms = self.timer(impl, _on_copy(impl, x, ws), copies)
-                except Exception:  # a config the compiler rejects (e.g. out of shared memory) is skipped
-                    continue
-                if best is None or ms < best[0]:
-                    best = (ms, impl)
-        del ws
-        if best is not None and best[0] < self.margin * torch_ms:
-            return LinearImpl("triton", best[1].config, torch_ms, best[0], rejected)
-        return LinearImpl("torch", None, torch_ms, best[0] if best else None, rejected)
+        cands = [Candidate(impl, _on_copy(impl, x, ws)) for impl in self.candidate_impls(M, N, K, num_sms_of(device))]
+        return Trial(Candidate(TORCH, lambda i: F.linear(x, ws[i])), cands, ref, copies)
 
     def candidate_impls(self, M: int, N: int, K: int, num_sms: int) -> list[LinearImpl]:
         """The Triton implementations `measure` checks and times (overridable by tests)."""
@@ -270,7 +322,7 @@ def _no_context() -> Iterator[None]:
     yield
 
 
-def _on_copy(impl: LinearImpl, x: torch.Tensor, ws: list[torch.Tensor]) -> Callable[[int], object]:
+def _on_copy(impl: LinearImpl, x: torch.Tensor, ws: list[torch.Tensor]) -> Callable[[int], torch.Tensor]:
     """run(i): `impl` on x and weight copy i."""
     return lambda i: impl(x, ws[i])
 

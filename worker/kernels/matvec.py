@@ -17,7 +17,14 @@ At these M the matmul is a stream over the weight, so the kernel is built for ba
   output and resets the counter to 0 for the next launch. No second kernel, so a split linear is
   one launch in a CUDA graph;
 - gated (the MLP's down projection): x is the gate/up output [M, 2K] and the kernel applies
-  silu(gate) * up as it loads it, so SiLU-and-mul is no kernel of its own.
+  silu(gate) * up as it loads it, so SiLU-and-mul is no kernel of its own;
+- normed (QKV and gate/up after a pre-norm): x is the layer's input before RMSNorm and the kernel
+  applies the norm as it loads it, so RMSNorm (+ the residual add) is no kernel of its own. Every
+  program first sums the squares of its M rows over the whole K (x + residual, at most 16 rows of
+  K elements: read from L2, small beside the weight), then normalizes each loaded x tile with that
+  rms and the norm weight, rounding as worker/kernels/rmsnorm.py does. Exactly one program (column
+  block 0, K slice 0) stores x + residual, the next layer's residual, into a fresh buffer, so no
+  program reads a residual another one is overwriting.
 
 `linear_choice.pick_linear_impl` decides, per shape and batch size, whether this beats cuBLAS.
 
@@ -34,11 +41,13 @@ import torch
 import torch.nn.functional as F
 
 from shardline.worker.kernels.activation import silu_and_mul_reference
+from shardline.worker.kernels.rmsnorm import rms_norm_reference
 from shardline.worker.kernels.runtime import cdiv, interpreted_bf16_dot, kernel, next_pow2, tl, use_triton
 
 MAX_M = 16
 FMA_MAX_M = 4  # above this the tile goes through tl.dot (M padded to 16)
-_COUNTERS_PER_DEVICE = 1 << 16  # split-K tickets: one int32 per column block of one launch
+_NORM_TILE = 8192  # elements of x one step of the normed matvec's rms pre-pass loads (16 registers a thread at 4 warps)
+TICKET_COUNTERS = 1 << 16  # split-K tickets: one int32 per column block of one launch
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,19 @@ class MatvecConfig:
     num_stages: int = 3
 
 
+@dataclass(frozen=True)
+class PreNorm:
+    """An RMSNorm to apply to the matvec's input as it loads (see the module note).
+
+    weight: [K] the norm's scale, in the activation dtype; eps: added to the mean square;
+    residual: [M, K] added to x first (the sum is returned as the next residual), or None.
+    """
+
+    weight: torch.Tensor
+    eps: float
+    residual: torch.Tensor | None = None
+
+
 @kernel(do_not_specialize=("M",))  # the batch size: 1..16 from step to step
 def _matvec_kernel(
     x_ptr,
@@ -65,6 +87,10 @@ def _matvec_kernel(
     part_ptr,
     ticket_ptr,
     w_scale_ptr,
+    res_ptr,
+    res_out_ptr,
+    norm_w_ptr,
+    eps,
     M,
     N,
     K,
@@ -75,6 +101,8 @@ def _matvec_kernel(
     stride_om,
     stride_ps,
     stride_pm,
+    stride_rm,
+    stride_rom,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -86,6 +114,9 @@ def _matvec_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    NORM: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    NORM_BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -98,6 +129,21 @@ def _matvec_kernel(
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    if NORM:  # the rms of each row of x (+ residual) over the whole K, before the weight stream
+        r_rows = res_ptr + tl.minimum(offs_m, M - 1)[:, None] * stride_rm
+        sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        writer = (pid_n == 0) & (pid_k == 0)
+        for k0 in range(0, K, NORM_BLOCK_K):  # few wide steps: latency, not bandwidth, bounds this
+            offs_k = k0 + tl.arange(0, NORM_BLOCK_K)
+            k_ok = offs_k < K
+            h = tl.load(x_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+            if HAS_RESIDUAL:  # rounded to the activation dtype, as the unfused `x + residual` is
+                h = (h.to(tl.float32) + tl.load(r_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)).to(h.dtype)
+                if writer:
+                    tl.store(res_out_ptr + offs_m[:, None] * stride_rom + offs_k[None, :], h, mask=m_ok[:, None] & k_ok[None, :])
+            hf = h.to(tl.float32)
+            sum_sq += tl.sum(hf * hf, 1)
+        inv_rms = 1.0 / tl.sqrt(sum_sq / K + eps)
     if USE_DOT:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
@@ -118,6 +164,19 @@ def _matvec_kernel(
         if GATED:  # rounded to the input dtype, as activation.silu_and_mul's output would be
             g = x.to(tl.float32)
             x = (g * tl.sigmoid(g) * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        if NORM:  # rmsnorm.py's roundings: the sum, the normalized row, the scaled output
+            if HAS_RESIDUAL:
+                if EVEN_K:
+                    r = tl.load(r_rows + offs_k[None, :])
+                else:
+                    r = tl.load(r_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+                x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            if EVEN_K:
+                gamma = tl.load(norm_w_ptr + offs_k).to(tl.float32)
+            else:
+                gamma = tl.load(norm_w_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            normed = (x.to(tl.float32) * inv_rms[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+            x = (normed * gamma[None, :]).to(x_ptr.dtype.element_ty)
         if USE_DOT:
             if UPCAST_DOT:
                 x = x.to(tl.float32)
@@ -146,19 +205,20 @@ def _matvec_kernel(
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_TICKETS: dict[torch.device, torch.Tensor] = {}
+_TICKETS_BY_DEVICE: dict[torch.device, torch.Tensor] = {}
 
 
-def _tickets(device: torch.device) -> torch.Tensor:
-    """The split-K ticket counters of `device`: zeroed once, left zeroed by every launch.
+def split_tickets(device: torch.device) -> torch.Tensor:
+    """The split-K ticket counters of `device` (the matvec's and paged attention's): zeroed once,
+    left zeroed by every launch.
 
     NOTE: shared by every split launch on the device, which is safe because launches on one stream
     run in order; the first call must come outside CUDA-graph capture (the engine's warm-up does),
     or the zeroing would be captured into the graph's pool.
     """
-    t = _TICKETS.get(device)
+    t = _TICKETS_BY_DEVICE.get(device)
     if t is None:
-        t = _TICKETS[device] = torch.zeros(_COUNTERS_PER_DEVICE, dtype=torch.int32, device=device)
+        t = _TICKETS_BY_DEVICE[device] = torch.zeros(TICKET_COUNTERS, dtype=torch.int32, device=device)
     return t
 
 
@@ -210,6 +270,38 @@ def matvec(
         if w_scale is not None:
             w = (w.float() * w_scale.reshape(-1, 1).float()).to(x.dtype)
         return matvec_reference(silu_and_mul_reference(x) if gated else x, w)
+    return _launch(x, w, config, gated, w_scale, None, None)
+
+
+def normed_matvec(
+    x: torch.Tensor, w: torch.Tensor, norm: PreNorm, config: MatvecConfig | None = None, impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual) * norm.weight @ w.T, x + residual) in one launch: the pre-norm of QKV
+    or gate/up applied as the matvec loads x [M, K] (without a residual the second output is x).
+    Equal to rmsnorm.rms_norm then matvec up to fp32 summation order. M <= 16 (else, and on the
+    torch path, those two calls). Raises ValueError on mismatched shapes."""
+    M, K = x.shape if x.dim() == 2 else (0, -1)
+    if w.dim() != 2 or w.shape[1] != K or norm.weight.numel() != K or (
+            norm.residual is not None and tuple(norm.residual.shape) != tuple(x.shape)):
+        got = (tuple(x.shape), tuple(w.shape), tuple(norm.weight.shape), None if norm.residual is None else tuple(norm.residual.shape))
+        raise ValueError(f"normed_matvec: need x [M, K], w [N, K], norm weight [K], residual [M, K]; got {got}")
+    if M > MAX_M or M == 0 or not use_triton(x, impl):
+        h, summed = rms_norm_reference(x, norm.weight, norm.eps, norm.residual)
+        return matvec_reference(h, w), summed
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    residual = norm.residual
+    if residual is not None and residual.stride(-1) != 1:
+        residual = residual.contiguous()
+    res_out = torch.empty_like(x) if residual is not None else x
+    return _launch(x, w, config, False, None, PreNorm(norm.weight, norm.eps, residual), res_out), res_out
+
+
+def _launch(x: torch.Tensor, w: torch.Tensor, config: MatvecConfig | None, gated: bool,
+            w_scale: torch.Tensor | None, norm: PreNorm | None, res_out: torch.Tensor | None) -> torch.Tensor:
+    """One _matvec_kernel launch (the caller has checked the shapes and chosen Triton)."""
+    M = x.shape[0]
+    N, K = w.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
     if w.stride(-1) != 1:
@@ -224,10 +316,10 @@ def matvec(
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     upcast = interpreted_bf16_dot(x.dtype)
     if split > 1:
-        if grid_n > _COUNTERS_PER_DEVICE:
-            raise ValueError(f"matvec: split-K over {grid_n} column blocks, more than {_COUNTERS_PER_DEVICE}")
+        if grid_n > TICKET_COUNTERS:
+            raise ValueError(f"matvec: split-K over {grid_n} column blocks, more than {TICKET_COUNTERS}")
         part = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
-        tickets = _tickets(x.device)
+        tickets = split_tickets(x.device)
     else:
         part, tickets = out, out
     _matvec_kernel[(grid_n, split)](
@@ -237,6 +329,10 @@ def matvec(
         part,
         tickets,
         w_scale if w_scale is not None else out,  # unused without HAS_SCALE
+        norm.residual if norm is not None and norm.residual is not None else out,  # unused without them
+        res_out if res_out is not None else out,
+        norm.weight if norm is not None else out,
+        norm.eps if norm is not None else 0.0,
         M,
         N,
         K,
@@ -247,6 +343,8 @@ def matvec(
         out.stride(0),
         part.stride(0) if split > 1 else 0,
         part.stride(1) if split > 1 else 0,
+        norm.residual.stride(0) if norm is not None and norm.residual is not None else 0,
+        res_out.stride(0) if res_out is not None else 0,
         BLOCK_M=block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
@@ -258,6 +356,10 @@ def matvec(
         DOT_PRECISION="ieee" if x.dtype == torch.float32 or upcast else "tf32",
         UPCAST_DOT=upcast,
         HAS_SCALE=w_scale is not None,
+        NORM=norm is not None,
+        HAS_RESIDUAL=norm is not None and norm.residual is not None,
+        # the norm's pre-pass loads BLOCK_M x NORM_BLOCK_K elements a step: 8192 (one step at M = 1, K = 4096)
+        NORM_BLOCK_K=min(next_pow2(K), max(16, _NORM_TILE // block_m)) if norm is not None else 16,
         num_warps=cfg.num_warps,
     )
     return out

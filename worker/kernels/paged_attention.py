@@ -6,9 +6,19 @@ numbered per sequence: sequence i's tiles start at query_start_loc[i] // BLOCK_Q
 the grid by num_tokens // BLOCK_Q + num_seqs without reading query lengths on the host; a program
 finds its sequence by binary search over query_start_loc.
 
-Split-K (flash-decoding): with num_splits > 1 the context is cut into partitions of partition_len
-tokens, one program per (tile, KV head, partition) writes its normalized partial output with its
-running max and sum, and a reduce kernel rescales and combines them.
+Split-K (flash-decoding), chosen on the device: the host sets only a number of split slots (the
+grid's third axis, fixed by the batch shape so a captured CUDA graph fits every later step) and a
+minimum partition length. Each decode row (query length 1) reads its own context length and uses
+n = clamp(attended // tokens_per_split, 1, slots) splits over its attended range only: [0, ctx), or
+[max(0, ctx - window), ctx) with a sliding window. Programs of slots >= n return at once; with n == 1
+the row's one program writes the output directly, otherwise each split writes its normalized partial
+output with its running max and sum (indexed by sequence) and takes a ticket from a counter of its
+(sequence, KV head); the program that draws the last ticket rescales and combines the partials in
+split order (deterministic, whichever program is last), writes the output and resets the counter,
+as the matvec's split-K does (worker/kernels/matvec.py): attention is one kernel, split or not.
+Prefill tiles (query length > 1) never split, so a long decode inside a mixed prefill+decode step
+splits while the prefill tiles beside it run in one pass, and the partial buffers stay
+[num_seqs, heads, slots, head_dim] whatever the chunk sizes.
 
 Sliding windows (Mistral, Gemma 2/3's local layers): with window w a query at position p sees keys
 p - w < k <= p; a tile starts its key loop at its first query's oldest visible key, so blocks
@@ -22,19 +32,19 @@ the inner loop does no extra multiply (worker/attention/kv_cache_dtype.py).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from shardline.worker.attention.kv_cache_dtype import KVScales, is_fp8_kv, scales_or_unit
+from shardline.worker.kernels.matvec import TICKET_COUNTERS, split_tickets
 from shardline.worker.kernels.runtime import interpreted_bf16_dot, kernel, next_pow2, tl
 
 _LOG2E = 1.4426950408889634
 
 
-# Step-varying ints (sequence count, block-table width, the split count in the m/l strides) are
+# Step-varying ints (sequence count, block-table width, the split slots in the m/l strides) are
 # not specialized: each new value would otherwise compile another variant (see runtime.Kernel).
-@kernel(do_not_specialize=("num_seqs", "stride_bt", "stride_mt", "stride_mh"))
+@kernel(do_not_specialize=("num_seqs", "stride_bt", "stride_mt", "stride_mh", "max_splits",
+                           "tokens_per_split"))
 def _paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
@@ -43,6 +53,7 @@ def _paged_attention_kernel(
     part_o_ptr,
     part_m_ptr,
     part_l_ptr,
+    ticket_ptr,
     query_start_loc_ptr,
     seq_lens_ptr,
     block_tables_ptr,
@@ -50,7 +61,8 @@ def _paged_attention_kernel(
     scale_log2,
     k_scale_ptr,
     v_scale_ptr,
-    partition_len,
+    max_splits,
+    tokens_per_split,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -105,6 +117,23 @@ def _paged_attention_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     cached_len = seq_len - q_len
 
+    # Keys this tile can see: up to its last query position (causal), from its first query's oldest.
+    kv_end = tl.minimum(seq_len, cached_len + (q_block + 1) * BLOCK_Q)
+    kv_start = 0
+    if HAS_WINDOW:  # the oldest key the tile's first query sees
+        kv_start = tl.maximum(cached_len + q_block * BLOCK_Q - window + 1, 0)
+    kv_lo = kv_start
+    kv_hi = kv_end
+    if SPLIT:  # this row's own split count, from its attended range
+        n_split = tl.minimum(tl.maximum((kv_end - kv_start) // tokens_per_split, 1), max_splits)
+        n_split = tl.where(q_len == 1, n_split, 1)  # prefill tiles never split
+        if split >= n_split:  # an unused slot: out before any tensor load
+            return
+        # whole KV tiles per partition; with n_split == 1 the one partition is the whole range
+        part = tl.cdiv(tl.cdiv(kv_end - kv_start, n_split), BLOCK_N) * BLOCK_N
+        kv_lo = kv_start + split * part
+        kv_hi = tl.minimum(kv_end, kv_lo + part)
+
     # Row m of the tile is query token q_block * BLOCK_Q + m // GROUP_PAD, head kv_head * GROUP + m % GROUP_PAD.
     offs_m = tl.arange(0, BLOCK_M)
     q_local = q_block * BLOCK_Q + offs_m // GROUP_PAD
@@ -125,17 +154,6 @@ def _paged_attention_kernel(
         k_scale = tl.load(k_scale_ptr)
         scale_log2 = scale_log2 * k_scale
         softcap_in = softcap_in * k_scale
-
-    # Keys this tile can see: up to its last query position (causal), cut to this split's partition.
-    kv_end = tl.minimum(seq_len, cached_len + (q_block + 1) * BLOCK_Q)
-    kv_start = 0
-    if HAS_WINDOW:  # the oldest key the tile's first query sees
-        kv_start = tl.maximum(cached_len + q_block * BLOCK_Q - window + 1, 0)
-    kv_lo = kv_start
-    kv_hi = kv_end
-    if SPLIT:
-        kv_lo = tl.maximum(split * partition_len, kv_start)
-        kv_hi = tl.minimum(kv_end, split * partition_len + partition_len)
 
     # A finite "minus infinity" for running maxima keeps rows that have seen no key yet NaN-free.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -177,59 +195,47 @@ def _paged_attention_kernel(
     if FP8:  # the value scale, applied once to the output (P @ V is linear in V)
         o = o * tl.load(v_scale_ptr)
     mask_o = row_ok[:, None] & d_ok[None, :]
-    if SPLIT:
-        part = token * stride_pt + head.to(tl.int64) * stride_ph + split * stride_ps
-        tl.store(part_o_ptr + part[:, None] + offs_d[None, :], o, mask=mask_o)
-        ml = token * stride_mt + head.to(tl.int64) * stride_mh + split
-        tl.store(part_m_ptr + ml, m_i, mask=row_ok)
-        tl.store(part_l_ptr + ml, l_i, mask=row_ok)
+    dst = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    if SPLIT:  # a split row leaves partials (by sequence: only query-length-1 rows split); the last combines
+        # NOTE: broadcast before comparing: the interpreter stores a scalar int1 & block int1 as int32
+        partial = (tl.zeros([BLOCK_M], dtype=tl.int32) + n_split) > 1
+        seq64 = seq.to(tl.int64)  # type: ignore[attr-defined]
+        part_off = seq64 * stride_pt + head.to(tl.int64) * stride_ph + split * stride_ps
+        tl.store(part_o_ptr + part_off[:, None] + offs_d[None, :], o, mask=mask_o & partial[:, None])
+        ml = seq64 * stride_mt + head.to(tl.int64) * stride_mh + split
+        tl.store(part_m_ptr + ml, m_i, mask=row_ok & partial)
+        tl.store(part_l_ptr + ml, l_i, mask=row_ok & partial)
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=mask_o & ~partial[:, None])
+        if n_split > 1:
+            # Every thread's partial is stored before the one release below (CTA barrier, then a
+            # gpu-scope acq_rel ticket): the program that draws the last ticket sees all partials.
+            tl.debug_barrier()
+            counter = ticket_ptr + seq * tl.num_programs(1) + kv_head
+            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if ticket == n_split - 1:
+                ml0 = seq64 * stride_mt + head.to(tl.int64) * stride_mh
+                m_max = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+                for s in range(0, n_split):
+                    m_s = tl.load(part_m_ptr + ml0 + s, mask=row_ok, other=-1.0e30, cache_modifier=".cg")
+                    m_max = tl.maximum(m_max, m_s)
+                # Partials are normalized by their own sums; weight each by its share of the global
+                # sum (a split past the range's last tile saw no key: l = 0 weighs nothing).
+                total = tl.zeros([BLOCK_M], dtype=tl.float32)
+                comb = tl.zeros([BLOCK_M, HEAD_D_PAD], dtype=tl.float32)
+                for s in range(0, n_split):
+                    m_s = tl.load(part_m_ptr + ml0 + s, mask=row_ok, other=-1.0e30, cache_modifier=".cg")
+                    l_s = tl.load(part_l_ptr + ml0 + s, mask=row_ok, other=0.0, cache_modifier=".cg")
+                    w = tl.exp2(m_s - m_max) * l_s
+                    o_off = seq64 * stride_pt + head.to(tl.int64) * stride_ph + s * stride_ps
+                    o_s = tl.load(part_o_ptr + o_off[:, None] + offs_d[None, :], mask=mask_o, other=0.0,
+                                  cache_modifier=".cg")
+                    comb += w[:, None] * o_s
+                    total += w
+                comb = comb / tl.where(total > 0.0, total, 1.0)[:, None]
+                tl.store(dst, comb.to(out_ptr.dtype.element_ty), mask=mask_o)
+                tl.store(counter, 0)  # ready for the next launch (and the next graph replay)
     else:
-        dst = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=mask_o)
-
-
-@kernel(do_not_specialize=("num_seqs", "num_splits", "stride_mt", "stride_mh"))
-def _reduce_splits_kernel(
-    out_ptr,
-    part_o_ptr,
-    part_m_ptr,
-    part_l_ptr,
-    query_start_loc_ptr,
-    num_seqs,
-    num_splits,
-    stride_ot,
-    stride_oh,
-    stride_pt,
-    stride_ph,
-    stride_ps,
-    stride_mt,
-    stride_mh,
-    HEAD_D: tl.constexpr,
-    HEAD_D_PAD: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
-):
-    token = tl.program_id(0)
-    head = tl.program_id(1)
-    if token >= tl.load(query_start_loc_ptr + num_seqs):  # padding rows past the last sequence
-        return
-    t64 = token.to(tl.int64)
-    offs_s = tl.arange(0, SPLITS_PAD)
-    s_ok = offs_s < num_splits
-    ml = t64 * stride_mt + head * stride_mh + offs_s
-    m = tl.load(part_m_ptr + ml, mask=s_ok, other=-1.0e30)
-    l = tl.load(part_l_ptr + ml, mask=s_ok, other=0.0)
-    # Partials are normalized by their own sums; weight each by its share of the global sum.
-    w = tl.exp2(m - tl.max(m, 0)) * l
-    w = w / tl.sum(w, 0)
-    offs_d = tl.arange(0, HEAD_D_PAD)
-    d_ok = offs_d < HEAD_D
-    o = tl.load(
-        part_o_ptr + t64 * stride_pt + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
-        mask=s_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    res = tl.sum(o * w[:, None], 0)
-    tl.store(out_ptr + t64 * stride_ot + head * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 def tile_shape(num_heads: int, num_kv_heads: int, max_query_len: int) -> tuple[int, int, int]:
@@ -240,12 +246,11 @@ def tile_shape(num_heads: int, num_kv_heads: int, max_query_len: int) -> tuple[i
     return group_pad, block_m // group_pad, block_m
 
 
-def split_partition(max_seq_len: int, num_splits: int, block_n: int) -> tuple[int, int]:
-    """(partition_len, num_splits): partitions are whole KV tiles; asking for more splits than the
-    context has tiles gives fewer."""
-    part = math.ceil(max(1, max_seq_len) / max(1, num_splits))
-    part = math.ceil(part / block_n) * block_n
-    return part, math.ceil(max(1, max_seq_len) / part)
+def split_slots(max_seq_len: int, num_splits: int, tokens_per_split: int) -> int:
+    """Split slots worth launching: at most num_splits, and no more than a context of max_seq_len
+    tokens (an upper bound: max_model_len in a captured graph) fills at tokens_per_split keys a
+    split. Each decode row then picks its own count on the device (see the module note)."""
+    return max(1, min(num_splits, max(1, max_seq_len) // max(1, tokens_per_split)))
 
 
 def paged_attention(
@@ -259,6 +264,7 @@ def paged_attention(
     scale: float,
     num_splits: int = 1,
     block_n: int = 64,
+    tokens_per_split: int = 256,
     out: torch.Tensor | None = None,
     sliding_window: int | None = None,
     logit_softcap: float | None = None,
@@ -266,7 +272,9 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal GQA attention of query [num_tokens, heads, dim] over kv_cache [2, blocks, block_size,
     kv_heads, dim]; sequence i's queries are rows query_start_loc[i]:query_start_loc[i+1] and sit at
-    the last positions of its seq_lens[i] tokens. Host ints size the grid only. `sliding_window`
+    the last positions of its seq_lens[i] tokens. Host ints size the grid only: `num_splits` is the
+    most splits a decode row may use, and each row uses one per `tokens_per_split` keys it attends
+    to (decided on the device from seq_lens, see the module note). `sliding_window`
     (tokens) limits each query to its last that many positions; `logit_softcap` soft-caps scores;
     an FP8 cache's codes read as code * kv_scales (other caches ignore the scales)."""
     num_tokens, num_heads, head_dim = query.shape
@@ -288,14 +296,20 @@ def paged_attention(
     group_pad, block_q, block_m = tile_shape(num_heads, num_kv_heads, max_query_len)
     # Compiled tl.dot needs every dimension >= 16: head_dim is the QK^T reduction and the PV width.
     head_d_pad = max(16, next_pow2(head_dim))
-    partition_len, num_splits = split_partition(max_seq_len, num_splits, block_n)
+    if tokens_per_split < 1:
+        raise ValueError(f"paged_attention: tokens_per_split must be >= 1, got {tokens_per_split}")
+    num_splits = split_slots(max_seq_len, num_splits, tokens_per_split)
     split = num_splits > 1
-    if split:
-        part_o = torch.empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
-        part_m = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=query.device)
+    if split:  # by sequence: only query-length-1 rows split
+        part_o = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
+        part_m = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
         part_l = torch.empty_like(part_m)
+        if num_seqs * num_kv_heads > TICKET_COUNTERS:
+            raise ValueError(f"paged_attention: split tickets for {num_seqs} sequences x {num_kv_heads} KV heads, "
+                             f"more than {TICKET_COUNTERS}")
+        tickets = split_tickets(query.device)
     else:  # unused by the kernel; any tensor of the right kind keeps the signature fixed
-        part_o = part_m = part_l = out
+        part_o = part_m = part_l = tickets = out
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     upcast = interpreted_bf16_dot(query.dtype)
     fp8 = is_fp8_kv(kv_cache)
@@ -309,6 +323,7 @@ def paged_attention(
         part_o,
         part_m,
         part_l,
+        tickets,
         query_start_loc,
         seq_lens,
         block_tables,
@@ -316,7 +331,8 @@ def paged_attention(
         scale * _LOG2E,
         s.k if s is not None else out,  # read only for an FP8 cache
         s.v if s is not None else out,
-        partition_len,
+        num_splits,
+        tokens_per_split,
         query.stride(0),
         query.stride(1),
         out.stride(0),
@@ -348,24 +364,4 @@ def paged_attention(
         HAS_SOFTCAP=logit_softcap is not None,
         FP8=fp8,
     )
-    if split:
-        _reduce_splits_kernel[(num_tokens, num_heads)](
-            out,
-            part_o,
-            part_m,
-            part_l,
-            query_start_loc,
-            num_seqs,
-            num_splits,
-            out.stride(0),
-            out.stride(1),
-            part_o.stride(0),
-            part_o.stride(1),
-            part_o.stride(2),
-            part_m.stride(0),
-            part_m.stride(1),
-            HEAD_D=head_dim,
-            HEAD_D_PAD=head_d_pad,
-            SPLITS_PAD=next_pow2(num_splits),
-        )
     return out

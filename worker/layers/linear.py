@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardline.worker.kernels.linear_choice import pick_linear_impl
-from shardline.worker.kernels.matvec import MAX_M, matvec
+from shardline.worker.kernels.matvec import MAX_M, PreNorm, matvec, normed_matvec
 from shardline.worker.kernels.runtime import use_triton
 from shardline.worker.layers.quantization import QuantizationConfig, QuantizedWeightStager, QuantMethod
 from shardline.worker.loader.weights import LazyWeight
@@ -47,6 +47,22 @@ def gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, impl: str = "auto"
         choice = pick_linear_impl(gate_up.shape[0], weight.shape[0], weight.shape[1], gate_up.dtype, gate_up.device)
         if choice.kind == "triton":
             return matvec(gate_up, weight, choice.config, impl="triton", gated=True)
+    return None
+
+
+def normed_linear(x: torch.Tensor, weight: torch.Tensor, norm: PreNorm,
+                  impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rms_norm(x + residual) @ weight.T, x + residual) in one matvec launch (x [M, K], weight
+    [N, K]), when this batch's linear runs the Triton matvec (the same rule as gated_linear). None
+    otherwise: the caller runs the norm, then its linear."""
+    if impl == "torch" or x.dim() != 2 or not 1 <= x.shape[0] <= MAX_M:
+        return None
+    if impl == "triton":
+        return normed_matvec(x, weight, norm, impl="triton")
+    if use_triton(x, impl):
+        choice = pick_linear_impl(x.shape[0], weight.shape[0], weight.shape[1], x.dtype, x.device)
+        if choice.kind == "triton":
+            return normed_matvec(x, weight, norm, choice.config, impl="triton")
     return None
 
 
@@ -92,6 +108,20 @@ class _QuantizableLinear(nn.Module):
             return linear(x, self.float_weight(), bias, self.impl)
         y = self.quant_method(x)
         return y if bias is None else y + bias
+
+    def forward_normed(self, x: torch.Tensor, norm: PreNorm) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(forward(rms_norm(x + residual)), x + residual) with the pre-norm folded into the matvec's
+        loads (see normed_linear); None when this batch does not take that path (quantized
+        weights, more than 16 rows, cuBLAS chosen): the caller then runs the norm and forward.
+        Column-parallel layers only (their input is the whole hidden state on every rank)."""
+        if self.quant_method is not None:
+            return None
+        fused = normed_linear(x, self.float_weight(), norm, self.impl)
+        if fused is None:
+            return None
+        y, summed = fused
+        bias = getattr(self, "bias", None)
+        return (y if bias is None else y + bias), summed
 
     def _load_rows(self, row_offset: int, name: str, w: LazyWeight, dim: int, start: int, size: int | None) -> None:
         """Copy (or stage) the slice [start, start+size) along `dim` of checkpoint tensor `w` at

@@ -4,8 +4,8 @@ row-wise scales, accumulating in float32 (Hopper / Ada tensor cores on CUDA; tor
 it on CPU, which is how the tests exercise this exact path). Weights come from an FP8 checkpoint
 (weight + weight_scale) or are quantized from float at load. At batch 1-16 on CUDA a weight-only
 FP8 matvec (activations unquantized, worker/kernels/matvec.py with row scales) runs instead where it
-measured faster for the shape (worker/kernels/fp8_linear_choice.py), or where _scaled_mm cannot take
-the shape.
+measured faster for the shape at start-up (worker/kernels/fp8_linear_choice.py), or where _scaled_mm
+cannot take the shape.
 
 Error: e4m3 keeps 3 mantissa bits, so each weight and each activation is within 2^-4 relative of
 its value (round to nearest), and y within about 2 * 2^-4 * sum_k |x_k| |w_k| (2^-4 on the
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from shardline.worker.kernels.fp8_linear_choice import WEIGHT_ONLY, pick_fp8_linear_impl
+from shardline.worker.kernels.fp8_linear_choice import pick_fp8_linear_impl
 from shardline.worker.kernels.matvec import MAX_M, matvec
 from shardline.worker.kernels.runtime import HAS_TRITON
 
@@ -49,7 +49,7 @@ def fp8_checkpoint_rows(weight: torch.Tensor, weight_scale: torch.Tensor) -> Gro
     return GroupQuantized(weight.to(FP8), scale.reshape(rows, 1).contiguous(), None, int(weight.shape[1]), 8, "fp8")
 
 
-def _w8a8_matmul(a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+def w8a8_matmul(a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """a [M, K] quantized per token to e4m3 (max|row| / 448) times the e4m3 weight [N, K] with its
     row scales ([N] or [1, N]) through torch._scaled_mm, float32 accumulation; [M, N] in a's dtype."""
     a_scale = (a.abs().amax(1, keepdim=True).float() / FP8_MAX).clamp_min(_TINY)
@@ -99,14 +99,14 @@ class Fp8Linear(QuantMethod):
             # through the interpreter: tests).
             choice = None
             if self.impl == "auto" and self.scaled_mm_fits:
-                choice = pick_fp8_linear_impl(m, self.out_features, self.in_features, a.dtype, a.device, _w8a8_matmul)
-            if choice is None or choice.kind == WEIGHT_ONLY:
+                choice = pick_fp8_linear_impl(m, self.out_features, self.in_features, a.dtype, a.device)
+            if choice is None or choice.kind == "triton":  # the weight-only matvec
                 y = matvec(a, self.weight, choice.config if choice else None, impl="triton",
                            w_scale=self.weight_scale.reshape(-1))
                 return y.reshape(*lead, self.out_features)
         if not self.scaled_mm_fits:
             return F.linear(x, self.dequantized().to(x.dtype))
-        return _w8a8_matmul(a, self.weight, self.weight_scale).reshape(*lead, self.out_features)
+        return w8a8_matmul(a, self.weight, self.weight_scale).reshape(*lead, self.out_features)
 
     def dequantized(self) -> torch.Tensor:
         return self.weight.float() * self.weight_scale.reshape(-1, 1)
