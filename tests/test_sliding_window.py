@@ -173,7 +173,9 @@ def test_engine_matches_transformers_under_chunking_preemption_prefix_hits_and_c
     prompt is served from the prefix cache."""
     directory, hf = checkpoint
     chat_ids = write_tokenizer(directory)
-    engine = make_engine(directory, num_kv_blocks=14, max_num_batched_tokens=16)
+    # 14 blocks' worth of every layer: a hybrid model's block id is a page in 1/G of its layers
+    groups = _load(directory).config.kv_cache_groups.num_groups
+    engine = make_engine(directory, num_kv_blocks=14 * groups, max_num_batched_tokens=16)
     base = prompts(1, seed=8, min_len=3 * SLIDING_WINDOW, max_len=3 * SLIDING_WINDOW)[0]
     batch = [base] + prompts(4, seed=9, min_len=SLIDING_WINDOW, max_len=3 * SLIDING_WINDOW)
     [first] = engine.generate([base], greedy())

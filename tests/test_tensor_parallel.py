@@ -39,13 +39,16 @@ class _Steps:
     """A prefill of a few prompts, then decode steps fed with the reference's greedy tokens; every
     sequence owns a fixed run of blocks."""
 
-    def __init__(self, vocab: int, n_seqs: int = 3, seed: int = 0) -> None:
+    def __init__(self, vocab: int, n_seqs: int = 3, seed: int = 0, num_kv_groups: int = 1) -> None:
         self.seqs = prompts(n_seqs, vocab=vocab, seed=seed, min_len=5, max_len=20)
         self.done = [0] * n_seqs
-        self.tables = [list(range(1 + 8 * i, 1 + 8 * (i + 1))) for i in range(n_seqs)]
+        # per sequence, one table per KV-cache group (hybrid models), 6 blocks each
+        self.tables = [[list(range(1 + 6 * (g * n_seqs + i), 1 + 6 * (g * n_seqs + i + 1))) for g in range(num_kv_groups)]
+                       for i in range(n_seqs)]
 
     def inputs(self) -> StepInputs:
-        slices = [SeqSlice(s[d:], d, t, True) for s, d, t in zip(self.seqs, self.done, self.tables)]
+        slices = [SeqSlice(s[d:], d, t[0], True, group_block_ids=tuple(t[1:]))
+                  for s, d, t in zip(self.seqs, self.done, self.tables)]
         return build_step_inputs(slices, BLOCK, CPU)
 
     def advance(self, logits: torch.Tensor) -> None:
@@ -61,7 +64,7 @@ def _compare_with_local(directory: Path, tp: int, num_steps: int = 4) -> TensorP
     tp_exec = TensorParallelExecutor(spec, _config(tp), show_progress=False)
     try:
         assert tp_exec.num_blocks == local.num_blocks == 64
-        steps = _Steps(spec.model_config.vocab_size)
+        steps = _Steps(spec.model_config.vocab_size, num_kv_groups=spec.model_config.kv_cache_groups.num_groups)
         for _ in range(num_steps):
             inputs = steps.inputs()
             ref = local.execute(inputs)
