@@ -102,15 +102,22 @@ def _assert_all_gone(pids: list[int | None]) -> None:
 # ---- the channel ------------------------------------------------------------------------------
 
 
-def test_step_inputs_round_trip_through_one_flat_payload():
-    slices = [SeqSlice([5, 6, 7], 0, [3, 4], True), SeqSlice([9], 12, [1, 2], False)]
+@pytest.mark.parametrize("hybrid", [False, True], ids=["one_group", "two_groups"])
+def test_step_inputs_round_trip_through_one_flat_payload(hybrid):
+    """A hybrid model's step (one extra KV-cache group's slots and tables) too."""
+    extra: list[tuple[list[int], ...]] = [([7],), ([5, 6, 8],)] if hybrid else [(), ()]
+    slices = [SeqSlice([5, 6, 7], 0, [3, 4], True, group_block_ids=extra[0]),
+              SeqSlice([9], 12, [1, 2], False, group_block_ids=extra[1])]
     inputs = build_step_inputs(slices, BLOCK, CPU)
     sizes, flat = pack(inputs)
-    assert sizes == [4, 2, 2, 1]
+    assert sizes == ([4, 2, 2, 1, 1, 3] if hybrid else [4, 2, 2, 1, 0, 0])
     assert flat.numel() * 8 == payload_bytes(*sizes)
     back = unpack(sizes, flat.clone())
+    assert back.num_kv_groups == inputs.num_kv_groups == (2 if hybrid else 1)
     for a, b in zip(inputs.tensors(), back.tensors()):
         assert a.dtype == b.dtype and torch.equal(a, b)
+    if hybrid:
+        assert back.group_slot_mapping is not None and back.group_slot_mapping.tolist() == [[56, 57, 58, 52]]
 
 
 # ---- parity -----------------------------------------------------------------------------------

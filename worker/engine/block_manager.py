@@ -179,12 +179,20 @@ class BlockManager:
         max_blocks = (request.num_known_tokens - 1) // self.block_size
         self._ensure_block_hashes(request, max_blocks)
         hashes = request.block_hashes[:max_blocks]
-        found = [[cached.get(h) for h in hashes] for cached in self._cached]
         num_hit = max_blocks
+        found: list[list[int | None]] = [[] for _ in self._cached]
         for g, window in enumerate(self.group_windows):
             if window is None:  # a global group needs every block: its run of hits bounds the rest
-                num_hit = next((i for i, b in enumerate(found[g][:num_hit]) if b is None), num_hit)
+                run = found[g]
+                for block_hash in hashes[:num_hit]:
+                    block = self._cached[g].get(block_hash)
+                    if block is None:
+                        break
+                    run.append(block)
+                num_hit = len(run)
         windowed = [g for g, w in enumerate(self.group_windows) if w is not None]
+        for g in windowed:
+            found[g] = [self._cached[g].get(h) for h in hashes[:num_hit]]
         if windowed:
             last_missing = []  # per windowed group: [i] = the last block <= i not cached (-1: none)
             for g in windowed:

@@ -174,7 +174,8 @@ class DecodeGraphRunner:
             self.input_ids[n:b].zero_()
             self.positions[n:b].zero_()
             self.slot_mapping[n:b].fill_(-1)
-            self.group_slot_mapping[:, n:b].fill_(-1)
+            if inputs.group_slot_mapping is not None:
+                self.group_slot_mapping[:, n:b].fill_(-1)
             self.seq_lens[n:b].fill_(1)
         if self.use_graphs:
             self._graphs[b].replay()
