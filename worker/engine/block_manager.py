@@ -117,8 +117,9 @@ class BlockManager:
         self._cached: list[dict[bytes, int]] = [{} for _ in self.group_windows]  # per group: hash -> block
         self._last_used: list[int] = [0] * num_blocks  # logical clock, for hash_summary
         self._clock = 0
-        # request id -> per group, leading blocks already cache-registered
-        self._num_registered: dict[str, list[int]] = {}
+        # request id -> leading blocks already cache-registered in every group
+        self._num_registered: dict[str, int] = {}
+        self._windowed_groups = [g for g, w in enumerate(self.group_windows) if w is not None]
         self.prefix_cache_queries = 0  # tokens looked up
         self.prefix_cache_hits = 0  # tokens found
         self.peak_group_blocks: list[int] = [0] * self.num_groups  # most blocks each group held at once
@@ -223,18 +224,18 @@ class BlockManager:
         arrives)."""
         if not self.enable_prefix_caching:
             return
-        tables = self._tables(request)
-        registered = self._num_registered.setdefault(request.request_id, [0] * self.num_groups)
+        tables = request.block_tables if len(request.block_tables) == self.num_groups else self._tables(request)
+        # every group's table has the same length (placeholders included)
+        num_full = min(num_computed_tokens, request.num_known_tokens, len(tables[0]) * self.block_size)
+        num_full //= self.block_size
+        registered = self._num_registered.get(request.request_id, 0)
+        if num_full <= registered:
+            return
+        self._ensure_block_hashes(request, num_full)
         for g, table in enumerate(tables):
-            num_full = min(num_computed_tokens, request.num_known_tokens, len(table) * self.block_size)
-            num_full //= self.block_size
-            # Released blocks may already serve another request: never register them.
-            start = max(registered[g], request.num_released[g])
-            if num_full <= start:
-                continue
-            self._ensure_block_hashes(request, num_full)
             cached = self._cached[g]
-            for i in range(start, num_full):
+            # Released blocks may already serve another request: never register them.
+            for i in range(max(registered, request.num_released[g]), num_full):
                 block = table[i]
                 if self._block_hash[block] is not None:
                     continue  # a prefix-cache hit: already registered
@@ -243,7 +244,7 @@ class BlockManager:
                     cached[block_hash] = block
                     self._block_hash[block] = block_hash
                     self._block_group[block] = g
-            registered[g] = num_full
+        self._num_registered[request.request_id] = num_full
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached key. Refused (False) while any block is referenced, since running
@@ -279,42 +280,44 @@ class BlockManager:
         (`new_computed_blocks`, get_computed_blocks' flat list), then allocate fresh blocks
         (evicting LRU cached ones). Returns False and changes nothing if the pool is short for any
         group."""
-        tables = self._tables(request)
-        if len(new_computed_blocks) % self.num_groups:
-            raise ValueError(f"request {request.request_id}: {len(new_computed_blocks)} hit blocks for "
-                             f"{self.num_groups} groups")
-        num_hits = len(new_computed_blocks) // self.num_groups
-        if num_hits and any(tables):
-            raise ValueError(f"request {request.request_id}: prefix-cache hits apply only to an empty block table")
+        tables = request.block_tables if len(request.block_tables) == self.num_groups else self._tables(request)
+        num_hits = 0
+        if new_computed_blocks:
+            if len(new_computed_blocks) % self.num_groups:
+                raise ValueError(f"request {request.request_id}: {len(new_computed_blocks)} hit blocks for "
+                                 f"{self.num_groups} groups")
+            num_hits = len(new_computed_blocks) // self.num_groups
+            if any(tables):
+                raise ValueError(f"request {request.request_id}: prefix-cache hits apply only to an empty block table")
         num_tokens = request.num_computed_tokens + num_hits * self.block_size + num_new_tokens
         num_needed = -(-num_tokens // self.block_size)
-        plans: list[tuple[int, int, Sequence[int]]] = []  # per group: fresh blocks, hits skipped, hits
-        num_taken = 0
-        for g, table in enumerate(tables):
-            hits = new_computed_blocks[g * num_hits : (g + 1) * num_hits]
-            num_fresh = max(0, num_needed - len(table) - num_hits)
-            # In a windowed group, hits wholly before the first new token's window are not taken:
-            # they enter the table as released placeholders.
-            skip = self.num_out_of_window_blocks(num_hits * self.block_size, g)
-            # Hits at ref 0 sit in the free list: taking them shrinks what fresh allocation can use.
-            num_taken += num_fresh + sum(1 for b in hits[skip:] if self.ref_counts[b] == 0)
-            plans.append((num_fresh, skip, hits))
+        num_fresh = max(0, num_needed - len(tables[0]) - num_hits)  # every table has the same length
+        num_taken = num_fresh * self.num_groups
+        skips = [0] * self.num_groups
+        if num_hits:
+            for g in range(self.num_groups):
+                # In a windowed group, hits wholly before the first new token's window are not
+                # taken: they enter the table as released placeholders.
+                skips[g] = skip = self.num_out_of_window_blocks(num_hits * self.block_size, g)
+                # Hits at ref 0 sit in the free list: taking them shrinks what fresh allocation can use.
+                hits = new_computed_blocks[g * num_hits + skip : (g + 1) * num_hits]
+                num_taken += sum(1 for b in hits if self.ref_counts[b] == 0)
         if num_taken > len(self._free):
             return False
         now = self._tick()
-        for g, (table, (num_fresh, skip, hits)) in enumerate(zip(tables, plans)):
-            if skip:
-                table.extend([0] * skip)
-                request.num_released[g] = skip
-            for block in hits[skip:]:
-                if self.ref_counts[block] == 0:
-                    del self._free[block]
-                    self._group_blocks[g] += 1
-                self.ref_counts[block] += 1
-                self._last_used[block] = now
-                table.append(block)
+        for g, table in enumerate(tables):
             if num_hits:
-                self._num_registered.setdefault(request.request_id, [0] * self.num_groups)[g] = len(table)
+                skip = skips[g]
+                if skip:
+                    table.extend([0] * skip)
+                    request.num_released[g] = skip
+                for block in new_computed_blocks[g * num_hits + skip : (g + 1) * num_hits]:
+                    if self.ref_counts[block] == 0:
+                        del self._free[block]
+                        self._group_blocks[g] += 1
+                    self.ref_counts[block] += 1
+                    self._last_used[block] = now
+                    table.append(block)
             for _ in range(num_fresh):
                 block, _ = self._free.popitem(last=False)
                 old_hash = self._block_hash[block]
@@ -326,7 +329,10 @@ class BlockManager:
                 self._last_used[block] = now
                 table.append(block)
             self._group_blocks[g] += num_fresh
-            self.peak_group_blocks[g] = max(self.peak_group_blocks[g], self._group_blocks[g])
+            if self._group_blocks[g] > self.peak_group_blocks[g]:
+                self.peak_group_blocks[g] = self._group_blocks[g]
+        if num_hits:
+            self._num_registered[request.request_id] = num_hits
         return True
 
     def num_out_of_window_blocks(self, num_computed_tokens: int, group: int = 0) -> int:
@@ -368,9 +374,13 @@ class BlockManager:
         """Release, in each windowed group, the request's blocks that hold only positions before
         num_computed_tokens - window + 1, the oldest key its next query can see (a no-op for global
         groups). Their table entries become 0; returns how many blocks were released now."""
+        if not self._windowed_groups:
+            return 0
         released = 0
         now = 0
-        for g, table in enumerate(self._tables(request)):
+        tables = self._tables(request)
+        for g in self._windowed_groups:
+            table = tables[g]
             end = min(self.num_out_of_window_blocks(request.num_computed_tokens, g), len(table))
             begin = request.num_released[g]
             if end <= begin:
@@ -414,8 +424,8 @@ class BlockManager:
                     self._free[block] = None
                     self._free.move_to_end(block, last=self._block_hash[block] is not None)
             del table[keep:]
-            if registered is not None and registered[g] > keep:
-                registered[g] = keep
+            if registered is not None and registered > keep:
+                self._num_registered[request.request_id] = registered = keep
 
     def free(self, request: Request) -> None:
         """Drop the request's references and empty its block tables. Blocks reaching ref 0 keep
