@@ -411,18 +411,13 @@ class BlockManager:
         (speculative decoding's rollback: blocks only rejected proposals used). Such blocks were
         never registered in the prefix cache (only known tokens' blocks are), so they go to the head."""
         registered = self._num_registered.get(request.request_id)
+        now = self._tick()
         for g, table in enumerate(self._tables(request)):
             keep = max(-(-num_tokens // self.block_size), request.num_released[g])
             if len(table) <= keep:
                 continue
             for block in reversed(table[keep:]):
-                self.ref_counts[block] -= 1
-                if self.ref_counts[block] < 0:
-                    raise RuntimeError(f"block {block} freed more often than allocated")
-                if self.ref_counts[block] == 0:
-                    self._group_blocks[g] -= 1
-                    self._free[block] = None
-                    self._free.move_to_end(block, last=self._block_hash[block] is not None)
+                self._drop_reference(block, now, g)
             del table[keep:]
             if registered is not None and registered > keep:
                 self._num_registered[request.request_id] = registered = keep
