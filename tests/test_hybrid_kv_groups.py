@@ -6,13 +6,17 @@ padded CUDA-graph path, the Triton kernels)."""
 
 from __future__ import annotations
 
+import hypothesis.strategies as st
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from engine_checks import assert_all_blocks_free
 from shardline.worker.engine.block_manager import BlockManager
 from shardline.worker.engine.kv_cache_groups import kv_cache_groups
 from shardline.worker.engine.params import SamplingParams
 from shardline.worker.engine.request import Request
+from test_block_manager import PREFIXES, SALTS
 from test_sliding_window import greedy, make_engine
 from tiny_models import SLIDING_WINDOW, hf_greedy, prompts, write_tiny_checkpoint
 
@@ -111,6 +115,27 @@ def test_a_prefix_hit_is_the_longest_every_group_can_use():
     assert bm2.get_computed_blocks(Request("b", tokens + [1], SamplingParams()))[1] == 12
 
 
+def test_a_fresh_block_for_one_group_never_evicts_another_groups_hit():
+    """The windowed group's released blocks sit ahead of the global group's in the free list; a
+    request hitting both must take every hit before any fresh block is popped."""
+    bm = BlockManager(10, 4, group_windows=(None, 6))
+    a = Request("a", list(range(10, 18)), SamplingParams())
+    assert bm.allocate_slots(a, 8)
+    a.num_computed_tokens = 8
+    bm.cache_full_blocks(a, 8)
+    _decode(bm, a, 8)  # 16 tokens: windowed blocks 0 and 1 (ids 2, 3) released at positions 12, 13
+    assert a.block_tables == [[0, 1, 4, 6], [0, 0, 5, 7]]
+    bm.free(a)
+    filler = Request("filler", [1, 2, 3, 4], SamplingParams())
+    assert bm.allocate_slots(filler, 4) and filler.block_tables == [[8], [9]]
+    assert bm.free_block_ids()[:2] == [2, 3]  # the windowed hits lead the free list
+    b = Request("b", list(range(10, 18)) + [99], SamplingParams())
+    hits, num_hit = bm.get_computed_blocks(b)
+    assert hits == [0, 1, 2, 3] and num_hit == 8
+    assert bm.allocate_slots(b, 1, hits)
+    assert b.block_tables == [[0, 1, 6], [2, 3, 4]] and bm.ref_counts[2] == bm.ref_counts[3] == 1
+
+
 @pytest.fixture(scope="module")
 def gemma2(tmp_path_factory):
     directory = tmp_path_factory.mktemp("gemma2_hybrid")
@@ -152,3 +177,114 @@ def test_padded_decode_graph_path_and_overlap_take_the_group_tables(gemma2):
     assert [r.token_ids for r in results] == [hf_greedy(hf, p, 24) for p in batch]
     assert replays and engine.block_manager.num_released_blocks_total > 0
     assert_all_blocks_free(engine)
+
+
+class HybridBlockManagerMachine(RuleBasedStateMachine):
+    """Random admissions (with prefix hits), chunks, decodes, window releases, preemptions and
+    frees over a tiny pool shared by a global and a windowed group. A shadow pool records the
+    (group, token) each slot holds, so every hit block a group takes is checked to hold that
+    group's KV of exactly the request's tokens, and no block is ever shared across groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bs, self.window = 4, 6
+        self.bm = BlockManager(20, self.bs, group_windows=(None, self.window))
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.shadow: dict[int, list[tuple[int, int, str | None] | None]] = {
+            b: [None] * self.bs for b in range(self.bm.num_blocks)}
+        self.next_id = 0
+
+    def _owned(self, req: Request, group: int) -> list[int]:
+        return req.block_tables[group][req.num_released[group]:] if len(req.block_tables) > group else []
+
+    def _compute(self, req: Request, num_new: int) -> None:
+        tokens = req.all_token_ids
+        for g in range(2):
+            for pos in range(req.num_computed_tokens, req.num_computed_tokens + num_new):
+                block = req.block_tables[g][pos // self.bs]
+                assert pos // self.bs >= req.num_released[g] and self.bm.ref_counts[block] == 1
+                self.shadow[block][pos % self.bs] = (g, tokens[pos], req.cache_salt)
+        req.num_computed_tokens += num_new
+        self.bm.cache_full_blocks(req, req.num_computed_tokens)
+
+    @rule(prefix=st.sampled_from(PREFIXES), tail=st.lists(st.integers(0, 3), min_size=1, max_size=9),
+          salt=st.sampled_from(SALTS))
+    def add(self, prefix, tail, salt):
+        self.next_id += 1
+        self.waiting.append(Request(f"r{self.next_id}", prefix + tail, SamplingParams(), cache_salt=salt))
+
+    @precondition(lambda self: self.waiting)
+    @rule(data=st.data())
+    def admit(self, data):
+        req = data.draw(st.sampled_from(self.waiting))
+        hits, num_hit = self.bm.get_computed_blocks(req, record_stats=False)
+        k = num_hit // self.bs
+        assert num_hit < req.num_tokens and len(hits) == 2 * k
+        num_new = data.draw(st.integers(1, req.num_tokens - num_hit))
+        if not self.bm.allocate_slots(req, num_new, hits):
+            return
+        tokens = req.all_token_ids
+        for g in range(2):
+            table = req.block_tables[g]
+            assert len(table) * self.bs >= num_hit + num_new
+            for j in range(req.num_released[g], k):  # every hit block taken holds this group's KV
+                expected = [(g, t, req.cache_salt) for t in tokens[j * self.bs : (j + 1) * self.bs]]
+                assert self.shadow[table[j]] == expected
+        assert req.num_released[0] == 0
+        assert req.num_released[1] == max(0, num_hit - self.window + 1) // self.bs
+        req.num_computed_tokens = num_hit
+        self.waiting.remove(req)
+        self.running.append(req)
+        self._compute(req, num_new)
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data(), chunk=st.integers(1, 6), token=st.integers(0, 3))
+    def step(self, data, chunk, token):
+        req = data.draw(st.sampled_from(self.running))
+        if req.num_computed_tokens == req.num_tokens:
+            req.append_output_token(token)
+        num_new = min(chunk, req.num_tokens - req.num_computed_tokens)
+        self.bm.release_out_of_window(req)
+        assert req.num_released[1] == max(0, req.num_computed_tokens - self.window + 1) // self.bs
+        if self.bm.allocate_slots(req, num_new):
+            self._compute(req, num_new)
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data(), finish=st.booleans())
+    def free(self, data, finish):
+        req = data.draw(st.sampled_from(self.running))
+        self.bm.free(req)
+        req.num_computed_tokens = 0
+        self.running.remove(req)
+        if not finish:
+            self.waiting.append(req)  # preempted: recomputed later
+
+    @invariant()
+    def pool_accounting_holds(self):
+        bm = self.bm
+        holders: dict[int, set[int]] = {}
+        counts: dict[int, int] = {}
+        for req in self.running:
+            assert len({len(t) for t in req.block_tables}) == 1, "every group's table has the same length"
+            for g in range(2):
+                for b in self._owned(req, g):
+                    holders.setdefault(b, set()).add(g)
+                    counts[b] = counts.get(b, 0) + 1
+        assert all(len(groups) == 1 for groups in holders.values()), "a block serves one group at a time"
+        assert bm.ref_counts == [counts.get(b, 0) for b in range(bm.num_blocks)]
+        assert set(bm.free_block_ids()) == {b for b, rc in enumerate(bm.ref_counts) if rc == 0}
+        assert bm.group_blocks_held() == [sum(1 for gs in holders.values() if g in gs) for g in range(2)]
+        for g in range(2):
+            for h, b in bm._cached[g].items():
+                assert bm.block_hash(b) == h and bm._block_group[b] == g
+
+    def teardown(self):
+        for req in self.running:
+            self.bm.free(req)
+        assert self.bm.num_free_blocks == self.bm.num_blocks and self.bm.group_blocks_held() == [0, 0]
+
+
+HybridBlockManagerMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+TestHybridBlockManagerRandomOperations = HybridBlockManagerMachine.TestCase

@@ -305,19 +305,21 @@ class BlockManager:
         if num_taken > len(self._free):
             return False
         now = self._tick()
+        # Every group's hits leave the free list before any fresh block is taken from it (a fresh
+        # allocation for one group must not evict another group's hit).
+        for g, table in enumerate(tables if num_hits else ()):
+            skip = skips[g]
+            if skip:
+                table.extend([0] * skip)
+                request.num_released[g] = skip
+            for block in new_computed_blocks[g * num_hits + skip : (g + 1) * num_hits]:
+                if self.ref_counts[block] == 0:
+                    del self._free[block]
+                    self._group_blocks[g] += 1
+                self.ref_counts[block] += 1
+                self._last_used[block] = now
+                table.append(block)
         for g, table in enumerate(tables):
-            if num_hits:
-                skip = skips[g]
-                if skip:
-                    table.extend([0] * skip)
-                    request.num_released[g] = skip
-                for block in new_computed_blocks[g * num_hits + skip : (g + 1) * num_hits]:
-                    if self.ref_counts[block] == 0:
-                        del self._free[block]
-                        self._group_blocks[g] += 1
-                    self.ref_counts[block] += 1
-                    self._last_used[block] = now
-                    table.append(block)
             for _ in range(num_fresh):
                 block, _ = self._free.popitem(last=False)
                 old_hash = self._block_hash[block]
