@@ -208,8 +208,8 @@ def test_lru_eviction_takes_oldest_request_first_and_its_tail_blocks_first():
     admit(bm, b)
     bm.free(a)
     bm.free(b)
-    a_blocks = [bm._cached[h] for h in a.block_hashes]
-    b_blocks = [bm._cached[h] for h in b.block_hashes]
+    a_blocks = [bm._cached[0][h] for h in a.block_hashes]
+    b_blocks = [bm._cached[0][h] for h in b.block_hashes]
     assert bm.free_block_ids() == a_blocks[::-1] + b_blocks[::-1]
     c = make_request("c", [5] * 17)  # 2 fresh blocks: evicts a's last two blocks
     assert bm.allocate_slots(c, 17)
@@ -393,7 +393,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert holders.get(b, 0) == rc
             if rc > 1:
                 assert bm.block_hash(b) is not None, "only cached full blocks are shared"
-        for h, b in bm._cached.items():
+        for h, b in bm._cached[0].items():
             assert bm.block_hash(b) == h
         assert sum(1 for b in range(bm.num_blocks) if bm.block_hash(b) is not None) == bm.num_cached_blocks
         assert (bm.prefix_cache_queries, bm.prefix_cache_hits) == (self.expected_queries, self.expected_hits)

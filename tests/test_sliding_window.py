@@ -1,7 +1,8 @@
 """Sliding-window families (Gemma 2, Gemma 3 text, Mistral with a window) compute what transformers
 computes on the same safetensors files, through the model alone and through the engine under
 chunked prefill, preemption, prefix hits and chat prompts, with sequences several windows long;
-and when every layer is windowed, the blocks that fall out of the window are released and reused."""
+windowed layers' blocks that fall out of the window are released and reused (when every layer is
+windowed here; for Gemma's KV-cache groups also tests/test_hybrid_kv_groups.py)."""
 
 from __future__ import annotations
 
@@ -111,11 +112,16 @@ def test_blocks_out_of_the_window_are_released_reused_and_stay_cached():
     assert bm.num_free_blocks == 8 and all(c == 0 for c in bm.ref_counts)
 
 
-def test_models_with_a_global_layer_release_nothing():
+def test_models_with_a_global_layer_keep_a_block_table_per_kind_of_layer():
+    """Gemma 2's global layer needs every block, its local one a window: two KV-cache groups (the
+    global one first); Mistral, windowed everywhere, keeps one table that releases."""
     gemma2 = ModelConfig.from_hf_config(write_config("gemma2"))
     mistral = ModelConfig.from_hf_config(write_config("mistral_sw"))
     assert gemma2.layer_sliding_windows == (SLIDING_WINDOW, None) and gemma2.kv_release_window is None
+    assert gemma2.kv_cache_groups.group_windows == (None, SLIDING_WINDOW)
+    assert gemma2.kv_cache_groups.layer_group == (1, 0)
     assert mistral.kv_release_window == SLIDING_WINDOW
+    assert mistral.kv_cache_groups.group_windows == (SLIDING_WINDOW,)
 
 
 def write_config(arch: str) -> dict:
@@ -173,7 +179,9 @@ def test_engine_matches_transformers_under_chunking_preemption_prefix_hits_and_c
     prompt is served from the prefix cache."""
     directory, hf = checkpoint
     chat_ids = write_tokenizer(directory)
-    engine = make_engine(directory, num_kv_blocks=14, max_num_batched_tokens=16)
+    # 14 blocks' worth of every layer: a hybrid model's block id is a page in 1/G of its layers
+    groups = _load(directory).config.kv_cache_groups.num_groups
+    engine = make_engine(directory, num_kv_blocks=14 * groups, max_num_batched_tokens=16)
     base = prompts(1, seed=8, min_len=3 * SLIDING_WINDOW, max_len=3 * SLIDING_WINDOW)[0]
     batch = [base] + prompts(4, seed=9, min_len=SLIDING_WINDOW, max_len=3 * SLIDING_WINDOW)
     [first] = engine.generate([base], greedy())
@@ -183,8 +191,7 @@ def test_engine_matches_transformers_under_chunking_preemption_prefix_hits_and_c
     assert [r.token_ids for r in [first] + results] == expected
     assert engine.scheduler.num_preemptions_total > 0
     assert results[0].cached_tokens > 0 and engine.block_manager.prefix_cache_hits > 0
-    if engine.model_config.kv_release_window is not None:
-        assert engine.block_manager.num_released_blocks_total > 0
+    assert engine.block_manager.num_released_blocks_total > 0  # every family here has windowed layers
     assert_all_blocks_free(engine)
 
 
@@ -204,7 +211,8 @@ def test_released_blocks_let_long_decodes_share_a_pool_too_small_for_their_conte
 
 
 def test_triton_backend_in_the_engine_matches_transformers_on_gemma2(tmp_path):
-    """The interpreted kernels with a window and soft-capped scores, in chunked and decode steps."""
+    """The interpreted kernels with a window and soft-capped scores, in chunked and decode steps,
+    over the KV-cache groups' own tables (global and windowed), and after a prefix hit."""
     from shardline.worker.kernels.runtime import interpreter_ready
 
     if not torch.cuda.is_available() and not interpreter_ready():
@@ -215,6 +223,11 @@ def test_triton_backend_in_the_engine_matches_transformers_on_gemma2(tmp_path):
     batch = prompts(2, seed=1, min_len=SLIDING_WINDOW + 4, max_len=SLIDING_WINDOW + 8)
     results = engine.generate(batch, greedy(6))
     assert [r.token_ids for r in results] == [hf_greedy(hf, p, 6) for p in batch]
+    # each KV-cache group's table reaches the kernel: the windowed group released blocks, and a
+    # prefix hit served from both groups' caches gives the same tokens
+    assert engine.block_manager.num_groups == 2 and engine.block_manager.num_released_blocks_total > 0
+    [again] = engine.generate([batch[0]], greedy(6))
+    assert again.cached_tokens > 0 and again.token_ids == results[0].token_ids
 
 
 @pytest.mark.slow

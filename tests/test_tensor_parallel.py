@@ -39,13 +39,16 @@ class _Steps:
     """A prefill of a few prompts, then decode steps fed with the reference's greedy tokens; every
     sequence owns a fixed run of blocks."""
 
-    def __init__(self, vocab: int, n_seqs: int = 3, seed: int = 0) -> None:
+    def __init__(self, vocab: int, n_seqs: int = 3, seed: int = 0, num_kv_groups: int = 1) -> None:
         self.seqs = prompts(n_seqs, vocab=vocab, seed=seed, min_len=5, max_len=20)
         self.done = [0] * n_seqs
-        self.tables = [list(range(1 + 8 * i, 1 + 8 * (i + 1))) for i in range(n_seqs)]
+        # per sequence, one table per KV-cache group (hybrid models), 6 blocks each
+        self.tables = [[list(range(1 + 6 * (g * n_seqs + i), 1 + 6 * (g * n_seqs + i + 1))) for g in range(num_kv_groups)]
+                       for i in range(n_seqs)]
 
     def inputs(self) -> StepInputs:
-        slices = [SeqSlice(s[d:], d, t, True) for s, d, t in zip(self.seqs, self.done, self.tables)]
+        slices = [SeqSlice(s[d:], d, t[0], True, group_block_ids=tuple(t[1:]))
+                  for s, d, t in zip(self.seqs, self.done, self.tables)]
         return build_step_inputs(slices, BLOCK, CPU)
 
     def advance(self, logits: torch.Tensor) -> None:
@@ -61,7 +64,7 @@ def _compare_with_local(directory: Path, tp: int, num_steps: int = 4) -> TensorP
     tp_exec = TensorParallelExecutor(spec, _config(tp), show_progress=False)
     try:
         assert tp_exec.num_blocks == local.num_blocks == 64
-        steps = _Steps(spec.model_config.vocab_size)
+        steps = _Steps(spec.model_config.vocab_size, num_kv_groups=spec.model_config.kv_cache_groups.num_groups)
         for _ in range(num_steps):
             inputs = steps.inputs()
             ref = local.execute(inputs)
@@ -99,15 +102,22 @@ def _assert_all_gone(pids: list[int | None]) -> None:
 # ---- the channel ------------------------------------------------------------------------------
 
 
-def test_step_inputs_round_trip_through_one_flat_payload():
-    slices = [SeqSlice([5, 6, 7], 0, [3, 4], True), SeqSlice([9], 12, [1, 2], False)]
+@pytest.mark.parametrize("hybrid", [False, True], ids=["one_group", "two_groups"])
+def test_step_inputs_round_trip_through_one_flat_payload(hybrid):
+    """A hybrid model's step (one extra KV-cache group's slots and tables) too."""
+    extra: list[tuple[list[int], ...]] = [([7],), ([5, 6, 8],)] if hybrid else [(), ()]
+    slices = [SeqSlice([5, 6, 7], 0, [3, 4], True, group_block_ids=extra[0]),
+              SeqSlice([9], 12, [1, 2], False, group_block_ids=extra[1])]
     inputs = build_step_inputs(slices, BLOCK, CPU)
     sizes, flat = pack(inputs)
-    assert sizes == [4, 2, 2, 1]
+    assert sizes == ([4, 2, 2, 1, 1, 3] if hybrid else [4, 2, 2, 1, 0, 0])
     assert flat.numel() * 8 == payload_bytes(*sizes)
     back = unpack(sizes, flat.clone())
+    assert back.num_kv_groups == inputs.num_kv_groups == (2 if hybrid else 1)
     for a, b in zip(inputs.tensors(), back.tensors()):
         assert a.dtype == b.dtype and torch.equal(a, b)
+    if hybrid:
+        assert back.group_slot_mapping is not None and back.group_slot_mapping.tolist() == [[56, 57, 58, 52]]
 
 
 # ---- parity -----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from shardline.worker.engine.kv_cache_groups import KVCacheGroups, kv_cache_groups
 from shardline.worker.engine.stream_coalescer import StreamPolicy
 
 SUPPORTED_ARCHITECTURES = (
@@ -313,6 +314,12 @@ class ModelConfig:
         if self.rope_local_theta is not None and self.sliding_window(layer) is not None:
             return self.rope_local_theta, self.rope_local_scaling
         return self.rope_theta, self.rope_scaling
+
+    @functools.cached_property
+    def kv_cache_groups(self) -> KVCacheGroups:
+        """How the layers share the paged pool: one group, or per-kind groups for hybrid models
+        such as Gemma 2/3 (worker/engine/kv_cache_groups.py)."""
+        return kv_cache_groups(self.layer_sliding_windows, self.num_hidden_layers)
 
     @property
     def kv_release_window(self) -> int | None:

@@ -296,8 +296,9 @@ class LlamaForCausalLM(nn.Module):
             h = h * self.embed_scale
         residual = None
         layers = self.layers if num_layers is None else self.layers[:num_layers]
-        for layer, cache in zip(layers, kv_caches):
-            h, residual = layer(positions, h, residual, cache, meta)
+        layer_group = self.config.kv_cache_groups.layer_group
+        for i, (layer, cache) in enumerate(zip(layers, kv_caches)):
+            h, residual = layer(positions, h, residual, cache, meta.for_group(layer_group[i]))
         if residual is None:  # no layers
             return self.norm(h)
         h, _ = self.norm(h, residual)

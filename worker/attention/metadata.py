@@ -56,6 +56,14 @@ class AttentionMetadata:
     query_lens_cpu: list[int]  # host copies, so the reference backend never syncs with the device
     seq_lens_cpu: list[int]
     memo: StepMemo = field(default_factory=StepMemo)
+    # Hybrid models (worker/engine/kv_cache_groups.py): the metadata of KV-cache groups 1.. (their
+    # own slot_mapping and block_tables, the same lengths); the fields above are group 0's.
+    groups: list[AttentionMetadata] = field(default_factory=list)
+
+    def for_group(self, group: int) -> AttentionMetadata:
+        """The metadata a layer of KV-cache group `group` attends with (self when the step carries
+        one table for every layer)."""
+        return self.groups[group - 1] if group and self.groups else self
 
     @property
     def num_seqs(self) -> int:

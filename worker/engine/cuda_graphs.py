@@ -75,6 +75,10 @@ class DecodeGraphRunner:
             self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)
             # Row padding stays 0: block 0 exists in every pool, so padding rows read a valid block.
             self.block_tables = torch.zeros(b, self.max_blocks, dtype=torch.int32, device=device)
+            # Hybrid models: the same two buffers for KV-cache groups 1.. (worker/engine/kv_cache_groups.py)
+            extra = model.config.kv_cache_groups.num_groups - 1
+            self.group_slot_mapping = torch.full((extra, b), -1, dtype=torch.int64, device=device)
+            self.group_block_tables = torch.zeros(extra, b, self.max_blocks, dtype=torch.int32, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
         self._pool: Any = None  # graph.pool() of the first capture, shared by the later ones
@@ -94,15 +98,24 @@ class DecodeGraphRunner:
             and inputs.num_seqs <= self.max_batch
             and inputs.block_tables.dim() == 2
             and inputs.block_tables.shape[1] <= self.max_blocks
+            and inputs.num_kv_groups == 1 + self.group_block_tables.shape[0]
+            and (inputs.group_block_tables is None or inputs.group_block_tables.shape[2] <= self.max_blocks)
             and inputs.input_ids.device == self.input_ids.device
         )
 
     def _metadata(self, b: int, seq_lens_cpu: list[int] | None = None) -> AttentionMetadata:
+        meta = self._group_metadata(b, self.slot_mapping, self.block_tables, seq_lens_cpu)
+        meta.groups = [self._group_metadata(b, slots, tables, seq_lens_cpu)
+                       for slots, tables in zip(self.group_slot_mapping, self.group_block_tables)]
+        return meta
+
+    def _group_metadata(self, b: int, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                        seq_lens_cpu: list[int] | None) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:b],
+            slot_mapping=slot_mapping[:b],
             query_start_loc=self.query_start_loc[: b + 1],
             seq_lens=self.seq_lens[:b],
-            block_tables=self.block_tables[:b],
+            block_tables=block_tables[:b],
             max_query_len=1,
             max_seq_len=self.max_model_len,  # fixed, so a captured grid fits every later step
             query_lens_cpu=[1] * b,
@@ -154,10 +167,16 @@ class DecodeGraphRunner:
         self.slot_mapping[:n].copy_(inputs.slot_mapping, non_blocking=True)
         self.seq_lens[:n].copy_(inputs.seq_lens, non_blocking=True)
         self.block_tables[:n, : inputs.block_tables.shape[1]].copy_(inputs.block_tables, non_blocking=True)
+        if inputs.group_slot_mapping is not None and inputs.group_block_tables is not None:
+            self.group_slot_mapping[:, :n].copy_(inputs.group_slot_mapping, non_blocking=True)
+            width = inputs.group_block_tables.shape[2]
+            self.group_block_tables[:, :n, :width].copy_(inputs.group_block_tables, non_blocking=True)
         if b > n:
             self.input_ids[n:b].zero_()
             self.positions[n:b].zero_()
             self.slot_mapping[n:b].fill_(-1)
+            if inputs.group_slot_mapping is not None:
+                self.group_slot_mapping[:, n:b].fill_(-1)
             self.seq_lens[n:b].fill_(1)
         if self.use_graphs:
             self._graphs[b].replay()

@@ -178,14 +178,15 @@ class LLMEngine:
                                          config.block_size)
         log.info("model loaded: %s", self.footprint.describe(), extra=asdict(self.footprint))
         self.block_manager = BlockManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching,
-                                          release_window=self.model_config.kv_release_window)
+                                          group_windows=self.model_config.kv_cache_groups.group_windows)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
         # Unseeded requests draw from one generator seeded by config.seed (vLLM's --seed): the same
         # requests in the same order sample the same tokens after a restart.
         self.sampler = Sampler(make_generator(config.seed, self.device))
-        # A model whose every layer is windowed holds only a window of KV per request: the pool does
-        # not bound its context (the scheduler checks what a request holds at once).
-        kv_bound = None if self.model_config.kv_release_window is not None else self.executor.num_blocks * config.block_size
+        # The longest sequence whose blocks fit the pool at once: num_blocks * block_size for one
+        # global group; less for a hybrid model (its windowed groups hold blocks too); unbounded
+        # when every layer is windowed (a request holds only a window of KV).
+        kv_bound = self.block_manager.max_tokens_held(config.max_num_batched_tokens)
         self.limits = Limits(max_model_len=self.max_model_len, vocab_size=self.model_config.vocab_size,
                              max_kv_tokens=kv_bound,
                              max_stop_strings=config.max_stop_strings, max_stop_string_len=config.max_stop_string_len)
@@ -654,7 +655,8 @@ class LLMEngine:
             if first < end:
                 extra = (first - c, end - c)
                 prompt_rows.append(_PromptLogprobRows(r, first, end))
-            slices.append(SeqSlice(ids + s.spec_token_ids, c, r.block_ids, s.samples, len(s.spec_token_ids), extra))
+            slices.append(SeqSlice(ids + s.spec_token_ids, c, r.block_ids, s.samples, len(s.spec_token_ids), extra,
+                                   tuple(r.block_tables[1:])))
             row += s.num_new_tokens
         inputs = build_step_inputs(slices, self.config.block_size, self.device)
         if pending_rows:

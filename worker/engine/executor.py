@@ -95,7 +95,7 @@ def num_blocks_for(config: EngineConfig, model_config: ModelConfig, num_kv_heads
     cache's own dtype (`kv_dtype`: an FP8 cache fits twice the blocks of a bf16 one)."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    per_block = kv_bytes_per_block(model_config, num_kv_heads, config.block_size, kv_dtype)
+    per_block = kv_bytes_per_block(model_config, num_kv_heads, config.block_size, kv_dtype, model_config.kv_cache_groups)
     if device.type == "cuda":
         _, total = torch.cuda.mem_get_info(device)
         profile = profile or current_memory_profile(device)
@@ -205,8 +205,10 @@ class LocalExecutor:
         self.kv_bytes_per_token = kv_bytes_per_block(spec.model_config, kv_heads, 1, kv_dtype)
         profile = profile_peak_memory(self.model, config, kv_heads, kv_dtype, spec.device)
         self.num_blocks = num_blocks_for(config, spec.model_config, kv_heads, kv_dtype, spec.device, profile=profile)
-        caches = allocate_kv_caches(spec.model_config, kv_heads, self.num_blocks, config.block_size, kv_dtype, spec.device)
-        self.runner = ModelRunner(self.model, caches, config.block_size, spec.device)
+        groups = spec.model_config.kv_cache_groups
+        caches = allocate_kv_caches(spec.model_config, kv_heads, self.num_blocks, config.block_size, kv_dtype,
+                                    spec.device, groups)
+        self.runner = ModelRunner(self.model, caches, config.block_size, spec.device, groups.num_groups)
         self.runner.tune_linears()  # every decode batch bucket decided now, never while serving
         self.cuda_graphs = False
         if spec.device.type == "cuda" and not config.enforce_eager:

@@ -4,14 +4,16 @@ and returns the logits of the rows that sample. The scheduler decides; this only
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from shardline.worker.attention.metadata import AttentionMetadata
+from shardline.worker.attention.metadata import AttentionMetadata, StepMemo
 from shardline.worker.config import ModelConfig
+from shardline.worker.engine.kv_cache_groups import KVCacheGroups
 from shardline.worker.engine.transfer import to_device
 
 if TYPE_CHECKING:
@@ -20,7 +22,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_TENSOR_FIELDS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables", "sample_rows")
+_TENSOR_FIELDS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables", "sample_rows",
+                  "group_slot_mapping", "group_block_tables")
 
 
 @dataclass
@@ -37,6 +40,8 @@ class SeqSlice:
     # [first, end) rows of this slice (0 = its first token) whose logits are also returned, after
     # every slice's sampled rows: prompt positions whose logprobs the request asked for.
     extra_logit_rows: tuple[int, int] = (0, 0)
+    # Hybrid models: the block tables of KV-cache groups 1.. (block_ids is group 0's).
+    group_block_ids: tuple[list[int], ...] = ()
 
 
 @dataclass
@@ -53,14 +58,24 @@ class StepInputs:
     # [N + E] int64: rows of the flat batch whose logits are returned: the N sampled rows in batch
     # order, then the E extra rows (SeqSlice.extra_logit_rows) in batch order.
     sample_rows: torch.Tensor
+    # Hybrid models (KV-cache groups 1..G-1; None with one group): [G-1, T] int64 slots and
+    # [G-1, S, B'] int32 block tables of those groups (B' the widest of their tables).
+    group_slot_mapping: torch.Tensor | None = None
+    group_block_tables: torch.Tensor | None = None
     # Host copies of the query and context lengths, when the builder had them (not broadcast under
     # tensor parallelism): metadata() then needs no device-to-host copy, i.e. no sync.
     query_lens_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None
 
     def tensors(self) -> list[torch.Tensor]:
-        """The tensor fields in declaration order (what tensor parallelism broadcasts)."""
-        return [getattr(self, name) for name in _TENSOR_FIELDS]
+        """The tensor fields in declaration order (what tensor parallelism broadcasts); the group
+        fields only when present."""
+        return [getattr(self, name) for name in _TENSOR_FIELDS if getattr(self, name) is not None]
+
+    @property
+    def num_kv_groups(self) -> int:
+        """KV-cache groups the step carries tables for."""
+        return 1 if self.group_block_tables is None else 1 + self.group_block_tables.shape[0]
 
     @property
     def num_tokens(self) -> int:
@@ -80,7 +95,7 @@ class StepInputs:
         if q_lens is None:
             q_lens = (self.query_start_loc[1:] - self.query_start_loc[:-1]).tolist()
         s_lens = self.seq_lens_cpu if self.seq_lens_cpu is not None else self.seq_lens.tolist()
-        return AttentionMetadata(
+        meta = AttentionMetadata(
             slot_mapping=self.slot_mapping,
             query_start_loc=self.query_start_loc,
             seq_lens=self.seq_lens,
@@ -90,6 +105,11 @@ class StepInputs:
             query_lens_cpu=q_lens,
             seq_lens_cpu=s_lens,
         )
+        if self.group_slot_mapping is not None and self.group_block_tables is not None:
+            meta.groups = [dataclasses.replace(meta, slot_mapping=slots, block_tables=tables,
+                                               memo=StepMemo(rope=meta.memo.rope), groups=[])
+                           for slots, tables in zip(self.group_slot_mapping, self.group_block_tables)]
+        return meta
 
 
 def build_step_inputs(slices: list[SeqSlice], block_size: int, device: torch.device) -> StepInputs:
@@ -102,6 +122,10 @@ def build_step_inputs(slices: list[SeqSlice], block_size: int, device: torch.dev
     sample_rows: list[int] = []
     width = max((len(s.block_ids) for s in slices), default=1) or 1
     tables: list[list[int]] = []
+    num_extra = len(slices[0].group_block_ids) if slices else 0
+    group_width = max((len(t) for s in slices for t in s.group_block_ids), default=1) or 1
+    group_slots: list[list[int]] = [[] for _ in range(num_extra)]
+    group_tables: list[list[list[int]]] = [[] for _ in range(num_extra)]
     for s in slices:
         n = len(s.token_ids)
         ids.extend(s.token_ids)
@@ -113,6 +137,12 @@ def build_step_inputs(slices: list[SeqSlice], block_size: int, device: torch.dev
         if s.samples:
             sample_rows.extend(range(qsl[-1] - 1 - s.num_spec_tokens, qsl[-1]))
         tables.append(s.block_ids + [0] * (width - len(s.block_ids)))
+        if len(s.group_block_ids) != num_extra:
+            raise ValueError(f"slices carry {len(s.group_block_ids)} and {num_extra} extra group tables")
+        for g, table in enumerate(s.group_block_ids):
+            group_slots[g].extend(table[p // block_size] * block_size + p % block_size
+                                  for p in range(s.start, s.start + n))
+            group_tables[g].append(table + [0] * (group_width - len(table)))
     for s, start in zip(slices, qsl):
         first, end = s.extra_logit_rows
         sample_rows.extend(range(start + first, start + end))
@@ -128,31 +158,44 @@ def build_step_inputs(slices: list[SeqSlice], block_size: int, device: torch.dev
         seq_lens=t(seq_lens, torch.int32),
         block_tables=t(tables, torch.int32),
         sample_rows=t(sample_rows, torch.int64),
+        group_slot_mapping=t(group_slots, torch.int64).view(num_extra, len(ids)) if num_extra else None,
+        group_block_tables=t(group_tables, torch.int32).view(num_extra, len(slices), group_width) if num_extra else None,
         query_lens_cpu=[qsl[i + 1] - qsl[i] for i in range(len(slices))],
         seq_lens_cpu=seq_lens,
     )
 
 
 def allocate_kv_caches(cfg: ModelConfig, num_kv_heads: int, num_blocks: int, block_size: int,
-                       dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    """One [2, num_blocks, block_size, kv_heads, head_dim] tensor per layer."""
+                       dtype: torch.dtype, device: torch.device, groups: KVCacheGroups | None = None) -> list[torch.Tensor]:
+    """The cache of each layer, [2, num_blocks, block_size, kv_heads, head_dim]: one tensor per
+    layer, or with hybrid `groups` (cfg.kv_cache_groups) groups.num_tensors tensors, layer l using
+    tensor groups.layer_tensor[l] (steps must then carry one block table per group)."""
     shape = (2, num_blocks, block_size, num_kv_heads, cfg.head_dim)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+    if groups is None or not groups.is_hybrid:
+        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+    tensors = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(groups.num_tensors)]
+    return [tensors[groups.layer_tensor[layer]] for layer in range(cfg.num_hidden_layers)]
 
 
-def kv_bytes_per_block(cfg: ModelConfig, num_kv_heads: int, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes across all layers (keys and values)."""
+def kv_bytes_per_block(cfg: ModelConfig, num_kv_heads: int, block_size: int, dtype: torch.dtype,
+                       groups: KVCacheGroups | None = None) -> int:
+    """Bytes one block takes (keys and values): across all layers, or with hybrid `groups` across
+    the group-size tensors a block id names."""
     elem = torch.tensor([], dtype=dtype).element_size()
-    return 2 * cfg.num_hidden_layers * block_size * num_kv_heads * cfg.head_dim * elem
+    num_tensors = groups.num_tensors if groups is not None and groups.is_hybrid else cfg.num_hidden_layers
+    return 2 * num_tensors * block_size * num_kv_heads * cfg.head_dim * elem
 
 
 class ModelRunner:
     """Runs the model on a step's inputs and returns the logits of `sample_rows` (fp32).
     Pure-decode steps go through captured CUDA graphs once `enable_cuda_graphs` has run."""
 
-    def __init__(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor], block_size: int, device: torch.device) -> None:
+    def __init__(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor], block_size: int, device: torch.device,
+                 num_kv_groups: int = 1) -> None:
         self.model = model
         self.kv_caches = kv_caches
+        # Tables every step must carry: > 1 when the caches are shared by groups (allocate_kv_caches)
+        self.num_kv_groups = num_kv_groups
         self.block_size = block_size
         self.device = device
         self.graphs: DecodeGraphRunner | None = None  # set by enable_cuda_graphs
@@ -203,6 +246,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
+        if inputs.num_kv_groups != self.num_kv_groups:
+            raise ValueError(f"step carries block tables for {inputs.num_kv_groups} KV-cache groups, "
+                             f"the cache has {self.num_kv_groups}")
         if self.graphs is not None and self.graphs.can_run(inputs):
             return self.graphs.run(inputs)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata())

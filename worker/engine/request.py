@@ -56,10 +56,13 @@ class Request:
         self.num_pending_tokens = 0
         self.num_cached_tokens = 0
         self.num_preemptions = 0
-        self.block_ids: list[int] = []
-        # Sliding-window models: the first this many entries of block_ids were released (their KV is
-        # out of every layer's window) and hold the placeholder 0; the request owns only the rest.
-        self.num_released_blocks = 0
+        # One block table per KV-cache group (worker/engine/kv_cache_groups.py): one for most
+        # models, one per attention kind's group for hybrid ones (Gemma 2/3); the block manager
+        # adds the others. block_ids is group 0's.
+        self.block_tables: list[list[int]] = [[]]
+        # Sliding-window groups: the first num_released[g] entries of block_tables[g] were released
+        # (their KV is out of the group's window) and hold the placeholder 0; the request owns the rest.
+        self.num_released: list[int] = [0]
         self.block_hashes: list[bytes] = []
         # Speculative decoding: tokens a proposer guessed to follow all_token_ids, to be verified
         # by the next step (never part of output_token_ids until the target accepts them).
@@ -68,6 +71,24 @@ class Request:
         # as prefill chunks compute the positions before it; entry 0 is None (nothing precedes it).
         self.prompt_logprobs: list[TokenLogprob | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
+
+    @property
+    def block_ids(self) -> list[int]:
+        """Group 0's block table (the only one unless the model is hybrid)."""
+        return self.block_tables[0]
+
+    @block_ids.setter
+    def block_ids(self, value: list[int]) -> None:
+        self.block_tables[0] = value
+
+    @property
+    def num_released_blocks(self) -> int:
+        """Released leading entries of group 0's table."""
+        return self.num_released[0]
+
+    @num_released_blocks.setter
+    def num_released_blocks(self, value: int) -> None:
+        self.num_released[0] = value
 
     @property
     def prompt_logprob_positions(self) -> tuple[int, int]:

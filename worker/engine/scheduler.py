@@ -11,8 +11,10 @@ Policy (continuous batching with chunked prefill, preemption by recompute):
   and then min(remaining, budget) tokens (chunked prefill), or its whole remainder only if that
   fits (no chunked prefill). Admission stops at the first request that does not fit, so order
   is kept. A preempted request keeps its arrival time and so waits ahead of later arrivals.
-- Sliding-window models whose every layer is windowed: before a running request's blocks are
-  extended, the block manager releases those wholly out of its window (block_manager.py).
+- Sliding-window layers (all of Mistral's, Gemma 2/3's local ones, each in its own KV-cache group):
+  before a running request's blocks are extended, the block manager releases the windowed
+  groups' blocks wholly out of its window (block_manager.py). Allocation, preemption and
+  finishing cover every group of a request at once.
 - Batch order of `SchedulerOutput.scheduled`: running requests (in admission order), then the
   requests admitted this step.
 - Speculative decoding: a decoding request whose `spec_token_ids` the engine filled takes 1 + k
@@ -199,7 +201,7 @@ class Scheduler:
                 continue  # nothing left to compute; the engine finishes it
             spec = self._spec_tokens_to_verify(request, num_new, budget)
             num_new += len(spec)
-            self.block_manager.release_out_of_window(request)  # sliding-window models only
+            self.block_manager.release_out_of_window(request)  # windowed KV-cache groups only
             while not self.block_manager.allocate_slots(request, num_new):
                 if spec:  # drop the proposal before preempting anyone
                     num_new -= len(spec)

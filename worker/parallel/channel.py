@@ -16,8 +16,9 @@ import torch.distributed as dist
 from shardline.worker.engine.model_runner import StepInputs
 
 HEADER_LEN = 8
-# header slots: command, step index, num_tokens T, num_seqs S, block table width B, sample rows N
-_CMD, _STEP, _T, _S, _B, _N = range(6)
+# header slots: command, step index, num_tokens T, num_seqs S, block table width B, sample rows N,
+# extra KV-cache groups X (hybrid models; 0 otherwise), their block table width BX
+_CMD, _STEP, _T, _S, _B, _N, _X, _BX = range(8)
 
 
 class Command(IntEnum):
@@ -37,9 +38,9 @@ class Message:
     inputs: StepInputs | None = None
 
 
-def _layout(t: int, s: int, b: int, n: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+def _layout(t: int, s: int, b: int, n: int, x: int = 0, bx: int = 0) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """Shape and dtype of each StepInputs field, in StepInputs.tensors() order."""
-    return [
+    layout = [
         ((t,), torch.int64),  # input_ids
         ((t,), torch.int64),  # positions
         ((t,), torch.int64),  # slot_mapping
@@ -48,28 +49,36 @@ def _layout(t: int, s: int, b: int, n: int) -> list[tuple[tuple[int, ...], torch
         ((s, b), torch.int32),  # block_tables
         ((n,), torch.int64),  # sample_rows
     ]
+    if x:
+        layout += [((x, t), torch.int64), ((x, s, bx), torch.int32)]  # group_slot_mapping, group_block_tables
+    return layout
 
 
-def payload_bytes(num_tokens: int, num_seqs: int, table_width: int, num_sample_rows: int) -> int:
+def payload_bytes(num_tokens: int, num_seqs: int, table_width: int, num_sample_rows: int,
+                  num_extra_groups: int = 0, group_table_width: int = 0) -> int:
     """Bytes of one step's payload (header not included: HEADER_LEN * 8 bytes)."""
-    return 8 * (3 * num_tokens + 2 * num_seqs + 1 + num_seqs * table_width + num_sample_rows)
+    extra = num_extra_groups * (num_tokens + num_seqs * group_table_width)
+    return 8 * (3 * num_tokens + 2 * num_seqs + 1 + num_seqs * table_width + num_sample_rows + extra)
 
 
 def pack(inputs: StepInputs) -> tuple[list[int], torch.Tensor]:
-    """([T, S, B, N], one flat int64 tensor on the inputs' device)."""
+    """([T, S, B, N, X, BX], one flat int64 tensor on the inputs' device)."""
     t = inputs.input_ids.shape[0]
     s = inputs.seq_lens.shape[0]
     b = inputs.block_tables.shape[1] if inputs.block_tables.dim() == 2 else 0
     n = inputs.sample_rows.shape[0]
+    groups = group_width = 0
+    if inputs.group_block_tables is not None:
+        groups, group_width = inputs.group_block_tables.shape[0], inputs.group_block_tables.shape[2]
     tensors = inputs.tensors()
-    layout = _layout(t, s, b, n)
+    layout = _layout(t, s, b, n, groups, group_width)
     if len(tensors) != len(layout):
         raise TypeError(f"StepInputs has {len(tensors)} tensors, the channel layout {len(layout)}: update channel._layout")
     for i, (x, (shape, _)) in enumerate(zip(tensors, layout)):
         if tuple(x.shape) != shape:
             raise ValueError(f"StepInputs tensor {i}: shape {tuple(x.shape)}, expected {shape}")
     flat = torch.cat([x.reshape(-1).to(torch.int64) for x in tensors])
-    return [t, s, b, n], flat
+    return [t, s, b, n, groups, group_width], flat
 
 
 def unpack(sizes: list[int], flat: torch.Tensor) -> StepInputs:
@@ -108,7 +117,7 @@ class StepChannel:
             if inputs is None:
                 raise ValueError("a STEP command needs its StepInputs")
             sizes, flat = pack(inputs)
-            header[_T : _N + 1] = torch.tensor(sizes)
+            header[_T : _BX + 1] = torch.tensor(sizes)
         dist.broadcast(header, src=0, group=self.control_group)
         if flat is not None:
             dist.broadcast(flat.to(self.device), src=0, group=self.data_group)
@@ -121,8 +130,7 @@ class StepChannel:
         command = Command(values[_CMD])
         if command != Command.STEP:
             return Message(command, values[_STEP])
-        sizes = values[_T : _N + 1]
-        t, s, b, n = sizes
-        flat = torch.empty(payload_bytes(t, s, b, n) // 8, dtype=torch.int64, device=self.device)
+        sizes = values[_T : _BX + 1]
+        flat = torch.empty(payload_bytes(*sizes) // 8, dtype=torch.int64, device=self.device)
         dist.broadcast(flat, src=0, group=self.data_group)
         return Message(command, values[_STEP], unpack(sizes, flat))

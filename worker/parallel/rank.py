@@ -160,8 +160,10 @@ class RankRuntime:
         agreed = torch.tensor([local], dtype=torch.int64)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.control_group)
         self.num_blocks = int(agreed.item())
-        caches = allocate_kv_caches(spec.model_config, kv_heads, self.num_blocks, config.block_size, kv_dtype, self.device)
-        self.runner = ModelRunner(self.model, caches, config.block_size, self.device)
+        groups = spec.model_config.kv_cache_groups
+        caches = allocate_kv_caches(spec.model_config, kv_heads, self.num_blocks, config.block_size, kv_dtype,
+                                    self.device, groups)
+        self.runner = ModelRunner(self.model, caches, config.block_size, self.device, groups.num_groups)
         arm_kv_scale_calibration_if_asked(self.model, config, kv_dtype)
         self.runner.tune_linears()  # this rank's shards, every decode batch bucket, before serving
         self.channel = StepChannel(self.control_group, self.data_group, self.device)
