@@ -9,7 +9,11 @@ shared-prefix fractions), serve (Poisson arrivals: TTFT, TPOT, ITL), verify (spe
 decoding's verification step: k + 1 query tokens per sequence against 1); and check, the GPU
 check of issue 11 in one process and one budget (shardline/check/plan.py,
 benchmarks/gpu_check.sh). latency with --speculative-config runs with and without speculation
-and prints the speedup."""
+and prints the speedup.
+
+Same-run ratios are spelled one way in every row: `speed_vs_<baseline>` is wall-clock speed over
+the baseline's (higher is faster), `cpu_speed_vs_<baseline>` the baseline's process CPU time per
+output token over this row's (the figure that survives a shared machine)."""
 
 from __future__ import annotations
 
@@ -230,8 +234,8 @@ def mode_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
     release_device_memory(device)
     for row, prompts, output_len in hf_pending:
         row.update(hf_generate_throughput(device, dtype, prompts, output_len, args.model, args.load_format, args.hf_max_batch))
-        row["speedup_vs_hf"] = row["output_tokens_per_s"] / row["hf_output_tokens_per_s"]
-        row["cpu_speedup_vs_hf"] = row["hf_cpu_ms_per_output_token"] / row["cpu_ms_per_output_token"]
+        row["speed_vs_hf"] = row["output_tokens_per_s"] / row["hf_output_tokens_per_s"]
+        row["cpu_speed_vs_hf"] = row["hf_cpu_ms_per_output_token"] / row["cpu_ms_per_output_token"]
     return rows
 
 
@@ -244,7 +248,7 @@ def llama_cpp_offline(llama, prompts: list[list[int]], output_lens: list[int],
     out_tokens = sum(len(llama.run(p, o).token_ids) for p, o in zip(prompts, output_lens))
     dt = time.perf_counter() - t0
     return {"llama_cpp_output_tokens_per_s": out_tokens / dt,
-            "speedup_vs_llama_cpp": engine_output_tokens_per_s / (out_tokens / dt)}
+            "speed_vs_llama_cpp": engine_output_tokens_per_s / (out_tokens / dt)}
 
 
 def _offline_by_quantization(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -406,7 +410,7 @@ def _llama_cpp_latency_row(llama, prompt: list[int], args: argparse.Namespace, i
 
 def mode_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Batch 1. With --speculative-config the same prompt also runs without speculation first (same
-    process, same flags otherwise), and the speculative rows carry the speedup over that baseline
+    process, same flags otherwise), and the speculative rows carry speed_vs_baseline
     (ratio of median decode tok/s), the acceptance rate and the mean accepted length. With
     --compare-quantization, one engine per scheme instead (_latency_by_quantization)."""
     if getattr(args, "compare_quantization", None):
@@ -436,7 +440,7 @@ def mode_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     proposed = after["spec_decode_num_draft_tokens"] - before["spec_decode_num_draft_tokens"]
     accepted = after["spec_decode_num_accepted_tokens"] - before["spec_decode_num_accepted_tokens"]
     for r in spec_rows:
-        r["speedup"] = r["output_tokens_per_s"] / base
+        r["speed_vs_baseline"] = r["output_tokens_per_s"] / base
         r["num_drafts"] = drafts  # verifications of a non-empty proposal, over all iterations
         r["acceptance_rate"] = accepted / proposed if proposed else 0.0
         r["mean_accepted_length"] = 1.0 + accepted / drafts if drafts else 1.0
@@ -597,7 +601,7 @@ def mode_prefix(args: argparse.Namespace) -> list[dict[str, Any]]:
         release_device_memory(device)
     off = {row["shared_prefix"]: row["total_tokens_per_s"] for row in rows if row["prefix_cache"] == "off"}
     for row in rows:
-        row["speedup_vs_cache_off"] = row["total_tokens_per_s"] / off[row["shared_prefix"]]
+        row["speed_vs_cache_off"] = row["total_tokens_per_s"] / off[row["shared_prefix"]]
     return rows
 
 
