@@ -26,6 +26,7 @@ import torch
 from kernel_cases import interpreter  # noqa: F401  (fixture)
 from shardline.worker.config import EngineConfig
 from shardline.worker.engine.executor import LocalExecutor
+from shardline.worker.layers.cpu_decode_layer import CpuDecodeLayer
 from shardline.worker.layers.quantization import GroupQuantized, QuantizationConfig, QuantizationError, resolve_quantization
 from shardline.worker.layers.quantization.block_cpu import Q4BlockCPU, Q8BlockCPU
 from shardline.worker.layers.quantization.cpu_extension import block_kernels
@@ -35,7 +36,7 @@ from shardline.worker.layers.quantization.group_quantized import quantize_int4_g
 from shardline.worker.layers.quantization.int4_cpu import Int4WeightOnlyCPU
 from shardline.worker.layers.quantization.int8_cpu import Int8WeightOnlyCPU, int8_rows
 from quant_checks import agreement as _agreement
-from quant_checks import assert_tp2_equals_tp1
+from quant_checks import assert_tp2_equals_tp1, greedy_run
 from quant_checks import engine_config as _config
 from quant_checks import spec_for as _spec
 from tiny_models import make_hf_model, write_tiny_checkpoint, write_tiny_gguf
@@ -197,6 +198,45 @@ def test_gguf_q4_1_model_keeps_its_codes_and_matches_its_dequantized_self(q4_1_g
     # activations in the same layers: the activations' rounding, magnified by large random weights)
     assert rel <= (0.08 if kernels else 0.02)
     assert agree >= 0.9 and worst_margin <= 2 * rel
+
+
+@needs_block_kernels
+def test_fused_cpu_decode_layer_equals_the_module_path(q4_1_gguf, monkeypatch):
+    """decode_layer.cpp (one call per layer for small decode batches) against the same layer run op
+    by op on the same inputs and cache: the same block kernels, so only float32 summation order
+    differs (norms, softmax), which may flip an activation's int8 rounding (one step, dx, of a block)
+    on the way into the next matmul. Bounds: residual and cache 2^-20 of their largest value (float
+    order), the layer output 2^-6 of its largest (a flipped step); greedy tokens equal."""
+    fused = LocalExecutor(_spec(q4_1_gguf, "gguf", None), _config(), show_progress=False)
+    plain = LocalExecutor(_spec(q4_1_gguf, "gguf", None), _config(), show_progress=False)
+    assert all(layer.cpu_decode is not None for layer in fused.model.decoder_layers)
+    for layer in plain.model.decoder_layers:
+        layer.cpu_decode = None
+    original = CpuDecodeLayer.__call__
+    worst: list[tuple[float, float, float]] = []
+
+    def checked(self, positions, x, residual, kv_cache, meta):
+        before = kv_cache.clone()
+        out, res = original(self, positions, x, residual, kv_cache, meta)
+        fused_cache = kv_cache.clone()
+        kv_cache.copy_(before)
+        module_path, self._layer.cpu_decode = self, None
+        try:
+            ref_out, ref_res = self._layer(positions, x, residual, kv_cache, meta)
+        finally:
+            self._layer.cpu_decode = module_path
+        worst.append((((out - ref_out).abs().max() / ref_out.abs().max()).item(),
+                      ((res - ref_res).abs().max() / ref_res.abs().max()).item(),
+                      ((fused_cache - kv_cache).abs().max() / kv_cache.abs().max()).item()))
+        return out, res
+
+    monkeypatch.setattr(CpuDecodeLayer, "__call__", checked)
+    _, f_toks = greedy_run(fused, 384, steps=4)  # 3 sequences of different lengths
+    _, p_toks = greedy_run(plain, 384, steps=4)
+    assert len(worst) == 3 * len(fused.model.decoder_layers)  # the 3 decode steps, every layer; not the prefill
+    assert max(w[0] for w in worst) <= 2.0 ** -6
+    assert max(w[1] for w in worst) <= 2.0 ** -20 and max(w[2] for w in worst) <= 2.0 ** -20
+    assert f_toks == p_toks
 
 
 def _dequantized_twin(quant: LocalExecutor, dense: LocalExecutor) -> None:

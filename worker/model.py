@@ -21,6 +21,7 @@ from shardline.worker.config import ModelConfig
 from shardline.worker.kernels.activation import act_and_mul
 from shardline.worker.kernels.rope import rope_and_write_kv
 from shardline.worker.kernels.runtime import IMPLS, use_triton
+from shardline.worker.layers.cpu_decode_layer import CpuDecodeLayer, fused_decode_layer
 from shardline.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardline.worker.layers.moe import ExpertLoad, FusedExperts, SparseMoeBlock
 from shardline.worker.layers.linear import (
@@ -182,11 +183,15 @@ class DecoderLayer(nn.Module):
         if cfg.sandwich_norms:
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        # Small pure-decode batches on CPU as one C++ call (cpu_decode_layer.py); set once loaded.
+        self.cpu_decode: CpuDecodeLayer | None = None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """(layer output before its residual add, running residual): the add happens in the next
         norm, fused with it. `residual` is None for the first layer, whose input is the residual."""
+        if self.cpu_decode is not None and self.cpu_decode.applies(x, kv_cache, meta):
+            return self.cpu_decode(positions, x, residual, kv_cache, meta)
         if residual is None:
             residual = x
             h = self.input_layernorm(x)
@@ -241,6 +246,13 @@ class LlamaForCausalLM(nn.Module):
             if hasattr(module, "impl"):
                 setattr(module, "impl", mode)
         self.fused_kernels = mode
+        self._attach_cpu_decode()
+
+    def _attach_cpu_decode(self) -> None:
+        """Give each layer its fused CPU decode where it applies (cpu_decode_layer.py; None elsewhere)."""
+        dtype = self.norm.weight.dtype
+        for i, layer in enumerate(self.decoder_layers):
+            layer.cpu_decode = fused_decode_layer(layer, self.config, i, self.ctx.world_size, dtype)
 
     def _share_rope_cache(self) -> None:
         """One cos/sin table per distinct (theta, scaling) (one for the whole model, two for Gemma 3)."""
@@ -356,6 +368,7 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings and self.embed_tokens.quant_method is not None:
             self.lm_head.quant_method = self.embed_tokens.quant_method
             self.lm_head.stager = None
+        self._attach_cpu_decode()
 
     def arm_kv_scale_calibration(self) -> int:
         """Let the next forward set the FP8 KV scales of every layer whose checkpoint gave none (call

@@ -1,5 +1,6 @@
 """Building and loading shardline's C++ CPU kernels (block_matmul.cpp: the 4-bit and 8-bit block
-matmuls with int8 activations) through torch.utils.cpp_extension, once per machine.
+matmuls with int8 activations; decode_layer.cpp: a whole decoder layer for small decode batches;
+block_kernels.h: their shared AVX2 pieces) through torch.utils.cpp_extension, once per machine.
 
 The build is JIT: the first process that needs the kernels compiles block_matmul.cpp with the
 system's C++ compiler and ninja (a few seconds: it includes ATen's headers only, not torch's Python
@@ -13,6 +14,7 @@ SHARDLINE_CPU_KERNELS=0 turns the kernels off (the torch path, e.g. to compare t
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -23,7 +25,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("block_matmul.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("block_matmul.cpp", "decode_layer.cpp")]
+_HEADER = Path(__file__).with_name("block_kernels.h")
 _NAME = "shardline_cpu_block_matmul"
 _CPU_FLAGS = ("avx2", "fma", "f16c")
 
@@ -57,7 +60,7 @@ def _put_ninja_on_path() -> None:
 
 @functools.lru_cache(maxsize=1)
 def block_kernels() -> Any | None:
-    """torch.ops.shardline_cpu (q4_matmul, q8_matmul, quantize_rows), built or loaded once per process;
+    """torch.ops.shardline_cpu (q4_matmul, q8_matmul, quantize_rows, decode_layer), built or loaded once per process;
     None (and one log line) where they cannot run here."""
     if os.environ.get("SHARDLINE_CPU_KERNELS", "1") == "0":
         log.info("CPU block kernels: off (SHARDLINE_CPU_KERNELS=0); quantized layers use torch's int4/int8 kernels")
@@ -71,10 +74,12 @@ def block_kernels() -> Any | None:
     from torch.utils import cpp_extension
 
     _put_ninja_on_path()
+    # torch rebuilds when a source or a flag changes; the header's hash as a flag covers the header
+    header_sha = hashlib.sha1(_HEADER.read_bytes()).hexdigest()[:12]
     start = time.monotonic()
     try:
-        cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], build_directory=str(_build_dir()),
-                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], is_python_module=False, verbose=False)
+        cpp_extension.load(name=_NAME, sources=[str(p) for p in _SOURCES], build_directory=str(_build_dir()),
+                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", f"-DSHARDLINE_HEADER_SHA={header_sha}"], is_python_module=False, verbose=False)
     except Exception as exc:  # a missing compiler or ninja, a failed build: fall back, say why
         log.warning("CPU block kernels: build failed (%s: %s); quantized layers use torch's int4/int8 kernels",
                     type(exc).__name__, str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
