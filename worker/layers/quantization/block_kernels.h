@@ -154,19 +154,82 @@ void dot_rows(const uint8_t* w, const uint16_t* d16, const uint16_t* m16, const 
   }
 }
 
-// y [M, N] (row stride ldy) = x [M, K] W^T on the integer path (M small: every weight row is read
-// once for all M activation rows). m16 is null for q8 weights.
+// Four weight rows (row_bytes apart) against activation row r: out[j] = row j's dot product.
+// Each activation block is loaded once for the four rows; four accumulators keep the FMAs independent.
+template <bool kQ4>
+inline void dot_4rows(const uint8_t* w, int64_t row_bytes, const uint16_t* d16, const uint16_t* m16,
+                      const QuantizedActivations& a, int64_t r, int64_t k, float* sc, float* out) {
+  constexpr int64_t kBytes = kQ4 ? kBlock / 2 : kBlock;
+  const int64_t nb = k / kBlock;
+  const float* dx = a.scale.data() + r * nb;
+  const float* xsum = a.sum.data() + r * nb;
+  const int8_t* xq = a.codes.data() + r * k;
+  for (int j = 0; j < 4; ++j) {  // sc[j * nb + b] = d_jb * dx_b
+    half_to_float(d16 + j * nb, sc + j * nb, nb);
+    for (int64_t b = 0; b < nb; ++b) sc[j * nb + b] *= dx[b];
+  }
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock));
+    for (int j = 0; j < 4; ++j) {
+      const uint8_t* wb = w + j * row_bytes + b * kBytes;
+      __m256i p;
+      if constexpr (kQ4) {
+        p = _mm256_maddubs_epi16(unpack_q4(wb), x);
+      } else {
+        const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
+        p = _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(x, wq));
+      }
+      acc[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + j * nb + b), _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)),
+                               acc[j]);
+    }
+  }
+  if constexpr (kQ4) {  // + sum_b m_jb * sum(x_b), the offsets against the exact block sums
+    for (int j = 0; j < 4; ++j) {
+      const uint16_t* mj = m16 + j * nb;
+      int64_t b = 0;
+      for (; b + 8 <= nb; b += 8) {
+        acc[j] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mj + b))),
+                                 _mm256_loadu_ps(xsum + b), acc[j]);
+      }
+      float tail = 0.0f;
+      for (; b < nb; ++b) tail += _cvtsh_ss(mj[b]) * xsum[b];
+      acc[j] = _mm256_add_ps(acc[j], _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));
+    }
+  }
+  // four horizontal sums at once: hadd pairs, then add the 128-bit halves
+  const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 h = _mm256_hadd_ps(h01, h23);  // lane i (and i + 4): partial sums of row i
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+
+// y [M, N] = x [M, K] W^T on the integer path (M small: each weight row is read from memory once
+// for all M activation rows). m16 is null for q8 weights.
 template <bool kQ4>
 void int_dot_matmul(const float* x, int64_t m, int64_t k, const uint8_t* w, const uint16_t* d16, const uint16_t* m16,
                     int64_t n, float* y) {
   const int64_t nb = k / kBlock;
   const int64_t row_bytes = kQ4 ? k / 2 : k;
   const QuantizedActivations a = quantize_activations(x, m, k);
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> d(nb), off(nb), scale(nb);
-    for (int64_t row = begin; row < end; ++row) {
-      dot_rows<kQ4>(w + row * row_bytes, d16 + row * nb, kQ4 ? m16 + row * nb : nullptr, a, m, k, y + row, n,
-                    d.data(), off.data(), scale.data());
+  const int64_t groups = (n + 3) / 4;
+  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> d(nb), off(nb), scale(nb), sc(4 * nb);
+    float out[4];
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t row = 4 * g;
+      if (kQ4 && row + 4 <= n) {
+        for (int64_t r = 0; r < m; ++r) {
+          dot_4rows<kQ4>(w + row * row_bytes, row_bytes, d16 + row * nb, kQ4 ? m16 + row * nb : nullptr, a, r, k,
+                         sc.data(), out);
+          for (int j = 0; j < 4; ++j) y[r * n + row + j] = out[j];
+        }
+        continue;
+      }
+      for (int64_t rr = row; rr < std::min(row + 4, n); ++rr) {  // one at a time (q8, or the last rows)
+        dot_rows<kQ4>(w + rr * row_bytes, d16 + rr * nb, kQ4 ? m16 + rr * nb : nullptr, a, m, k, y + rr, n,
+                      d.data(), off.data(), scale.data());
+      }
     }
   });
 }
