@@ -121,6 +121,8 @@ inline float dot_row(const uint8_t* w, const float* scale, const float* off, con
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 2 <= nb; b += 2) {
+    // the next row (rows are nb * kBytes apart): weights stream from memory at batch 1
+    if ((b * kBytes) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (nb + b) * kBytes), _MM_HINT_T0);
     acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(scale + b), _mm256_cvtepi32_ps(block_dot<kQ4>(w + b * kBytes, xq + b * kBlock)), acc0);
     acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(scale + b + 1),
                            _mm256_cvtepi32_ps(block_dot<kQ4>(w + (b + 1) * kBytes, xq + (b + 1) * kBlock)), acc1);
@@ -164,6 +166,10 @@ inline void dot_4rows(const uint8_t* w, int64_t row_bytes, const uint16_t* d16, 
   const float* dx = a.scale.data() + r * nb;
   const float* xsum = a.sum.data() + r * nb;
   const int8_t* xq = a.codes.data() + r * k;
+  for (int64_t i = 0; i < 4 * nb * 2; i += 64) {  // the next four rows' scales and offsets
+    _mm_prefetch(reinterpret_cast<const char*>(d16 + 4 * nb) + i, _MM_HINT_T0);
+    if constexpr (kQ4) _mm_prefetch(reinterpret_cast<const char*>(m16 + 4 * nb) + i, _MM_HINT_T0);
+  }
   for (int j = 0; j < 4; ++j) {  // sc[j * nb + b] = d_jb * dx_b
     half_to_float(d16 + j * nb, sc + j * nb, nb);
     for (int64_t b = 0; b < nb; ++b) sc[j * nb + b] *= dx[b];
@@ -174,6 +180,7 @@ inline void dot_4rows(const uint8_t* w, int64_t row_bytes, const uint16_t* d16, 
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock));
     for (int j = 0; j < 4; ++j) {
       const uint8_t* wb = w + j * row_bytes + b * kBytes;
+      if ((b * kBytes) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(wb + 4 * row_bytes), _MM_HINT_T0);
       __m256i p;
       if constexpr (kQ4) {
         p = _mm256_maddubs_epi16(unpack_q4(wb), x);
