@@ -7,10 +7,11 @@ Bounds used below (derivations in the modules' docstrings):
     |y - y_ref| <= 2^-6 * (|x| @ |W|^T) + 1e-6  (x rounded to bf16: 2^-8 relative per term, bf16's
     unit roundoff; the bf16 output: 2^-8 of |y|; doubled for slack in the summation order)
   * fp8 (e4m3 activations, 3 mantissa bits): |y - y_ref| <= 2^-3 * (|x| @ |W|^T)
-  * shardline's CPU block kernels (block_cpu.py), up to 4 rows: activations rounded to int8 per
+  * shardline's CPU block kernels (block_cpu.py), q4 up to 4 rows: activations rounded to int8 per
     32-block with step dx (the kernel's own quantize_rows), so |y - y_ref| <= sum over features of
     |d q| dx / 2 (|d q| = |w - m|: the offset term is multiplied exactly), plus float32 rounding
-    2^-20 (|x| @ |W|^T); more rows: the float GEMM over dequantized tiles, float32 rounding only
+    2^-20 (|x| @ |W|^T); q8, and q4 above 4 rows (the float GEMM over dequantized tiles): float32
+    rounding only
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def _check_block_kernel(method: Q4BlockCPU | Q8BlockCPU, x: torch.Tensor) -> Non
     w = method.dequantized().double()
     ref = x.double() @ w.T
     float_bound = 2.0 ** -20 * (x.double().abs() @ w.abs().T) + 1e-6
-    if x.shape[0] <= 4:  # integer dot products over int8 activations
+    if x.shape[0] <= 4 and isinstance(method, Q4BlockCPU):  # integer dot products over int8 activations
         _, dx = ops.quantize_rows(x)
         step = dx.double().repeat_interleave(32, dim=1)  # [M, K]
         offsets = method.offsets if isinstance(method, Q4BlockCPU) else torch.zeros_like(method.scales)

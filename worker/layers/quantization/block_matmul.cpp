@@ -7,11 +7,14 @@
 //       its low nibble and weight j + 16 in its high nibble (GGUF's Q4 layout); w = d * q + m, q in 0..15
 //   q8: codes int8 [N, K]; w = d * q
 // y = x W^T for float32 x [M, K] (K a multiple of 32), y float32 [M, N]:
-//   * M <= kIntDotMaxRows: each 32-block of an activation row is quantized to int8 with its own scale
+//   * q8, M <= kIntDotMaxRows: float32 activations times the widened codes (float32 rounding only:
+//     the LM head, whose logits pick the token, keeps the activations exact).
+//   * q4, M <= kIntDotMaxRows: each 32-block of an activation row is quantized to int8 with its own scale
 //     dx = max|x| / 127 (round to nearest), and each block's dot product is an integer one
-//     (_mm256_maddubs_epi16: unsigned 4-bit codes x signed int8 activations, or |w| x sign(w) x for q8),
-//     scaled by d dx; the q4 offset term uses the block's exact float sum m * sum(x). The error per
-//     output is at most sum over blocks of |d| * sum(q) * dx / 2 (q4) or |d| sum|q| dx / 2 (q8).
+//     (_mm256_maddubs_epi16: unsigned 4-bit codes x signed int8 activations), scaled by d dx; the
+//     offset term uses the block's exact float sum m * sum(x). The error per output is at most the
+//     sum over blocks of |d| * sum(q) * dx / 2. (block_kernels.h also has the q8 x int8 form,
+//     |w| x sign(w) x, unused by the ops: int8 activations moved the default model's first token.)
 //   * larger M: each thread dequantizes a tile of rows to float32 once and multiplies it with
 //     at::mm (the float GEMM); the result equals x times the dequantized weights up to float32 rounding.
 // Parallel over output rows with at::parallel_for (the intra-op threads, OMP_NUM_THREADS).
@@ -31,6 +34,35 @@
 namespace {
 
 using namespace shardline_cpu;
+
+// q8 weights against float32 activations, M small: each 32-block's 8-bit codes are widened to float
+// and multiplied by x as it is (no activation rounding: the LM head's logits, where int8 activations
+// moved the default model's first answer token). out[r * n] = row . x_r for r < m.
+void q8_float_rows(const int8_t* w, const uint16_t* d16, const float* x, int64_t m, int64_t k, float* d,
+                   float* out, int64_t n) {
+  const int64_t nb = k / kBlock;
+  half_to_float(d16, d, nb);
+  _mm_prefetch(reinterpret_cast<const char*>(w + k), _MM_HINT_T0);
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * k;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const int8_t* wb = w + b * kBlock;
+      if (r == 0 && b % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(wb + k + 64), _MM_HINT_T0);
+      const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb));
+      const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16));
+      const float* xb = xr + b * kBlock;
+      __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_loadu_ps(xb));
+      t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(xb + 8), t);
+      __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), _mm256_loadu_ps(xb + 16));
+      u = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(xb + 24), u);
+      const __m256 db = _mm256_set1_ps(d[b]);
+      acc0 = _mm256_fmadd_ps(db, t, acc0);
+      acc1 = _mm256_fmadd_ps(db, u, acc1);
+    }
+    out[r * n] = hsum(_mm256_add_ps(acc0, acc1));
+  }
+}
 
 // Weight row n dequantized to float [K].
 template <bool kQ4>
@@ -85,7 +117,18 @@ at::Tensor block_matmul(const at::Tensor& x_in, const at::Tensor& codes, const a
   if (m == 0) return at::zeros({0, n}, x.options());
   if (m <= kIntDotMaxRows) {
     at::Tensor y = at::empty({m, n}, x.options());
-    int_dot_matmul<kQ4>(x.data_ptr<float>(), m, k, w, d16, m16, n, y.data_ptr<float>());
+    float* yp = y.data_ptr<float>();
+    if constexpr (kQ4) {
+      int_dot_matmul<kQ4>(x.data_ptr<float>(), m, k, w, d16, m16, n, yp);
+    } else {
+      const float* xp = x.data_ptr<float>();
+      at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+        std::vector<float> d(nb);
+        for (int64_t row = begin; row < end; ++row) {
+          q8_float_rows(reinterpret_cast<const int8_t*>(w) + row * k, d16 + row * nb, xp, m, k, d.data(), yp + row, n);
+        }
+      });
+    }
     return y;
   }
   // y^T [N, M]: tile t of weight rows gives rows of y^T, a contiguous slice for at::mm_out.
