@@ -15,7 +15,8 @@ namespace shardline_cpu {
 
 constexpr int64_t kBlock = 32;
 constexpr int64_t kIntDotMaxRows = 4;   // rows of x handled together by the integer-dot path
-constexpr int64_t kTileRows = 64;       // weight rows dequantized at once by the GEMM path
+constexpr int64_t kTileRows = 64;       // the fewest weight rows dequantized at once by the GEMM path
+constexpr int64_t kSlabBytes = 4 << 20;   // the most float32 bytes dequantized at once by the GEMM path
 
 // Activation rows quantized per 32-block: codes, scale, exact float sum.
 struct QuantizedActivations {
