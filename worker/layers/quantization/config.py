@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -127,7 +127,7 @@ def _int4_cpu(fused: GroupQuantized, device: torch.device) -> QuantMethod:
     return Int4WeightOnlyCPU(fused, device)
 
 
-def _int8_cpu(pieces: list[LoadedPiece], device: torch.device) -> QuantMethod:
+def _int8_cpu(pieces: Sequence[LoadedPiece], device: torch.device) -> QuantMethod:
     """8-bit codes on CPU: 32-blocks as they are (GGUF Q8_0) or per-row int8 on the block kernel where
     it runs; else torch's int8 kernel with the codes re-gridded to one scale per row."""
     if all(isinstance(p, GroupQuantized) and p.bits == 8 and p.offsets is None for p in pieces) \
