@@ -82,7 +82,7 @@ def _check_block_kernel(method: Q4BlockCPU | Q8BlockCPU, x: torch.Tensor) -> Non
     assert err.max() > 0 or x.abs().max() == 0  # the check compares a computed result, not a copy
 
 
-needs_block_kernels = pytest.mark.skipif(block_kernels() is None, reason="CPU block kernels unavailable (no AVX2 or no compiler)")
+needs_block_kernels = pytest.mark.skipif(block_kernels() is None, reason="CPU block kernels unavailable (no AVX2, no compiler, or SHARDLINE_CPU_KERNELS=0)")
 
 
 # --- GGUF blocks and the kernels ----------------------------------------------------------------
