@@ -181,7 +181,7 @@ inline void dot_4rows(const uint8_t* w, int64_t row_bytes, const uint16_t* d16, 
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock));
     for (int j = 0; j < 4; ++j) {
       const uint8_t* wb = w + j * row_bytes + b * kBytes;
-      if ((b * kBytes) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(wb + 4 * row_bytes), _MM_HINT_T0);
+      if ((b * kBytes) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(wb + 8 * row_bytes), _MM_HINT_T0);
       __m256i p;
       if constexpr (kQ4) {
         p = _mm256_maddubs_epi16(unpack_q4(wb), x);
