@@ -48,7 +48,7 @@ void q8_float_rows(const int8_t* w, const uint16_t* d16, const float* x, int64_t
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const int8_t* wb = w + b * kBlock;
-      if (r == 0 && b % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(wb + k + 64), _MM_HINT_T0);
+      if (r == 0 && b % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(wb + 4 * k), _MM_HINT_T0);
       const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb));
       const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16));
       const float* xb = xr + b * kBlock;
