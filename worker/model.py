@@ -22,6 +22,7 @@ from shardline.worker.kernels.activation import act_and_mul
 from shardline.worker.kernels.matvec import PreNorm
 from shardline.worker.kernels.rope import rope_and_write_kv
 from shardline.worker.kernels.runtime import IMPLS, use_triton
+from shardline.worker.layers.cpu_decode_layer import CpuDecodeLayer, fused_decode_layer
 from shardline.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardline.worker.layers.moe import ExpertLoad, FusedExperts, SparseMoeBlock
 from shardline.worker.layers.linear import (
@@ -190,11 +191,15 @@ class DecoderLayer(nn.Module):
         if cfg.sandwich_norms:
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        # Small pure-decode batches on CPU as one C++ call (cpu_decode_layer.py); set once loaded.
+        self.cpu_decode: CpuDecodeLayer | None = None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """(layer output before its residual add, running residual): the add happens in the next
         norm, fused with it. `residual` is None for the first layer, whose input is the residual."""
+        if self.cpu_decode is not None and self.cpu_decode.applies(x, kv_cache, meta):
+            return self.cpu_decode(positions, x, residual, kv_cache, meta)
         # Decode on the matvec: each pre-norm is folded into the next projection's loads (QKV,
         # gate/up), so it is no kernel of its own; otherwise the norm runs, then the projection.
         fused = self.self_attn.qkv_proj.forward_normed(x, PreNorm(self.input_layernorm.weight,
@@ -265,6 +270,13 @@ class LlamaForCausalLM(nn.Module):
             if hasattr(module, "impl"):
                 setattr(module, "impl", mode)
         self.fused_kernels = mode
+        self._attach_cpu_decode()
+
+    def _attach_cpu_decode(self) -> None:
+        """Give each layer its fused CPU decode where it applies (cpu_decode_layer.py; None elsewhere)."""
+        dtype = self.norm.weight.dtype
+        for i, layer in enumerate(self.decoder_layers):
+            layer.cpu_decode = fused_decode_layer(layer, self.config, i, self.ctx.world_size, dtype)
 
     def _share_rope_cache(self) -> None:
         """One cos/sin table per distinct (theta, scaling) (one for the whole model, two for Gemma 3)."""
@@ -297,8 +309,15 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         layers = self.layers if num_layers is None else self.layers[:num_layers]
         layer_group = self.config.kv_cache_groups.layer_group
-        for i, (layer, cache) in enumerate(zip(layers, kv_caches)):
-            h, residual = layer(positions, h, residual, cache, meta.for_group(layer_group[i]))
+        fused = [layer.cpu_decode for layer in cast("list[DecoderLayer]", layers)]
+        if fused and all(fused) and cast(CpuDecodeLayer, fused[0]).applies(h, kv_caches[0], meta.for_group(layer_group[0])):
+            # every layer one C++ call, without the modules' call overhead (a CPU decode step's
+            # layers cost ~0.3-0.5 ms each, so per-layer Python is visible)
+            for i, (step, cache) in enumerate(zip(cast("list[CpuDecodeLayer]", fused), kv_caches)):
+                h, residual = step(positions, h, residual, cache, meta.for_group(layer_group[i]))
+        else:
+            for i, (layer, cache) in enumerate(zip(layers, kv_caches)):
+                h, residual = layer(positions, h, residual, cache, meta.for_group(layer_group[i]))
         if residual is None:  # no layers
             return self.norm(h)
         h, _ = self.norm(h, residual)
@@ -381,6 +400,7 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings and self.embed_tokens.quant_method is not None:
             self.lm_head.quant_method = self.embed_tokens.quant_method
             self.lm_head.stager = None
+        self._attach_cpu_decode()
 
     def arm_kv_scale_calibration(self) -> int:
         """Let the next forward set the FP8 KV scales of every layer whose checkpoint gave none (call

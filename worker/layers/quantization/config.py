@@ -4,7 +4,8 @@ The scheme comes from, in order: the checkpoint's `quantization_config` (config.
 `--quantization NAME`, and for GGUF files the tensors' own types. Names (vLLM's spellings where they
 exist):
   none  float weights in the model dtype (GGUF tensors dequantized, the pre-quantization behaviour)
-  gguf  GGUF Q4_0 / Q4_1 / Q8_0 tensors kept quantized (CPU int4 / int8 kernels); other GGUF types
+  gguf  GGUF Q4_0 / Q4_1 / Q8_0 tensors kept quantized (CPU: shardline's block kernels in
+        block_cpu.py, or torch's int4 / int8 kernels where those cannot be built); other GGUF types
         dequantized. The default for GGUF files on CPU.
   int4  weight-only 4-bit, per-group (32) asymmetric scales, quantized at load (CPU)
   int8  weight-only 8-bit, per-row symmetric scales, quantized at load (CPU)
@@ -20,13 +21,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from shardline.worker.config import ConfigError
 
 from .base import DequantizedLinear, LoadedPiece, QuantMethod, as_float
+from .block_cpu import Q4BlockCPU, Q8BlockCPU, block_kernels_fit
 from .group_quantized import GroupQuantized, concat_rows, quantize_int4_groups
 from .int4_cpu import INT4_GROUP_SIZES, Int4WeightOnlyCPU, int4_kernel_fits
 from .int8_cpu import Int8WeightOnlyCPU, int8_rows
@@ -74,18 +76,20 @@ class QuantizationConfig:
             return self._build_int4_checkpoint(pieces, dtype, device)
         if device.type == "cpu":
             if self.name == "int8":
-                return Int8WeightOnlyCPU(concat_rows([int8_rows(p) for p in pieces]), device)
+                return _int8_cpu(pieces, device)
             quantized = [p for p in pieces if isinstance(p, GroupQuantized)]
             if self.name == "int4":
                 if any(q.bits == 8 for q in quantized):  # never lose bits a checkpoint has
-                    return Int8WeightOnlyCPU(concat_rows([int8_rows(p) for p in pieces]), device)
-                return Int4WeightOnlyCPU(concat_rows([_as_int4(p, self.group_size) for p in pieces]), device)
+                    return _int8_cpu(pieces, device)
+                return _int4_cpu(concat_rows([_as_int4(p, self.group_size) for p in pieces]), device)
             if len(quantized) == len(pieces):  # gguf: keep the file's codes when every part has a kernel
-                if all(int4_kernel_fits(q) for q in quantized) and len({q.group_size for q in quantized}) == 1 \
+                if all(q.bits == 4 for q in quantized) and len({q.group_size for q in quantized}) == 1 \
                         and len({q.offsets is None for q in quantized}) == 1:
-                    return Int4WeightOnlyCPU(concat_rows(quantized), device)
+                    fused = concat_rows(quantized)
+                    if block_kernels_fit(fused) is not None or int4_kernel_fits(fused):
+                        return _int4_cpu(fused, device)
                 if all(q.bits == 8 for q in quantized):
-                    return Int8WeightOnlyCPU(concat_rows([int8_rows(q) for q in quantized]), device)
+                    return _int8_cpu(quantized, device)
         return DequantizedLinear(torch.cat([as_float(p) for p in pieces]), dtype, device)
 
     def _build_int4_checkpoint(self, pieces: list[LoadedPiece], dtype: torch.dtype, device: torch.device) -> QuantMethod:
@@ -98,8 +102,8 @@ class QuantizationConfig:
                 from .int4_triton import Int4TritonLinear
 
                 return Int4TritonLinear(fused, device)
-            if device.type == "cpu" and int4_kernel_fits(fused):
-                return Int4WeightOnlyCPU(fused, device)
+            if device.type == "cpu" and (block_kernels_fit(fused) is not None or int4_kernel_fits(fused)):
+                return _int4_cpu(fused, device)
             log.info("%s: group size %d of a [%d, %d] weight fits no int4 kernel on %s (CPU takes %s); dequantized "
                      "to %s at load", self.name, fused.group_size, *fused.shape, device.type,
                      "/".join(str(g) for g in INT4_GROUP_SIZES), dtype)
@@ -107,13 +111,33 @@ class QuantizationConfig:
 
     def build_embedding(self, pieces: list[LoadedPiece], dtype: torch.dtype,
                         device: torch.device | str | None) -> QuantMethod:
-        """The token embedding / LM head: int8 rows on CPU when the scheme quantizes (a lookup gathers
-        rows, so per-row codes serve both), float elsewhere."""
+        """The token embedding / LM head: 8-bit codes on CPU when the scheme quantizes (a lookup gathers
+        rows, so the same codes serve both), float elsewhere."""
         device = torch.device(device or "cpu")
         quantized = any(isinstance(p, GroupQuantized) for p in pieces)
         if device.type == "cpu" and (self.name in ("int4", "int8") or (self.name == "gguf" and quantized)):
-            return Int8WeightOnlyCPU(concat_rows([int8_rows(p) for p in pieces]), device)
+            return _int8_cpu(pieces, device)
         return DequantizedLinear(torch.cat([as_float(p) for p in pieces]), dtype, device)
+
+
+def _int4_cpu(fused: GroupQuantized, device: torch.device) -> QuantMethod:
+    """4-bit codes on CPU: shardline's block kernel where it runs, else torch's int4 kernel."""
+    if block_kernels_fit(fused) is not None:
+        return Q4BlockCPU(fused, device)
+    return Int4WeightOnlyCPU(fused, device)
+
+
+def _int8_cpu(pieces: Sequence[LoadedPiece], device: torch.device) -> QuantMethod:
+    """8-bit codes on CPU: 32-blocks as they are (GGUF Q8_0) or per-row int8 on the block kernel where
+    it runs; else torch's int8 kernel with the codes re-gridded to one scale per row."""
+    if all(isinstance(p, GroupQuantized) and p.bits == 8 and p.offsets is None for p in pieces) \
+            and len({p.group_size for p in pieces if isinstance(p, GroupQuantized)}) == 1:
+        fused = concat_rows([p for p in pieces if isinstance(p, GroupQuantized)])
+    else:
+        fused = concat_rows([int8_rows(p) for p in pieces])
+    if block_kernels_fit(fused) is not None:
+        return Q8BlockCPU(fused, device)
+    return Int8WeightOnlyCPU(concat_rows([int8_rows(p) for p in pieces]), device)
 
 
 def _as_int4(piece: LoadedPiece, group_size: int) -> GroupQuantized:

@@ -1,0 +1,245 @@
+// AVX2 building blocks of shardline's block-quantized CPU kernels, shared by block_matmul.cpp (the
+// matmul ops) and decode_layer.cpp (a whole decoder layer for small decode batches). The weight
+// layout and the error of the integer path are described in block_matmul.cpp.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace shardline_cpu {
+
+constexpr int64_t kBlock = 32;
+constexpr int64_t kIntDotMaxRows = 4;   // rows of x handled together by the integer-dot path
+constexpr int64_t kTileRows = 64;       // the fewest weight rows dequantized at once by the GEMM path
+constexpr int64_t kSlabBytes = 4 << 20;   // the most float32 bytes dequantized at once by the GEMM path
+
+// Activation rows quantized per 32-block: codes, scale, exact float sum.
+struct QuantizedActivations {
+  std::vector<int8_t> codes;   // [M, K]
+  std::vector<float> scale;    // [M, K / 32]
+  std::vector<float> sum;      // [M, K / 32]
+};
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline void quantize_block(const float* x, int8_t* q, float* scale, float* sum) {
+  const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  __m256 s = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, v[i]));
+    s = _mm256_add_ps(s, v[i]);
+  }
+  const float m = hmax(amax);
+  const float d = m / 127.0f;
+  const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+  __m256i i32[4];
+  for (int i = 0; i < 4; ++i) {
+    i32[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  // pack 32 int32 -> 32 int8 in order (packs interleave 128-bit lanes; permute restores the order)
+  __m256i a = _mm256_packs_epi32(i32[0], i32[1]);
+  __m256i b = _mm256_packs_epi32(i32[2], i32[3]);
+  __m256i c = _mm256_packs_epi16(a, b);
+  c = _mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), c);
+  *scale = d;
+  *sum = hsum(s);
+}
+
+inline QuantizedActivations quantize_activations(const float* x, int64_t m, int64_t k) {
+  QuantizedActivations a;
+  const int64_t nb = k / kBlock;
+  a.codes.resize(m * k);
+  a.scale.resize(m * nb);
+  a.sum.resize(m * nb);
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t b = 0; b < nb; ++b) {
+      quantize_block(x + r * k + b * kBlock, a.codes.data() + r * k + b * kBlock, &a.scale[r * nb + b], &a.sum[r * nb + b]);
+    }
+  }
+  return a;
+}
+
+// fp16 [n] -> float [n]
+inline void half_to_float(const uint16_t* h, float* f, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  }
+  for (; i < n; ++i) f[i] = _cvtsh_ss(h[i]);
+}
+
+inline __m256i unpack_q4(const uint8_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i lo_mask = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(raw, lo_mask);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), lo_mask);
+  return _mm256_set_m128i(hi, lo);
+}
+
+// The integer dot product of one 32-weight block with one block of int8 activations, as 8 int32 lanes.
+template <bool kQ4>
+inline __m256i block_dot(const uint8_t* w, const int8_t* xq) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+  __m256i wu;
+  if constexpr (kQ4) {
+    wu = unpack_q4(w);
+  } else {
+    const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    wu = _mm256_sign_epi8(wq, wq);  // |w| (codes are in -127..127)
+    x = _mm256_sign_epi8(x, wq);    // x * sign(w)
+  }
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(wu, x), ones);
+}
+
+// One weight row against activation row `row`: sum_b d_b dx_b <q_b, xq_b> (+ m_b sum_b).
+// `scale` holds d_b * dx_b for this row pair; two accumulators hide the FMA latency.
+template <bool kQ4>
+inline float dot_row(const uint8_t* w, const float* scale, const float* off, const int8_t* xq, const float* xsum,
+                     int64_t nb) {
+  constexpr int64_t kBytes = kQ4 ? kBlock / 2 : kBlock;
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    // the next row (rows are nb * kBytes apart): weights stream from memory at batch 1
+    if ((b * kBytes) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (nb + b) * kBytes), _MM_HINT_T0);
+    acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(scale + b), _mm256_cvtepi32_ps(block_dot<kQ4>(w + b * kBytes, xq + b * kBlock)), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(scale + b + 1),
+                           _mm256_cvtepi32_ps(block_dot<kQ4>(w + (b + 1) * kBytes, xq + (b + 1) * kBlock)), acc1);
+  }
+  if (b < nb) {
+    acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(scale + b), _mm256_cvtepi32_ps(block_dot<kQ4>(w + b * kBytes, xq + b * kBlock)), acc0);
+  }
+  if constexpr (kQ4) {
+    int64_t i = 0;
+    for (; i + 8 <= nb; i += 8) acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(off + i), _mm256_loadu_ps(xsum + i), acc1);
+    float y = hsum(_mm256_add_ps(acc0, acc1));
+    for (; i < nb; ++i) y += off[i] * xsum[i];
+    return y;
+  }
+  return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+// Weight row `row` against every activation row: y[r, row] for r < M.
+template <bool kQ4>
+void dot_rows(const uint8_t* w, const uint16_t* d16, const uint16_t* m16, const QuantizedActivations& a, int64_t m,
+              int64_t k, float* y_col, int64_t n, float* d, float* off, float* scale) {
+  const int64_t nb = k / kBlock;
+  half_to_float(d16, d, nb);
+  if constexpr (kQ4) half_to_float(m16, off, nb);
+  for (int64_t r = 0; r < m; ++r) {
+    const float* dx = a.scale.data() + r * nb;
+    int64_t i = 0;
+    for (; i + 8 <= nb; i += 8) _mm256_storeu_ps(scale + i, _mm256_mul_ps(_mm256_loadu_ps(d + i), _mm256_loadu_ps(dx + i)));
+    for (; i < nb; ++i) scale[i] = d[i] * dx[i];
+    y_col[r * n] = dot_row<kQ4>(w, scale, off, a.codes.data() + r * k, a.sum.data() + r * nb, nb);
+  }
+}
+
+// Four weight rows (row_bytes apart) against activation row r: out[j] = row j's dot product.
+// Each activation block is loaded once for the four rows; four accumulators keep the FMAs independent.
+template <bool kQ4>
+inline void dot_4rows(const uint8_t* w, int64_t row_bytes, const uint16_t* d16, const uint16_t* m16,
+                      const QuantizedActivations& a, int64_t r, int64_t k, float* sc, float* out) {
+  constexpr int64_t kBytes = kQ4 ? kBlock / 2 : kBlock;
+  const int64_t nb = k / kBlock;
+  const float* dx = a.scale.data() + r * nb;
+  const float* xsum = a.sum.data() + r * nb;
+  const int8_t* xq = a.codes.data() + r * k;
+  for (int64_t i = 0; i < 4 * nb * 2; i += 64) {  // the next four rows' scales and offsets
+    _mm_prefetch(reinterpret_cast<const char*>(d16 + 4 * nb) + i, _MM_HINT_T0);
+    if constexpr (kQ4) _mm_prefetch(reinterpret_cast<const char*>(m16 + 4 * nb) + i, _MM_HINT_T0);
+  }
+  for (int j = 0; j < 4; ++j) {  // sc[j * nb + b] = d_jb * dx_b
+    half_to_float(d16 + j * nb, sc + j * nb, nb);
+    for (int64_t b = 0; b < nb; ++b) sc[j * nb + b] *= dx[b];
+  }
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock));
+    for (int j = 0; j < 4; ++j) {
+      const uint8_t* wb = w + j * row_bytes + b * kBytes;
+      if ((b * kBytes) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(wb + 8 * row_bytes), _MM_HINT_T0);
+      __m256i p;
+      if constexpr (kQ4) {
+        p = _mm256_maddubs_epi16(unpack_q4(wb), x);
+      } else {
+        const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
+        p = _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(x, wq));
+      }
+      acc[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + j * nb + b), _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)),
+                               acc[j]);
+    }
+  }
+  if constexpr (kQ4) {  // + sum_b m_jb * sum(x_b), the offsets against the exact block sums
+    for (int j = 0; j < 4; ++j) {
+      const uint16_t* mj = m16 + j * nb;
+      int64_t b = 0;
+      for (; b + 8 <= nb; b += 8) {
+        acc[j] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mj + b))),
+                                 _mm256_loadu_ps(xsum + b), acc[j]);
+      }
+      float tail = 0.0f;
+      for (; b < nb; ++b) tail += _cvtsh_ss(mj[b]) * xsum[b];
+      acc[j] = _mm256_add_ps(acc[j], _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));
+    }
+  }
+  // four horizontal sums at once: hadd pairs, then add the 128-bit halves
+  const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 h = _mm256_hadd_ps(h01, h23);  // lane i (and i + 4): partial sums of row i
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+
+// y [M, N] = x [M, K] W^T on the integer path (M small: each weight row is read from memory once
+// for all M activation rows). m16 is null for q8 weights.
+template <bool kQ4>
+void int_dot_matmul(const float* x, int64_t m, int64_t k, const uint8_t* w, const uint16_t* d16, const uint16_t* m16,
+                    int64_t n, float* y) {
+  const int64_t nb = k / kBlock;
+  const int64_t row_bytes = kQ4 ? k / 2 : k;
+  const QuantizedActivations a = quantize_activations(x, m, k);
+  const int64_t groups = (n + 3) / 4;
+  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> d(nb), off(nb), scale(nb), sc(4 * nb);
+    float out[4];
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t row = 4 * g;
+      if (kQ4 && row + 4 <= n) {
+        for (int64_t r = 0; r < m; ++r) {
+          dot_4rows<kQ4>(w + row * row_bytes, row_bytes, d16 + row * nb, kQ4 ? m16 + row * nb : nullptr, a, r, k,
+                         sc.data(), out);
+          for (int j = 0; j < 4; ++j) y[r * n + row + j] = out[j];
+        }
+        continue;
+      }
+      for (int64_t rr = row; rr < std::min(row + 4, n); ++rr) {  // one at a time (q8, or the last rows)
+        dot_rows<kQ4>(w + rr * row_bytes, d16 + rr * nb, kQ4 ? m16 + rr * nb : nullptr, a, m, k, y + rr, n,
+                      d.data(), off.data(), scale.data());
+      }
+    }
+  });
+}
+
+}  // namespace shardline_cpu
