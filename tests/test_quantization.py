@@ -7,10 +7,10 @@ Bounds used below (derivations in the modules' docstrings):
     |y - y_ref| <= 2^-6 * (|x| @ |W|^T) + 1e-6  (x rounded to bf16: 2^-8 relative per term, bf16's
     unit roundoff; the bf16 output: 2^-8 of |y|; doubled for slack in the summation order)
   * fp8 (e4m3 activations, 3 mantissa bits): |y - y_ref| <= 2^-3 * (|x| @ |W|^T)
-  * shardline's CPU block kernels (block_cpu.py), q4 up to 4 rows: activations rounded to int8 per
+  * shardline's CPU block kernels (block_cpu.py), q4 up to 8 rows (`q4_int_dot_max_rows()`): activations rounded to int8 per
     32-block with step dx (the kernel's own quantize_rows), so |y - y_ref| <= sum over features of
     |d q| dx / 2 (|d q| = |w - m|: the offset term is multiplied exactly), plus float32 rounding
-    2^-20 (|x| @ |W|^T); q8, and q4 above 4 rows (the float GEMM over dequantized tiles): float32
+    2^-20 (|x| @ |W|^T); q8, and q4 above 8 rows (the float GEMM over dequantized tiles): float32
     rounding only
 """
 
@@ -69,7 +69,7 @@ def _check_block_kernel(method: Q4BlockCPU | Q8BlockCPU, x: torch.Tensor) -> Non
     w = method.dequantized().double()
     ref = x.double() @ w.T
     float_bound = 2.0 ** -20 * (x.double().abs() @ w.abs().T) + 1e-6
-    if x.shape[0] <= 4 and isinstance(method, Q4BlockCPU):  # integer dot products over int8 activations
+    if x.shape[0] <= ops.q4_int_dot_max_rows() and isinstance(method, Q4BlockCPU):  # integer dot products, int8 activations
         _, dx = ops.quantize_rows(x)
         step = dx.double().repeat_interleave(32, dim=1)  # [M, K]
         offsets = method.offsets if isinstance(method, Q4BlockCPU) else torch.zeros_like(method.scales)
@@ -115,7 +115,8 @@ def test_block_kernels_keep_gguf_codes_exactly_and_multiply_within_the_int8_acti
     codes, ref = _gguf_codes(_weights(100, 192), kind)
     method = Q8BlockCPU(codes) if kind == "Q8_0" else Q4BlockCPU(codes)
     assert torch.equal(method.dequantized(), torch.from_numpy(ref))  # fp16 d and m: the file's own
-    for m in (1, 2, 3, 4, 5, 33):  # 1-4 rows: integer dot products; 5 and 33: GEMM over dequantized tiles
+    assert block_kernels().q4_int_dot_max_rows() == 8
+    for m in (1, 2, 3, 4, 5, 8, 9, 33):  # q4 1-8 rows: integer dot products (q8 1-4: float rows); then GEMM over dequantized tiles
         _check_block_kernel(method, torch.randn(m, 192))
     assert method.weight_bytes() <= 100 * 192 * (9 / 8 if kind == "Q8_0" else 5 / 8)  # bytes per weight
     if kind == "Q8_0":
@@ -202,7 +203,8 @@ def test_gguf_q4_1_model_keeps_its_codes_and_matches_its_dequantized_self(q4_1_g
 
 
 @needs_block_kernels
-def test_fused_cpu_decode_layer_equals_the_module_path(q4_1_gguf, monkeypatch):
+@pytest.mark.parametrize("batch", [3, 7])
+def test_fused_cpu_decode_layer_equals_the_module_path(q4_1_gguf, monkeypatch, batch):
     """decode_layer.cpp (one call per layer for small decode batches) against the same layer run op
     by op on the same inputs and cache: the same block kernels, so only float32 summation order
     differs (norms, softmax), which may flip an activation's int8 rounding (one step, dx, of a block)
@@ -232,8 +234,8 @@ def test_fused_cpu_decode_layer_equals_the_module_path(q4_1_gguf, monkeypatch):
         return out, res
 
     monkeypatch.setattr(CpuDecodeLayer, "__call__", checked)
-    _, f_toks = greedy_run(fused, 384, steps=4)  # 3 sequences of different lengths
-    _, p_toks = greedy_run(plain, 384, steps=4)
+    _, f_toks = greedy_run(fused, 384, steps=4, n=batch)  # sequences of different lengths
+    _, p_toks = greedy_run(plain, 384, steps=4, n=batch)
     assert len(worst) == 3 * len(fused.model.decoder_layers)  # the 3 decode steps, every layer; not the prefill
     assert max(w[0] for w in worst) <= 2.0 ** -6
     assert max(w[1] for w in worst) <= 2.0 ** -20 and max(w[2] for w in worst) <= 2.0 ** -20

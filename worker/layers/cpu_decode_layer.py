@@ -9,7 +9,7 @@ It takes a layer only where it computes exactly what the torch path does: float3
 KV cache, one tensor-parallel rank, 4-bit block weights (Q4BlockCPU) in all four linears, no
 biases, no q/k norms, SiLU, no sandwich norms, no sliding window or soft-cap, the torch attention
 backend and torch kernels (not 'triton' fused kernels); and per step only a pure-decode batch of at
-most MAX_ROWS sequences. Everything else takes the module path. Numerically it differs from that
+most as many sequences as the q4 kernels' integer path takes (`q4_int_dot_max_rows()`, 8). Everything else takes the module path. Numerically it differs from that
 path by float32 summation order (the attention's softmax and sums, the norms' mean) only."""
 
 from __future__ import annotations
@@ -25,9 +25,6 @@ from shardline.worker.layers.quantization.cpu_extension import block_kernels
 if TYPE_CHECKING:
     from shardline.worker.config import ModelConfig
     from shardline.worker.model import DecoderLayer
-
-MAX_ROWS = 4  # the block kernels' integer path (block_matmul.cpp, kIntDotMaxRows)
-
 
 class CpuDecodeLayer:
     """The fused decode of one DecoderLayer: call(positions, x, residual, kv_cache, meta) returns
@@ -46,10 +43,11 @@ class CpuDecodeLayer:
         self._eps = float(layer.input_layernorm.eps)
         self._heads, self._kv_heads = attn.num_heads, attn.num_kv_heads
         self._scale = float(attn.scale)
+        self.max_rows = int(ops.q4_int_dot_max_rows())  # the integer path's rows (block_matmul.cpp)
 
     def applies(self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
-        """Whether this step's batch takes the fused call (pure decode, at most MAX_ROWS rows, float32)."""
-        return (meta.is_pure_decode and x.shape[0] == meta.num_seqs <= MAX_ROWS and x.dtype == torch.float32
+        """Whether this step's batch takes the fused call (pure decode, at most max_rows rows, float32)."""
+        return (meta.is_pure_decode and x.shape[0] == meta.num_seqs <= self.max_rows and x.dtype == torch.float32
                 and kv_cache.dtype == torch.float32 and not self._layer.self_attn.calibrate_kv_scales)
 
     def __call__(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,

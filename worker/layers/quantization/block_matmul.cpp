@@ -7,7 +7,7 @@
 //       its low nibble and weight j + 16 in its high nibble (GGUF's Q4 layout); w = d * q + m, q in 0..15
 //   q8: codes int8 [N, K]; w = d * q
 // y = x W^T for float32 x [M, K] (K a multiple of 32), y float32 [M, N]:
-//   * q8, M <= kIntDotMaxRows: float32 activations times the widened codes (float32 rounding only:
+//   * q8, M <= kFloatRowsMaxRows: float32 activations times the widened codes (float32 rounding only:
 //     the LM head, whose logits pick the token, keeps the activations exact).
 //   * q4, M <= kIntDotMaxRows: each 32-block of an activation row is quantized to int8 with its own scale
 //     dx = max|x| / 127 (round to nearest), and each block's dot product is an integer one
@@ -115,7 +115,7 @@ at::Tensor block_matmul(const at::Tensor& x_in, const at::Tensor& codes, const a
   const uint16_t* d16 = reinterpret_cast<const uint16_t*>(scales.data_ptr());
   const uint16_t* m16 = offsets != nullptr ? reinterpret_cast<const uint16_t*>(offsets->data_ptr()) : nullptr;
   if (m == 0) return at::zeros({0, n}, x.options());
-  if (m <= kIntDotMaxRows) {
+  if (m <= (kQ4 ? kIntDotMaxRows : kFloatRowsMaxRows)) {
     at::Tensor y = at::empty({m, n}, x.options());
     float* yp = y.data_ptr<float>();
     if constexpr (kQ4) {
@@ -182,12 +182,16 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x_in) {
   return {codes, scale};
 }
 
+// The most activation rows q4_matmul multiplies with integer dot products (kIntDotMaxRows).
+int64_t q4_int_dot_max_rows() { return kIntDotMaxRows; }
+
 }  // namespace
 
 TORCH_LIBRARY(shardline_cpu, lib) {
   lib.def("q4_matmul(Tensor x, Tensor codes, Tensor scales, Tensor offsets) -> Tensor");
   lib.def("q8_matmul(Tensor x, Tensor codes, Tensor scales) -> Tensor");
   lib.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
+  lib.def("q4_int_dot_max_rows() -> int", &q4_int_dot_max_rows);  // no tensors: one kernel for every device
 }
 
 TORCH_LIBRARY_IMPL(shardline_cpu, CPU, lib) {
