@@ -7,10 +7,10 @@ Bounds used below (derivations in the modules' docstrings):
     |y - y_ref| <= 2^-6 * (|x| @ |W|^T) + 1e-6  (x rounded to bf16: 2^-8 relative per term, bf16's
     unit roundoff; the bf16 output: 2^-8 of |y|; doubled for slack in the summation order)
   * fp8 (e4m3 activations, 3 mantissa bits): |y - y_ref| <= 2^-3 * (|x| @ |W|^T)
-  * shardline's CPU block kernels (block_cpu.py), q4 up to 8 rows (`q4_int_dot_max_rows()`): activations rounded to int8 per
+  * shardline's CPU block kernels (block_cpu.py), q4 up to 16 rows (`q4_int_dot_max_rows()`): activations rounded to int8 per
     32-block with step dx (the kernel's own quantize_rows), so |y - y_ref| <= sum over features of
     |d q| dx / 2 (|d q| = |w - m|: the offset term is multiplied exactly), plus float32 rounding
-    2^-20 (|x| @ |W|^T); q8, and q4 above 8 rows (the float GEMM over dequantized tiles): float32
+    2^-20 (|x| @ |W|^T); q8, and q4 above 16 rows (the float GEMM over dequantized tiles): float32
     rounding only
 """
 
@@ -115,8 +115,8 @@ def test_block_kernels_keep_gguf_codes_exactly_and_multiply_within_the_int8_acti
     codes, ref = _gguf_codes(_weights(100, 192), kind)
     method = Q8BlockCPU(codes) if kind == "Q8_0" else Q4BlockCPU(codes)
     assert torch.equal(method.dequantized(), torch.from_numpy(ref))  # fp16 d and m: the file's own
-    assert block_kernels().q4_int_dot_max_rows() == 8
-    for m in (1, 2, 3, 4, 5, 8, 9, 33):  # q4 1-8 rows: integer dot products (q8 1-4: float rows); then GEMM over dequantized tiles
+    assert block_kernels().q4_int_dot_max_rows() == 16
+    for m in (1, 2, 3, 4, 5, 8, 15, 16, 17, 33):  # q4 1-16 rows: integer dot products, in pairs (q8 1-4: float rows); then GEMM over dequantized tiles
         _check_block_kernel(method, torch.randn(m, 192))
     assert method.weight_bytes() <= 100 * 192 * (9 / 8 if kind == "Q8_0" else 5 / 8)  # bytes per weight
     if kind == "Q8_0":

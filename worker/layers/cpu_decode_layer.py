@@ -9,7 +9,7 @@ It takes a layer only where it computes exactly what the torch path does: float3
 KV cache, one tensor-parallel rank, 4-bit block weights (Q4BlockCPU) in all four linears, no
 biases, no q/k norms, SiLU, no sandwich norms, no sliding window or soft-cap, the torch attention
 backend and torch kernels (not 'triton' fused kernels); and per step only a pure-decode batch of at
-most as many sequences as the q4 kernels' integer path takes (`q4_int_dot_max_rows()`, 8). Everything else takes the module path. Numerically it differs from that
+most as many sequences as the q4 kernels' integer path takes (`q4_int_dot_max_rows()`, 16). Everything else takes the module path. Numerically it differs from that
 path by float32 summation order (the attention's softmax and sums, the norms' mean) only."""
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Storage (per output row, per 32 input features: one block):
     int8 (the `int8` scheme) repeats its row scale in every block, rounded to fp16.
 Groups larger than 32 (64, 128, ...) repeat their scale and offset in each of their blocks.
 
-The matmul (block_matmul.cpp has the details): up to 8 rows, q4 quantizes the activations to int8
+The matmul (block_matmul.cpp has the details): up to 16 rows, q4 quantizes the activations to int8
 per 32-block (dx = max|x| / 127, as llama.cpp does) and multiplies with integer dot products: the
 error of an output is at most sum over blocks of |d| * sum(q) * dx / 2, the activations' rounding;
 up to 4 rows, q8 (the LM head) multiplies the float activations by the widened codes (float32 rounding only: with

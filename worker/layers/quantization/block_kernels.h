@@ -14,11 +14,12 @@
 namespace shardline_cpu {
 
 constexpr int64_t kBlock = 32;
-// The most rows of x the q4 integer-dot path takes (more go to the dequantized-slab GEMM). Each
-// activation row re-reads a 4-row weight group from L1, so the path's cost grows with M while the
-// weights stream once: against float32 (one thread, the default model's four shapes, 30 distinct
-// copies each) it ran at 1.3-1.6x at 6 rows, 1.1-1.3x at 8, 0.7-0.9x at 16 and 0.6x at 32.
-constexpr int64_t kIntDotMaxRows = 8;
+// The most rows of x the q4 integer-dot path takes (more go to the dequantized-slab GEMM). Pairs of
+// activation rows share each unpacked weight block (dot_4rows_x2) while the weights stream from
+// memory once; the cost still grows with M. Against float32 (one thread, the default model's four
+// shapes, 30 distinct copies each): pairs 1.5-1.8x at 8 rows, 0.9-1.3x at 16, 0.8-0.9x at 32
+// (one row at a time had been 1.1-1.2x at 8 and 0.8x at 16).
+constexpr int64_t kIntDotMaxRows = 16;
 // The most rows the q8 path multiplies as float32 activations times widened codes (the LM head).
 constexpr int64_t kFloatRowsMaxRows = 4;
 constexpr int64_t kTileRows = 64;       // the fewest weight rows dequantized at once by the GEMM path
@@ -218,6 +219,64 @@ inline void dot_4rows(const uint8_t* w, int64_t row_bytes, const uint16_t* d16, 
   _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
 }
 
+// Four q4 weight rows against activation rows r and r + 1: out[4 rr + j] = row j's dot product with
+// activation row r + rr. Each weight block is unpacked once for both activation rows (eight
+// accumulators), which is what makes the integer path pay at 9-16 rows.
+inline void dot_4rows_x2(const uint8_t* w, int64_t row_bytes, const uint16_t* d16, const uint16_t* m16,
+                         const QuantizedActivations& a, int64_t r, int64_t k, float* sc, float* out) {
+  constexpr int64_t kBytes = kBlock / 2;
+  const int64_t nb = k / kBlock;
+  for (int64_t i = 0; i < 4 * nb * 2; i += 64) {  // the next four rows' scales and offsets
+    _mm_prefetch(reinterpret_cast<const char*>(d16 + 4 * nb) + i, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(m16 + 4 * nb) + i, _MM_HINT_T0);
+  }
+  for (int j = 0; j < 4; ++j) {  // sc[(4 rr + j) nb + b] = d_jb * dx_(r + rr)b
+    half_to_float(d16 + j * nb, sc + j * nb, nb);
+    const float* dx0 = a.scale.data() + r * nb;
+    const float* dx1 = dx0 + nb;
+    for (int64_t b = 0; b < nb; ++b) {
+      sc[(4 + j) * nb + b] = sc[j * nb + b] * dx1[b];
+      sc[j * nb + b] *= dx0[b];
+    }
+  }
+  const int8_t* xq0 = a.codes.data() + r * k;
+  const int8_t* xq1 = xq0 + k;
+  __m256 acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq0 + b * kBlock));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq1 + b * kBlock));
+    for (int j = 0; j < 4; ++j) {
+      const uint8_t* wb = w + j * row_bytes + b * kBytes;
+      if ((b * kBytes) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(wb + 8 * row_bytes), _MM_HINT_T0);
+      const __m256i wu = unpack_q4(wb);
+      const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, x0), ones);
+      const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, x1), ones);
+      acc[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + j * nb + b), _mm256_cvtepi32_ps(p0), acc[j]);
+      acc[4 + j] = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + (4 + j) * nb + b), _mm256_cvtepi32_ps(p1), acc[4 + j]);
+    }
+  }
+  for (int rr = 0; rr < 2; ++rr) {  // + sum_b m_jb * sum(x_b), the offsets against the exact block sums
+    const float* xsum = a.sum.data() + (r + rr) * nb;
+    for (int j = 0; j < 4; ++j) {
+      const uint16_t* mj = m16 + j * nb;
+      __m256 t = acc[4 * rr + j];
+      int64_t b = 0;
+      for (; b + 8 <= nb; b += 8) {
+        t = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mj + b))),
+                            _mm256_loadu_ps(xsum + b), t);
+      }
+      float tail = 0.0f;
+      for (; b < nb; ++b) tail += _cvtsh_ss(mj[b]) * xsum[b];
+      acc[4 * rr + j] = _mm256_add_ps(t, _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));
+    }
+    const __m256 h01 = _mm256_hadd_ps(acc[4 * rr], acc[4 * rr + 1]), h23 = _mm256_hadd_ps(acc[4 * rr + 2], acc[4 * rr + 3]);
+    const __m256 h = _mm256_hadd_ps(h01, h23);
+    _mm_storeu_ps(out + 4 * rr, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  }
+}
+
 // y [M, N] = x [M, K] W^T on the integer path (M small: each weight row is read from memory once
 // for all M activation rows). m16 is null for q8 weights.
 template <bool kQ4>
@@ -228,12 +287,20 @@ void int_dot_matmul(const float* x, int64_t m, int64_t k, const uint8_t* w, cons
   const QuantizedActivations a = quantize_activations(x, m, k);
   const int64_t groups = (n + 3) / 4;
   at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> d(nb), off(nb), scale(nb), sc(4 * nb);
-    float out[4];
+    std::vector<float> d(nb), off(nb), scale(nb), sc(8 * nb);
+    float out[8];
     for (int64_t g = begin; g < end; ++g) {
       const int64_t row = 4 * g;
       if (kQ4 && row + 4 <= n) {
-        for (int64_t r = 0; r < m; ++r) {
+        int64_t r = 0;
+        for (; r + 2 <= m; r += 2) {  // pairs of activation rows, then the odd one
+          dot_4rows_x2(w + row * row_bytes, row_bytes, d16 + row * nb, m16 + row * nb, a, r, k, sc.data(), out);
+          for (int j = 0; j < 4; ++j) {
+            y[r * n + row + j] = out[j];
+            y[(r + 1) * n + row + j] = out[4 + j];
+          }
+        }
+        for (; r < m; ++r) {
           dot_4rows<kQ4>(w + row * row_bytes, row_bytes, d16 + row * nb, kQ4 ? m16 + row * nb : nullptr, a, r, k,
                          sc.data(), out);
           for (int j = 0; j < 4; ++j) y[r * n + row + j] = out[j];
