@@ -15,7 +15,7 @@ namespace shardline_cpu {
 
 constexpr int64_t kBlock = 32;
 // The most rows of x the q4 integer-dot path takes (more go to the dequantized-slab GEMM). Pairs of
-// activation rows share each unpacked weight block (dot_4rows_x2) while the weights stream from
+// activation rows share each unpacked weight block (dot_4rows<kQ4, 2>) while the weights stream from
 // memory once; the cost still grows with M. Against float32 (one thread, the default model's four
 // shapes, 30 distinct copies each): pairs 1.5-1.8x at 8 rows, 0.9-1.3x at 16, 0.8-0.9x at 32
 // (one row at a time had been 1.1-1.2x at 8 and 0.8x at 16).
@@ -164,115 +164,77 @@ void dot_rows(const uint8_t* w, const uint16_t* d16, const uint16_t* m16, const 
   }
 }
 
-// Four weight rows (row_bytes apart) against activation row r: out[j] = row j's dot product.
-// Each activation block is loaded once for the four rows; four accumulators keep the FMAs independent.
-template <bool kQ4>
+// Four weight rows (row_bytes apart) against kRows activation rows r, r + 1, ...: out[4 rr + j] =
+// weight row j's dot product with activation row r + rr. Each weight block is unpacked once for
+// the kRows rows (kRows = 2 is what makes the integer path pay at 9-16 rows) and each activation
+// block loaded once for the four weight rows; 4 kRows accumulators keep the FMAs independent.
+// sc holds 4 kRows nb floats of scratch.
+template <bool kQ4, int kRows>
 inline void dot_4rows(const uint8_t* w, int64_t row_bytes, const uint16_t* d16, const uint16_t* m16,
                       const QuantizedActivations& a, int64_t r, int64_t k, float* sc, float* out) {
   constexpr int64_t kBytes = kQ4 ? kBlock / 2 : kBlock;
   const int64_t nb = k / kBlock;
-  const float* dx = a.scale.data() + r * nb;
-  const float* xsum = a.sum.data() + r * nb;
-  const int8_t* xq = a.codes.data() + r * k;
   for (int64_t i = 0; i < 4 * nb * 2; i += 64) {  // the next four rows' scales and offsets
     _mm_prefetch(reinterpret_cast<const char*>(d16 + 4 * nb) + i, _MM_HINT_T0);
     if constexpr (kQ4) _mm_prefetch(reinterpret_cast<const char*>(m16 + 4 * nb) + i, _MM_HINT_T0);
   }
-  for (int j = 0; j < 4; ++j) {  // sc[j * nb + b] = d_jb * dx_b
-    half_to_float(d16 + j * nb, sc + j * nb, nb);
-    for (int64_t b = 0; b < nb; ++b) sc[j * nb + b] *= dx[b];
-  }
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t b = 0; b < nb; ++b) {
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock));
-    for (int j = 0; j < 4; ++j) {
-      const uint8_t* wb = w + j * row_bytes + b * kBytes;
-      if ((b * kBytes) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(wb + 8 * row_bytes), _MM_HINT_T0);
-      __m256i p;
-      if constexpr (kQ4) {
-        p = _mm256_maddubs_epi16(unpack_q4(wb), x);
-      } else {
-        const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
-        p = _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(x, wq));
-      }
-      acc[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + j * nb + b), _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)),
-                               acc[j]);
-    }
-  }
-  if constexpr (kQ4) {  // + sum_b m_jb * sum(x_b), the offsets against the exact block sums
-    for (int j = 0; j < 4; ++j) {
-      const uint16_t* mj = m16 + j * nb;
-      int64_t b = 0;
-      for (; b + 8 <= nb; b += 8) {
-        acc[j] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mj + b))),
-                                 _mm256_loadu_ps(xsum + b), acc[j]);
-      }
-      float tail = 0.0f;
-      for (; b < nb; ++b) tail += _cvtsh_ss(mj[b]) * xsum[b];
-      acc[j] = _mm256_add_ps(acc[j], _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));
-    }
-  }
-  // four horizontal sums at once: hadd pairs, then add the 128-bit halves
-  const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
-  const __m256 h = _mm256_hadd_ps(h01, h23);  // lane i (and i + 4): partial sums of row i
-  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-}
-
-// Four q4 weight rows against activation rows r and r + 1: out[4 rr + j] = row j's dot product with
-// activation row r + rr. Each weight block is unpacked once for both activation rows (eight
-// accumulators), which is what makes the integer path pay at 9-16 rows.
-inline void dot_4rows_x2(const uint8_t* w, int64_t row_bytes, const uint16_t* d16, const uint16_t* m16,
-                         const QuantizedActivations& a, int64_t r, int64_t k, float* sc, float* out) {
-  constexpr int64_t kBytes = kBlock / 2;
-  const int64_t nb = k / kBlock;
-  for (int64_t i = 0; i < 4 * nb * 2; i += 64) {  // the next four rows' scales and offsets
-    _mm_prefetch(reinterpret_cast<const char*>(d16 + 4 * nb) + i, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(m16 + 4 * nb) + i, _MM_HINT_T0);
-  }
   for (int j = 0; j < 4; ++j) {  // sc[(4 rr + j) nb + b] = d_jb * dx_(r + rr)b
     half_to_float(d16 + j * nb, sc + j * nb, nb);
-    const float* dx0 = a.scale.data() + r * nb;
-    const float* dx1 = dx0 + nb;
-    for (int64_t b = 0; b < nb; ++b) {
-      sc[(4 + j) * nb + b] = sc[j * nb + b] * dx1[b];
-      sc[j * nb + b] *= dx0[b];
+    for (int rr = kRows - 1; rr >= 0; --rr) {  // row 0 last: it scales sc's own d values in place
+      const float* dx = a.scale.data() + (r + rr) * nb;
+      for (int64_t b = 0; b < nb; ++b) sc[(4 * rr + j) * nb + b] = sc[j * nb + b] * dx[b];
     }
   }
-  const int8_t* xq0 = a.codes.data() + r * k;
-  const int8_t* xq1 = xq0 + k;
-  __m256 acc[8];
-  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+  __m256 acc[4 * kRows];
+  for (int i = 0; i < 4 * kRows; ++i) acc[i] = _mm256_setzero_ps();
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < nb; ++b) {
-    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq0 + b * kBlock));
-    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq1 + b * kBlock));
+    __m256i x[kRows];
+    for (int rr = 0; rr < kRows; ++rr) {
+      x[rr] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.codes.data() + (r + rr) * k + b * kBlock));
+    }
     for (int j = 0; j < 4; ++j) {
       const uint8_t* wb = w + j * row_bytes + b * kBytes;
       if ((b * kBytes) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(wb + 8 * row_bytes), _MM_HINT_T0);
-      const __m256i wu = unpack_q4(wb);
-      const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, x0), ones);
-      const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, x1), ones);
-      acc[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + j * nb + b), _mm256_cvtepi32_ps(p0), acc[j]);
-      acc[4 + j] = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + (4 + j) * nb + b), _mm256_cvtepi32_ps(p1), acc[4 + j]);
+      __m256i wu, wq;
+      if constexpr (kQ4) {
+        wu = unpack_q4(wb);
+      } else {
+        wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
+        wu = _mm256_sign_epi8(wq, wq);
+      }
+      for (int rr = 0; rr < kRows; ++rr) {
+        __m256i p;
+        if constexpr (kQ4) {
+          p = _mm256_maddubs_epi16(wu, x[rr]);
+        } else {
+          p = _mm256_maddubs_epi16(wu, _mm256_sign_epi8(x[rr], wq));
+        }
+        acc[4 * rr + j] = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + (4 * rr + j) * nb + b),
+                                          _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), acc[4 * rr + j]);
+      }
     }
   }
-  for (int rr = 0; rr < 2; ++rr) {  // + sum_b m_jb * sum(x_b), the offsets against the exact block sums
-    const float* xsum = a.sum.data() + (r + rr) * nb;
-    for (int j = 0; j < 4; ++j) {
-      const uint16_t* mj = m16 + j * nb;
-      __m256 t = acc[4 * rr + j];
-      int64_t b = 0;
-      for (; b + 8 <= nb; b += 8) {
-        t = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mj + b))),
-                            _mm256_loadu_ps(xsum + b), t);
+  for (int rr = 0; rr < kRows; ++rr) {
+    if constexpr (kQ4) {  // + sum_b m_jb * sum(x_b), the offsets against the exact block sums
+      const float* xsum = a.sum.data() + (r + rr) * nb;
+      for (int j = 0; j < 4; ++j) {
+        const uint16_t* mj = m16 + j * nb;
+        __m256 t = acc[4 * rr + j];
+        int64_t b = 0;
+        for (; b + 8 <= nb; b += 8) {
+          t = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mj + b))),
+                              _mm256_loadu_ps(xsum + b), t);
+        }
+        float tail = 0.0f;
+        for (; b < nb; ++b) tail += _cvtsh_ss(mj[b]) * xsum[b];
+        acc[4 * rr + j] = _mm256_add_ps(t, _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));
       }
-      float tail = 0.0f;
-      for (; b < nb; ++b) tail += _cvtsh_ss(mj[b]) * xsum[b];
-      acc[4 * rr + j] = _mm256_add_ps(t, _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));
     }
-    const __m256 h01 = _mm256_hadd_ps(acc[4 * rr], acc[4 * rr + 1]), h23 = _mm256_hadd_ps(acc[4 * rr + 2], acc[4 * rr + 3]);
-    const __m256 h = _mm256_hadd_ps(h01, h23);
+    // four horizontal sums at once: hadd pairs, then add the 128-bit halves
+    const __m256 h01 = _mm256_hadd_ps(acc[4 * rr], acc[4 * rr + 1]);
+    const __m256 h23 = _mm256_hadd_ps(acc[4 * rr + 2], acc[4 * rr + 3]);
+    const __m256 h = _mm256_hadd_ps(h01, h23);  // lane i (and i + 4): partial sums of row i
     _mm_storeu_ps(out + 4 * rr, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
   }
 }
@@ -294,15 +256,16 @@ void int_dot_matmul(const float* x, int64_t m, int64_t k, const uint8_t* w, cons
       if (kQ4 && row + 4 <= n) {
         int64_t r = 0;
         for (; r + 2 <= m; r += 2) {  // pairs of activation rows, then the odd one
-          dot_4rows_x2(w + row * row_bytes, row_bytes, d16 + row * nb, m16 + row * nb, a, r, k, sc.data(), out);
+          dot_4rows<kQ4, 2>(w + row * row_bytes, row_bytes, d16 + row * nb, kQ4 ? m16 + row * nb : nullptr, a, r, k,
+                            sc.data(), out);
           for (int j = 0; j < 4; ++j) {
             y[r * n + row + j] = out[j];
             y[(r + 1) * n + row + j] = out[4 + j];
           }
         }
         for (; r < m; ++r) {
-          dot_4rows<kQ4>(w + row * row_bytes, row_bytes, d16 + row * nb, kQ4 ? m16 + row * nb : nullptr, a, r, k,
-                         sc.data(), out);
+          dot_4rows<kQ4, 1>(w + row * row_bytes, row_bytes, d16 + row * nb, kQ4 ? m16 + row * nb : nullptr, a, r, k,
+                            sc.data(), out);
           for (int j = 0; j < 4; ++j) y[r * n + row + j] = out[j];
         }
         continue;
