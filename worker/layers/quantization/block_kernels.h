@@ -15,7 +15,7 @@ namespace shardline_cpu {
 
 constexpr int64_t kBlock = 32;
 // The most rows of x the q4 integer-dot path takes (more go to the dequantized-slab GEMM). Pairs of
-// activation rows share each unpacked weight block (dot_4rows<kQ4, 2>) while the weights stream from
+// activation rows share each unpacked weight block (dot_4rows<2>) while the weights stream from
 // memory once; the cost still grows with M. Against float32 (one thread, the default model's four
 // shapes, 30 distinct copies each): pairs 1.5-1.8x at 8 rows, 0.9-1.3x at 16, 0.8-0.9x at 32
 // (one row at a time had been 1.1-1.2x at 8 and 0.8x at 16).
@@ -104,79 +104,66 @@ inline __m256i unpack_q4(const uint8_t* p) {
   return _mm256_set_m128i(hi, lo);
 }
 
-// The integer dot product of one 32-weight block with one block of int8 activations, as 8 int32 lanes.
-template <bool kQ4>
+// The integer dot product of one 32-weight q4 block with one block of int8 activations, as 8 int32
+// lanes (unsigned 4-bit codes x signed int8 activations).
 inline __m256i block_dot(const uint8_t* w, const int8_t* xq) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
-  __m256i wu;
-  if constexpr (kQ4) {
-    wu = unpack_q4(w);
-  } else {
-    const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-    wu = _mm256_sign_epi8(wq, wq);  // |w| (codes are in -127..127)
-    x = _mm256_sign_epi8(x, wq);    // x * sign(w)
-  }
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(wu, x), ones);
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(unpack_q4(w), x), ones);
 }
 
-// One weight row against activation row `row`: sum_b d_b dx_b <q_b, xq_b> (+ m_b sum_b).
+// One q4 weight row against one activation row: sum_b d_b dx_b <q_b, xq_b> + m_b sum_b.
 // `scale` holds d_b * dx_b for this row pair; two accumulators hide the FMA latency.
-template <bool kQ4>
 inline float dot_row(const uint8_t* w, const float* scale, const float* off, const int8_t* xq, const float* xsum,
                      int64_t nb) {
-  constexpr int64_t kBytes = kQ4 ? kBlock / 2 : kBlock;
+  constexpr int64_t kBytes = kBlock / 2;
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 2 <= nb; b += 2) {
     // the next row (rows are nb * kBytes apart): weights stream from memory at batch 1
     if ((b * kBytes) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (nb + b) * kBytes), _MM_HINT_T0);
-    acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(scale + b), _mm256_cvtepi32_ps(block_dot<kQ4>(w + b * kBytes, xq + b * kBlock)), acc0);
+    acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(scale + b), _mm256_cvtepi32_ps(block_dot(w + b * kBytes, xq + b * kBlock)), acc0);
     acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(scale + b + 1),
-                           _mm256_cvtepi32_ps(block_dot<kQ4>(w + (b + 1) * kBytes, xq + (b + 1) * kBlock)), acc1);
+                           _mm256_cvtepi32_ps(block_dot(w + (b + 1) * kBytes, xq + (b + 1) * kBlock)), acc1);
   }
   if (b < nb) {
-    acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(scale + b), _mm256_cvtepi32_ps(block_dot<kQ4>(w + b * kBytes, xq + b * kBlock)), acc0);
+    acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(scale + b), _mm256_cvtepi32_ps(block_dot(w + b * kBytes, xq + b * kBlock)), acc0);
   }
-  if constexpr (kQ4) {
-    int64_t i = 0;
-    for (; i + 8 <= nb; i += 8) acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(off + i), _mm256_loadu_ps(xsum + i), acc1);
-    float y = hsum(_mm256_add_ps(acc0, acc1));
-    for (; i < nb; ++i) y += off[i] * xsum[i];
-    return y;
-  }
-  return hsum(_mm256_add_ps(acc0, acc1));
+  int64_t i = 0;
+  for (; i + 8 <= nb; i += 8) acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(off + i), _mm256_loadu_ps(xsum + i), acc1);
+  float y = hsum(_mm256_add_ps(acc0, acc1));
+  for (; i < nb; ++i) y += off[i] * xsum[i];
+  return y;
 }
 
-// Weight row `row` against every activation row: y[r, row] for r < M.
-template <bool kQ4>
-void dot_rows(const uint8_t* w, const uint16_t* d16, const uint16_t* m16, const QuantizedActivations& a, int64_t m,
-              int64_t k, float* y_col, int64_t n, float* d, float* off, float* scale) {
+// q4 weight row `row` against every activation row: y[r, row] for r < M.
+inline void dot_rows(const uint8_t* w, const uint16_t* d16, const uint16_t* m16, const QuantizedActivations& a, int64_t m,
+                     int64_t k, float* y_col, int64_t n, float* d, float* off, float* scale) {
   const int64_t nb = k / kBlock;
   half_to_float(d16, d, nb);
-  if constexpr (kQ4) half_to_float(m16, off, nb);
+  half_to_float(m16, off, nb);
   for (int64_t r = 0; r < m; ++r) {
     const float* dx = a.scale.data() + r * nb;
     int64_t i = 0;
     for (; i + 8 <= nb; i += 8) _mm256_storeu_ps(scale + i, _mm256_mul_ps(_mm256_loadu_ps(d + i), _mm256_loadu_ps(dx + i)));
     for (; i < nb; ++i) scale[i] = d[i] * dx[i];
-    y_col[r * n] = dot_row<kQ4>(w, scale, off, a.codes.data() + r * k, a.sum.data() + r * nb, nb);
+    y_col[r * n] = dot_row(w, scale, off, a.codes.data() + r * k, a.sum.data() + r * nb, nb);
   }
 }
 
-// Four weight rows (row_bytes apart) against kRows activation rows r, r + 1, ...: out[4 rr + j] =
+// Four q4 weight rows (row_bytes apart) against kRows activation rows r, r + 1, ...: out[4 rr + j] =
 // weight row j's dot product with activation row r + rr. Each weight block is unpacked once for
 // the kRows rows (kRows = 2 is what makes the integer path pay at 9-16 rows) and each activation
 // block loaded once for the four weight rows; 4 kRows accumulators keep the FMAs independent.
 // sc holds 4 kRows nb floats of scratch.
-template <bool kQ4, int kRows>
+template <int kRows>
 inline void dot_4rows(const uint8_t* w, int64_t row_bytes, const uint16_t* d16, const uint16_t* m16,
                       const QuantizedActivations& a, int64_t r, int64_t k, float* sc, float* out) {
-  constexpr int64_t kBytes = kQ4 ? kBlock / 2 : kBlock;
+  constexpr int64_t kBytes = kBlock / 2;
   const int64_t nb = k / kBlock;
   for (int64_t i = 0; i < 4 * nb * 2; i += 64) {  // the next four rows' scales and offsets
     _mm_prefetch(reinterpret_cast<const char*>(d16 + 4 * nb) + i, _MM_HINT_T0);
-    if constexpr (kQ4) _mm_prefetch(reinterpret_cast<const char*>(m16 + 4 * nb) + i, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(m16 + 4 * nb) + i, _MM_HINT_T0);
   }
   for (int j = 0; j < 4; ++j) {  // sc[(4 rr + j) nb + b] = d_jb * dx_(r + rr)b
     half_to_float(d16 + j * nb, sc + j * nb, nb);
@@ -196,40 +183,28 @@ inline void dot_4rows(const uint8_t* w, int64_t row_bytes, const uint16_t* d16, 
     for (int j = 0; j < 4; ++j) {
       const uint8_t* wb = w + j * row_bytes + b * kBytes;
       if ((b * kBytes) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(wb + 8 * row_bytes), _MM_HINT_T0);
-      __m256i wu, wq;
-      if constexpr (kQ4) {
-        wu = unpack_q4(wb);
-      } else {
-        wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
-        wu = _mm256_sign_epi8(wq, wq);
-      }
+      const __m256i wu = unpack_q4(wb);
       for (int rr = 0; rr < kRows; ++rr) {
-        __m256i p;
-        if constexpr (kQ4) {
-          p = _mm256_maddubs_epi16(wu, x[rr]);
-        } else {
-          p = _mm256_maddubs_epi16(wu, _mm256_sign_epi8(x[rr], wq));
-        }
+        const __m256i p = _mm256_maddubs_epi16(wu, x[rr]);
         acc[4 * rr + j] = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + (4 * rr + j) * nb + b),
                                           _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), acc[4 * rr + j]);
       }
     }
   }
   for (int rr = 0; rr < kRows; ++rr) {
-    if constexpr (kQ4) {  // + sum_b m_jb * sum(x_b), the offsets against the exact block sums
-      const float* xsum = a.sum.data() + (r + rr) * nb;
-      for (int j = 0; j < 4; ++j) {
-        const uint16_t* mj = m16 + j * nb;
-        __m256 t = acc[4 * rr + j];
-        int64_t b = 0;
-        for (; b + 8 <= nb; b += 8) {
-          t = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mj + b))),
-                              _mm256_loadu_ps(xsum + b), t);
-        }
-        float tail = 0.0f;
-        for (; b < nb; ++b) tail += _cvtsh_ss(mj[b]) * xsum[b];
-        acc[4 * rr + j] = _mm256_add_ps(t, _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));
+    // + sum_b m_jb * sum(x_b), the offsets against the exact block sums
+    const float* xsum = a.sum.data() + (r + rr) * nb;
+    for (int j = 0; j < 4; ++j) {
+      const uint16_t* mj = m16 + j * nb;
+      __m256 t = acc[4 * rr + j];
+      int64_t b = 0;
+      for (; b + 8 <= nb; b += 8) {
+        t = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mj + b))),
+                            _mm256_loadu_ps(xsum + b), t);
       }
+      float tail = 0.0f;
+      for (; b < nb; ++b) tail += _cvtsh_ss(mj[b]) * xsum[b];
+      acc[4 * rr + j] = _mm256_add_ps(t, _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));
     }
     // four horizontal sums at once: hadd pairs, then add the 128-bit halves
     const __m256 h01 = _mm256_hadd_ps(acc[4 * rr], acc[4 * rr + 1]);
@@ -239,13 +214,12 @@ inline void dot_4rows(const uint8_t* w, int64_t row_bytes, const uint16_t* d16, 
   }
 }
 
-// y [M, N] = x [M, K] W^T on the integer path (M small: each weight row is read from memory once
-// for all M activation rows). m16 is null for q8 weights.
-template <bool kQ4>
-void int_dot_matmul(const float* x, int64_t m, int64_t k, const uint8_t* w, const uint16_t* d16, const uint16_t* m16,
-                    int64_t n, float* y) {
+// y [M, N] = x [M, K] W^T for q4 weights on the integer path (M small: each weight row is read from
+// memory once for all M activation rows).
+inline void q4_int_dot_matmul(const float* x, int64_t m, int64_t k, const uint8_t* w, const uint16_t* d16,
+                              const uint16_t* m16, int64_t n, float* y) {
   const int64_t nb = k / kBlock;
-  const int64_t row_bytes = kQ4 ? k / 2 : k;
+  const int64_t row_bytes = k / 2;
   const QuantizedActivations a = quantize_activations(x, m, k);
   const int64_t groups = (n + 3) / 4;
   at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
@@ -253,26 +227,24 @@ void int_dot_matmul(const float* x, int64_t m, int64_t k, const uint8_t* w, cons
     float out[8];
     for (int64_t g = begin; g < end; ++g) {
       const int64_t row = 4 * g;
-      if (kQ4 && row + 4 <= n) {
+      if (row + 4 <= n) {
         int64_t r = 0;
         for (; r + 2 <= m; r += 2) {  // pairs of activation rows, then the odd one
-          dot_4rows<kQ4, 2>(w + row * row_bytes, row_bytes, d16 + row * nb, kQ4 ? m16 + row * nb : nullptr, a, r, k,
-                            sc.data(), out);
+          dot_4rows<2>(w + row * row_bytes, row_bytes, d16 + row * nb, m16 + row * nb, a, r, k, sc.data(), out);
           for (int j = 0; j < 4; ++j) {
             y[r * n + row + j] = out[j];
             y[(r + 1) * n + row + j] = out[4 + j];
           }
         }
         for (; r < m; ++r) {
-          dot_4rows<kQ4, 1>(w + row * row_bytes, row_bytes, d16 + row * nb, kQ4 ? m16 + row * nb : nullptr, a, r, k,
-                            sc.data(), out);
+          dot_4rows<1>(w + row * row_bytes, row_bytes, d16 + row * nb, m16 + row * nb, a, r, k, sc.data(), out);
           for (int j = 0; j < 4; ++j) y[r * n + row + j] = out[j];
         }
         continue;
       }
-      for (int64_t rr = row; rr < std::min(row + 4, n); ++rr) {  // one at a time (q8, or the last rows)
-        dot_rows<kQ4>(w + rr * row_bytes, d16 + rr * nb, kQ4 ? m16 + rr * nb : nullptr, a, m, k, y + rr, n,
-                      d.data(), off.data(), scale.data());
+      for (int64_t rr = row; rr < n; ++rr) {  // the last rows, one at a time
+        dot_rows(w + rr * row_bytes, d16 + rr * nb, m16 + rr * nb, a, m, k, y + rr, n, d.data(), off.data(),
+                 scale.data());
       }
     }
   });

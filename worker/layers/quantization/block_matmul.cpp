@@ -13,8 +13,8 @@
 //     dx = max|x| / 127 (round to nearest), and each block's dot product is an integer one
 //     (_mm256_maddubs_epi16: unsigned 4-bit codes x signed int8 activations), scaled by d dx; the
 //     offset term uses the block's exact float sum m * sum(x). The error per output is at most the
-//     sum over blocks of |d| * sum(q) * dx / 2. (block_kernels.h also has the q8 x int8 form,
-//     |w| x sign(w) x, unused by the ops: int8 activations moved the default model's first token.)
+//     sum over blocks of |d| * sum(q) * dx / 2. (q8 weights have no integer path: int8 activations
+//     moved the default model's first answer token; see q8_float_rows.)
 //   * larger M: slabs of weight rows are dequantized to float32 once per call and multiplied with
 //     at::mm (the float GEMM, parallel itself); the result equals x times the dequantized weights up to float32 rounding.
 // Parallel over output rows with at::parallel_for (the intra-op threads, OMP_NUM_THREADS).
@@ -119,7 +119,7 @@ at::Tensor block_matmul(const at::Tensor& x_in, const at::Tensor& codes, const a
     at::Tensor y = at::empty({m, n}, x.options());
     float* yp = y.data_ptr<float>();
     if constexpr (kQ4) {
-      int_dot_matmul<kQ4>(x.data_ptr<float>(), m, k, w, d16, m16, n, yp);
+      q4_int_dot_matmul(x.data_ptr<float>(), m, k, w, d16, m16, n, yp);
     } else {
       const float* xp = x.data_ptr<float>();
       at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {

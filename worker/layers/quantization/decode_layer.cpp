@@ -44,7 +44,7 @@ Q4Weight q4_weight(const at::Tensor& codes, const at::Tensor& scales, const at::
 }
 
 void matmul(const Q4Weight& w, const float* x, int64_t m, float* y) {
-  int_dot_matmul<true>(x, m, w.k, w.codes, w.scales, w.offsets, w.n, y);
+  q4_int_dot_matmul(x, m, w.k, w.codes, w.scales, w.offsets, w.n, y);
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
