@@ -87,7 +87,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     mode.add_argument("--chat", dest="chat", action="store_true", default=True,
                       help="send the prompt as a user chat message (default)")
     mode.add_argument("--text", dest="chat", action="store_false", help="send the prompt as plain text")
-    ask.add_argument("--max-tokens", type=int, default=256)
+    ask.add_argument("--max-tokens", type=_max_tokens, default=256, help="at least 1 (the proto's uint32)")
     ask.add_argument("--temperature", type=float, default=0.0,
                      help="sampling temperature (default 0: greedy, the same answer every time)")
     ask.add_argument("--application", default=None, help="Serve application name (needed with several)")
@@ -224,6 +224,17 @@ def _wait_ready(config: ClusterConfig, stop: threading.Event, timeout_s: float =
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the application did not become ready within {timeout_s:.0f} s")
             stop.wait(1.0)
+
+
+def _max_tokens(text: str) -> int:
+    """--max-tokens: an int of at least 1 (a negative one cannot be encoded in the request's uint32)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 1 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (and below 2^32), got {value}")
+    return value
 
 
 def ask_metadata(args: argparse.Namespace) -> list[tuple[str, str]]:

@@ -239,6 +239,15 @@ def test_ask_sends_the_flags_key_or_the_environments_first(parser, monkeypatch) 
     assert [k for k, _ in ask_metadata(parser.parse_args(["ask", "hi", "--timeout", "2"]))] == ["timeout-ms"]
 
 
+def test_ask_refuses_a_max_tokens_the_request_cannot_carry(parser, capsys) -> None:
+    assert parser.parse_args(["ask", "hi", "--max-tokens", "7"]).max_tokens == 7
+    for bad, says in (("-1", "must be at least 1 (and below 2^32), got -1"), ("0", "must be at least 1 (and below 2^32), got 0"),
+                      ("ten", "must be an integer, got 'ten'")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["ask", "hi", "--max-tokens", bad])
+        assert f"argument --max-tokens: {says}" in capsys.readouterr().err
+
+
 def test_vllms_tool_calling_flags_reach_the_cluster_config(parser, capsys) -> None:
     config = config_from_args(parser.parse_args(["serve", "m", "--enable-auto-tool-choice",
                                                  "--tool-call-parser", "llama3_json"]))
