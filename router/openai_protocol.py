@@ -181,11 +181,35 @@ def parse(model: type[OpenAIModel], body: Any) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = [str(part) for part in first["loc"]]
-        field = loc[0] if loc else "body"
-        if field == "prompt":
-            raise RequestError("prompt", f"must be {_PROMPT_SHAPES}; got {_SHORT_REPR.repr(body.get('prompt'))}") from None
-        path = loc[0] + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:]) if loc else "body"
-        # hardening: a bounded repr (reprlib), never the whole of a large value
-        raise RequestError(field, f"{path}: {first['msg']} (got {_SHORT_REPR.repr(first.get('input'))})") from None
+        raise _first_error(e, body) from None
+
+
+def _is_union_member(part: str | int) -> bool:
+    """Whether a pydantic error location part names a member of a union (`int`, `list[str]`,
+    `TextPart`, `function-after[...]`) rather than a field (our fields are snake_case) or an index."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part or "-" in part
+                                      or part[:1].isupper())
+
+
+def _first_error(error: ValidationError, body: dict) -> RequestError:
+    """The RequestError of a failed validation: its first field, the path to the bad value without
+    pydantic's union member names, and, when every member of a union failed at the value itself,
+    what each would have taken ("a valid integer or a valid number"). A member that got further
+    into the value (a list with one bad item) names that item instead."""
+    errors = [(tuple(p for p in err["loc"] if not _is_union_member(p)), err) for err in error.errors()]
+    loc, first = errors[0]
+    field = str(loc[0]) if loc else "body"
+    if field == "prompt":
+        return RequestError("prompt", f"must be {_PROMPT_SHAPES}; got {_SHORT_REPR.repr(body.get('prompt'))}")
+    if len(first["loc"]) > len(loc):  # a union: the errors of its members follow one another
+        members = [(member_loc, err) for member_loc, err in errors if member_loc[:len(loc)] == loc]
+        deepest = max(members, key=lambda m: len(m[0]))
+        if len(deepest[0]) > len(loc):
+            loc, first = deepest
+        else:
+            wants = dict.fromkeys(err["msg"].removeprefix("Input should be ") for _, err in members)
+            first = {**first, "msg": "Input should be " + " or ".join(wants)}
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "body"
+    where = "" if path == field else f"{path}: "
+    # hardening: a bounded repr (reprlib), never the whole of a large value
+    return RequestError(field, f"{where}{first['msg']} (got {_SHORT_REPR.repr(first.get('input'))})")

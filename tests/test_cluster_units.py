@@ -206,6 +206,22 @@ def test_bad_openai_fields_are_named(body, param) -> None:
     assert error.value.field == param
 
 
+@pytest.mark.parametrize("request_class, body, message", [
+    ("CompletionRequest", {"prompt": "hi", "temperature": "hot"},
+     "temperature: Input should be a valid integer or a valid number (got 'hot')"),
+    ("CompletionRequest", {"prompt": "hi", "max_tokens": "ten"}, "max_tokens: Input should be a valid integer (got 'ten')"),
+    ("CompletionRequest", {"prompt": "hi", "stop": ["a", 3]}, "stop: stop[1]: Input should be a valid string (got 3)"),
+    ("ChatCompletionRequest", {"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]},
+     "messages: messages[0].content[0].text: Input should be a valid string (got 3)"),
+    ("ChatCompletionRequest", {"messages": [{"role": "user", "content": 5}]},
+     "messages: messages[0].content: Input should be a valid string or a valid list (got 5)"),
+])
+def test_type_errors_name_the_path_to_the_value_not_pydantics_union_members(request_class, body, message) -> None:
+    with pytest.raises(RequestError) as error:
+        openai_protocol.parse(getattr(openai_protocol, request_class), body)
+    assert str(error.value) == message
+
+
 def test_batched_prompts_are_one_prompt_each() -> None:
     def prompts(prompt):
         return openai_api.completion_prompts(openai_protocol.parse(openai_protocol.CompletionRequest,
