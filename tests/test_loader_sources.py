@@ -397,6 +397,10 @@ def test_auto_dtype_on_cpu_is_bf16_only_where_the_cpu_has_bf16_math(monkeypatch)
     monkeypatch.setenv("SHARDLINE_CPU_DTYPE", "int8")
     with pytest.raises(ConfigError, match="dtype: unsupported value 'int8'"):
         EngineConfig(device="cpu").resolved_dtype()
+    # the flag's error names every spelling it takes, auto and vLLM's half / float included
+    with pytest.raises(ConfigError, match=r"dtype: unsupported value 'bogus'; choose auto or one of float32, .*half"):
+        EngineConfig(dtype="bogus")
+    assert EngineConfig(device="cpu", dtype="half").resolved_dtype() == torch.float16
 
 
 @pytest.mark.parametrize("layer", ["column", "row"])

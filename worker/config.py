@@ -92,7 +92,7 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     try:
         return _DTYPES[str(name).lower()]
     except KeyError:
-        raise ConfigError(f"dtype: unsupported value {name!r}; choose one of float32, bfloat16, float16") from None
+        raise ConfigError(f"dtype: unsupported value {name!r}; choose one of {', '.join(_DTYPES)}") from None
 
 
 @functools.lru_cache(maxsize=1)
@@ -545,7 +545,11 @@ class EngineConfig:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda")
         if self.dtype != "auto":
-            parse_dtype(self.dtype)
+            try:
+                parse_dtype(self.dtype)
+            except ConfigError:
+                raise ConfigError(f"dtype: unsupported value {self.dtype!r}; choose auto or one of "
+                                  f"{', '.join(_DTYPES)}") from None
         from shardline.worker.layers.quantization.config import QUANTIZATION_NAMES
 
         if self.quantization is not None and self.quantization not in QUANTIZATION_NAMES:
