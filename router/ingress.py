@@ -718,7 +718,7 @@ class Ingress:
         except StopAsyncIteration:
             return self._error(RequestError("", "the replica ended the stream without a result", code="internal"))
         n = params.n
-        builder = openai_api.ResponseBuilder(rid, self.model_name, chat, n, n * len(prompts), self._decode_token,
+        builder = openai_api.ResponseBuilder(rid, req.model or self.model_name, chat, n, n * len(prompts), self._decode_token,
                                              want_logprobs=params.logprobs is not None, echo=echo,
                                              prompt_token_ids=[list(ids) for ids in prompts],
                                              want_prompt_logprobs=req.prompt_logprobs is not None)
