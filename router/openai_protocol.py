@@ -181,7 +181,9 @@ def parse(model: type[OpenAIModel], body: Any) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as e:
-        raise _first_error(e, body) from None
+        if e.errors()[0]["loc"][:1] == ("prompt",):
+            raise RequestError("prompt", f"must be {_PROMPT_SHAPES}; got {_SHORT_REPR.repr(body.get('prompt'))}") from None
+        raise validation_error(e) from None
 
 
 def _is_union_member(part: str | int) -> bool:
@@ -191,17 +193,16 @@ def _is_union_member(part: str | int) -> bool:
                                       or part[:1].isupper())
 
 
-def _first_error(error: ValidationError, body: dict) -> RequestError:
-    """The RequestError of a failed validation: its first field, the path to the bad value without
-    pydantic's union member names, and, when every member of a union failed at the value itself,
-    what each would have taken ("a valid integer or a valid number"). A member that got further
-    into the value (a list with one bad item) names that item instead."""
-    errors = [(tuple(p for p in err["loc"] if not _is_union_member(p)), err) for err in error.errors()]
+def validation_error(error: ValidationError, prefix: tuple[str, ...] = ()) -> RequestError:
+    """The RequestError of a failed validation of a body (or of its `prefix` field alone): its
+    first field, the path to the bad value without pydantic's union member names, and, when every
+    member of a union failed at the value itself, what each would have taken ("a valid integer or
+    a valid number"). A member that got further into the value (a list with one bad item) names
+    that item instead."""
+    errors = [(prefix + tuple(p for p in err["loc"] if not _is_union_member(p)), err) for err in error.errors()]
     loc, first = errors[0]
     field = str(loc[0]) if loc else "body"
-    if field == "prompt":
-        return RequestError("prompt", f"must be {_PROMPT_SHAPES}; got {_SHORT_REPR.repr(body.get('prompt'))}")
-    if len(first["loc"]) > len(loc):  # a union: the errors of its members follow one another
+    if len(first["loc"]) + len(prefix) > len(loc):  # a union: the errors of its members follow one another
         members = [(member_loc, err) for member_loc, err in errors if member_loc[:len(loc)] == loc]
         deepest = max(members, key=lambda m: len(m[0]))
         if len(deepest[0]) > len(loc):

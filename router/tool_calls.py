@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, TypeAdapter, ValidationError
 
+from shardline.router.openai_protocol import validation_error
 from shardline.router.tool_parsers import HermesToolParser, ToolCallParser, complete_call, scan_calls
 from shardline.worker.engine.params import RequestError, SamplingParams, StructuredOutput
 
@@ -134,9 +135,7 @@ class ToolPlan:
         try:
             specs = _TOOLS.validate_python(tools)
         except ValidationError as e:
-            first = e.errors()[0]
-            raise RequestError("tools", f"tools{''.join(f'[{p}]' if isinstance(p, int) else f'.{p}' for p in first['loc'])}: "
-                               f"{first['msg']}") from None
+            raise validation_error(e, ("tools",)) from None
         try:
             choice = _CHOICE.validate_python("auto" if tool_choice is None else tool_choice)
         except ValidationError:

@@ -179,6 +179,16 @@ def test_bad_tools_and_tool_choice_name_the_field(tools, choice, field):
     assert e.value.field == field
 
 
+@pytest.mark.parametrize("tools, message", [
+    ("x", "tools: Input should be a valid list (got 'x')"),
+    ([{"type": "function", "function": {"name": 5}}], "tools: tools[0].function.name: Input should be a valid string (got 5)"),
+])
+def test_bad_tools_say_the_path_to_the_value_once(tools, message):
+    with pytest.raises(RequestError) as e:
+        ToolPlan.from_request(tools, None, None)
+    assert str(e.value) == message
+
+
 def test_assistant_tool_call_arguments_reach_the_template_as_a_mapping():
     from shardline.router.tool_calls import for_template
 
