@@ -656,7 +656,7 @@ class LLMEngine:
                 extra = (first - c, end - c)
                 prompt_rows.append(_PromptLogprobRows(r, first, end))
             slices.append(SeqSlice(ids + s.spec_token_ids, c, r.block_ids, s.samples, len(s.spec_token_ids), extra,
-                                   tuple(r.block_tables[1:])))
+                                   tuple(r.block_tables[1:]), prompt=c < r.num_prompt_tokens))
             row += s.num_new_tokens
         inputs = build_step_inputs(slices, self.config.block_size, self.device)
         if pending_rows:

@@ -15,6 +15,7 @@ from shardline.worker.attention.metadata import AttentionMetadata, StepMemo
 from shardline.worker.config import ModelConfig
 from shardline.worker.engine.kv_cache_groups import KVCacheGroups
 from shardline.worker.engine.transfer import to_device
+from shardline.worker.layers.quantization.block_cpu import prompt_step
 
 if TYPE_CHECKING:
     from shardline.worker.engine.cuda_graphs import DecodeGraphRunner
@@ -42,6 +43,10 @@ class SeqSlice:
     extra_logit_rows: tuple[int, int] = (0, 0)
     # Hybrid models: the block tables of KV-cache groups 1.. (block_ids is group 0's).
     group_block_ids: tuple[list[int], ...] = ()
+    # The slice computes prompt tokens (a prefill chunk, or the rest of a prompt after a prefix hit;
+    # set by the engine). A step with any such slice keeps the CPU q4 kernels off their int8
+    # activation path (worker/layers/quantization/block_cpu.py, prompt_step).
+    prompt: bool = False
 
 
 @dataclass
@@ -66,6 +71,9 @@ class StepInputs:
     # tensor parallelism): metadata() then needs no device-to-host copy, i.e. no sync.
     query_lens_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None
+    # Some slice computes prompt tokens (SeqSlice.prompt; sent to every tensor-parallel rank in the
+    # step channel's header).
+    has_prompt_rows: bool = False
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensor fields in declaration order (what tensor parallelism broadcasts); the group
@@ -162,6 +170,7 @@ def build_step_inputs(slices: list[SeqSlice], block_size: int, device: torch.dev
         group_block_tables=t(group_tables, torch.int32).view(num_extra, len(slices), group_width) if num_extra else None,
         query_lens_cpu=[qsl[i + 1] - qsl[i] for i in range(len(slices))],
         seq_lens_cpu=seq_lens,
+        has_prompt_rows=any(s.prompt for s in slices),
     )
 
 
@@ -251,5 +260,6 @@ class ModelRunner:
                              f"the cache has {self.num_kv_groups}")
         if self.graphs is not None and self.graphs.can_run(inputs):
             return self.graphs.run(inputs)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata())
-        return self.model.compute_logits(hidden[inputs.sample_rows]).float()
+        with prompt_step(inputs.has_prompt_rows):
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata())
+            return self.model.compute_logits(hidden[inputs.sample_rows]).float()

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from shardline.worker.attention.metadata import AttentionMetadata
-from shardline.worker.layers.quantization.block_cpu import Q4BlockCPU
+from shardline.worker.layers.quantization.block_cpu import Q4BlockCPU, in_prompt_step
 from shardline.worker.layers.quantization.cpu_extension import block_kernels
 
 if TYPE_CHECKING:
@@ -46,8 +46,10 @@ class CpuDecodeLayer:
         self.max_rows = int(ops.q4_int_dot_max_rows())  # the integer path's rows (block_matmul.cpp)
 
     def applies(self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
-        """Whether this step's batch takes the fused call (pure decode, at most max_rows rows, float32)."""
-        return (meta.is_pure_decode and x.shape[0] == meta.num_seqs <= self.max_rows and x.dtype == torch.float32
+        """Whether this step's batch takes the fused call (pure decode with no prompt row, at most
+        max_rows rows, float32)."""
+        return (meta.is_pure_decode and not in_prompt_step() and x.shape[0] == meta.num_seqs <= self.max_rows
+                and x.dtype == torch.float32
                 and kv_cache.dtype == torch.float32 and not self._layer.self_attn.calibrate_kv_scales)
 
     def __call__(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,

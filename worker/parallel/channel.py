@@ -7,6 +7,7 @@ tensors. Two broadcasts per step whatever the batch."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -15,10 +16,11 @@ import torch.distributed as dist
 
 from shardline.worker.engine.model_runner import StepInputs
 
-HEADER_LEN = 8
+HEADER_LEN = 9
 # header slots: command, step index, num_tokens T, num_seqs S, block table width B, sample rows N,
-# extra KV-cache groups X (hybrid models; 0 otherwise), their block table width BX
-_CMD, _STEP, _T, _S, _B, _N, _X, _BX = range(8)
+# extra KV-cache groups X (hybrid models; 0 otherwise), their block table width BX, and whether the
+# step holds prompt rows P (StepInputs.has_prompt_rows)
+_CMD, _STEP, _T, _S, _B, _N, _X, _BX, _P = range(9)
 
 
 class Command(IntEnum):
@@ -118,6 +120,7 @@ class StepChannel:
                 raise ValueError("a STEP command needs its StepInputs")
             sizes, flat = pack(inputs)
             header[_T : _BX + 1] = torch.tensor(sizes)
+            header[_P] = int(inputs.has_prompt_rows)
         dist.broadcast(header, src=0, group=self.control_group)
         if flat is not None:
             dist.broadcast(flat.to(self.device), src=0, group=self.data_group)
@@ -133,4 +136,5 @@ class StepChannel:
         sizes = values[_T : _BX + 1]
         flat = torch.empty(payload_bytes(*sizes) // 8, dtype=torch.int64, device=self.device)
         dist.broadcast(flat, src=0, group=self.data_group)
-        return Message(command, values[_STEP], unpack(sizes, flat))
+        inputs = dataclasses.replace(unpack(sizes, flat), has_prompt_rows=bool(values[_P]))
+        return Message(command, values[_STEP], inputs)

@@ -17,11 +17,18 @@ error of an output is at most sum over blocks of |d| * sum(q) * dx / 2, the acti
 up to 4 rows, q8 (the LM head) multiplies the float activations by the widened codes (float32 rounding only: with
 int8 activations the default model's first answer token moved). More rows dequantize a tile of
 weights to float32 and use the float GEMM (float32 rounding only). tests/test_quantization.py
-checks these bounds against a float64 reference of `dequantized()`."""
+checks these bounds against a float64 reference of `dequantized()`.
+
+Steps that hold prompt rows (`prompt_step`, set by the model runner from StepInputs.has_prompt_rows)
+take the float GEMM at every size: int8 activations in the prefill derailed the default model's
+answers, and a prompt's logits must not depend on how many of its rows a prefix-cache hit left to
+compute (docs/quantization.md, "Greedy output and the rows of a call")."""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import contextvars
+from typing import Any, Iterator
 
 import torch
 
@@ -30,6 +37,25 @@ from .cpu_extension import block_kernels
 from .group_quantized import GroupQuantized
 
 BLOCK = 32
+
+# Whether the step being computed holds prompt rows (the q4 integer path is then off for its calls).
+_PROMPT_STEP: contextvars.ContextVar[bool] = contextvars.ContextVar("shardline_prompt_step", default=False)
+
+
+@contextlib.contextmanager
+def prompt_step(has_prompt_rows: bool) -> Iterator[None]:
+    """Within it, q4 calls (Q4BlockCPU, the fused CPU decode layer) take the float GEMM path when
+    `has_prompt_rows`, whatever their row count."""
+    token = _PROMPT_STEP.set(has_prompt_rows)
+    try:
+        yield
+    finally:
+        _PROMPT_STEP.reset(token)
+
+
+def in_prompt_step() -> bool:
+    """Whether the step being computed holds prompt rows (see prompt_step)."""
+    return _PROMPT_STEP.get()
 
 
 def block_kernels_fit(weight: GroupQuantized) -> Any | None:
@@ -70,6 +96,7 @@ class Q4BlockCPU(QuantMethod):
                              f"{weight.group_size}, {weight.shape[1]} input features does not fit (needs 4-bit codes, "
                              "multiples of 32, and the kernels built on an AVX2 CPU)")
         self._ops = ops
+        self._int_dot_max_rows = int(ops.q4_int_dot_max_rows())
         n, k = weight.shape
         self.out_features, self.in_features = n, k
         blocks = weight.codes.to(torch.uint8).reshape(n, k // BLOCK, BLOCK)
@@ -80,7 +107,8 @@ class Q4BlockCPU(QuantMethod):
         self.register_buffer("offsets", _per_block(offsets, weight.group_size).to(device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._ops.q4_matmul(_x2d(x, self.in_features), self.codes, self.scales, self.offsets)
+        int_rows = 0 if _PROMPT_STEP.get() else self._int_dot_max_rows
+        y = self._ops.q4_matmul(_x2d(x, self.in_features), self.codes, self.scales, self.offsets, int_rows)
         y = y if y.dtype == x.dtype else y.to(x.dtype)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 

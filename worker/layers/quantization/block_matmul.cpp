@@ -107,7 +107,7 @@ void check_args(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
 
 template <bool kQ4>
 at::Tensor block_matmul(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& scales,
-                        const at::Tensor* offsets) {
+                        const at::Tensor* offsets, int64_t int_dot_max_rows = kIntDotMaxRows) {
   const at::Tensor x = x_in.contiguous();
   const int64_t m = x.size(0), k = x.size(1), n = codes.size(0), nb = k / kBlock;
   const int64_t row_bytes = kQ4 ? k / 2 : k;
@@ -115,7 +115,7 @@ at::Tensor block_matmul(const at::Tensor& x_in, const at::Tensor& codes, const a
   const uint16_t* d16 = reinterpret_cast<const uint16_t*>(scales.data_ptr());
   const uint16_t* m16 = offsets != nullptr ? reinterpret_cast<const uint16_t*>(offsets->data_ptr()) : nullptr;
   if (m == 0) return at::zeros({0, n}, x.options());
-  if (m <= (kQ4 ? kIntDotMaxRows : kFloatRowsMaxRows)) {
+  if (m <= (kQ4 ? std::min(int_dot_max_rows, kIntDotMaxRows) : kFloatRowsMaxRows)) {
     at::Tensor y = at::empty({m, n}, x.options());
     float* yp = y.data_ptr<float>();
     if constexpr (kQ4) {
@@ -161,10 +161,13 @@ at::Tensor block_matmul(const at::Tensor& x_in, const at::Tensor& codes, const a
   return y;
 }
 
-at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offsets) {
+// int_dot_max_rows: the most rows taken on the integer path in this call (at most kIntDotMaxRows;
+// 0: always the float GEMM, as for steps that hold prompt rows: block_cpu.py).
+at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offsets,
+                     int64_t int_dot_max_rows) {
   check_args(x, codes, scales, &offsets, x.size(1) / 2);
   TORCH_CHECK(codes.scalar_type() == at::kByte, "q4_matmul: codes must be uint8");
-  return block_matmul<true>(x, codes, scales, &offsets);
+  return block_matmul<true>(x, codes, scales, &offsets, int_dot_max_rows);
 }
 
 at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
@@ -194,7 +197,7 @@ int64_t q4_int_dot_max_rows() { return kIntDotMaxRows; }
 }  // namespace
 
 TORCH_LIBRARY(shardline_cpu, lib) {
-  lib.def("q4_matmul(Tensor x, Tensor codes, Tensor scales, Tensor offsets) -> Tensor");
+  lib.def("q4_matmul(Tensor x, Tensor codes, Tensor scales, Tensor offsets, int int_dot_max_rows=16) -> Tensor");
   lib.def("q8_matmul(Tensor x, Tensor codes, Tensor scales) -> Tensor");
   lib.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
   lib.def("q4_int_dot_max_rows() -> int", &q4_int_dot_max_rows);  // no tensors: one kernel for every device
