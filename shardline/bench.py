@@ -851,7 +851,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-lens", type=int, nargs="+", default=[512, 2048, 8192], help="prefill")
     p.add_argument("--shared-fractions", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75], help="prefix")
     p.add_argument("--request-rates", type=float, nargs="+", default=[float("inf")], help="serve: Poisson rates (req/s)")
-    p.add_argument("--iters", type=int, default=3, help="latency / prefill repetitions")
+    p.add_argument("--iters", "--num-iters", dest="iters", type=int, default=3, help="latency / prefill repetitions (--num-iters: vLLM's spelling)")
     p.add_argument("--workload", choices=["random", "grounded", "free"], default="random",
                    help="latency: random ids of --input-len, or a chat prompt that copies a passage (grounded) "
                         "or asks for a story (free); with --speculative-config both run with and without it")

@@ -239,6 +239,11 @@ def test_ask_sends_the_flags_key_or_the_environments_first(parser, monkeypatch) 
     assert [k for k, _ in ask_metadata(parser.parse_args(["ask", "hi", "--timeout", "2"]))] == ["timeout-ms"]
 
 
+def test_bench_takes_vllms_num_iters_spelling(parser) -> None:
+    assert parser.parse_args(["bench", "latency", "--num-iters", "2"]).iters == 2
+    assert parser.parse_args(["bench", "latency", "--iters", "5"]).iters == 5
+
+
 def test_ask_refuses_a_max_tokens_the_request_cannot_carry(parser, capsys) -> None:
     assert parser.parse_args(["ask", "hi", "--max-tokens", "7"]).max_tokens == 7
     for bad, says in (("-1", "must be at least 1 (and below 2^32), got -1"), ("0", "must be at least 1 (and below 2^32), got 0"),
