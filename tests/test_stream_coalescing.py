@@ -105,7 +105,13 @@ def test_coalesced_streams_deliver_exactly_what_uncoalesced_ones_do(model_dir) -
                  SamplingParams(max_tokens=16, temperature=0.8, seed=3, logprobs=1)))
     plain, merged = run_both(model_dir, jobs)
     for a, b in zip(plain, merged):
-        assert joined(b)["ids"] and joined(b) | {"finished": None} == joined(a) | {"finished": None}
+        # Exact but for the logprobs' float rounding: the two runs batch the requests differently
+        # (timing), and a batched GEMM rounds a row by the batch it shares.
+        exact = {"finished": None, "logprobs": None}
+        assert joined(b)["ids"] and joined(b) | exact == joined(a) | exact
+        for (ia, la, ta), (ib, lb, tb) in zip(joined(a)["logprobs"], joined(b)["logprobs"], strict=True):
+            assert ia == ib and la == pytest.approx(lb, abs=1e-4) and ta.keys() == tb.keys()
+            assert all(ta[k] == pytest.approx(tb[k], abs=1e-4) for k in ta)
         assert joined(b)["finished"][-1] and not any(joined(b)["finished"][:-1])
     # merging happened: fewer items than tokens in the coalesced streams
     assert sum(len(b) for b in merged) < sum(len(joined(b)["ids"]) for b in merged)
