@@ -107,7 +107,7 @@ class Q4BlockCPU(QuantMethod):
         self.register_buffer("offsets", _per_block(offsets, weight.group_size).to(device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        int_rows = 0 if _PROMPT_STEP.get() else self._int_dot_max_rows
+        int_rows = 0 if in_prompt_step() else self._int_dot_max_rows
         y = self._ops.q4_matmul(_x2d(x, self.in_features), self.codes, self.scales, self.offsets, int_rows)
         y = y if y.dtype == x.dtype else y.to(x.dtype)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)

@@ -197,7 +197,7 @@ int64_t q4_int_dot_max_rows() { return kIntDotMaxRows; }
 }  // namespace
 
 TORCH_LIBRARY(shardline_cpu, lib) {
-  lib.def("q4_matmul(Tensor x, Tensor codes, Tensor scales, Tensor offsets, int int_dot_max_rows=16) -> Tensor");
+  lib.def("q4_matmul(Tensor x, Tensor codes, Tensor scales, Tensor offsets, int int_dot_max_rows) -> Tensor");
   lib.def("q8_matmul(Tensor x, Tensor codes, Tensor scales) -> Tensor");
   lib.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
   lib.def("q4_int_dot_max_rows() -> int", &q4_int_dot_max_rows);  // no tensors: one kernel for every device
